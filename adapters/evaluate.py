@@ -1,0 +1,132 @@
+"""Evaluation: per-language WER (space-delimited languages) and CER (all; the primary metric for
+ja, ko, th), tier averages, and LID accuracy. Written as JSON and a markdown table.
+
+Normalisation uses whisper-normalizer's BasicTextNormalizer (lower-case, symbols and punctuation
+removed) except for Thai: that normaliser turns every combining mark into a space, and Thai vowel
+and tone marks are combining marks, so Thai gets the same steps with marks kept.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from pathlib import Path
+
+import jiwer
+import torch
+from tqdm import tqdm
+from whisper_normalizer.basic import BasicTextNormalizer
+
+from speechllm.data import FeatureSet
+from speechllm.inference import transcribe_features
+from speechllm.languages import BY_CODE, Tier
+from speechllm.model import SpeechLLM
+
+CER_PRIMARY = {"ja", "ko", "th"}
+_basic = BasicTextNormalizer()
+
+
+def normalize(text: str, language: str) -> str:
+    if language == "th":
+        text = unicodedata.normalize("NFKC", text.lower())
+        text = "".join(" " if unicodedata.category(c)[0] in "SP" else c for c in text)
+        return re.sub(r"\s+", " ", text).strip()
+    return _basic(text).strip()
+
+
+def error_rates(references: list[str], hypotheses: list[str], language: str) -> dict[str, float]:
+    refs = [normalize(r, language) for r in references]
+    hyps = [normalize(h, language) for h in hypotheses]
+    if BY_CODE[language].unspaced:  # written without spaces: characters are the only units
+        refs, hyps = [r.replace(" ", "") for r in refs], [h.replace(" ", "") for h in hyps]
+    cer = jiwer.cer(refs, hyps)
+    wer = jiwer.wer(refs, hyps) if language not in CER_PRIMARY else None
+    return {"cer": cer, "wer": wer, "primary": cer if language in CER_PRIMARY else wer}
+
+
+@torch.no_grad()
+def evaluate_features(model: SpeechLLM, data: FeatureSet, chunk_size: int | None = None, batch_size: int = 32,
+                      min_lid_seconds: float = 2.0, progress: bool = False) -> dict:
+    model.eval()
+    order = sorted(range(len(data)), key=lambda i: int(data.lengths()[i]))
+    hypotheses: dict[int, str] = {}
+    lid_correct: dict[int, bool] = {}
+    batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+    for batch in tqdm(batches, desc="evaluate", unit="batch", disable=not progress):
+        features, lengths = data.batch(batch)
+        given = [data.entries[i]["language"] for i in batch]
+        untagged = transcribe_features(model, features, lengths, given, chunk_size)
+        for index, result in zip(batch, untagged, strict=True):
+            hypotheses[index] = result.text
+        lid = model.language_logits(*model.encode(features, lengths, chunk_size)).argmax(-1)
+        for index, guess in zip(batch, lid.tolist(), strict=True):
+            lid_correct[index] = model.config.languages[guess] == data.entries[index]["language"]
+    return summarize(data.entries, hypotheses, lid_correct, min_lid_seconds)
+
+
+def summarize(entries: list[dict], hypotheses: dict[int, str], lid_correct: dict[int, bool],
+              min_lid_seconds: float) -> dict:
+    per_language: dict[str, dict] = {}
+    for code in sorted({e["language"] for e in entries}, key=list(BY_CODE).index):
+        rows = [i for i, e in enumerate(entries) if e["language"] == code]
+        rates = error_rates([entries[i]["text"] for i in rows], [hypotheses[i] for i in rows], code)
+        long_rows = [i for i in rows if entries[i]["duration"] >= min_lid_seconds]
+        rates["lid_accuracy"] = sum(lid_correct[i] for i in rows) / len(rows)
+        rates["lid_accuracy_long"] = sum(lid_correct[i] for i in long_rows) / len(long_rows) if long_rows else None
+        rates["utterances"] = len(rows)
+        rates["tier"] = BY_CODE[code].tier.value
+        per_language[code] = rates
+    tiers = {}
+    for tier in Tier:
+        rows = [r for r in per_language.values() if r["tier"] == tier.value]
+        if rows:
+            tiers[tier.value] = {"cer": _mean(r["cer"] for r in rows), "primary": _mean(r["primary"] for r in rows)}
+    long_ids = [i for i, e in enumerate(entries) if e["duration"] >= min_lid_seconds]
+    return {
+        "languages": per_language,
+        "tiers": tiers,
+        "average": {"cer": _mean(r["cer"] for r in per_language.values()),
+                    "primary": _mean(r["primary"] for r in per_language.values())},
+        "lid_accuracy": sum(lid_correct.values()) / len(lid_correct),
+        "lid_accuracy_long": sum(lid_correct[i] for i in long_ids) / len(long_ids) if long_ids else None,
+        "lid_min_seconds": min_lid_seconds,
+        "examples": [{"language": entries[i]["language"], "reference": entries[i]["text"], "hypothesis": hypotheses[i]}
+                     for i in range(0, len(entries), max(len(entries) // 24, 1))],
+    }
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def markdown_table(report: dict, title: str) -> str:
+    def pct(value: float | None) -> str:
+        return "–" if value is None else f"{100 * value:.1f}"
+
+    lines = [f"# {title}", "", "| language | tier | WER % | CER % | LID % (all) | LID % (≥ 2 s) | utterances |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for code, r in report["languages"].items():
+        lines.append(f"| {code} | {r['tier']} | {pct(r['wer'])} | {pct(r['cer'])} | {pct(r['lid_accuracy'])} | "
+                     f"{pct(r['lid_accuracy_long'])} | {r['utterances']} |")
+    lines += ["", "| tier | average CER % | average primary % (WER; CER for ja/ko/th) |", "|---|---:|---:|"]
+    for tier, r in report["tiers"].items():
+        lines.append(f"| {tier} | {pct(r['cer'])} | {pct(r['primary'])} |")
+    lines += ["", f"LID accuracy: {pct(report['lid_accuracy'])} % on all clips, "
+                  f"{pct(report['lid_accuracy_long'])} % on clips of {report['lid_min_seconds']:g} s or more."]
+    return "\n".join(lines) + "\n"
+
+
+def evaluate_model_dir(model_dir: Path, corpus_dir: Path, split: str, out_prefix: Path,
+                       chunk_size: int | None = None) -> dict:
+    from speechllm.data import load_features
+
+    model = SpeechLLM.load(model_dir)
+    report = evaluate_features(model, load_features(corpus_dir, split), chunk_size, progress=True)
+    report["split"] = split
+    report["model"] = str(model_dir)
+    out_prefix.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{out_prefix}.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    Path(f"{out_prefix}.md").write_text(markdown_table(report, f"{model_dir.name}: {split} split"))
+    return report

@@ -1,0 +1,182 @@
+"""Zipper-LoRA, the formulation (DESIGN.md §1), in one place.
+
+For a frozen linear layer W0 (out × in) and rank r:
+
+    A      (r × in)        shared by all languages
+    B_s    (out × r)       the shared B
+    B_l    (out × r)       language l's own B
+    g_l    ∈ [0,1]^r       per-rank gates from a language-conditioned router
+    B(l) = B_s · diag(g_l) + B_l · diag(1 − g_l)
+    y    = W0 x + (α / r) · B(l) · (A x)
+
+Variants differ only in g_l: SHARED (g = 1: one LoRA for all), STATIC (the first r_s ranks
+shared, the rest language-specific), HARD (1[σ(z) > 0.5] with a straight-through gradient),
+SOFT (σ(z)). INDEPENDENT is the other baseline: one (A_l, B_l) per language.
+
+The router reads only the language, never the tokens, so for a fixed language B(l) is a constant:
+`merged_b(l)` gives an ordinary rank-r LoRA (A, B(l)) per language. A batch that mixes languages
+computes A x once; only the B step depends on the row's language.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import torch
+from torch import nn
+
+
+class Variant(StrEnum):
+    SHARED = "shared"
+    STATIC = "static"
+    HARD = "hard"
+    SOFT = "soft"
+    INDEPENDENT = "independent"
+
+
+@dataclass
+class ZipperConfig:
+    variant: Variant = Variant.SHARED
+    rank: int = 16
+    alpha: float = 32.0
+    static_shared_ranks: int = 8  # r_s: how many leading ranks the STATIC variant shares
+    n_languages: int = 12
+    language_dim: int = 16  # size of the learned language embedding e_l the routers read
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    dropout: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+class LanguageEmbedding(nn.Module):
+    """The e_l every router reads: one table shared by all adapted modules."""
+
+    def __init__(self, n_languages: int, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_languages, dim) * 0.1)
+
+
+def _hard_gate(logits: torch.Tensor) -> torch.Tensor:
+    soft = torch.sigmoid(logits)
+    return (soft > 0.5).to(soft.dtype) + (soft - soft.detach())  # forward exactly binary, backward σ'
+
+
+class ZipperLinear(nn.Module):
+    """A frozen nn.Linear plus a Zipper-LoRA update. Rows of one batch may be of different languages:
+    set `languages` (B,) with `use_languages()` before the forward pass."""
+
+    def __init__(self, base: nn.Linear, config: ZipperConfig, language_embedding: LanguageEmbedding | None) -> None:
+        super().__init__()
+        self.base = base
+        self.config = config
+        self.language_embedding = [language_embedding]  # a list so the shared table isn't a submodule
+        self.languages: torch.Tensor | None = None
+        r, n = config.rank, config.n_languages
+        out_features, in_features = base.weight.shape
+        independent = config.variant == Variant.INDEPENDENT
+        a_shape = (n, r, in_features) if independent else (r, in_features)
+        self.lora_A = nn.Parameter(torch.empty(a_shape))
+        for a in self.lora_A.view(-1, r, in_features):
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as PEFT initialises A
+        if config.variant in (Variant.SHARED, Variant.STATIC, Variant.HARD, Variant.SOFT):
+            self.lora_B_shared = nn.Parameter(torch.zeros(out_features, r))
+        if config.variant != Variant.SHARED:
+            self.lora_B_language = nn.Parameter(torch.zeros(n, out_features, r))
+        if config.variant in (Variant.HARD, Variant.SOFT):
+            self.router = nn.Linear(config.language_dim, r)
+            nn.init.zeros_(self.router.weight)
+            nn.init.constant_(self.router.bias, 2.0)  # start mostly shared: the warm-started B_s
+        self.dropout = nn.Dropout(config.dropout)
+
+    def gates(self) -> torch.Tensor:
+        """Per-language, per-rank share of B_s: (n_languages, r)."""
+        config = self.config
+        r, n = config.rank, config.n_languages
+        device = self.lora_A.device
+        if config.variant == Variant.SHARED:
+            return torch.ones(n, r, device=device)
+        if config.variant == Variant.INDEPENDENT:
+            return torch.zeros(n, r, device=device)
+        if config.variant == Variant.STATIC:
+            return (torch.arange(r, device=device) < config.static_shared_ranks).float().expand(n, r)
+        logits = self.router(self.language_embedding[0].weight)
+        return _hard_gate(logits) if config.variant == Variant.HARD else torch.sigmoid(logits)
+
+    def merged_b(self) -> torch.Tensor:
+        """B(l) for every language: (n_languages, out, r)."""
+        if self.config.variant == Variant.SHARED:
+            return self.lora_B_shared.expand(self.config.n_languages, -1, -1)
+        if self.config.variant == Variant.INDEPENDENT:
+            return self.lora_B_language
+        g = self.gates()[:, None, :]
+        return self.lora_B_shared[None] * g + self.lora_B_language * (1 - g)
+
+    def merged_a(self) -> torch.Tensor:
+        """A for every language: (n_languages, r, in)."""
+        if self.config.variant == Variant.INDEPENDENT:
+            return self.lora_A
+        return self.lora_A.expand(self.config.n_languages, -1, -1)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.dropout(x)
+        if self.config.variant == Variant.SHARED:
+            return (x @ self.lora_A.T) @ self.lora_B_shared.T
+        if self.languages is None:
+            raise RuntimeError("Zipper-LoRA layer needs per-row languages: wrap the call in use_languages()")
+        if self.config.variant == Variant.INDEPENDENT:
+            ax = torch.einsum("b...i,bri->b...r", x, self.lora_A[self.languages])
+        else:
+            ax = x @ self.lora_A.T  # once for the whole mixed-language batch
+        b_rows = self.merged_b()[self.languages]  # (B, out, r)
+        return torch.einsum("b...r,bor->b...o", ax, b_rows)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.config.scaling * self.delta(x).to(x.dtype)
+
+
+def inject(model: nn.Module, config: ZipperConfig) -> LanguageEmbedding | None:
+    """Replace each target nn.Linear of `model` by a ZipperLinear; freeze everything else."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    routed = config.variant in (Variant.HARD, Variant.SOFT)
+    embedding = LanguageEmbedding(config.n_languages, config.language_dim) if routed else None
+    targets = [(name, module) for name, module in model.named_modules()
+               if isinstance(module, nn.Linear) and name.split(".")[-1] in config.target_modules]
+    for name, module in targets:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, ZipperLinear(module, config, embedding))
+    if embedding is not None:
+        model.zipper_language_embedding = embedding  # registered once, trained with the routers
+    return embedding
+
+
+def zipper_layers(model: nn.Module) -> Iterator[tuple[str, ZipperLinear]]:
+    for name, module in model.named_modules():
+        if isinstance(module, ZipperLinear):
+            yield name, module
+
+
+@contextmanager
+def use_languages(model: nn.Module, languages: torch.Tensor | None) -> Iterator[None]:
+    """Run forward passes of `model` with per-row language indices (B,)."""
+    layers = [layer for _, layer in zipper_layers(model)]
+    for layer in layers:
+        layer.languages = languages
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.languages = None
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable Zipper tensors only (what a checkpoint of the adapter holds)."""
+    return {name: p.detach() for name, p in model.named_parameters()
+            if "lora_" in name or ".router." in name or "zipper_language_embedding" in name}

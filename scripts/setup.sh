@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Sets up everything zipper-asr needs on a fresh machine with Python 3.11, pip and apt:
+# espeak-ng (corpus synthesis and tests) and a virtual environment in .venv with the project.
+# Idempotent: a second run only checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v espeak-ng >/dev/null 2>&1; then
+  echo "setup: installing espeak-ng with apt"
+  sudo_cmd=""
+  [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq espeak-ng >/dev/null
+fi
+
+PYTHON="${PYTHON:-python3.11}"
+command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv with $PYTHON"
+  "$PYTHON" -m venv .venv
+fi
+# torch first and pinned: a looser request lets pip pick a multi-GB CUDA build (DESIGN.md §6).
+.venv/bin/pip install --quiet --disable-pip-version-check "torch==2.13.0"
+.venv/bin/pip install --quiet --disable-pip-version-check -e ".[dev]" ${ZASR_EXTRAS:+".[${ZASR_EXTRAS}]"}
+echo "setup: done ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

@@ -1,0 +1,83 @@
+"""Audio in: any container/codec a client sends, decoded and resampled to 16 kHz mono with PyAV."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import av
+import numpy as np
+
+SAMPLE_RATE = 16_000
+
+
+class AudioDecodeError(ValueError):
+    """The input could not be decoded as audio (corrupt, empty, or not an audio format)."""
+
+
+class EmptyAudioError(AudioDecodeError):
+    """The input decoded to no samples at all."""
+
+
+def load_audio(source: str | Path | bytes, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Decode a file path or in-memory file of any container PyAV knows into float32 mono samples."""
+    if isinstance(source, bytes):
+        if not source:
+            raise EmptyAudioError("the audio file is empty (0 bytes)")
+        file: str | io.BytesIO = io.BytesIO(source)
+    else:
+        file = str(source)
+        if Path(file).is_file() and Path(file).stat().st_size == 0:
+            raise EmptyAudioError("the audio file is empty (0 bytes)")
+    try:
+        with av.open(file, mode="r") as container:
+            if not container.streams.audio:
+                raise AudioDecodeError("the file has no audio stream")
+            samples = _decode_stream(container, sample_rate)
+    except AudioDecodeError:
+        raise
+    except (av.error.FFmpegError, UnicodeDecodeError, ValueError, IndexError) as error:
+        raise AudioDecodeError(f"could not decode audio: {error}") from error
+    if samples.size == 0:
+        raise EmptyAudioError("the audio file contains no samples")
+    return samples
+
+
+def _decode_stream(container: av.container.InputContainer, sample_rate: int) -> np.ndarray:
+    stream = container.streams.audio[0]
+    # Resample in the source layout and average the channels ourselves: FFmpeg's float down-mix
+    # sums stereo at 0.707 per channel, which would make stereo uploads 3 dB louder than mono.
+    resampler = av.AudioResampler(format="fltp", rate=sample_rate)
+    chunks: list[np.ndarray] = []
+    for frame in container.decode(stream):
+        chunks += [f.to_ndarray().mean(axis=0) for f in resampler.resample(frame)]
+    chunks += [f.to_ndarray().mean(axis=0) for f in resampler.resample(None)]  # flush the delay line
+    if not chunks:
+        return np.zeros(0, dtype=np.float32)
+    return np.concatenate(chunks).astype(np.float32, copy=False)
+
+
+def resample(samples: np.ndarray, orig_rate: int, new_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Resample float32 mono samples (used for raw PCM that arrives without a container)."""
+    if orig_rate == new_rate:
+        return samples.astype(np.float32, copy=False)
+    if samples.size == 0:
+        return np.zeros(0, dtype=np.float32)
+    frame = av.AudioFrame.from_ndarray(samples.astype(np.float32).reshape(1, -1), format="flt", layout="mono")
+    frame.sample_rate = orig_rate
+    resampler = av.AudioResampler(format="flt", layout="mono", rate=new_rate)
+    out = [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
+    out += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
+    return np.concatenate(out).astype(np.float32, copy=False) if out else np.zeros(0, np.float32)
+
+
+def write_wav(path: str | Path, samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
+    """Write float32 mono samples as 16-bit PCM WAV (the corpus's storage format)."""
+    import wave
+
+    pcm = (np.clip(samples, -1.0, 1.0) * 32767.0).astype("<i2")
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(sample_rate)
+        out.writeframes(pcm.tobytes())

@@ -1,0 +1,132 @@
+"""`zipper-asr`: one command-line entry for the corpus, the training recipe, evaluation and inference."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+DEFAULT_CORPUS = Path("data/corpus")
+DEFAULT_RUNS = Path("runs")
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "default"
+
+
+def _timed(name: str, out_dir: Path, work) -> None:
+    start = time.monotonic()
+    work()
+    wall = time.monotonic() - start
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "wall_time.json").write_text(json.dumps({"step": name, "wall_seconds": round(wall, 1)}) + "\n")
+    print(f"{name}: {wall / 60:.1f} min")
+
+
+def cmd_corpus(args: argparse.Namespace) -> None:
+    from adapters.corpus import CorpusConfig, build_corpus
+
+    config = CorpusConfig.tiny(args.out) if args.tiny else CorpusConfig(out_dir=args.out, seed=args.seed)
+    build_corpus(config)
+
+
+def cmd_pretrain_llm(args: argparse.Namespace) -> None:
+    from speechllm.pretrain import pretrain_llm
+
+    _timed("pretrain-llm", args.out, lambda: pretrain_llm(args.corpus, args.out, steps=args.steps))
+
+
+def cmd_pretrain_encoder(args: argparse.Namespace) -> None:
+    from speechllm.pretrain import pretrain_encoder
+
+    _timed("pretrain-encoder", args.out, lambda: pretrain_encoder(args.corpus, args.out, steps=args.steps))
+
+
+def cmd_train_stage1(args: argparse.Namespace) -> None:
+    from adapters.train import Stage1Settings, train_stage1
+
+    settings = Stage1Settings(steps=args.steps, train_encoder=args.train_encoder, eval_every=args.eval_every)
+    _timed("train-stage1", args.out,
+           lambda: print(train_stage1(args.corpus, args.llm, args.encoder, args.out, settings)))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from adapters.evaluate import evaluate_model_dir, markdown_table
+
+    report = evaluate_model_dir(args.model, args.corpus, args.split, args.out, chunk_size=args.chunk_size)
+    print(markdown_table(report, f"{args.model.name}: {args.split}"))
+
+
+def cmd_transcribe(args: argparse.Namespace) -> None:
+    import torch
+    from tqdm import tqdm
+
+    from speechllm.audio import load_audio
+    from speechllm.features import log_mel_spectrogram
+    from speechllm.inference import transcribe_features
+    from speechllm.model import SpeechLLM
+
+    model = SpeechLLM.load(args.model)
+    for path in tqdm(args.files, desc="transcribe", unit="file", disable=len(args.files) < 2):
+        features = log_mel_spectrogram(load_audio(path))
+        result = transcribe_features(model, features[None], torch.tensor([features.shape[1]]), [args.language])[0]
+        tqdm.write(json.dumps({"file": str(path), "language": result.language, "text": result.text},
+                              ensure_ascii=False))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="zipper-asr", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("corpus", help="synthesize the 12-language corpus with espeak-ng")
+    p.add_argument("--out", type=Path, default=DEFAULT_CORPUS)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tiny", action="store_true", help="a few utterances per language (tests, smoke runs)")
+    p.set_defaults(func=cmd_corpus)
+
+    p = sub.add_parser("pretrain-llm", help="train the tokenizer and the tiny LLM as a text LM")
+    p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
+    p.add_argument("--out", type=Path, default=DEFAULT_RUNS / "llm")
+    p.add_argument("--steps", type=int, default=3000)
+    p.set_defaults(func=cmd_pretrain_llm)
+
+    p = sub.add_parser("pretrain-encoder", help="CTC-pretrain the encoder on high- and mid-tier speech")
+    p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
+    p.add_argument("--out", type=Path, default=DEFAULT_RUNS / "encoder")
+    p.add_argument("--steps", type=int, default=2000)
+    p.set_defaults(func=cmd_pretrain_encoder)
+
+    p = sub.add_parser("train-stage1", help="projector + fully shared LoRA + LID head on the 12-language mix")
+    p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
+    p.add_argument("--llm", type=Path, default=DEFAULT_RUNS / "llm")
+    p.add_argument("--encoder", type=Path, default=DEFAULT_RUNS / "encoder")
+    p.add_argument("--out", type=Path, default=DEFAULT_RUNS / "stage1")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--eval-every", type=int, default=500)
+    p.add_argument("--train-encoder", action="store_true", help="fine-tune the encoder too (default: frozen)")
+    p.set_defaults(func=cmd_train_stage1)
+
+    p = sub.add_parser("eval", help="per-language WER/CER, tier averages and LID accuracy on a split")
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
+    p.add_argument("--split", default="test", choices=["dev", "test"])
+    p.add_argument("--chunk-size", type=int, default=None, help="0: full attention; N: chunked encoder")
+    p.add_argument("--out", type=Path, default=Path("runs/eval/test"))
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("transcribe", help="transcribe audio files offline")
+    p.add_argument("files", nargs="+", type=Path)
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    p.add_argument("--language", default=None)
+    p.set_defaults(func=cmd_transcribe)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    import torch
+
+    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Training data: a manifest's utterances as cached log-mel features, batched by length."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from speechllm.audio import load_audio
+from speechllm.features import log_mel_spectrogram
+
+
+def read_manifest(path: str | Path) -> list[dict]:
+    with open(path, encoding="utf-8") as lines:
+        return [json.loads(line) for line in lines if line.strip()]
+
+
+@dataclass
+class FeatureSet:
+    """All utterances of one split: features concatenated along time (fp16), with offsets."""
+
+    entries: list[dict]
+    features: torch.Tensor  # (total_frames, n_mels)
+    offsets: torch.Tensor  # (N + 1,)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def lengths(self) -> torch.Tensor:
+        return self.offsets[1:] - self.offsets[:-1]
+
+    def item(self, index: int) -> torch.Tensor:
+        return self.features[self.offsets[index]: self.offsets[index + 1]].float().T  # (n_mels, T)
+
+    def batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero-padded features (B, n_mels, T) and lengths (B,)."""
+        items = [self.item(i) for i in indices]
+        lengths = torch.tensor([x.shape[1] for x in items])
+        padded = items[0].new_zeros(len(items), items[0].shape[0], int(lengths.max()))
+        for row, x in enumerate(items):
+            padded[row, :, : x.shape[1]] = x
+        return padded, lengths
+
+    def subset(self, keep: list[int]) -> FeatureSet:
+        parts = [self.features[self.offsets[i]: self.offsets[i + 1]] for i in keep]
+        lengths = torch.tensor([len(p) for p in parts])
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+        return FeatureSet([self.entries[i] for i in keep], torch.cat(parts), offsets)
+
+
+def load_features(corpus_dir: str | Path, split: str) -> FeatureSet:
+    """Features of a split, computed once and cached under corpus_dir/features/."""
+    corpus_dir = Path(corpus_dir)
+    entries = read_manifest(corpus_dir / f"{split}.jsonl")
+    cache = corpus_dir / "features" / f"{split}.safetensors"
+    if cache.exists():
+        tensors = load_file(cache)
+        if len(tensors["offsets"]) == len(entries) + 1:
+            return FeatureSet(entries, tensors["features"], tensors["offsets"])
+    parts = [log_mel_spectrogram(load_audio(corpus_dir / e["audio"])).T.half()
+             for e in tqdm(entries, desc=f"features {split}", unit="utt")]
+    lengths = torch.tensor([len(p) for p in parts])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    features = torch.cat(parts)
+    save_file({"features": features, "offsets": offsets}, cache)
+    return FeatureSet(entries, features, offsets)
+
+
+def length_batches(lengths: torch.Tensor, max_frames: int, rng: random.Random) -> Iterator[list[int]]:
+    """Shuffled batches of similar-length utterances, each at most `max_frames` padded frames."""
+    order = sorted(range(len(lengths)), key=lambda i: (int(lengths[i]) + rng.random() * 20))
+    batches, current, longest = [], [], 0
+    for index in order:
+        longest_if_added = max(longest, int(lengths[index]))
+        if current and longest_if_added * (len(current) + 1) > max_frames:
+            batches.append(current)
+            current, longest_if_added = [], int(lengths[index])
+        current.append(index)
+        longest = longest_if_added
+    if current:
+        batches.append(current)
+    rng.shuffle(batches)
+    yield from batches
+
+
+def spec_augment(features: torch.Tensor, rng: torch.Generator, freq_masks: int = 2, freq_width: int = 10,
+                 time_masks: int = 2, time_width: int = 20) -> torch.Tensor:
+    """SpecAugment-style masking on (B, n_mels, T), in place on a copy; masked bins are set to 0."""
+    features = features.clone()
+    batch, n_mels, frames = features.shape
+    for row in range(batch):
+        for _ in range(freq_masks):
+            width = int(torch.randint(0, freq_width + 1, (1,), generator=rng))
+            start = int(torch.randint(0, max(n_mels - width, 1), (1,), generator=rng))
+            features[row, start: start + width] = 0
+        for _ in range(time_masks):
+            width = int(torch.randint(0, min(time_width, frames // 5) + 1, (1,), generator=rng))
+            start = int(torch.randint(0, max(frames - width, 1), (1,), generator=rng))
+            features[row, :, start: start + width] = 0
+    return features

@@ -1,0 +1,69 @@
+"""Batched greedy decoding over prompt embeddings, with a KV cache.
+
+Prompts of different lengths are left-padded so that every row's next token sits in the last
+column; positions are counted from each row's first real input, so padding changes nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel
+
+
+@dataclass
+class Hypothesis:
+    tokens: list[int]
+    sum_logprob: float
+
+    @property
+    def avg_logprob(self) -> float:
+        return self.sum_logprob / max(len(self.tokens), 1)
+
+
+def left_pad(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L_i, D) prompts → embeddings (B, L, D) and attention mask (B, L)."""
+    length = max(p.shape[0] for p in prompts)
+    embeds = prompts[0].new_zeros(len(prompts), length, prompts[0].shape[1])
+    mask = torch.zeros(len(prompts), length, dtype=torch.long, device=prompts[0].device)
+    for row, prompt in enumerate(prompts):
+        embeds[row, length - prompt.shape[0]:] = prompt
+        mask[row, length - prompt.shape[0]:] = 1
+    return embeds, mask
+
+
+@torch.no_grad()
+def greedy_decode(llm: PreTrainedModel, prompts: list[torch.Tensor], eos_id: int, max_new_tokens: list[int] | int,
+                  use_cache: bool = True) -> list[Hypothesis]:
+    batch = len(prompts)
+    limits = torch.tensor([max_new_tokens] * batch if isinstance(max_new_tokens, int) else max_new_tokens)
+    embeds, mask = left_pad(prompts)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    embed = llm.get_input_embeddings()
+    outputs = llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=use_cache)
+    tokens: list[list[int]] = [[] for _ in range(batch)]
+    sum_logprob = torch.zeros(batch)
+    finished = torch.zeros(batch, dtype=torch.bool)
+    for _step in range(int(limits.max())):
+        logprobs = outputs.logits[:, -1].float().log_softmax(-1)
+        next_tokens = logprobs.argmax(-1)
+        active = ~finished
+        sum_logprob += torch.where(active, logprobs.gather(1, next_tokens[:, None])[:, 0].cpu(), 0.0)
+        for row in torch.nonzero(active).flatten().tolist():
+            if next_tokens[row] == eos_id:
+                finished[row] = True
+            else:
+                tokens[row].append(int(next_tokens[row]))
+        finished |= torch.tensor([len(t) for t in tokens]) >= limits
+        if finished.all():
+            break
+        mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+        positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
+        if use_cache:
+            outputs = llm(input_ids=next_tokens[:, None], attention_mask=mask, position_ids=positions[:, -1:],
+                          cache=outputs.cache, use_cache=True)
+        else:
+            embeds = torch.cat([embeds, embed(next_tokens[:, None])], dim=1)
+            outputs = llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False)
+    return [Hypothesis(t, float(s)) for t, s in zip(tokens, sum_logprob, strict=True)]

@@ -1,0 +1,168 @@
+"""The speech encoder: causal conv subsampling (4×) + pre-norm transformer layers with rotary
+positions and an optional chunked attention mask.
+
+Chunked mode (streaming): frames are grouped into chunks of `chunk_size` encoder frames; a frame
+sees its whole chunk (limited right context) and `left_chunks` chunks before it (-1: all of them).
+`stream()` consumes one chunk at a time with cached convolution inputs and per-layer keys/values
+and returns exactly what `forward()` returns for those frames under the chunked mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SUBSAMPLING = 4  # feature frames (10 ms) per encoder frame (40 ms)
+
+
+@dataclass
+class EncoderConfig:
+    n_mels: int = 80
+    d_model: int = 256
+    n_layers: int = 6
+    n_heads: int = 4
+    ff_mult: int = 4
+    dropout: float = 0.1
+    chunked: bool = False
+    chunk_size: int = 16  # encoder frames per chunk (16 × 40 ms = 640 ms)
+    left_chunks: int = -1
+
+
+def chunk_attention_mask(length: int, chunk_size: int, left_chunks: int, device: torch.device) -> torch.Tensor:
+    """(length, length) bool mask, True where query frame i may attend key frame j."""
+    chunk = torch.arange(length, device=device) // chunk_size
+    allowed = chunk[None, :] <= chunk[:, None]
+    if left_chunks >= 0:
+        allowed &= chunk[None, :] >= chunk[:, None] - left_chunks
+    return allowed
+
+
+def rotary(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Apply rotary position embedding to (B, H, T, Dh) given absolute positions (T,)."""
+    half = x.shape[-1] // 2
+    freqs = 10000.0 ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    angles = positions.float()[:, None] * freqs[None, :]
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+class CausalConvSubsampling(nn.Module):
+    """Two stride-2 convolutions over time, left-padded so that no output looks into the future."""
+
+    kernel = 3
+
+    def __init__(self, n_mels: int, d_model: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv1d(n_mels, d_model, self.kernel, stride=2)
+        self.conv2 = nn.Conv1d(d_model, d_model, self.kernel, stride=2)
+
+    def forward(self, features: torch.Tensor, cache: list[torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """features (B, n_mels, T) with T a multiple of 4 → (B, T/4, d_model) and the new cache."""
+        pad = self.kernel - 1
+        new_cache = []
+        x = features
+        for i, conv in enumerate((self.conv1, self.conv2)):
+            left = cache[i] if cache is not None else x.new_zeros(x.shape[0], x.shape[1], pad)
+            x = torch.cat([left, x], dim=-1)
+            new_cache.append(x[..., -pad:])
+            x = F.gelu(conv(x))
+        return x.transpose(1, 2), new_cache
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, config: EncoderConfig) -> None:
+        super().__init__()
+        d = config.d_model
+        self.n_heads = config.n_heads
+        self.attn_norm = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+        self.ff_norm = nn.LayerNorm(d)
+        self.ff = nn.Sequential(nn.Linear(d, config.ff_mult * d), nn.GELU(), nn.Dropout(config.dropout),
+                                nn.Linear(config.ff_mult * d, d))
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
+                past_kv: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        batch, length, d = x.shape
+        q, k, v = self.qkv(self.attn_norm(x)).view(batch, length, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k = rotary(q, positions), rotary(k, positions)
+        if past_kv is not None:
+            k, v = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        x = x + self.dropout(self.out(attn.transpose(1, 2).reshape(batch, length, d)))
+        x = x + self.dropout(self.ff(self.ff_norm(x)))
+        return x, (k, v)
+
+
+@dataclass
+class StreamingState:
+    """What the encoder carries from one chunk to the next for one batch of streams."""
+
+    conv_cache: list[torch.Tensor] | None = None
+    kv_cache: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    frames_done: int = 0
+
+
+class SpeechEncoder(nn.Module):
+    def __init__(self, config: EncoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.subsampling = CausalConvSubsampling(config.n_mels, config.d_model)
+        self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.n_layers))
+        self.final_norm = nn.LayerNorm(config.d_model)
+
+    @property
+    def output_dim(self) -> int:
+        return self.config.d_model
+
+    def forward(self, features: torch.Tensor, feature_lengths: torch.Tensor,
+                chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """features (B, n_mels, T) → states (B, T', d_model) and their lengths (B,), T' = ceil(T / 4).
+
+        `chunk_size` overrides the configured mode for this call (0: full attention).
+        """
+        features = F.pad(features, (0, -features.shape[-1] % SUBSAMPLING))
+        x, _ = self.subsampling(features)
+        lengths = torch.div(feature_lengths + SUBSAMPLING - 1, SUBSAMPLING, rounding_mode="floor")
+        mask = self._attention_mask(x.shape[1], lengths, chunk_size)
+        positions = torch.arange(x.shape[1], device=x.device)
+        for layer in self.layers:
+            x, _ = layer(x, positions, mask)
+        return self.final_norm(x), lengths
+
+    def _attention_mask(self, length: int, lengths: torch.Tensor, chunk_size: int | None) -> torch.Tensor:
+        if chunk_size is None:
+            chunk_size = self.config.chunk_size if self.config.chunked else 0
+        device = lengths.device
+        allowed = torch.ones(length, length, dtype=torch.bool, device=device)
+        if chunk_size > 0:
+            allowed = chunk_attention_mask(length, chunk_size, self.config.left_chunks, device)
+        key_valid = torch.arange(length, device=device)[None, :] < lengths[:, None]  # (B, T)
+        # Padded queries keep their own key so that no row is fully masked (NaN); they are ignored.
+        diagonal = torch.eye(length, dtype=torch.bool, device=device)
+        return (allowed[None] & (key_valid[:, None, :] | diagonal[None]))[:, None]  # (B, 1, T, T)
+
+    @torch.no_grad()
+    def stream(self, features: torch.Tensor, state: StreamingState) -> tuple[torch.Tensor, StreamingState]:
+        """Encode the next chunk: features (B, n_mels, 4 * chunk_size) → states (B, chunk_size, d)."""
+        config = self.config
+        x, conv_cache = self.subsampling(features, state.conv_cache)
+        length = x.shape[1]
+        positions = torch.arange(state.frames_done, state.frames_done + length, device=x.device)
+        # The next chunk may see `left_chunks` chunks back, this one included: keep that many frames.
+        keep = None if config.left_chunks < 0 else config.left_chunks * config.chunk_size
+        kv_cache = []
+        for i, layer in enumerate(self.layers):
+            past = state.kv_cache[i] if state.kv_cache else None
+            x, (k, v) = layer(x, positions, None, past)  # a chunk sees itself and its cached past
+            if keep is not None:
+                k, v = k[:, :, k.shape[2] - keep:], v[:, :, v.shape[2] - keep:]
+            kv_cache.append((k, v))
+        return self.final_norm(x), StreamingState(conv_cache, kv_cache, state.frames_done + length)

@@ -1,0 +1,56 @@
+"""From features to text: encoder, LID (when no language is given), prompt, greedy decoding."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from adapters.zipper import use_languages
+from speechllm.decoding import greedy_decode
+from speechllm.model import SpeechLLM
+from speechllm.prompt import eos_id
+
+MAX_TOKENS_PER_AUDIO_EMBEDDING = 2  # 80 ms of speech never needs more than two BPE tokens
+LID_CONFIDENCE_THRESHOLD = 0.5  # below it, an untagged request is decoded with <|unknown|>
+
+
+@dataclass
+class Transcription:
+    text: str
+    language: str | None  # the language the decoder was prompted with (None: unknown)
+    detected_language: str | None  # LID's best guess (None when the language was given)
+    language_probability: float
+    avg_logprob: float
+
+
+@torch.no_grad()
+def transcribe_features(model: SpeechLLM, features: torch.Tensor, lengths: torch.Tensor,
+                        languages: list[str | None], chunk_size: int | None = None) -> list[Transcription]:
+    device = next(model.parameters()).device
+    states, state_lengths = model.encode(features.to(device), lengths.to(device), chunk_size)
+    probabilities = model.language_logits(states, state_lengths).float().softmax(-1).cpu()
+    codes = model.config.languages
+    detected = [codes[int(p.argmax())] for p in probabilities]
+    chosen: list[str | None] = []
+    for row, language in enumerate(languages):
+        if language is not None:
+            chosen.append(language)
+        elif probabilities[row].max() >= LID_CONFIDENCE_THRESHOLD:
+            chosen.append(detected[row])
+        else:
+            chosen.append(None)
+    audio, audio_lengths = model.audio_embeddings(states, state_lengths)
+    prompts = model.prompt_embeddings(audio, audio_lengths, chosen)
+    limits = [int(n) * MAX_TOKENS_PER_AUDIO_EMBEDDING + 4 for n in audio_lengths]
+    with use_languages(model.llm, model.language_indices(chosen).to(device)):
+        hypotheses = greedy_decode(model.llm, prompts, eos_id(model.tokenizer), limits)
+    results = []
+    for row, hypothesis in enumerate(hypotheses):
+        given = languages[row] is not None
+        probability = float(probabilities[row, codes.index(chosen[row])]) if chosen[row] else float(
+            probabilities[row].max())
+        results.append(Transcription(model.tokenizer.decode(hypothesis.tokens, skip_special_tokens=True).strip(),
+                                     chosen[row], None if given else detected[row], probability,
+                                     hypothesis.avg_logprob))
+    return results

@@ -1,0 +1,207 @@
+"""The Speech-LLM: speech encoder → projector → decoder-only LLM, plus a language-ID head.
+
+A model directory holds:
+
+    config.json           SpeechLLMConfig (encoder, projector, adapter settings)
+    speech.safetensors    encoder (when it is ours), projector and LID head
+    llm/                  a standard Hugging Face causal LM directory with tokenizer.json
+    adapter.safetensors   the Zipper-LoRA tensors on top of llm/ (optional)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from adapters.zipper import Variant, ZipperConfig, adapter_state_dict, inject
+from speechllm.encoder import EncoderConfig, SpeechEncoder
+from speechllm.hf_encoder import HFWhisperEncoder
+from speechllm.languages import LANGUAGE_CODES
+from speechllm.prompt import ensure_special_tokens, prompt_suffix_ids
+
+
+@dataclass
+class SpeechLLMConfig:
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    # "zipper": our encoder (weights in speech.safetensors); "hf-whisper": a local HF Whisper directory.
+    encoder_kind: str = "zipper"
+    encoder_path: str | None = None  # for hf-whisper, relative to the model directory
+    stack_frames: int = 2  # encoder frames stacked per LLM input embedding (40 ms → 80 ms)
+    languages: tuple[str, ...] = LANGUAGE_CODES
+    adapter: ZipperConfig | None = None
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["languages"] = list(self.languages)
+        if self.adapter is not None:
+            data["adapter"]["variant"] = self.adapter.variant.value
+            data["adapter"]["target_modules"] = list(self.adapter.target_modules)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> SpeechLLMConfig:
+        data = dict(data)
+        data["encoder"] = EncoderConfig(**data["encoder"])
+        data["languages"] = tuple(data["languages"])
+        if data.get("adapter"):
+            adapter = dict(data["adapter"])
+            adapter["variant"] = Variant(adapter["variant"])
+            adapter["target_modules"] = tuple(adapter["target_modules"])
+            data["adapter"] = ZipperConfig(**adapter)
+        return cls(**data)
+
+
+class Projector(nn.Module):
+    """Stack neighbouring encoder frames and map them into the LLM's embedding space."""
+
+    def __init__(self, encoder_dim: int, llm_dim: int, stack: int) -> None:
+        super().__init__()
+        self.stack = stack
+        self.net = nn.Sequential(nn.Linear(encoder_dim * stack, llm_dim), nn.GELU(), nn.Linear(llm_dim, llm_dim))
+
+    def forward(self, states: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        valid = torch.arange(states.shape[1], device=states.device)[None, :] < lengths[:, None]
+        states = states * valid[..., None].to(states.dtype)  # a row's last stack must not see padding
+        states = F.pad(states, (0, 0, 0, -states.shape[1] % self.stack))
+        batch, length, dim = states.shape
+        stacked = states.reshape(batch, length // self.stack, dim * self.stack)
+        return self.net(stacked), torch.div(lengths + self.stack - 1, self.stack, rounding_mode="floor")
+
+
+class LIDHead(nn.Module):
+    """Language ID from mean-pooled encoder states."""
+
+    def __init__(self, encoder_dim: int, n_languages: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(encoder_dim, encoder_dim), nn.GELU(), nn.Linear(encoder_dim, n_languages))
+
+    def forward(self, states: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        valid = (torch.arange(states.shape[1], device=states.device)[None, :] < lengths[:, None]).to(states.dtype)
+        pooled = (states * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp(min=1)
+        return self.net(pooled)
+
+
+class SpeechLLM(nn.Module):
+    def __init__(self, config: SpeechLLMConfig, llm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                 encoder: nn.Module | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = encoder if encoder is not None else SpeechEncoder(config.encoder)
+        llm_dim = llm.get_input_embeddings().embedding_dim
+        self.projector = Projector(self.encoder.output_dim, llm_dim, config.stack_frames)
+        self.lid_head = LIDHead(self.encoder.output_dim, len(config.languages))
+        ensure_special_tokens(tokenizer, llm)
+        self.llm = llm
+        self.tokenizer = tokenizer
+        if config.adapter is not None:
+            inject(self.llm, config.adapter)
+
+    # ---- the forward pieces ----------------------------------------------------------------
+    def encode(self, features: torch.Tensor, feature_lengths: torch.Tensor,
+               chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encoder(features, feature_lengths, chunk_size=chunk_size)
+
+    def audio_embeddings(self, states: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.projector(states, lengths)
+
+    def language_logits(self, states: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return self.lid_head(states, lengths)
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.llm.get_input_embeddings()(ids)
+
+    def prompt_embeddings(self, audio: torch.Tensor, audio_lengths: torch.Tensor,
+                          languages: list[str | None]) -> list[torch.Tensor]:
+        """One (length, dim) prompt per row: its audio embeddings, then the task and language tokens."""
+        prompts = []
+        for row, language in enumerate(languages):
+            suffix = torch.tensor(prompt_suffix_ids(self.tokenizer, language), device=audio.device)
+            prompts.append(torch.cat([audio[row, : audio_lengths[row]], self.embed_tokens(suffix)]))
+        return prompts
+
+    def language_indices(self, languages: list[str | None]) -> torch.Tensor:
+        """Adapter table rows for these languages (unknown → row 0 is never used: see adapters)."""
+        return torch.tensor([self.config.languages.index(code) if code else -1 for code in languages])
+
+    # ---- persistence --------------------------------------------------------------------------
+    def save(self, directory: str | Path, dtype: torch.dtype = torch.float16) -> None:
+        directory = Path(directory)
+        (directory / "llm").mkdir(parents=True, exist_ok=True)
+        (directory / "config.json").write_text(json.dumps(self.config.to_json(), indent=2) + "\n")
+        speech = {f"projector.{k}": v for k, v in self.projector.state_dict().items()}
+        speech |= {f"lid_head.{k}": v for k, v in self.lid_head.state_dict().items()}
+        if self.config.encoder_kind == "zipper":
+            speech |= {f"encoder.{k}": v for k, v in self.encoder.state_dict().items()}
+        else:
+            self.encoder.save(directory / str(self.config.encoder_path))
+        save_file(_cast(speech, dtype), directory / "speech.safetensors")
+        base = base_llm_state_dict(self.llm)
+        self.llm.save_pretrained(directory / "llm", state_dict=_cast(base, dtype))
+        self.tokenizer.save_pretrained(directory / "llm")
+        if self.config.adapter is not None:
+            save_file(_cast(adapter_state_dict(self.llm), dtype), directory / "adapter.safetensors")
+
+    @classmethod
+    def assemble(cls, config: SpeechLLMConfig, llm_dir: str | Path, encoder_dir: str | Path | None = None
+                 ) -> SpeechLLM:
+        """A new Speech-LLM from pretrained parts: any HF causal LM directory (with its tokenizer) and,
+        for `encoder_kind="hf-whisper"`, a local Whisper directory; projector and LID head are new."""
+        llm = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(llm_dir)
+        encoder = None
+        if config.encoder_kind == "hf-whisper":
+            encoder = HFWhisperEncoder.from_directory(encoder_dir)
+            config.encoder_path = "encoder"
+        return cls(config, llm, tokenizer, encoder)
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> SpeechLLM:
+        directory = Path(directory)
+        config = SpeechLLMConfig.from_json(json.loads((directory / "config.json").read_text()))
+        llm = AutoModelForCausalLM.from_pretrained(directory / "llm", dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(directory / "llm")
+        encoder = None
+        if config.encoder_kind == "hf-whisper":
+            encoder = HFWhisperEncoder.from_directory(directory / str(config.encoder_path))
+        model = cls(config, llm, tokenizer, encoder)
+        speech = load_file(directory / "speech.safetensors")
+        model.load_state_dict(_float(speech), strict=True)
+        if config.adapter is not None:
+            model.llm.load_state_dict(_float(load_file(directory / "adapter.safetensors")), strict=True)
+        _check_loaded(model, speech, directory)
+        return model.to(device).eval()
+
+
+def base_llm_state_dict(llm: nn.Module) -> dict[str, torch.Tensor]:
+    """The LLM's own weights under their Hugging Face names, without any adapter tensors."""
+    state = {}
+    for name, tensor in llm.state_dict().items():
+        if "lora_" in name or ".router." in name or "zipper_language_embedding" in name:
+            continue
+        state[name.replace(".base.", ".")] = tensor
+    return state
+
+
+def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to(dtype).contiguous() for k, v in state.items()}
+
+
+def _float(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.float() for k, v in state.items()}
+
+
+def _check_loaded(model: SpeechLLM, speech: dict[str, torch.Tensor], directory: Path) -> None:
+    expected = {f"projector.{k}" for k in model.projector.state_dict()}
+    expected |= {f"lid_head.{k}" for k in model.lid_head.state_dict()}
+    if model.config.encoder_kind == "zipper":
+        expected |= {f"encoder.{k}" for k in model.encoder.state_dict()}
+    missing = expected - speech.keys()
+    if missing:
+        raise ValueError(f"{directory}/speech.safetensors lacks {sorted(missing)[:5]}")

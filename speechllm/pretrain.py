@@ -1,0 +1,126 @@
+"""Pretraining the parts, as real Speech-LLMs are built from pretrained pieces:
+
+1. `pretrain_llm`: a byte-level BPE tokenizer and a tiny Qwen2 trained as a text LM on all 12
+   languages (`<|xx|> text <|endoftext|>`), like a multilingual LLM that already knows spelling.
+2. `pretrain_encoder`: the speech encoder trained with CTC over characters on the high- and
+   mid-tier train speech only, with dynamic chunk sizes so that one encoder serves both the
+   full-attention and the chunked (streaming) mode.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+from tqdm import tqdm
+
+from speechllm.data import length_batches, load_features, read_manifest, spec_augment
+from speechllm.encoder import EncoderConfig, SpeechEncoder
+from speechllm.languages import BY_CODE, Tier
+from speechllm.llm import LLMDims, new_qwen2
+from speechllm.prompt import lm_prefix_ids, target_ids
+from speechllm.tokenizer import train_tokenizer
+from speechllm.training import CurveLog, autocast, default_device, make_optimizer
+
+
+def pretrain_llm(corpus_dir: Path, out_dir: Path, steps: int = 3000, batch_size: int = 128, lr: float = 2e-3,
+                 vocab_size: int = 4096, seed: int = 0) -> None:
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    texts = read_manifest(corpus_dir / "lm_text.jsonl")
+    tokenizer = train_tokenizer((t["text"] for t in texts), vocab_size=vocab_size)
+    sequences = [lm_prefix_ids(tokenizer, t["language"]) + target_ids(tokenizer, t["text"]) for t in texts]
+    device = default_device()
+    llm = new_qwen2(tokenizer, LLMDims()).to(device).train()
+    optimizer, scheduler = make_optimizer(list(llm.parameters()), lr, steps, warmup=200)
+    log = CurveLog(out_dir / "curve.jsonl")
+    pad = tokenizer.pad_token_id
+    for step in (bar := tqdm(range(steps), desc="pretrain-llm", unit="step")):
+        rows = rng.sample(sequences, batch_size)
+        length = max(map(len, rows))
+        ids = torch.full((batch_size, length), pad)
+        labels = torch.full((batch_size, length), -100)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row)
+            labels[i, 1: len(row)] = torch.tensor(row[1:])  # the language token itself is given
+        with autocast(device):
+            loss = llm(input_ids=ids.to(device), labels=labels.to(device)).loss
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(llm.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            log.write(step=step, loss=loss.item())
+    llm.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+class CTCModel(nn.Module):
+    def __init__(self, config: EncoderConfig, n_symbols: int) -> None:
+        super().__init__()
+        self.encoder = SpeechEncoder(config)
+        self.head = nn.Linear(config.d_model, n_symbols + 1)  # + blank (index 0)
+
+
+def char_vocabulary(entries: list[dict]) -> list[str]:
+    return sorted({c for e in entries for c in e["text"]})
+
+
+def sample_chunk_size(rng: random.Random) -> int:
+    """Dynamic chunk training: half the batches see full attention (0), half a random chunk size."""
+    return 0 if rng.random() < 0.5 else rng.randint(4, 25)
+
+
+def pretrain_encoder(corpus_dir: Path, out_dir: Path, steps: int = 6000, max_frames: int = 16000,
+                     lr: float = 1.5e-3, config: EncoderConfig | None = None, seed: int = 0) -> None:
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    generator = torch.Generator().manual_seed(seed)
+    config = config or EncoderConfig()
+    train = load_features(corpus_dir, "train")
+    keep = [i for i, e in enumerate(train.entries) if BY_CODE[e["language"]].tier != Tier.LOW]
+    train = train.subset(keep)
+    symbols = char_vocabulary(train.entries)
+    index = {c: i + 1 for i, c in enumerate(symbols)}
+    device = default_device()
+    model = CTCModel(config, len(symbols)).to(device).train()
+    optimizer, scheduler = make_optimizer(list(model.parameters()), lr, steps, warmup=min(500, steps // 10))
+    log = CurveLog(out_dir / "curve.jsonl")
+    bar = tqdm(total=steps, desc="pretrain-encoder", unit="step")
+    step = 0
+    while step < steps:
+        for batch in length_batches(train.lengths(), max_frames, rng):
+            features, lengths = train.batch(batch)
+            features = spec_augment(features, generator)
+            targets = [torch.tensor([index[c] for c in train.entries[i]["text"]]) for i in batch]
+            with autocast(device):
+                states, out_lengths = model.encoder(features.to(device), lengths.to(device),
+                                                    chunk_size=sample_chunk_size(rng))
+                logits = model.head(states)
+            log_probs = logits.float().log_softmax(-1).transpose(0, 1)
+            loss = F.ctc_loss(log_probs, torch.cat(targets).to(device), out_lengths,
+                              torch.tensor([len(t) for t in targets]), zero_infinity=True)
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            optimizer.step()
+            scheduler.step()
+            if step % 50 == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+                log.write(step=step, loss=loss.item())
+            step += 1
+            bar.update()
+            if step >= steps:
+                break
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.encoder.state_dict().items()}, out_dir / "encoder.safetensors")
+    save_file({k: v.contiguous() for k, v in model.head.state_dict().items()}, out_dir / "ctc_head.safetensors")
+    (out_dir / "encoder.json").write_text(json.dumps({"config": asdict(config), "symbols": symbols}, indent=1))

@@ -1,0 +1,28 @@
+"""Shared fixtures: tiny random models built offline, so tests never need the trained weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from speechllm.encoder import EncoderConfig
+from speechllm.llm import LLMDims, new_qwen2
+from speechllm.model import SpeechLLM, SpeechLLMConfig
+from speechllm.tokenizer import train_tokenizer
+
+SAMPLE_TEXTS = ["hello world", "guten tag", "привет мир", "こんにちは ありがとう", "สวัสดีครับ", "안녕하세요",
+                "xin chào", "مرحبا بكم", "olá mundo", "bonjour", "hola amigo", "ciao bella"]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return train_tokenizer(SAMPLE_TEXTS * 10, vocab_size=400)
+
+
+def tiny_speech_llm(tokenizer, adapter=None, chunked: bool = False) -> SpeechLLM:
+    torch.manual_seed(0)
+    llm = new_qwen2(tokenizer, LLMDims(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                       num_key_value_heads=2, intermediate_size=128))
+    config = SpeechLLMConfig(encoder=EncoderConfig(d_model=64, n_layers=2, n_heads=4, dropout=0.0, chunked=chunked,
+                                                   chunk_size=4), adapter=adapter)
+    return SpeechLLM(config, llm, tokenizer).eval()

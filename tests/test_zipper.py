@@ -1,0 +1,95 @@
+"""The Zipper-LoRA formulation (adapters/zipper.py) against its definition in DESIGN.md §1."""
+
+import pytest
+import torch
+from torch import nn
+
+from adapters.zipper import Variant, ZipperConfig, ZipperLinear, inject, use_languages, zipper_layers
+
+
+class _OneLinear(nn.Module):
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+        setattr(self, name, nn.Linear(6, 5 if name == "proj" else 6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return getattr(self, self.name)(x)
+
+
+def _layer(variant: Variant, n_languages: int = 3) -> ZipperLinear:
+    torch.manual_seed(0)
+    config = ZipperConfig(variant=variant, rank=4, alpha=8.0, static_shared_ranks=2, n_languages=n_languages,
+                          target_modules=("proj",))
+    model = _OneLinear("proj")
+    inject(model, config)
+    layer = model.proj
+    for name, param in layer.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(param)
+    if variant in (Variant.HARD, Variant.SOFT):
+        nn.init.normal_(layer.router.weight)
+        nn.init.normal_(layer.router.bias)
+    return layer
+
+
+def _reference(layer: ZipperLinear, x: torch.Tensor, language: int) -> torch.Tensor:
+    """y = W0 x + (α/r) B(l) A x with B(l) = B_s diag(g_l) + B_l diag(1 - g_l), written out per language."""
+    config = layer.config
+    a = layer.lora_A[language] if config.variant == Variant.INDEPENDENT else layer.lora_A
+    if config.variant == Variant.SHARED:
+        b = layer.lora_B_shared
+    elif config.variant == Variant.INDEPENDENT:
+        b = layer.lora_B_language[language]
+    else:
+        g = torch.diag(layer.gates()[language])
+        b = layer.lora_B_shared @ g + layer.lora_B_language[language] @ (torch.eye(config.rank) - g)
+    return layer.base(x) + config.scaling * x @ a.T @ b.T
+
+
+@pytest.mark.parametrize("variant", list(Variant))
+def test_mixed_language_batch_matches_definition(variant: Variant) -> None:
+    layer = _layer(variant)
+    x = torch.randn(4, 7, 6)
+    languages = torch.tensor([0, 2, 1, 2])
+    layer.languages = languages
+    y = layer(x)
+    for row, language in enumerate(languages.tolist()):
+        assert torch.allclose(y[row], _reference(layer, x[row], language), atol=1e-5)
+
+
+def test_gates_per_variant() -> None:
+    assert torch.equal(_layer(Variant.SHARED).gates(), torch.ones(3, 4))
+    assert torch.equal(_layer(Variant.INDEPENDENT).gates(), torch.zeros(3, 4))
+    assert _layer(Variant.STATIC).gates()[0].tolist() == [1.0, 1.0, 0.0, 0.0]
+    hard = _layer(Variant.HARD).gates()
+    assert set(hard.flatten().tolist()) <= {0.0, 1.0}
+    soft = _layer(Variant.SOFT).gates()
+    assert ((soft > 0) & (soft < 1)).all()
+
+
+def test_hard_gates_pass_a_straight_through_gradient() -> None:
+    layer = _layer(Variant.HARD)
+    layer.gates().sum().backward()
+    assert layer.router.bias.grad is not None and layer.router.bias.grad.abs().sum() > 0
+
+
+def test_new_adapter_is_the_identity_and_only_adapters_train() -> None:
+    torch.manual_seed(0)
+    model = _OneLinear("q_proj")
+    reference = model.q_proj.weight.clone()
+    x = torch.randn(2, 6)
+    before = model(x)
+    inject(model, ZipperConfig(variant=Variant.SOFT, rank=4, n_languages=3))
+    with use_languages(model, torch.tensor([0, 1])):
+        assert torch.allclose(model(x), before)  # B starts at zero
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or "router" in n or "language_embedding" in n for n in trainable)
+    assert torch.equal(model.q_proj.base.weight, reference)
+    assert [name for name, _ in zipper_layers(model)] == ["q_proj"]
+
+
+def test_routed_layer_without_languages_is_an_error() -> None:
+    layer = _layer(Variant.SOFT)
+    with pytest.raises(RuntimeError, match="use_languages"):
+        layer(torch.randn(1, 6))
