@@ -103,6 +103,7 @@ def train_stage1(corpus_dir: Path, llm_dir: Path, encoder_dir: Path, out_dir: Pa
     while step < settings.steps:
         for batch in length_batches(train.lengths(), settings.max_frames, rng):
             model.train()
+            model.encoder.train(settings.train_encoder)  # a frozen encoder runs as it will in service
             entries = [train.entries[i] for i in batch]
             features, lengths = train.batch(batch)
             features = spec_augment(features, generator).to(device)
@@ -135,7 +136,7 @@ def train_stage1(corpus_dir: Path, llm_dir: Path, encoder_dir: Path, out_dir: Pa
                                                     if not k.startswith("llm.") or "lora_" in k})}
             if step >= settings.steps:
                 break
-    model.load_state_dict(best.pop("state"), strict=True)
+    model.load_state_dict(best.pop("state"), strict=False)  # the best projector, LID head and LoRA
     model.save(out_dir / "model")
     summary = {"best_step": best["step"], "best_dev_cer": best["dev_cer"], "settings": settings.__dict__}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -77,7 +77,9 @@ class ZipperLinear(nn.Module):
         self.base = base
         self.config = config
         self.language_embedding = [language_embedding]  # a list so the shared table isn't a submodule
-        self.languages: torch.Tensor | None = None
+        self.languages: torch.Tensor | None = None  # training/eval path: per-row language indices
+        self.segments: list[tuple[int, int, MergedAdapter]] | None = None  # serving path: grouped rows
+        self.index = 0  # position among the model's Zipper layers (MergedAdapter lists are in this order)
         r, n = config.rank, config.n_languages
         out_features, in_features = base.weight.shape
         independent = config.variant == Variant.INDEPENDENT
@@ -118,6 +120,13 @@ class ZipperLinear(nn.Module):
         g = self.gates()[:, None, :]
         return self.lora_B_shared[None] * g + self.lora_B_language * (1 - g)
 
+    def merged_b_table(self) -> torch.Tensor:
+        """B(l) for every language plus, last (index -1), the fallback for an unknown language: the
+        shared subspace alone (B_s), or no update at all for the independent baseline."""
+        table = self.merged_b()
+        fallback = torch.zeros_like(table[0]) if self.config.variant == Variant.INDEPENDENT else self.lora_B_shared
+        return torch.cat([table, fallback[None]])
+
     def merged_a(self) -> torch.Tensor:
         """A for every language: (n_languages, r, in)."""
         if self.config.variant == Variant.INDEPENDENT:
@@ -126,6 +135,8 @@ class ZipperLinear(nn.Module):
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         x = self.dropout(x)
+        if self.segments is not None:
+            return self._grouped_delta(x)
         if self.config.variant == Variant.SHARED:
             return (x @ self.lora_A.T) @ self.lora_B_shared.T
         if self.languages is None:
@@ -134,8 +145,18 @@ class ZipperLinear(nn.Module):
             ax = torch.einsum("b...i,bri->b...r", x, self.lora_A[self.languages])
         else:
             ax = x @ self.lora_A.T  # once for the whole mixed-language batch
-        b_rows = self.merged_b()[self.languages]  # (B, out, r)
+        b_rows = self.merged_b_table()[self.languages]  # (B, out, r); index -1: unknown language
         return torch.einsum("b...r,bor->b...o", ax, b_rows)
+
+    def _grouped_delta(self, x: torch.Tensor) -> torch.Tensor:
+        """Rows grouped by language: A x once for the batch, then one B GEMM per language segment."""
+        shared_ax = None if self.config.variant == Variant.INDEPENDENT else x @ self.lora_A.T
+        out = x.new_zeros(*x.shape[:-1], self.base.out_features)
+        for start, end, adapter in self.segments:
+            rows = x[start:end]
+            ax = rows @ adapter.a[self.index].T if adapter.a is not None else shared_ax[start:end]
+            out[start:end] = ax @ adapter.b[self.index].T
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base(x) + self.config.scaling * self.delta(x).to(x.dtype)
@@ -149,9 +170,11 @@ def inject(model: nn.Module, config: ZipperConfig) -> LanguageEmbedding | None:
     embedding = LanguageEmbedding(config.n_languages, config.language_dim) if routed else None
     targets = [(name, module) for name, module in model.named_modules()
                if isinstance(module, nn.Linear) and name.split(".")[-1] in config.target_modules]
-    for name, module in targets:
+    for index, (name, module) in enumerate(targets):
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, ZipperLinear(module, config, embedding))
+        layer = ZipperLinear(module, config, embedding)
+        layer.index = index
+        setattr(model.get_submodule(parent_name), child, layer)
     if embedding is not None:
         model.zipper_language_embedding = embedding  # registered once, trained with the routers
     return embedding
@@ -174,6 +197,46 @@ def use_languages(model: nn.Module, languages: torch.Tensor | None) -> Iterator[
     finally:
         for layer in layers:
             layer.languages = None
+
+
+@dataclass
+class MergedAdapter:
+    """One language's adapter as a plain LoRA, one (A, B(l)) per Zipper layer in layer order.
+    `a` is None when A is shared (every variant but independent): the batch's A x is reused."""
+
+    a: list[torch.Tensor] | None
+    b: list[torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.a or []) + self.b)
+
+
+@torch.no_grad()
+def merge_language(model: nn.Module, language: int | None) -> MergedAdapter:
+    """Materialise B(l) (and A_l for the independent baseline) for language index `language`;
+    None: an unknown language, served by the shared subspace alone."""
+    layers = [layer for _, layer in zipper_layers(model)]
+    row = -1 if language is None else language
+    b = [layer.merged_b_table()[row].detach().clone() for layer in layers]
+    independent = layers[0].config.variant == Variant.INDEPENDENT
+    a = [layer.lora_A[row].detach().clone() for layer in layers] if independent and language is not None else None
+    if independent and language is None:
+        a = [layer.lora_A[0].detach().clone() for layer in layers]  # B is zero: any A gives no update
+    return MergedAdapter(a, b)
+
+
+@contextmanager
+def use_segments(model: nn.Module, segments: list[tuple[int, int, MergedAdapter]]) -> Iterator[None]:
+    """Run forward passes with rows [start, end) using that segment's merged adapter."""
+    layers = [layer for _, layer in zipper_layers(model)]
+    for layer in layers:
+        layer.segments = segments
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.segments = None
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -72,6 +72,20 @@ def cmd_transcribe(args: argparse.Namespace) -> None:
                               ensure_ascii=False))
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    import logging
+
+    import uvicorn
+
+    from server.app import create_app
+    from server.settings import Settings
+
+    overrides = {k: v for k, v in {"host": args.host, "port": args.port, "model_dir": args.model}.items() if v}
+    settings = Settings(**overrides)
+    logging.basicConfig(level=logging.INFO)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zipper-asr", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -111,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=int, default=None, help="0: full attention; N: chunked encoder")
     p.add_argument("--out", type=Path, default=Path("runs/eval/test"))
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("serve", help="run the HTTP service (settings: ZASR_* environment variables)")
+    p.add_argument("--host", default=None, help="default 127.0.0.1 (ZASR_HOST)")
+    p.add_argument("--port", type=int, default=None, help="default 8000 (ZASR_PORT)")
+    p.add_argument("--model", type=Path, default=None, help="model directory (ZASR_MODEL_DIR)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("transcribe", help="transcribe audio files offline")
     p.add_argument("files", nargs="+", type=Path)

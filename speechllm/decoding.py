@@ -1,4 +1,4 @@
-"""Batched greedy decoding over prompt embeddings, with a KV cache.
+"""Batched decoding over prompt embeddings with a KV cache: greedy at temperature 0, sampling above.
 
 Prompts of different lengths are left-padded so that every row's next token sits in the last
 column; positions are counted from each row's first real input, so padding changes nothing.
@@ -6,6 +6,7 @@ column; positions are counted from each row's first real input, so padding chang
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -33,9 +34,14 @@ def left_pad(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return embeds, mask
 
 
+# Called after every step with (row, token) for each row that emitted a text token.
+TokenCallback = Callable[[list[tuple[int, int]]], None]
+
+
 @torch.no_grad()
-def greedy_decode(llm: PreTrainedModel, prompts: list[torch.Tensor], eos_id: int, max_new_tokens: list[int] | int,
-                  use_cache: bool = True) -> list[Hypothesis]:
+def generate(llm: PreTrainedModel, prompts: list[torch.Tensor], eos_id: int, max_new_tokens: list[int] | int,
+             temperature: float = 0.0, generator: torch.Generator | None = None,
+             on_tokens: TokenCallback | None = None, use_cache: bool = True) -> list[Hypothesis]:
     batch = len(prompts)
     limits = torch.tensor([max_new_tokens] * batch if isinstance(max_new_tokens, int) else max_new_tokens)
     embeds, mask = left_pad(prompts)
@@ -45,16 +51,25 @@ def greedy_decode(llm: PreTrainedModel, prompts: list[torch.Tensor], eos_id: int
     tokens: list[list[int]] = [[] for _ in range(batch)]
     sum_logprob = torch.zeros(batch)
     finished = torch.zeros(batch, dtype=torch.bool)
-    for _step in range(int(limits.max())):
-        logprobs = outputs.logits[:, -1].float().log_softmax(-1)
-        next_tokens = logprobs.argmax(-1)
+    for _ in range(int(limits.max())):
+        logits = outputs.logits[:, -1].float()
+        logprobs = logits.log_softmax(-1)
+        if temperature > 0:
+            probs = (logits / temperature).softmax(-1).cpu()
+            next_tokens = torch.multinomial(probs, 1, generator=generator)[:, 0].to(logits.device)
+        else:
+            next_tokens = logprobs.argmax(-1)
         active = ~finished
         sum_logprob += torch.where(active, logprobs.gather(1, next_tokens[:, None])[:, 0].cpu(), 0.0)
+        emitted = []
         for row in torch.nonzero(active).flatten().tolist():
             if next_tokens[row] == eos_id:
                 finished[row] = True
             else:
                 tokens[row].append(int(next_tokens[row]))
+                emitted.append((row, int(next_tokens[row])))
+        if on_tokens is not None and emitted:
+            on_tokens(emitted)
         finished |= torch.tensor([len(t) for t in tokens]) >= limits
         if finished.all():
             break

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from adapters.zipper import use_languages
-from speechllm.decoding import greedy_decode
+from speechllm.decoding import generate
 from speechllm.model import SpeechLLM
 from speechllm.prompt import eos_id
 
@@ -44,7 +44,7 @@ def transcribe_features(model: SpeechLLM, features: torch.Tensor, lengths: torch
     prompts = model.prompt_embeddings(audio, audio_lengths, chosen)
     limits = [int(n) * MAX_TOKENS_PER_AUDIO_EMBEDDING + 4 for n in audio_lengths]
     with use_languages(model.llm, model.language_indices(chosen).to(device)):
-        hypotheses = greedy_decode(model.llm, prompts, eos_id(model.tokenizer), limits)
+        hypotheses = generate(model.llm, prompts, eos_id(model.tokenizer), limits)
     results = []
     for row, hypothesis in enumerate(hypotheses):
         given = languages[row] is not None

@@ -172,9 +172,12 @@ class SpeechLLM(nn.Module):
             encoder = HFWhisperEncoder.from_directory(directory / str(config.encoder_path))
         model = cls(config, llm, tokenizer, encoder)
         speech = load_file(directory / "speech.safetensors")
-        model.load_state_dict(_float(speech), strict=True)
+        model.load_state_dict(_float(speech), strict=False)  # the LLM's own weights came from llm/
         if config.adapter is not None:
-            model.llm.load_state_dict(_float(load_file(directory / "adapter.safetensors")), strict=True)
+            adapter = load_file(directory / "adapter.safetensors")
+            if set(adapter) != set(adapter_state_dict(model.llm)):
+                raise ValueError(f"{directory}/adapter.safetensors does not match the adapter in config.json")
+            model.llm.load_state_dict(_float(adapter), strict=False)
         _check_loaded(model, speech, directory)
         return model.to(device).eval()
 

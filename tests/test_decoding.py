@@ -1,7 +1,7 @@
 import torch
 
 from adapters.zipper import Variant, ZipperConfig
-from speechllm.decoding import greedy_decode
+from speechllm.decoding import generate
 from speechllm.inference import transcribe_features
 from tests.conftest import tiny_speech_llm
 
@@ -14,8 +14,8 @@ def _prompts(dim: int) -> list[torch.Tensor]:
 def test_kv_cached_decode_equals_uncached(tiny_tokenizer) -> None:
     model = tiny_speech_llm(tiny_tokenizer)
     prompts = _prompts(model.llm.config.hidden_size)
-    cached = greedy_decode(model.llm, prompts, eos_id=-1, max_new_tokens=15, use_cache=True)
-    uncached = greedy_decode(model.llm, prompts, eos_id=-1, max_new_tokens=15, use_cache=False)
+    cached = generate(model.llm, prompts, eos_id=-1, max_new_tokens=15, use_cache=True)
+    uncached = generate(model.llm, prompts, eos_id=-1, max_new_tokens=15, use_cache=False)
     assert [h.tokens for h in cached] == [h.tokens for h in uncached]
     assert all(len(h.tokens) == 15 for h in cached)
     for a, b in zip(cached, uncached, strict=True):
@@ -25,18 +25,18 @@ def test_kv_cached_decode_equals_uncached(tiny_tokenizer) -> None:
 def test_batched_decode_equals_one_by_one(tiny_tokenizer) -> None:
     model = tiny_speech_llm(tiny_tokenizer)
     prompts = _prompts(model.llm.config.hidden_size)
-    batched = greedy_decode(model.llm, prompts, eos_id=-1, max_new_tokens=10)
-    alone = [greedy_decode(model.llm, [p], eos_id=-1, max_new_tokens=10)[0] for p in prompts]
+    batched = generate(model.llm, prompts, eos_id=-1, max_new_tokens=10)
+    alone = [generate(model.llm, [p], eos_id=-1, max_new_tokens=10)[0] for p in prompts]
     assert [h.tokens for h in batched] == [h.tokens for h in alone]
 
 
 def test_decode_stops_at_eos_and_per_row_limits(tiny_tokenizer) -> None:
     model = tiny_speech_llm(tiny_tokenizer)
     prompts = _prompts(model.llm.config.hidden_size)
-    free = greedy_decode(model.llm, prompts, eos_id=-1, max_new_tokens=8)
+    free = generate(model.llm, prompts, eos_id=-1, max_new_tokens=8)
     eos = free[1].tokens[0]  # pretend row 1's first token is the end-of-text
     limits = [8, 8, 3]
-    stopped = greedy_decode(model.llm, prompts, eos_id=eos, max_new_tokens=limits)
+    stopped = generate(model.llm, prompts, eos_id=eos, max_new_tokens=limits)
     for row, limit in enumerate(limits):
         expected = free[row].tokens[: free[row].tokens.index(eos)] if eos in free[row].tokens else free[row].tokens
         assert stopped[row].tokens == expected[:limit]

@@ -4,7 +4,16 @@ import pytest
 import torch
 from torch import nn
 
-from adapters.zipper import Variant, ZipperConfig, ZipperLinear, inject, use_languages, zipper_layers
+from adapters.zipper import (
+    Variant,
+    ZipperConfig,
+    ZipperLinear,
+    inject,
+    merge_language,
+    use_languages,
+    use_segments,
+    zipper_layers,
+)
 
 
 class _OneLinear(nn.Module):
@@ -93,3 +102,24 @@ def test_routed_layer_without_languages_is_an_error() -> None:
     layer = _layer(Variant.SOFT)
     with pytest.raises(RuntimeError, match="use_languages"):
         layer(torch.randn(1, 6))
+
+
+@pytest.mark.parametrize("variant", list(Variant))
+def test_grouped_serving_path_equals_per_row_path(variant: Variant) -> None:
+    layer = _layer(variant)
+    model = layer  # merge_language walks the Zipper layers of any module
+    x = torch.randn(5, 3, 6)
+    languages = torch.tensor([1, 1, 0, 2, -1])  # grouped by language; -1: unknown
+    layer.languages = languages
+    expected = layer(x)
+    layer.languages = None
+    adapters = {code: merge_language(model, None if code == -1 else code) for code in (0, 1, 2, -1)}
+    segments = [(0, 2, adapters[1]), (2, 3, adapters[0]), (3, 4, adapters[2]), (4, 5, adapters[-1])]
+    with use_segments(model, segments):
+        assert torch.allclose(layer(x), expected, atol=1e-5)
+    if variant == Variant.INDEPENDENT:  # unknown language: no update at all
+        assert torch.allclose(expected[4], layer.base(x[4]))
+    else:  # unknown language: the shared subspace alone
+        shared = layer.base(x[4]) + layer.config.scaling * x[4] @ layer.lora_A.T @ layer.lora_B_shared.T
+        assert torch.allclose(expected[4], shared, atol=1e-5)
+    assert adapters[0].nbytes > 0

@@ -1,0 +1,304 @@
+"""The HTTP gateway: FastAPI routes speaking OpenAI's audio API, in front of the batcher and engine.
+
+Routes: POST /v1/audio/transcriptions (json, text, srt, vtt, verbose_json; stream=true → SSE),
+POST /v1/audio/language (language detection only), GET /v1/models, GET /v1/languages,
+GET /health (live), GET /ready (model loaded), GET /metrics (Prometheus exposition).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server import errors
+from server.batcher import Batcher, QueueFull
+from server.engine import EmbeddedEngine
+from server.formats import media_type, render
+from server.metrics import Metrics
+from server.protocol import (
+    SSE_DONE,
+    LanguageCandidate,
+    LanguageDetection,
+    LanguageInfo,
+    LanguageList,
+    ModelCard,
+    ModelList,
+    ResponseFormat,
+    TranscriptionLanguage,
+    TranscriptionRequest,
+    TranscriptionSegment,
+    TranscriptionVerbose,
+    TranscriptTextDeltaEvent,
+    TranscriptTextDoneEvent,
+    UsageTokens,
+    sse,
+    sse_error,
+)
+from server.service import AudioTooLong, NoSpeech, TranscriptionResult, TranscriptionService
+from server.settings import Settings
+from server.vad import SileroVAD
+from speechllm.audio import SAMPLE_RATE, AudioDecodeError, EmptyAudioError
+from speechllm.features import log_mel_spectrogram
+from speechllm.languages import BY_CODE
+from speechllm.model import SpeechLLM
+
+logger = logging.getLogger("zipper_asr")
+STARTED = int(time.time())
+
+
+@dataclass
+class Runtime:
+    """What the routes use once the model is loaded."""
+
+    engine: EmbeddedEngine
+    batcher: Batcher
+    service: TranscriptionService
+
+
+class UploadTooLarge(Exception):
+    pass
+
+
+class BodySizeLimit:
+    """Stops reading a request body past the upload limit, Content-Length or not (chunked uploads)."""
+
+    def __init__(self, app: ASGIApp, limit_bytes: int) -> None:
+        self.app = app
+        self.limit_bytes = limit_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit_bytes:
+                raise UploadTooLarge
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
+    if settings.threads > 0:
+        torch.set_num_threads(settings.threads)
+    device = settings.device if settings.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    model = SpeechLLM.load(settings.model_dir, device=device)
+    engine = EmbeddedEngine(model, metrics, int(settings.adapter_cache_mb * 2**20), settings.lid_threshold,
+                            settings.pinned_languages)
+    engine.cache.preload([engine.adapter_key(code) for code in settings.preload_languages])
+    batcher = Batcher(engine, metrics, settings.max_batch_size, settings.max_wait_ms / 1000, settings.max_queue)
+    service = TranscriptionService(settings, batcher, SileroVAD(), metrics)
+    return Runtime(engine, batcher, service)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = Metrics()
+    holder: dict[str, Runtime] = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async def load() -> None:
+            runtime = await run_in_threadpool(load_runtime, settings, metrics)
+            await runtime.batcher.start()
+            holder["runtime"] = runtime
+            logger.info("model loaded from %s", settings.model_dir)
+
+        loading = asyncio.create_task(load())
+        app.state.loading = loading
+        yield
+        if "runtime" in holder:
+            await holder["runtime"].batcher.stop()
+        loading.cancel()
+
+    app = FastAPI(title="zipper-asr", version="0.1.0", lifespan=lifespan)
+    errors.install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, limit_bytes=settings.max_upload_bytes + 64 * 1024)  # + multipart framing
+
+    def runtime() -> Runtime:
+        if "runtime" not in holder:
+            loading = getattr(app.state, "loading", None)
+            if loading is not None and loading.done() and loading.exception():
+                raise errors.APIError(503, "The model failed to load; see the server log.", type="server_error")
+            raise errors.overloaded(5)
+        return holder["runtime"]
+
+    def authorize(request: Request) -> None:
+        if not settings.api_keys:
+            return  # no keys configured: the API is open (documented in the README)
+        header = request.headers.get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or key.strip() not in settings.api_keys:
+            raise errors.unauthorized()
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        start = time.monotonic()
+        try:
+            response = await call_next(request)
+        except UploadTooLarge:
+            response = errors.too_large(settings.max_upload_bytes).to_response()
+        route = request.scope.get("route")
+        endpoint = route.path if route is not None else "unmatched"
+        language = getattr(request.state, "language", None) or "none"
+        metrics.requests.labels(endpoint, str(response.status_code), language).inc()
+        metrics.request_seconds.labels(endpoint).observe(time.monotonic() - start)
+        return response
+
+    async def read_upload(request: Request) -> tuple[dict, bytes]:
+        """The form fields and the uploaded file's bytes, within the size limit."""
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > settings.max_upload_bytes + 64 * 1024:
+            metrics.rejected.labels("too_large").inc()
+            raise errors.too_large(settings.max_upload_bytes, int(length))
+        try:
+            form = await request.form(max_part_size=1024 * 1024)
+        except UploadTooLarge:
+            metrics.rejected.labels("too_large").inc()
+            raise errors.too_large(settings.max_upload_bytes) from None
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise errors.invalid_request("Missing required parameter: 'file'.", param="file",
+                                         code="missing_required_parameter")
+        data = await upload.read()
+        if len(data) > settings.max_upload_bytes:
+            raise errors.too_large(settings.max_upload_bytes, len(data))
+        return form, data
+
+    def check_model(model: str) -> None:
+        if model not in {settings.model_name, *settings.model_aliases}:
+            raise errors.model_not_found(model)
+
+    async def decode(service: TranscriptionService, data: bytes):
+        try:
+            return await run_in_threadpool(service.decode, data)
+        except EmptyAudioError:
+            raise errors.unsupported_audio("The audio file is empty.") from None
+        except AudioDecodeError:
+            raise errors.unsupported_audio() from None
+        except AudioTooLong as error:
+            raise errors.invalid_request(str(error), param="file", code="audio_too_long") from None
+
+    @app.post("/v1/audio/transcriptions")
+    async def transcriptions(request: Request) -> Response:
+        authorize(request)
+        form, data = await read_upload(request)
+        params = TranscriptionRequest.from_form(form)
+        check_model(params.model)
+        request.state.language = params.language
+        service = runtime().service
+        samples = await decode(service, data)
+        try:
+            if params.stream:
+                return stream_response(service, samples, params)
+            result = await service.transcribe(samples, params.language, params.temperature)
+        except QueueFull as full:
+            metrics.rejected.labels("queue_full").inc()
+            raise errors.overloaded(full.retry_after_s) from None
+        except NoSpeech as error:
+            raise errors.invalid_request(f"{error}.", param="file", code="no_speech") from None
+        except TimeoutError:
+            raise errors.timeout(settings.request_timeout_s) from None
+        request.state.language = result.language or "unknown"
+        verbose = verbose_result(result)
+        return Response(render(params.response_format, verbose), media_type=media_type(params.response_format))
+
+    def stream_response(service: TranscriptionService, samples, params: TranscriptionRequest) -> Response:
+        events = service.stream(samples, params.language, params.temperature)
+        first = asyncio.ensure_future(anext(events))  # queue now, so that QueueFull/NoSpeech are still 4xx/5xx
+
+        async def body() -> AsyncIterator[str]:
+            try:
+                item = await first
+                while True:
+                    if isinstance(item, TranscriptionResult):
+                        yield sse(TranscriptTextDoneEvent(
+                            text=item.text, languages=[TranscriptionLanguage(code=item.language or "und")],
+                            usage=UsageTokens(input_tokens=0, output_tokens=0, total_tokens=0)))
+                        yield SSE_DONE
+                        return
+                    yield sse(TranscriptTextDeltaEvent(delta=item))
+                    item = await anext(events)
+            except TimeoutError:
+                yield sse_error(errors.timeout(settings.request_timeout_s))
+            except Exception:
+                logger.exception("streaming transcription failed")
+                yield sse_error(errors.internal_error())
+
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+    def verbose_result(result: TranscriptionResult) -> TranscriptionVerbose:
+        segments = [TranscriptionSegment(id=i, start=round(s.start, 3), end=round(s.end, 3), text=s.text,
+                                         avg_logprob=s.avg_logprob) for i, s in enumerate(result.segments)]
+        return TranscriptionVerbose.build(
+            text=result.text, segments=segments, duration=round(result.duration, 3),
+            language_code=result.language or result.detected_language, language_source=result.language_source,
+            language_probability=round(result.language_probability, 4), adapter=result.adapter)
+
+    @app.post("/v1/audio/language")
+    async def detect_language(request: Request) -> LanguageDetection:
+        authorize(request)
+        _, data = await read_upload(request)
+        rt = runtime()
+        samples = await decode(rt.service, data)
+        if not rt.service.windows(samples):
+            raise errors.invalid_request("the audio contains no speech.", param="file", code="no_speech")
+        window = samples[: int(settings.max_window_seconds * SAMPLE_RATE)]
+        guess = (await rt.batcher.run_exclusive(rt.engine.detect, [log_mel_spectrogram(window)]))[0]
+        request.state.language = guess.language
+        return LanguageDetection(language=guess.language, probability=round(guess.probability, 4),
+                                 candidates=[LanguageCandidate(language=c, probability=round(p, 4))
+                                             for c, p in guess.candidates])
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> ModelList:
+        authorize(request)
+        return ModelList(data=[ModelCard(id=name, created=STARTED)
+                               for name in [settings.model_name, *settings.model_aliases]])
+
+    @app.get("/v1/languages")
+    async def languages(request: Request) -> LanguageList:
+        authorize(request)
+        rt = runtime()
+        cached = set(rt.engine.cache.cached())
+        pinned = set(rt.engine.cache.pinned)
+        infos = []
+        for code in rt.engine.languages:
+            key = rt.engine.adapter_key(code)
+            infos.append(LanguageInfo.of(BY_CODE[code], cached=key in cached, pinned=key in pinned))
+        return LanguageList(data=infos)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        if "runtime" not in holder:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return JSONResponse({"status": "ready", "model": str(settings.model_dir),
+                             "queue_depth_rows": holder["runtime"].batcher.depth})
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app
+
+
+__all__ = ["create_app", "ResponseFormat"]

@@ -1,0 +1,124 @@
+"""The batcher: an async scheduler between the gateway and the engine.
+
+Rows (one per audio window) wait in one FIFO queue; the scheduler takes up to `max_batch_size`
+of the oldest rows, waiting at most `max_wait` for more to arrive, and runs them as one engine
+batch in the engine's own thread. Batches may mix languages (the engine groups rows by adapter),
+and because rows leave in arrival order, no language starves however skewed the traffic.
+The queue is bounded: a request that does not fit is refused whole (503 + Retry-After) before
+anything of it is accepted; an accepted row is always run and its future always resolved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TypeVar
+
+from server.engine import EmbeddedEngine, EngineInput, EngineOutput
+from server.metrics import Metrics
+
+T = TypeVar("T")
+
+
+class QueueFull(Exception):
+    def __init__(self, retry_after_s: int) -> None:
+        super().__init__(f"the queue is full; retry after {retry_after_s} s")
+        self.retry_after_s = retry_after_s
+
+
+@dataclass
+class _Pending:
+    item: EngineInput
+    future: asyncio.Future
+
+
+class Batcher:
+    def __init__(self, engine: EmbeddedEngine, metrics: Metrics, max_batch_size: int, max_wait_s: float,
+                 max_queue: int) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.max_queue = max_queue
+        self._queue: deque[_Pending] = deque()
+        self._arrived = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")  # one model user
+        self._task: asyncio.Task | None = None
+        self._batch_seconds = 1.0  # running estimate, for Retry-After
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="batcher")
+
+    async def stop(self) -> None:
+        """Finish every accepted row, then stop."""
+        while self._queue:
+            await asyncio.sleep(0.01)
+        if self._task:
+            self._task.cancel()
+        self._executor.shutdown(wait=True)
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    def submit(self, items: list[EngineInput]) -> list[asyncio.Future]:
+        """Queue all rows of one request, or none of them."""
+        if len(self._queue) + len(items) > self.max_queue:
+            batches_ahead = (len(self._queue) + self.max_batch_size - 1) // self.max_batch_size
+            raise QueueFull(max(1, round(batches_ahead * self._batch_seconds)))
+        loop = asyncio.get_running_loop()
+        futures = []
+        for item in items:
+            item.enqueued_at = time.monotonic()
+            pending = _Pending(item, loop.create_future())
+            self._queue.append(pending)
+            futures.append(pending.future)
+        self.metrics.queue_depth.set(len(self._queue))
+        self._arrived.set()
+        return futures
+
+    async def run_exclusive(self, fn: Callable[..., T], *args) -> T:
+        """Run other model work (language detection) in the engine thread, between batches."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def _loop(self) -> None:
+        while True:
+            batch = await self._next_batch()
+            now = time.monotonic()
+            for pending in batch:
+                self.metrics.queue_seconds.observe(now - pending.item.enqueued_at)
+            started = time.monotonic()
+            try:
+                outputs = await self.run_exclusive(self.engine.run, [p.item for p in batch])
+            except Exception as error:  # the rows are answered with the error, never dropped
+                for pending in batch:
+                    if not pending.future.done():
+                        pending.future.set_exception(error)
+                continue
+            self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (time.monotonic() - started)
+            for pending, output in zip(batch, outputs, strict=True):
+                if not pending.future.done():
+                    pending.future.set_result(output)
+
+    async def _next_batch(self) -> list[_Pending]:
+        while not self._queue:
+            self._arrived.clear()
+            await self._arrived.wait()
+        deadline = time.monotonic() + self.max_wait_s
+        while len(self._queue) < self.max_batch_size and time.monotonic() < deadline:
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), deadline - time.monotonic())
+            except TimeoutError:
+                break
+        batch = [self._queue.popleft() for _ in range(min(self.max_batch_size, len(self._queue)))]
+        self.metrics.queue_depth.set(len(self._queue))
+        return batch
+
+
+def resolve(futures: list[asyncio.Future]) -> asyncio.Future[list[EngineOutput]]:
+    return asyncio.gather(*futures)

@@ -1,0 +1,182 @@
+"""The embedded engine: the Speech-LLM in this process (PyTorch, CPU or CUDA), one batch at a time.
+
+It knows nothing of HTTP. A batch may mix languages: the encoder, LID and projector run once for
+all rows; rows are then ordered by adapter so that every Zipper layer computes A x once for the
+batch and one B GEMM per language segment (adapters.zipper.use_segments).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from adapters.zipper import MergedAdapter, Variant, merge_language, use_segments
+from server.adapter_cache import SHARED_KEY, AdapterCache
+from server.metrics import Metrics
+from speechllm.decoding import generate
+from speechllm.inference import MAX_TOKENS_PER_AUDIO_EMBEDDING
+from speechllm.model import SpeechLLM
+from speechllm.prompt import eos_id
+
+TextCallback = Callable[[str], None]
+
+
+@dataclass
+class EngineInput:
+    features: torch.Tensor  # (n_mels, frames)
+    language: str | None  # the request's language tag, already validated; None: detect
+    temperature: float = 0.0
+    on_text: TextCallback | None = None  # receives text deltas as they are decoded (engine thread)
+    enqueued_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class EngineOutput:
+    text: str
+    language: str | None  # the language the decoder was prompted with; None: unknown
+    language_source: str  # "given", "detected", or "fallback" (LID below the threshold)
+    language_probability: float
+    candidates: list[tuple[str, float]]  # LID's top languages with probabilities
+    adapter: str  # which adapter served the row
+    avg_logprob: float
+
+
+@dataclass
+class LanguageGuess:
+    language: str
+    probability: float
+    candidates: list[tuple[str, float]]
+
+
+class EmbeddedEngine:
+    def __init__(self, model: SpeechLLM, metrics: Metrics, cache_bytes: int, lid_threshold: float = 0.5,
+                 pinned_languages: list[str] | None = None) -> None:
+        self.model = model
+        self.metrics = metrics
+        self.lid_threshold = lid_threshold
+        self.device = next(model.parameters()).device
+        self.languages = list(model.config.languages)
+        pinned = [self.adapter_key(code) for code in pinned_languages or []]
+        self.cache = AdapterCache(self._merge, cache_bytes, metrics, pinned)
+
+    @property
+    def adapter_variant(self) -> Variant | None:
+        return self.model.config.adapter.variant if self.model.config.adapter else None
+
+    def adapter_key(self, language: str | None) -> str:
+        """Which merged adapter serves a language: every language shares one under a shared LoRA."""
+        if self.adapter_variant in (None, Variant.SHARED) or language is None:
+            return SHARED_KEY
+        return language
+
+    def _merge(self, key: str) -> MergedAdapter:
+        index = None if key == SHARED_KEY else self.languages.index(key)
+        return merge_language(self.model.llm, index)
+
+    # ---- language ID ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def _encode(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        lengths = torch.tensor([f.shape[1] for f in features])
+        batch = torch.zeros(len(features), features[0].shape[0], int(lengths.max()))
+        for row, f in enumerate(features):
+            batch[row, :, : f.shape[1]] = f
+        states, state_lengths = self.model.encode(batch.to(self.device), lengths.to(self.device), chunk_size=0)
+        probabilities = self.model.language_logits(states, state_lengths).float().softmax(-1).cpu()
+        return states, state_lengths, probabilities
+
+    def _guess(self, probabilities: torch.Tensor, top: int = 3) -> LanguageGuess:
+        values, indices = probabilities.topk(min(top, len(self.languages)))
+        candidates = [(self.languages[i], float(v)) for v, i in zip(values, indices, strict=True)]
+        return LanguageGuess(candidates[0][0], candidates[0][1], candidates)
+
+    def detect(self, features: list[torch.Tensor]) -> list[LanguageGuess]:
+        _, _, probabilities = self._encode(features)
+        return [self._guess(p) for p in probabilities]
+
+    # ---- transcription ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def run(self, batch: list[EngineInput]) -> list[EngineOutput]:
+        start = time.perf_counter()
+        states, state_lengths, probabilities = self._encode([item.features for item in batch])
+        guesses = [self._guess(p) for p in probabilities]
+        choices = [self._choose_language(item, guess) for item, guess in zip(batch, guesses, strict=True)]
+        keys = [self.adapter_key(language) for language, _ in choices]
+        order = sorted(range(len(batch)), key=lambda row: (keys.index(keys[row]), row))  # group by adapter
+        audio, audio_lengths = self.model.audio_embeddings(states[order], state_lengths[order])
+        prompts = self.model.prompt_embeddings(audio, audio_lengths, [choices[row][0] for row in order])
+        self.metrics.encode_seconds.observe(time.perf_counter() - start)
+
+        start = time.perf_counter()
+        segments = self._segments([keys[row] for row in order])
+        streams = [_TextStream(batch[row].on_text, self.model.tokenizer) for row in order]
+        limits = [int(n) * MAX_TOKENS_PER_AUDIO_EMBEDDING + 4 for n in audio_lengths]
+        temperature = max(item.temperature for item in batch)  # rows of a batch share one temperature
+        with use_segments(self.model.llm, segments):
+            hypotheses = generate(self.model.llm, prompts, eos_id(self.model.tokenizer), limits, temperature,
+                                  on_tokens=lambda emitted: [streams[row].add(token) for row, token in emitted])
+        self.metrics.decode_seconds.observe(time.perf_counter() - start)
+        self.metrics.batch_size.observe(len(batch))
+        self.metrics.batch_languages.observe(len(set(keys)))
+
+        outputs: list[EngineOutput | None] = [None] * len(batch)
+        for position, row in enumerate(order):
+            language, source = choices[row]
+            guess = guesses[row]
+            probability = float(probabilities[row, self.languages.index(language)]) if language else guess.probability
+            outputs[row] = EngineOutput(streams[position].finish(), language, source, probability, guess.candidates,
+                                        keys[row] if self.model.config.adapter else "none",
+                                        hypotheses[position].avg_logprob)
+        return outputs
+
+    def _choose_language(self, item: EngineInput, guess: LanguageGuess) -> tuple[str | None, str]:
+        if item.language is not None:
+            return item.language, "given"
+        if guess.probability >= self.lid_threshold:
+            return guess.language, "detected"
+        return None, "fallback"
+
+    def _segments(self, keys: list[str]) -> list[tuple[int, int, MergedAdapter]]:
+        if self.model.config.adapter is None:
+            return []
+        segments, start = [], 0
+        for row in range(1, len(keys) + 1):
+            if row == len(keys) or keys[row] != keys[start]:
+                segments.append((start, row, self.cache.get(keys[start])))
+                start = row
+        return segments
+
+
+class _TextStream:
+    """Turns one row's tokens into text deltas that never need retracting: a delta is sent only once
+    its bytes form whole characters, and trailing spaces wait for the next word."""
+
+    def __init__(self, callback: TextCallback | None, tokenizer) -> None:
+        self.callback = callback
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.sent = ""
+
+    def text(self) -> str:
+        return self.tokenizer.decode(self.tokens, skip_special_tokens=True).strip()
+
+    def add(self, token: int) -> None:
+        self.tokens.append(token)
+        if self.callback is None:
+            return
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True).lstrip()
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the rest of it
+            return
+        ready = text.rstrip()
+        if ready.startswith(self.sent) and len(ready) > len(self.sent):
+            self.callback(ready[len(self.sent):])
+            self.sent = ready
+
+    def finish(self) -> str:
+        text = self.text()
+        if self.callback is not None and text.startswith(self.sent) and len(text) > len(self.sent):
+            self.callback(text[len(self.sent):])
+            self.sent = text
+        return text

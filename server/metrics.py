@@ -1,0 +1,49 @@
+"""Prometheus metrics of the service, one registry per app (so tests can start several apps).
+
+Names follow Prometheus conventions: a `zasr_` namespace, base units in the name, `_total` counters.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+RTF_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("zasr_requests_total", "HTTP requests answered", ["endpoint", "status", "language"],
+                                registry=r)
+        self.request_seconds = Histogram("zasr_request_duration_seconds", "Request latency, end to end",
+                                         ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_seconds = Histogram("zasr_queue_wait_seconds", "Time a row waited for a batch",
+                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.encode_seconds = Histogram("zasr_encode_duration_seconds", "Encoder + LID + projector time per batch",
+                                        buckets=LATENCY_BUCKETS, registry=r)
+        self.decode_seconds = Histogram("zasr_decode_duration_seconds", "LLM decoding time per batch",
+                                        buckets=LATENCY_BUCKETS, registry=r)
+        self.audio_seconds = Counter("zasr_audio_seconds_total", "Seconds of audio transcribed", ["language"],
+                                     registry=r)
+        self.real_time_factor = Histogram("zasr_real_time_factor", "Processing seconds per audio second, per request",
+                                          buckets=RTF_BUCKETS, registry=r)
+        self.batch_size = Histogram("zasr_batch_size_rows", "Rows per engine batch", buckets=BATCH_BUCKETS,
+                                    registry=r)
+        self.batch_languages = Histogram("zasr_batch_languages", "Distinct languages per engine batch",
+                                         buckets=(1, 2, 3, 4, 6, 8, 12), registry=r)
+        self.queue_depth = Gauge("zasr_queue_depth_rows", "Rows waiting for the engine", registry=r)
+        self.cache_hits = Counter("zasr_adapter_cache_hits_total", "Adapter cache hits", registry=r)
+        self.cache_misses = Counter("zasr_adapter_cache_misses_total", "Adapter cache misses (merges)", registry=r)
+        self.cache_evictions = Counter("zasr_adapter_cache_evictions_total", "Adapters evicted", registry=r)
+        self.merge_seconds = Histogram("zasr_adapter_merge_duration_seconds", "Time to merge one language's adapter",
+                                       buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1), registry=r)
+        self.cache_bytes = Gauge("zasr_adapter_cache_bytes", "Bytes of merged adapters held", registry=r)
+        self.cache_entries = Gauge("zasr_adapter_cache_entries", "Merged adapters held", registry=r)
+        self.rejected = Counter("zasr_rejected_requests_total", "Requests refused before the engine", ["reason"],
+                                registry=r)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

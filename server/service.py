@@ -1,0 +1,145 @@
+"""Transcription as the gateway needs it, apart from HTTP: audio bytes in; decoding, limits, long
+audio cut at pauses into windows, rows through the batcher, and the windows joined back with
+their timestamps."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from server.batcher import Batcher
+from server.engine import EngineInput, EngineOutput
+from server.metrics import Metrics
+from server.settings import Settings
+from server.vad import SileroVAD, Span, split_long_audio
+from speechllm.audio import SAMPLE_RATE, load_audio
+from speechllm.features import log_mel_spectrogram
+from speechllm.languages import BY_CODE
+
+MIN_SAMPLES = SAMPLE_RATE // 10  # under 100 ms there is nothing to transcribe
+
+
+class AudioTooLong(ValueError):
+    pass
+
+
+class NoSpeech(ValueError):
+    """The audio decoded, but holds no speech (silence or noise only)."""
+
+
+@dataclass
+class Segment:
+    start: float
+    end: float
+    text: str
+    avg_logprob: float
+
+
+@dataclass
+class TranscriptionResult:
+    text: str
+    language: str | None
+    language_source: str
+    language_probability: float
+    detected_language: str  # LID's best guess, also when the language was given
+    adapter: str
+    duration: float
+    segments: list[Segment]
+    processing_seconds: float
+
+
+class TranscriptionService:
+    def __init__(self, settings: Settings, batcher: Batcher, vad: SileroVAD, metrics: Metrics) -> None:
+        self.settings = settings
+        self.batcher = batcher
+        self.vad = vad
+        self.metrics = metrics
+
+    def decode(self, audio: bytes) -> np.ndarray:
+        """Bytes of any container → 16 kHz samples; raises AudioDecodeError, AudioTooLong."""
+        samples = load_audio(audio)
+        duration = samples.size / SAMPLE_RATE
+        if duration > self.settings.max_audio_seconds:
+            raise AudioTooLong(f"the audio is {duration:.0f} s long; the limit is "
+                               f"{self.settings.max_audio_seconds:.0f} s")
+        return samples
+
+    def windows(self, samples: np.ndarray) -> list[Span]:
+        """Short audio with speech is one window, untrimmed; long audio is cut at pauses (silero-vad);
+        audio without speech gives no window."""
+        if samples.size < MIN_SAMPLES:
+            return []
+        if samples.size <= self.settings.max_window_seconds * SAMPLE_RATE:
+            return [Span(0, samples.size)] if self.vad.speech_spans(samples) else []
+        return split_long_audio(samples, self.vad, self.settings.max_window_seconds)
+
+    def submit(self, samples: np.ndarray, language: str | None, temperature: float,
+               streaming: bool = False) -> tuple[list[Span], list[asyncio.Future], list[asyncio.Queue] | None]:
+        """Queue the request's windows (all or none: QueueFull). Streaming: one delta queue per window."""
+        spans = self.windows(samples)
+        if not spans:
+            raise NoSpeech("the audio contains no speech")
+        loop = asyncio.get_running_loop()
+        queues = [asyncio.Queue() for _ in spans] if streaming else None
+        items = []
+        for index, span in enumerate(spans):
+            callback = None
+            if queues is not None:
+                queue = queues[index]
+                callback = lambda delta, q=queue: loop.call_soon_threadsafe(q.put_nowait, delta)  # noqa: E731
+            items.append(EngineInput(log_mel_spectrogram(samples[span.start: span.end]), language, temperature,
+                                     callback))
+        return spans, self.batcher.submit(items), queues
+
+    async def transcribe(self, samples: np.ndarray, language: str | None, temperature: float = 0.0
+                         ) -> TranscriptionResult:
+        start = time.monotonic()
+        spans, futures, _ = self.submit(samples, language, temperature)
+        outputs = await asyncio.wait_for(asyncio.shield(asyncio.gather(*futures)), self.settings.request_timeout_s)
+        return self.join(samples, spans, outputs, time.monotonic() - start)
+
+    async def stream(self, samples: np.ndarray, language: str | None, temperature: float = 0.0
+                     ) -> AsyncIterator[str | TranscriptionResult]:
+        """Text deltas in order (window after window), then the final TranscriptionResult."""
+        start = time.monotonic()
+        spans, futures, queues = self.submit(samples, language, temperature, streaming=True)
+        for index, (future, queue) in enumerate(zip(futures, queues, strict=True)):
+            if index > 0:
+                yield self._separator(futures[index - 1].result())
+            while not (future.done() and queue.empty()):
+                getter = asyncio.ensure_future(queue.get())
+                done, _ = await asyncio.wait({getter, future}, timeout=self.settings.request_timeout_s,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    getter.cancel()
+                    raise TimeoutError
+                if getter in done:
+                    yield getter.result()
+                else:
+                    getter.cancel()
+            future.result()  # re-raises an engine error
+        outputs = [f.result() for f in futures]
+        yield self.join(samples, spans, outputs, time.monotonic() - start)
+
+    @staticmethod
+    def _separator(previous: EngineOutput) -> str:
+        unspaced = previous.language is not None and BY_CODE[previous.language].unspaced
+        return "" if unspaced or not previous.text else " "
+
+    def join(self, samples: np.ndarray, spans: list[Span], outputs: list[EngineOutput],
+             seconds: float) -> TranscriptionResult:
+        segments = [Segment(span.start / SAMPLE_RATE, span.end / SAMPLE_RATE, out.text, out.avg_logprob)
+                    for span, out in zip(spans, outputs, strict=True)]
+        text = ""
+        for index, out in enumerate(outputs):
+            text += (self._separator(outputs[index - 1]) if index else "") + out.text
+        first = outputs[0]
+        duration = samples.size / SAMPLE_RATE
+        self.metrics.audio_seconds.labels(first.language or "unknown").inc(duration)
+        self.metrics.real_time_factor.observe(seconds / max(duration, 1e-6))
+        return TranscriptionResult(text, first.language, first.language_source, first.language_probability,
+                                   first.candidates[0][0], first.adapter, duration, segments, seconds)

@@ -1,0 +1,50 @@
+"""Service settings: environment variables with the ZASR_ prefix (e.g. ZASR_PORT=9000), or a .env file.
+
+Every setting, its default and its meaning is listed here; `zipper-asr serve --help` shows the
+command-line overrides for the common ones.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "default"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ZASR_", env_file=".env", extra="ignore")
+
+    # --- model and engine ---
+    model_dir: Path = Field(DEFAULT_MODEL_DIR, description="Speech-LLM directory to serve")
+    model_name: str = Field("zipper-asr", description="the model id clients pass as `model`")
+    model_aliases: list[str] = Field(["whisper-1", "gpt-4o-transcribe", "gpt-4o-mini-transcribe"],
+                                     description="other model ids accepted (OpenAI clients' defaults)")
+    backend: str = Field("embedded", description="engine backend: embedded (PyTorch)")
+    device: str = Field("auto", description="torch device for the embedded engine: auto, cpu, cuda")
+    threads: int = Field(0, description="torch intra-op threads (0: torch's default)")
+    lid_threshold: float = Field(0.5, description="below this LID probability an untagged request is "
+                                                  "decoded with the shared subspace alone")
+    # --- batching ---
+    max_batch_size: int = Field(16, description="most rows (audio windows) the engine decodes at once")
+    max_wait_ms: float = Field(10.0, description="how long the batcher waits to fill a batch")
+    max_queue: int = Field(256, description="rows waiting beyond this answer 503 with Retry-After")
+    # --- adapter cache ---
+    adapter_cache_mb: float = Field(64.0, description="bytes of merged per-language adapters kept on device")
+    pinned_languages: list[str] = Field([], description="languages never evicted from the adapter cache")
+    preload_languages: list[str] = Field([], description="languages merged at start-up")
+    # --- limits ---
+    max_upload_mb: float = Field(25.0, description="largest accepted upload (OpenAI's limit is 25 MB)")
+    max_audio_seconds: float = Field(1800.0, description="longest accepted audio")
+    max_window_seconds: float = Field(30.0, description="long audio is cut at pauses into windows this long")
+    request_timeout_s: float = Field(300.0, description="a request still unanswered then gets a 504")
+    api_keys: list[str] = Field([], description="accepted Bearer keys; empty: the API is open")
+    # --- HTTP ---
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, description="port to listen on")
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
