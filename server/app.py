@@ -106,6 +106,15 @@ def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     return Runtime(engine, batcher, service)
 
 
+def verbose_result(result: TranscriptionResult) -> TranscriptionVerbose:
+    segments = [TranscriptionSegment(id=i, start=round(s.start, 3), end=round(s.end, 3), text=s.text,
+                                     avg_logprob=s.avg_logprob) for i, s in enumerate(result.segments)]
+    return TranscriptionVerbose.build(
+        text=result.text, segments=segments, duration=round(result.duration, 3),
+        language_code=result.language or result.detected_language, language_source=result.language_source,
+        language_probability=round(result.language_probability, 4), adapter=result.adapter)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = Metrics()
@@ -241,14 +250,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 yield sse_error(errors.internal_error())
 
         return StreamingResponse(body(), media_type="text/event-stream")
-
-    def verbose_result(result: TranscriptionResult) -> TranscriptionVerbose:
-        segments = [TranscriptionSegment(id=i, start=round(s.start, 3), end=round(s.end, 3), text=s.text,
-                                         avg_logprob=s.avg_logprob) for i, s in enumerate(result.segments)]
-        return TranscriptionVerbose.build(
-            text=result.text, segments=segments, duration=round(result.duration, 3),
-            language_code=result.language or result.detected_language, language_source=result.language_source,
-            language_probability=round(result.language_probability, 4), adapter=result.adapter)
 
     @app.post("/v1/audio/language")
     async def detect_language(request: Request) -> LanguageDetection:

@@ -56,20 +56,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_transcribe(args: argparse.Namespace) -> None:
-    import torch
-    from tqdm import tqdm
+    import asyncio
 
-    from speechllm.audio import load_audio
-    from speechllm.features import log_mel_spectrogram
-    from speechllm.inference import transcribe_features
-    from speechllm.model import SpeechLLM
+    from server.offline import transcribe_files
+    from server.settings import Settings
 
-    model = SpeechLLM.load(args.model)
-    for path in tqdm(args.files, desc="transcribe", unit="file", disable=len(args.files) < 2):
-        features = log_mel_spectrogram(load_audio(path))
-        result = transcribe_features(model, features[None], torch.tensor([features.shape[1]]), [args.language])[0]
-        tqdm.write(json.dumps({"file": str(path), "language": result.language, "text": result.text},
-                              ensure_ascii=False))
+    settings = Settings(model_dir=args.model) if args.model else Settings()
+    for path, rendered in asyncio.run(transcribe_files(settings, args.files, args.language, args.format)):
+        if len(args.files) > 1:
+            print(f"==> {path}")
+        print(rendered.rstrip("\n"))
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -132,10 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, default=None, help="model directory (ZASR_MODEL_DIR)")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("transcribe", help="transcribe audio files offline")
+    p = sub.add_parser("transcribe", help="transcribe audio files offline, through the service's engine")
     p.add_argument("files", nargs="+", type=Path)
-    p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
-    p.add_argument("--language", default=None)
+    p.add_argument("--model", type=Path, default=None, help="model directory (default: the shipped model)")
+    p.add_argument("--language", default=None, help="ISO-639-1 code; default: detect")
+    p.add_argument("--format", default="text", choices=["json", "text", "srt", "vtt", "verbose_json"])
     p.set_defaults(func=cmd_transcribe)
     return parser
 

@@ -1,0 +1,216 @@
+"""The service end to end: a real uvicorn server on the shipped model, spoken to over real HTTP by
+curl-style requests (httpx) and by the official `openai` client."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import av
+import httpx
+import numpy as np
+import pytest
+
+from adapters.evaluate import error_rates
+from speechllm.audio import SAMPLE_RATE, load_audio, write_wav
+
+openai = pytest.importorskip("openai")
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL_DIR = Path(os.environ.get("ZASR_TEST_MODEL_DIR", ROOT / "models" / "default"))
+API_KEY = "test-key"
+UPLOAD_LIMIT_MB = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    port = _free_port()
+    env = os.environ | {"ZASR_MODEL_DIR": str(MODEL_DIR), "ZASR_PORT": str(port), "ZASR_API_KEYS": f'["{API_KEY}"]',
+                        "ZASR_MAX_UPLOAD_MB": str(UPLOAD_LIMIT_MB), "ZASR_MAX_AUDIO_SECONDS": "90"}
+    process = subprocess.Popen([sys.executable, "-m", "speechllm.cli", "serve"], env=env, cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if process.poll() is not None:
+            pytest.fail(f"server exited: {process.stderr.read().decode()[-2000:]}")
+        time.sleep(0.3)
+    else:
+        process.kill()
+        pytest.fail("server did not become ready in 60 s")
+    yield url
+    process.terminate()
+    process.wait(10)
+
+
+@pytest.fixture(scope="module")
+def client(server: str):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0)
+
+
+def _speech(text: str, voice: str = "en+m5") -> np.ndarray:
+    wav = subprocess.run(["espeak-ng", "-v", voice, "--stdout", "--", text], capture_output=True, check=True).stdout
+    return load_audio(wav)
+
+
+def _wav_bytes(samples: np.ndarray, tmp_path: Path, name: str = "a.wav") -> Path:
+    path = tmp_path / name
+    write_wav(path, samples)
+    return path
+
+
+def _encode(samples: np.ndarray, container: str, codec: str, rate: int) -> bytes:
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format=container) as out:
+        stream = out.add_stream(codec, rate=rate, layout="mono")
+        frame = av.AudioFrame.from_ndarray((samples[None] * 32767).astype(np.int16), format="s16", layout="mono")
+        frame.sample_rate = SAMPLE_RATE
+        resampler = av.AudioResampler(format=stream.format.name, layout="mono", rate=rate)
+        for resampled in resampler.resample(frame) + resampler.resample(None):
+            for packet in stream.encode(resampled):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return buffer.getvalue()
+
+
+def _post(server: str, data: bytes, filename: str = "a.wav", key: str | None = API_KEY, **fields) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.post(f"{server}/v1/audio/transcriptions", headers=headers, timeout=60,
+                      files={"file": (filename, data)}, data={"model": "whisper-1", **fields})
+
+
+REFERENCE = "where is the water"
+
+
+def test_openai_client_transcribes(client, tmp_path: Path) -> None:
+    path = _wav_bytes(_speech(REFERENCE), tmp_path)
+    with open(path, "rb") as audio:
+        result = client.audio.transcriptions.create(model="whisper-1", file=audio, language="en")
+    assert error_rates([REFERENCE], [result.text], "en")["cer"] < 0.35
+
+
+def test_openai_client_streams_deltas_that_add_up(client, tmp_path: Path) -> None:
+    path = _wav_bytes(_speech(REFERENCE), tmp_path)
+    with open(path, "rb") as audio:
+        events = list(client.audio.transcriptions.create(model="whisper-1", file=audio, language="en", stream=True))
+    deltas = [e.delta for e in events if e.type == "transcript.text.delta"]
+    done = [e for e in events if e.type == "transcript.text.done"]
+    assert len(done) == 1 and deltas
+    assert "".join(deltas) == done[0].text
+
+
+def test_verbose_json_detects_the_language(client, tmp_path: Path) -> None:
+    path = _wav_bytes(_speech("wir haben keine zeit", "de+m5"), tmp_path)
+    with open(path, "rb") as audio:
+        result = client.audio.transcriptions.create(model="whisper-1", file=audio, response_format="verbose_json")
+    extra = result.model_extra
+    assert extra["language_code"] == "de" and extra["language_source"] == "detected"
+    assert result.language == "german" and result.duration > 0.5
+    assert result.segments and result.segments[0].end == pytest.approx(result.duration, abs=0.01)
+
+
+@pytest.mark.parametrize("response_format", ["text", "srt", "vtt"])
+def test_text_formats(server: str, response_format: str) -> None:
+    response = _post(server, _encode(_speech(REFERENCE), "wav", "pcm_s16le", 16000), language="en",
+                     response_format=response_format)
+    assert response.status_code == 200
+    if response_format == "srt":
+        assert response.text.startswith("1\n00:00:00,000 --> 00:00:0")
+    elif response_format == "vtt":
+        assert response.text.startswith("WEBVTT\n\n00:00:00.000 --> ")
+    else:
+        assert response.text.endswith("\n") and len(response.text.strip()) > 3
+
+
+@pytest.mark.parametrize(("container", "codec", "rate"), [("mp3", "libmp3lame", 44100), ("ogg", "libopus", 48000),
+                                                          ("flac", "flac", 22050)])
+def test_compressed_uploads(server: str, container: str, codec: str, rate: int) -> None:
+    response = _post(server, _encode(_speech(REFERENCE), container, codec, rate), f"a.{container}", language="en")
+    assert response.status_code == 200, response.text
+    assert error_rates([REFERENCE], [response.json()["text"]], "en")["cer"] < 0.5
+
+
+def test_long_audio_is_cut_into_windows(server: str) -> None:
+    phrases = ["the house is very small", "where is the water", "she said that they would come"] * 4
+    pause = np.zeros(int(1.2 * SAMPLE_RATE), dtype=np.float32)
+    samples = np.concatenate([part for text in phrases for part in (_speech(text), pause)])
+    samples = np.concatenate([samples, samples])  # ≈ 50 s
+    response = _post(server, _encode(samples, "flac", "flac", 16000), "long.flac", language="en",
+                     response_format="verbose_json")
+    assert response.status_code == 200, response.text
+    segments = response.json()["segments"]
+    assert len(segments) >= 2
+    assert all(s["end"] - s["start"] <= 30.0 for s in segments)
+    assert all(a["end"] <= b["start"] for a, b in zip(segments, segments[1:], strict=False))
+
+
+@pytest.mark.parametrize(("data", "fields", "status", "param"), [
+    (b"this is not audio at all" * 10, {}, 400, "file"),
+    (b"", {}, 400, "file"),
+    ("silence", {}, 400, "file"),
+    ("speech", {"language": "xx"}, 400, "language"),
+    ("speech", {"temperature": "warm"}, 400, "temperature"),
+    ("speech", {"model": "no-such-model"}, 404, None),
+    ("speech", {"timestamp_granularities[]": "word"}, 400, "timestamp_granularities"),
+])
+def test_bad_input_gets_an_openai_error(server: str, data, fields: dict, status: int, param: str | None) -> None:
+    if data == "silence":
+        data = _encode(np.zeros(2 * SAMPLE_RATE, np.float32), "wav", "pcm_s16le", 16000)
+    elif data == "speech":
+        data = _encode(_speech(REFERENCE), "wav", "pcm_s16le", 16000)
+    response = _post(server, data, **fields)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["message"] and error["type"] and set(error) == {"message", "type", "param", "code"}
+    if param:
+        assert error["param"] == param
+    assert httpx.get(f"{server}/health").status_code == 200  # still up
+
+
+def test_too_large_upload_is_413(server: str) -> None:
+    response = _post(server, b"\0" * (UPLOAD_LIMIT_MB * 2**20 + 200_000))
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+
+
+def test_missing_file_and_bad_keys(server: str) -> None:
+    response = httpx.post(f"{server}/v1/audio/transcriptions", headers={"Authorization": f"Bearer {API_KEY}"},
+                          data={"model": "whisper-1"})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "file"
+    assert _post(server, b"x", key=None).status_code == 401
+    assert _post(server, b"x", key="wrong").status_code == 401
+
+
+def test_models_languages_detection_and_probes(server: str, client) -> None:
+    assert "whisper-1" in [m.id for m in client.models.list()]
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    languages = httpx.get(f"{server}/v1/languages", headers=headers).json()["data"]
+    assert [entry["code"] for entry in languages] == ["en", "de", "fr", "es", "it", "ru", "vi", "th", "ar", "ja",
+                                                      "ko", "pt"]
+    detection = httpx.post(f"{server}/v1/audio/language", headers=headers, timeout=30,
+                           files={"file": ("a.wav", _encode(_speech("la maison est très petite", "fr+m5"), "wav",
+                                                            "pcm_s16le", 16000))}).json()
+    assert detection["language"] == "fr" and len(detection["candidates"]) == 3
+    assert httpx.get(f"{server}/ready").json()["status"] == "ready"
+    metrics = httpx.get(f"{server}/metrics").text
+    for name in ("zasr_requests_total", "zasr_request_duration_seconds_bucket", "zasr_audio_seconds_total",
+                 "zasr_real_time_factor_bucket", "zasr_batch_size_rows_bucket", "zasr_queue_depth_rows",
+                 "zasr_adapter_cache_hits_total", "zasr_adapter_cache_bytes", "zasr_encode_duration_seconds_bucket"):
+        assert name in metrics
