@@ -7,9 +7,12 @@ command-line overrides for the common ones.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from speechllm.inference import LID_CONFIDENCE_THRESHOLD
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "default"
 
@@ -22,11 +25,12 @@ class Settings(BaseSettings):
     model_name: str = Field("zipper-asr", description="the model id clients pass as `model`")
     model_aliases: list[str] = Field(["whisper-1", "gpt-4o-transcribe", "gpt-4o-mini-transcribe"],
                                      description="other model ids accepted (OpenAI clients' defaults)")
-    backend: str = Field("embedded", description="engine backend: embedded (PyTorch)")
+    backend: Literal["embedded"] = Field("embedded", description="engine backend: embedded (PyTorch)")
     device: str = Field("auto", description="torch device for the embedded engine: auto, cpu, cuda")
     threads: int = Field(0, description="torch intra-op threads (0: torch's default)")
-    lid_threshold: float = Field(0.5, description="below this LID probability an untagged request is "
-                                                  "decoded with the shared subspace alone")
+    lid_threshold: float = Field(LID_CONFIDENCE_THRESHOLD,
+                                 description="below this LID probability an untagged request is decoded with "
+                                             "the shared subspace alone")
     # --- batching ---
     max_batch_size: int = Field(16, description="most rows (audio windows) the engine decodes at once")
     max_wait_ms: float = Field(10.0, description="how long the batcher waits to fill a batch")
