@@ -1,0 +1,58 @@
+"""Per-language export of a Zipper adapter: B(l) with the shared A is an ordinary rank-r LoRA.
+
+- `export_peft`: PEFT's on-disk format (`adapter_config.json` + `adapter_model.safetensors`), which
+  the `peft` library and vLLM (`LoRARequest`) load without conversion.
+- `fold_into_base`: W0 + (α/r) B(l) A added into a copy of the base weights, for a single-language
+  deployment with no adapter at run time.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from adapters.zipper import ZipperConfig, merge_language, zipper_layers
+
+
+def _language_loras(llm: nn.Module, language: int | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Module name (HF naming, without ".base") → (A, B(l)) for one language."""
+    merged = merge_language(llm, language)
+    loras = {}
+    for (name, layer), b in zip(zipper_layers(llm), merged.b, strict=True):
+        a = merged.a[layer.index] if merged.a is not None else layer.lora_A
+        loras[name] = (a.detach(), b.detach())
+    return loras
+
+
+def export_peft(llm: nn.Module, config: ZipperConfig, language: int | None, out_dir: str | Path,
+                base_model_path: str = "", dtype: torch.dtype = torch.float32) -> Path:
+    """Write language `language` (None: the shared subspace alone) as a PEFT LoRA adapter directory."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, (a, b) in _language_loras(llm, language).items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a.to(dtype).contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = b.to(dtype).contiguous()
+    save_file(tensors, out_dir / "adapter_model.safetensors")
+    peft_config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_path,
+        "r": config.rank, "lora_alpha": config.alpha, "lora_dropout": 0.0, "bias": "none",
+        "target_modules": sorted(config.target_modules), "fan_in_fan_out": False, "use_rslora": False,
+        "use_dora": False, "inference_mode": True, "modules_to_save": None,
+    }
+    (out_dir / "adapter_config.json").write_text(json.dumps(peft_config, indent=2) + "\n")
+    return out_dir
+
+
+@torch.no_grad()
+def fold_into_base(llm: nn.Module, config: ZipperConfig, language: int | None) -> dict[str, torch.Tensor]:
+    """The base LLM's state dict (HF names) with language `language`'s update folded into W0."""
+    folded = {name.replace(".base.", "."): t.clone() for name, t in llm.state_dict().items()
+              if "lora_" not in name and ".router." not in name and "zipper_language_embedding" not in name}
+    for name, (a, b) in _language_loras(llm, language).items():
+        folded[f"{name}.weight"] += config.scaling * (b @ a)
+    return folded
