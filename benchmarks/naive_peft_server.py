@@ -1,0 +1,75 @@
+"""The baseline for benchmarks/serving.py: a multi-adapter ASR server built the way most people would
+first build it. Same model, same frontend and encoder; the LLM is a `peft.PeftModel` holding one
+LoRA adapter per language, and each request, one at a time, switches to its language's adapter
+with `set_adapter` and runs `generate` alone. No batching, no grouping by language.
+
+    python -m benchmarks.naive_peft_server --model models/default --adapters DIR --port 8001
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+
+import torch
+import uvicorn
+from fastapi import FastAPI, Form, UploadFile
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from speechllm.audio import load_audio
+from speechllm.features import log_mel_spectrogram
+from speechllm.model import SpeechLLM
+from speechllm.prompt import eos_id
+
+
+def build_app(model_dir: Path, adapters_dir: Path) -> FastAPI:
+    speech = SpeechLLM.load(model_dir)
+    base = AutoModelForCausalLM.from_pretrained(model_dir / "llm", dtype=torch.float32)
+    languages = sorted(p.name for p in adapters_dir.iterdir() if p.is_dir())
+    llm = PeftModel.from_pretrained(base, adapters_dir / languages[0], adapter_name=languages[0])
+    for language in languages[1:]:
+        llm.load_adapter(adapters_dir / language, adapter_name=language)
+    llm.eval()
+    lock = asyncio.Lock()
+    app = FastAPI()
+
+    def transcribe(audio: bytes, language: str) -> str:
+        features = log_mel_spectrogram(load_audio(audio))
+        with torch.no_grad():
+            states, lengths = speech.encode(features[None], torch.tensor([features.shape[1]]), chunk_size=0)
+            embeds, embed_lengths = speech.audio_embeddings(states, lengths)
+            prompt = speech.prompt_embeddings(embeds, embed_lengths, [language])[0]
+            llm.set_adapter(language)
+            mask = torch.ones(1, prompt.shape[0], dtype=torch.long)
+            eos = eos_id(speech.tokenizer)
+            out = llm.generate(inputs_embeds=prompt[None], attention_mask=mask, do_sample=False,
+                               max_new_tokens=int(embed_lengths[0]) * 2 + 4, eos_token_id=eos, pad_token_id=eos)
+        return speech.tokenizer.decode(out[0], skip_special_tokens=True).strip()
+
+    @app.post("/v1/audio/transcriptions")
+    async def transcriptions(file: UploadFile, language: str = Form(...), model: str = Form("whisper-1")) -> dict:
+        audio = await file.read()
+        async with lock:  # one request at a time: the adapter switch is global state
+            text = await asyncio.to_thread(transcribe, audio, language)
+        return {"text": text}
+
+    @app.get("/ready")
+    async def ready() -> dict:
+        return {"status": "ready"}
+
+    return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--adapters", type=Path, required=True, help="one PEFT adapter directory per language")
+    parser.add_argument("--port", type=int, default=8001)
+    args = parser.parse_args()
+    uvicorn.run(build_app(args.model, args.adapters), host="127.0.0.1", port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""Serving benchmark (issue: REST gateway). Everything is measured in one run, side by side, on
+this machine, and reported as ratios:
+
+1. throughput (audio seconds per wall second) at concurrency 16 vs 1, mixed 12-language traffic;
+2. mixed 12-language vs single-language traffic at concurrency 16;
+3. the cost a cold language adds (merging its adapter on demand) vs a warm cache hit;
+4. our server vs a naive multi-adapter server that switches a PEFT adapter per request
+   (benchmarks/naive_peft_server.py), same model, same mixed traffic, concurrency 16.
+
+    .venv/bin/python -m benchmarks.serving [--model models/default] [--requests 96]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+from adapters.export import export_peft
+from server.engine import EmbeddedEngine
+from server.metrics import Metrics
+from speechllm.audio import SAMPLE_RATE, load_audio
+from speechllm.languages import LANGUAGE_CODES
+from speechllm.model import SpeechLLM
+
+ROOT = Path(__file__).resolve().parent.parent
+PHRASES = ["one two three four five", "the weather is nice today", "please call me tomorrow morning",
+           "where is the nearest station"]  # read by each language's voice: the words need not be theirs
+VOICES = ("m5", "f4")
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def audio_pool() -> dict[str, list[tuple[bytes, float]]]:
+    pool: dict[str, list[tuple[bytes, float]]] = {}
+    for code in LANGUAGE_CODES:
+        for i, text in enumerate(PHRASES):
+            wav = subprocess.run(["espeak-ng", "-v", f"{code}+{VOICES[i % 2]}", "--stdout", "--", text],
+                                 capture_output=True, check=True).stdout
+            pool.setdefault(code, []).append((wav, load_audio(wav).size / SAMPLE_RATE))
+    return pool
+
+
+def start(command: list[str], env: dict, url: str) -> subprocess.Popen:
+    process = subprocess.Popen(command, env=os.environ | env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    process.kill()
+    raise RuntimeError(f"{command} did not become ready")
+
+
+async def load(url: str, requests: list[tuple[str, bytes, float]], concurrency: int) -> dict:
+    queue: asyncio.Queue = asyncio.Queue()
+    for item in requests:
+        queue.put_nowait(item)
+    latencies: list[float] = []
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        while not queue.empty():
+            language, wav, _ = queue.get_nowait()
+            start = time.perf_counter()
+            response = await client.post(f"{url}/v1/audio/transcriptions", files={"file": ("a.wav", wav)},
+                                         data={"model": "whisper-1", "language": language})
+            response.raise_for_status()
+            latencies.append(time.perf_counter() - start)
+
+    async with httpx.AsyncClient(timeout=600) as client:
+        await client.post(f"{url}/v1/audio/transcriptions", files={"file": ("a.wav", requests[0][1])},
+                          data={"model": "whisper-1", "language": requests[0][0]})  # warm-up
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    audio = sum(seconds for _, _, seconds in requests)
+    latencies.sort()
+    return {"concurrency": concurrency, "requests": len(requests), "audio_seconds": round(audio, 2),
+            "wall_seconds": round(wall, 2), "throughput_audio_s_per_s": round(audio / wall, 2),
+            "latency_p50_s": round(latencies[len(latencies) // 2], 3),
+            "latency_p95_s": round(latencies[int(len(latencies) * 0.95) - 1], 3)}
+
+
+def traffic(pool: dict, languages: list[str], n: int) -> list[tuple[str, bytes, float]]:
+    return [(languages[i % len(languages)], *pool[languages[i % len(languages)]][(i // len(languages)) % len(PHRASES)])
+            for i in range(n)]
+
+
+def adapter_merge_costs(model_dir: Path) -> dict:
+    model = SpeechLLM.load(model_dir)
+    engine = EmbeddedEngine(model, Metrics(), cache_bytes=1 << 30)
+    cold, warm = [], []
+    for _ in range(5):
+        for code in LANGUAGE_CODES:
+            key = engine.adapter_key(code)
+            engine.cache._entries.pop(key, None)  # make it cold
+            start = time.perf_counter()
+            engine.cache.get(key)
+            cold.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            engine.cache.get(key)
+            warm.append(time.perf_counter() - start)
+    return {"cold_merge_ms_median": round(1000 * statistics.median(cold), 3),
+            "warm_hit_ms_median": round(1000 * statistics.median(warm), 4),
+            "cold_extra_ms": round(1000 * (statistics.median(cold) - statistics.median(warm)), 3),
+            "adapter_variant": model.config.adapter.variant.value if model.config.adapter else None,
+            "adapter_bytes": engine.cache.get(engine.adapter_key("en")).nbytes}
+
+
+def export_language_adapters(model_dir: Path, out: Path) -> None:
+    model = SpeechLLM.load(model_dir)
+    for index, code in enumerate(model.config.languages):
+        export_peft(model.llm, model.config.adapter, index, out / code)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=ROOT / "models" / "default")
+    parser.add_argument("--requests", type=int, default=96)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serving")
+    args = parser.parse_args()
+    pool = audio_pool()
+    mixed = traffic(pool, list(LANGUAGE_CODES), args.requests)
+    single = traffic(pool, ["en"], args.requests)
+    results: dict = {"machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                                 "python": platform.python_version(), "torch": torch.__version__},
+                     "model": str(args.model)}
+
+    port = _port()
+    url = f"http://127.0.0.1:{port}"
+    ours = start([sys.executable, "-m", "speechllm.cli", "serve"],
+                 {"ZASR_MODEL_DIR": str(args.model), "ZASR_PORT": str(port), "ZASR_MAX_QUEUE": "4096"}, url)
+    try:
+        results["ours_mixed_c1"] = asyncio.run(load(url, mixed[: max(args.requests // 4, 12)], 1))
+        results["ours_mixed_c16"] = asyncio.run(load(url, mixed, 16))
+        results["ours_single_c16"] = asyncio.run(load(url, single, 16))
+    finally:
+        ours.terminate()
+        ours.wait(30)
+
+    with tempfile.TemporaryDirectory() as adapters:
+        export_language_adapters(args.model, Path(adapters))
+        port = _port()
+        url = f"http://127.0.0.1:{port}"
+        naive = start([sys.executable, "-m", "benchmarks.naive_peft_server", "--model", str(args.model),
+                       "--adapters", adapters, "--port", str(port)], {}, url)
+        try:
+            results["naive_peft_mixed_c16"] = asyncio.run(load(url, mixed, 16))
+        finally:
+            naive.terminate()
+            naive.wait(30)
+
+    results["adapter_merge"] = adapter_merge_costs(args.model)
+    throughput = {k: v["throughput_audio_s_per_s"] for k, v in results.items() if "throughput_audio_s_per_s" in str(v)}
+    results["ratios"] = {
+        "c16_over_c1 (goal >= 4)": round(throughput["ours_mixed_c16"] / throughput["ours_mixed_c1"], 2),
+        "mixed_over_single_c16 (goal >= 0.9)": round(throughput["ours_mixed_c16"] / throughput["ours_single_c16"], 2),
+        "ours_over_naive_peft_c16 (goal >= 5)": round(throughput["ours_mixed_c16"] / throughput["naive_peft_mixed_c16"],
+                                                      2),
+        "cold_language_extra_ms (goal <= 10)": results["adapter_merge"]["cold_extra_ms"],
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{args.out}.json").write_text(json.dumps(results, indent=2) + "\n")
+    lines = ["# Serving benchmark", "", f"Machine: {results['machine']}; model: `{args.model.name}`.", "",
+             "| scenario | concurrency | requests | audio s | wall s | audio s / s | p50 s | p95 s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, r in results.items():
+        if isinstance(r, dict) and "throughput_audio_s_per_s" in r:
+            lines.append(f"| {name} | {r['concurrency']} | {r['requests']} | {r['audio_seconds']} | "
+                         f"{r['wall_seconds']} | {r['throughput_audio_s_per_s']} | {r['latency_p50_s']} | "
+                         f"{r['latency_p95_s']} |")
+    lines += ["", "| ratio | measured |", "|---|---:|"] + [f"| {k} | {v} |" for k, v in results["ratios"].items()]
+    lines += ["", f"Adapter merge: {results['adapter_merge']}", ""]
+    Path(f"{args.out}.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
