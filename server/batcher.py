@@ -11,6 +11,7 @@ anything of it is accepted; an accepted row is always run and its future always 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from collections.abc import Callable
@@ -49,17 +50,22 @@ class Batcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")  # one model user
         self._task: asyncio.Task | None = None
         self._batch_seconds = 1.0  # running estimate, for Retry-After
+        self._in_flight = False
+        self._closed = False
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="batcher")
 
     async def stop(self) -> None:
-        """Finish every accepted row, then stop."""
-        while self._queue:
+        """Refuse new rows, answer every accepted one, then stop."""
+        self._closed = True
+        while self._queue or self._in_flight:
             await asyncio.sleep(0.01)
         if self._task:
             self._task.cancel()
-        self._executor.shutdown(wait=True)
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await asyncio.to_thread(self._executor.shutdown)
 
     @property
     def depth(self) -> int:
@@ -67,6 +73,8 @@ class Batcher:
 
     def submit(self, items: list[EngineInput]) -> list[asyncio.Future]:
         """Queue all rows of one request, or none of them."""
+        if self._closed:
+            raise QueueFull(retry_after_s=5)  # shutting down: another replica, or this one restarted, will answer
         if len(self._queue) + len(items) > self.max_queue:
             batches_ahead = (len(self._queue) + self.max_batch_size - 1) // self.max_batch_size
             raise QueueFull(max(1, round(batches_ahead * self._batch_seconds)))
@@ -88,6 +96,7 @@ class Batcher:
     async def _loop(self) -> None:
         while True:
             batch = await self._next_batch()
+            self._in_flight = True
             now = time.monotonic()
             for pending in batch:
                 self.metrics.queue_seconds.observe(now - pending.item.enqueued_at)
@@ -98,11 +107,13 @@ class Batcher:
                 for pending in batch:
                     if not pending.future.done():
                         pending.future.set_exception(error)
-                continue
-            self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (time.monotonic() - started)
-            for pending, output in zip(batch, outputs, strict=True):
-                if not pending.future.done():
-                    pending.future.set_result(output)
+            else:
+                self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (time.monotonic() - started)
+                for pending, output in zip(batch, outputs, strict=True):
+                    if not pending.future.done():
+                        pending.future.set_result(output)
+            finally:
+                self._in_flight = False
 
     async def _next_batch(self) -> list[_Pending]:
         while not self._queue:

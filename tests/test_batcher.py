@@ -1,0 +1,307 @@
+"""The batcher (server/batcher.py): FIFO batches of mixed languages through a real (tiny, random)
+engine, all-or-nothing admission, failure isolation, the engine thread, and a clean stop.
+
+Plain `asyncio.run` drives each test (no pytest-asyncio dependency).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+
+import pytest
+import torch
+
+from adapters.zipper import Variant, ZipperConfig
+from server.batcher import Batcher, QueueFull
+from server.engine import EmbeddedEngine, EngineInput, EngineOutput
+from server.metrics import Metrics
+from speechllm.model import SpeechLLM
+from tests.conftest import tiny_speech_llm
+
+TIMEOUT_S = 15.0  # a broken batcher must fail a test, never hang the suite
+MIXED = ["en", "ja", "de", "ar", "ja", "en", "th", "de", "ko", "en"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """These models are tiny: intra-op threads only add synchronisation, and on a busy machine (a
+    training job on the other cores) their spin-waits made these tests over ten times slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # process-wide, the engine's own thread included
+    yield
+    torch.set_num_threads(previous)
+
+
+class RecordingEngine(EmbeddedEngine):
+    """The real engine, recording which rows each batch held, when it ran, and in which thread.
+    (It only observes: every batch still runs through EmbeddedEngine.run.)"""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.batches: list[list[EngineInput]] = []
+        self.intervals: list[tuple[float, float]] = []
+        self.threads: list[str] = []
+
+    def run(self, batch: list[EngineInput]) -> list[EngineOutput]:
+        start = time.monotonic()
+        self.threads.append(threading.current_thread().name)
+        try:
+            return super().run(batch)
+        finally:
+            self.batches.append(list(batch))
+            self.intervals.append((start, time.monotonic()))
+
+
+@pytest.fixture(scope="module")
+def model(tiny_tokenizer) -> SpeechLLM:
+    model = tiny_speech_llm(tiny_tokenizer, adapter=ZipperConfig(variant=Variant.SOFT, rank=4))
+    generator = torch.Generator().manual_seed(1)
+    for name, param in model.llm.named_parameters():
+        if "lora_B" in name:  # so that each language's adapter changes the text
+            with torch.no_grad():
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    return model
+
+
+def _engine(model: SpeechLLM, metrics: Metrics) -> RecordingEngine:
+    # Threshold above 1: untagged rows deterministically take the fallback path.
+    return RecordingEngine(model, metrics, cache_bytes=1 << 30, lid_threshold=1.01)
+
+
+def _items(languages: list[str | None], seed: int = 0, frames: int = 24) -> list[EngineInput]:
+    # Short windows keep decoding short (its token limit follows the audio length).
+    generator = torch.Generator().manual_seed(seed)
+    return [EngineInput(torch.randn(80, frames + 4 * (row % 3), generator=generator), language)
+            for row, language in enumerate(languages)]
+
+
+def _sample(metrics: Metrics, name: str, labels: dict[str, str] | None = None) -> float:
+    value = metrics.registry.get_sample_value(name, labels or {})
+    return 0.0 if value is None else value
+
+
+def _record_completion(futures: list[asyncio.Future], order: list[int], first_index: int = 0) -> None:
+    for offset, future in enumerate(futures):
+        future.add_done_callback(lambda _, index=first_index + offset: order.append(index))
+
+
+def _run(scenario: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(asyncio.wait_for(scenario(), TIMEOUT_S))
+
+
+def _batch_of(engine: RecordingEngine) -> dict[int, int]:
+    """id(EngineInput) → index of the engine batch that ran it."""
+    return {id(item): index for index, batch in enumerate(engine.batches) for item in batch}
+
+
+# ---- ordering and batch sizes ------------------------------------------------------------------------------
+
+def test_results_reach_their_futures_in_order(model: SpeechLLM) -> None:
+    metrics = Metrics()
+    engine = _engine(model, metrics)
+    items = _items((MIXED * 2)[:20])
+    reference_engine = _engine(model, Metrics())  # its own metrics: the histograms below count the batcher's
+    alone = [reference_engine.run([EngineInput(item.features, item.language)])[0] for item in items]
+    sizes = [1, 3, 5, 2, 4, 5]  # requests of several rows each, 20 in all
+
+    async def scenario() -> None:
+        batcher = Batcher(engine, metrics, max_batch_size=4, max_wait_s=0.01, max_queue=64)
+        await batcher.start()
+        futures: list[asyncio.Future] = []
+        completed: list[int] = []
+        start = 0
+        for size in sizes:
+            request = batcher.submit(items[start:start + size])
+            _record_completion(request, completed, start)
+            futures += request
+            start += size
+            await asyncio.sleep(0)  # let the scheduler interleave with arrivals
+        outputs = await asyncio.gather(*futures)
+        await batcher.stop()
+
+        for item, output, reference in zip(items, outputs, alone, strict=True):
+            assert output.language == item.language
+            assert output.text == reference.text
+        assert completed == list(range(len(items)))  # futures resolve in arrival order
+
+    _run(scenario)
+    assert len({o.text for o in alone}) > 1  # distinct texts: a mix-up between rows would show
+    assert all(len(batch) <= 4 for batch in engine.batches)
+    assert [id(item) for batch in engine.batches for item in batch] == [id(item) for item in items]  # FIFO
+    batches = _sample(metrics, "zasr_batch_size_rows_count")
+    assert batches == len(engine.batches) >= 5
+    assert _sample(metrics, "zasr_batch_size_rows_bucket", {"le": "4.0"}) == batches  # every batch ≤ 4 rows
+    assert _sample(metrics, "zasr_batch_size_rows_bucket", {"le": "2.0"}) < batches  # and not all tiny
+    assert _sample(metrics, "zasr_batch_size_rows_sum") == len(items)
+    assert _sample(metrics, "zasr_queue_wait_seconds_count") == len(items)
+    assert _sample(metrics, "zasr_queue_depth_rows") == 0
+
+
+# ---- admission ---------------------------------------------------------------------------------------------
+
+def test_queue_full_refuses_the_whole_request(model: SpeechLLM) -> None:
+    metrics = Metrics()
+    engine = _engine(model, metrics)
+
+    async def scenario() -> None:
+        batcher = Batcher(engine, metrics, max_batch_size=2, max_wait_s=0.01, max_queue=3)
+        # Not started yet, so nothing drains the queue while requests arrive.
+        with pytest.raises(QueueFull) as refused:
+            batcher.submit(_items(["en", "ja", "de", "en"]))
+        assert refused.value.retry_after_s >= 1
+        assert batcher.depth == 0 and _sample(metrics, "zasr_queue_depth_rows") == 0  # none of its rows
+
+        first = batcher.submit(_items(["en", "ja"], seed=1))
+        with pytest.raises(QueueFull) as refused:
+            batcher.submit(_items(["de", "ar"], seed=2))  # 2 + 2 > 3: refused whole, not half queued
+        assert refused.value.retry_after_s >= 1
+        assert batcher.depth == 2
+        second = batcher.submit(_items(["ko"], seed=3))  # a smaller request still fits
+        assert batcher.depth == 3 and _sample(metrics, "zasr_queue_depth_rows") == 3
+
+        await batcher.start()
+        outputs = await asyncio.gather(*first, *second)
+        assert [o.language for o in outputs] == ["en", "ja", "ko"]
+        third = batcher.submit(_items(["de", "ar"], seed=2))  # once drained, the refused request fits
+        assert [o.language for o in await asyncio.gather(*third)] == ["de", "ar"]
+        await batcher.stop()
+
+    _run(scenario)
+
+
+# ---- fairness ------------------------------------------------------------------------------------------------
+
+def test_no_starvation_under_skewed_traffic(model: SpeechLLM) -> None:
+    metrics = Metrics()
+    engine = _engine(model, metrics)
+    english_before = _items(["en"] * 30, seed=1)
+    arabic = _items(["ar"] * 2, seed=2)
+    english_after = _items(["en"] * 30, seed=3)
+    items = english_before + arabic + english_after
+
+    async def scenario() -> None:
+        batcher = Batcher(engine, metrics, max_batch_size=4, max_wait_s=0.01, max_queue=100)
+        await batcher.start()
+        completed: list[int] = []
+        futures: list[asyncio.Future] = []
+        for index, item in enumerate(english_before):  # 30 single-row requests
+            futures += batcher.submit([item])
+            _record_completion(futures[-1:], completed, index)
+        await asyncio.sleep(0)  # the scheduler takes a first batch while the rest keeps arriving
+        for index, item in enumerate(arabic + english_after, start=len(english_before)):
+            futures += batcher.submit([item])
+            _record_completion(futures[-1:], completed, index)
+        outputs = await asyncio.gather(*futures)
+        await batcher.stop()
+
+        assert [o.language for o in outputs] == [item.language for item in items]
+        assert completed == list(range(len(items)))  # strict arrival order, whatever the language
+        first_after = len(english_before) + len(arabic)
+        for index in (30, 31):  # the Arabic rows
+            assert completed.index(index) < completed.index(first_after)
+
+    _run(scenario)
+    # In batch terms: each Arabic row runs no later than the batch holding the row queued just before it.
+    batch_of = _batch_of(engine)
+    for row in arabic:
+        assert batch_of[id(row)] <= batch_of[id(english_before[-1])]
+    assert [batch_of[id(item)] for item in items] == sorted(batch_of[id(item)] for item in items)
+    assert all(len(batch) <= 4 for batch in engine.batches)
+
+
+# ---- failures ------------------------------------------------------------------------------------------------
+
+def _bad_item() -> EngineInput:
+    return EngineInput(torch.randn(7, 100), "en")  # 7 mel bins where the encoder expects 80
+
+
+def test_wrong_mel_bins_raise_inside_the_engine(model: SpeechLLM) -> None:
+    """Precondition of the next test: the bad row fails for real, in the engine, without any mock."""
+    with pytest.raises(RuntimeError):
+        _engine(model, Metrics()).run([_bad_item()])
+
+
+def test_engine_error_fails_only_its_batch(model: SpeechLLM) -> None:
+    metrics = Metrics()
+    engine = _engine(model, metrics)
+
+    async def scenario() -> None:
+        batcher = Batcher(engine, metrics, max_batch_size=2, max_wait_s=0.01, max_queue=16)
+        await batcher.start()
+        (alone,) = batcher.submit([_bad_item()])  # a batch of its own
+        with pytest.raises(RuntimeError):
+            await alone
+        after = batcher.submit(_items(["ja", "de"]))
+        assert [o.language for o in await asyncio.gather(*after)] == ["ja", "de"]
+
+        # Queued together before the scheduler runs: batches [bad, en], [ja, de]. The bad row's batch
+        # fails as a whole (with the engine's own exception); the next batch is untouched.
+        shared_batch = batcher.submit([_bad_item(), *_items(["en"], seed=4)])
+        next_batch = batcher.submit(_items(["ja", "de"], seed=5))
+        results = await asyncio.gather(*shared_batch, *next_batch, return_exceptions=True)
+        await batcher.stop()
+
+        assert isinstance(results[0], RuntimeError)
+        assert results[1] is results[0]
+        assert [r.language for r in results[2:]] == ["ja", "de"]
+
+    _run(scenario)
+    assert [len(batch) for batch in engine.batches] == [1, 2, 2, 2]
+
+
+# ---- the engine thread ------------------------------------------------------------------------------------------
+
+def test_run_exclusive_runs_in_the_engine_thread_between_batches(model: SpeechLLM) -> None:
+    metrics = Metrics()
+    engine = _engine(model, metrics)
+    exclusive: list[tuple[float, float]] = []
+
+    def other_model_work() -> str:
+        start = time.monotonic()
+        time.sleep(0.05)  # long enough that an overlap with a batch could not go unnoticed
+        exclusive.append((start, time.monotonic()))
+        return threading.current_thread().name
+
+    async def scenario() -> None:
+        batcher = Batcher(engine, metrics, max_batch_size=2, max_wait_s=0.0, max_queue=16)
+        await batcher.start()
+        futures = batcher.submit(_items(MIXED[:6]))
+        await asyncio.sleep(0)  # the first batch is on its way to the engine
+        names = await asyncio.gather(batcher.run_exclusive(other_model_work),
+                                     batcher.run_exclusive(other_model_work))
+        guesses = await batcher.run_exclusive(engine.detect, [item.features for item in _items(["en", "ja"])])
+        await asyncio.gather(*futures)
+        await batcher.stop()
+
+        assert all(name.startswith("engine") for name in names)
+        assert len(guesses) == 2 and all(g.language in model.config.languages for g in guesses)
+
+    _run(scenario)
+    assert engine.threads and all(name.startswith("engine") for name in engine.threads)
+    intervals = sorted(engine.intervals + exclusive)
+    for (_, end), (next_start, _) in zip(intervals, intervals[1:], strict=False):
+        assert end <= next_start, "model work overlapped a batch"
+
+
+# ---- stop -------------------------------------------------------------------------------------------------------
+
+def test_stop_finishes_accepted_rows(model: SpeechLLM) -> None:
+    metrics = Metrics()
+    engine = _engine(model, metrics)
+    items = _items(MIXED[:6])
+
+    async def scenario() -> None:
+        batcher = Batcher(engine, metrics, max_batch_size=4, max_wait_s=0.01, max_queue=16)
+        await batcher.start()
+        futures = batcher.submit(items)
+        await batcher.stop()  # returns only once every accepted row has its answer
+
+        assert sum(len(batch) for batch in engine.batches) == len(items)  # the engine did run every row
+        unresolved = [index for index, future in enumerate(futures) if not future.done()]
+        assert not unresolved, f"rows {unresolved} were accepted but never answered after stop()"
+        assert [f.result().language for f in futures] == [item.language for item in items]
+
+    _run(scenario)
