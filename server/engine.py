@@ -17,7 +17,7 @@ from adapters.zipper import MergedAdapter, Variant, merge_language, use_segments
 from server.adapter_cache import SHARED_KEY, AdapterCache
 from server.metrics import Metrics
 from speechllm.decoding import generate
-from speechllm.inference import MAX_TOKENS_PER_AUDIO_EMBEDDING
+from speechllm.inference import choose_language, token_limits
 from speechllm.model import SpeechLLM
 from speechllm.prompt import eos_id
 
@@ -102,7 +102,8 @@ class EmbeddedEngine:
         start = time.perf_counter()
         states, state_lengths, probabilities = self._encode([item.features for item in batch])
         guesses = [self._guess(p) for p in probabilities]
-        choices = [self._choose_language(item, guess) for item, guess in zip(batch, guesses, strict=True)]
+        choices = [choose_language(item.language, p, self.languages, self.lid_threshold)
+                   for item, p in zip(batch, probabilities, strict=True)]
         keys = [self.adapter_key(language) for language, _ in choices]
         order = sorted(range(len(batch)), key=lambda row: (keys.index(keys[row]), row))  # group by adapter
         audio, audio_lengths = self.model.audio_embeddings(states[order], state_lengths[order])
@@ -112,7 +113,7 @@ class EmbeddedEngine:
         start = time.perf_counter()
         segments = self._segments([keys[row] for row in order])
         streams = [_TextStream(batch[row].on_text, self.model.tokenizer) for row in order]
-        limits = [int(n) * MAX_TOKENS_PER_AUDIO_EMBEDDING + 4 for n in audio_lengths]
+        limits = token_limits(audio_lengths)
         temperature = max(item.temperature for item in batch)  # rows of a batch share one temperature
         with use_segments(self.model.llm, segments):
             hypotheses = generate(self.model.llm, prompts, eos_id(self.model.tokenizer), limits, temperature,
@@ -130,13 +131,6 @@ class EmbeddedEngine:
                                         keys[row] if self.model.config.adapter else "none",
                                         hypotheses[position].avg_logprob)
         return outputs
-
-    def _choose_language(self, item: EngineInput, guess: LanguageGuess) -> tuple[str | None, str]:
-        if item.language is not None:
-            return item.language, "given"
-        if guess.probability >= self.lid_threshold:
-            return guess.language, "detected"
-        return None, "fallback"
 
     def _segments(self, keys: list[str]) -> list[tuple[int, int, MergedAdapter]]:
         if self.model.config.adapter is None:

@@ -24,6 +24,21 @@ class Transcription:
     avg_logprob: float
 
 
+def choose_language(given: str | None, probabilities: torch.Tensor, languages: tuple[str, ...] | list[str],
+                    threshold: float = LID_CONFIDENCE_THRESHOLD) -> tuple[str | None, str]:
+    """The language to prompt with and where it came from: "given", "detected" (LID at or above the
+    threshold) or "fallback" (None: decode with <|unknown|> and the shared subspace alone)."""
+    if given is not None:
+        return given, "given"
+    if float(probabilities.max()) >= threshold:
+        return languages[int(probabilities.argmax())], "detected"
+    return None, "fallback"
+
+
+def token_limits(audio_lengths: torch.Tensor) -> list[int]:
+    return [int(n) * MAX_TOKENS_PER_AUDIO_EMBEDDING + 4 for n in audio_lengths]
+
+
 @torch.no_grad()
 def transcribe_features(model: SpeechLLM, features: torch.Tensor, lengths: torch.Tensor,
                         languages: list[str | None], chunk_size: int | None = None) -> list[Transcription]:
@@ -32,17 +47,10 @@ def transcribe_features(model: SpeechLLM, features: torch.Tensor, lengths: torch
     probabilities = model.language_logits(states, state_lengths).float().softmax(-1).cpu()
     codes = model.config.languages
     detected = [codes[int(p.argmax())] for p in probabilities]
-    chosen: list[str | None] = []
-    for row, language in enumerate(languages):
-        if language is not None:
-            chosen.append(language)
-        elif probabilities[row].max() >= LID_CONFIDENCE_THRESHOLD:
-            chosen.append(detected[row])
-        else:
-            chosen.append(None)
+    chosen = [choose_language(language, p, codes)[0] for language, p in zip(languages, probabilities, strict=True)]
     audio, audio_lengths = model.audio_embeddings(states, state_lengths)
     prompts = model.prompt_embeddings(audio, audio_lengths, chosen)
-    limits = [int(n) * MAX_TOKENS_PER_AUDIO_EMBEDDING + 4 for n in audio_lengths]
+    limits = token_limits(audio_lengths)
     with use_languages(model.llm, model.language_indices(chosen).to(device)):
         hypotheses = generate(model.llm, prompts, eos_id(model.tokenizer), limits)
     results = []
