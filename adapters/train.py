@@ -26,7 +26,7 @@ from speechllm.encoder import EncoderConfig
 from speechllm.model import SpeechLLM, SpeechLLMConfig
 from speechllm.pretrain import sample_chunk_size
 from speechllm.prompt import target_ids
-from speechllm.training import CurveLog, autocast, default_device, make_optimizer
+from speechllm.training import CurveLog, autocast, default_device, make_optimizer, optimizer_step
 
 LID_LOSS_WEIGHT = 0.3
 UNKNOWN_LANGUAGE_RATE = 0.1  # rows trained with <|unknown|>: the model also transcribes untagged audio
@@ -116,11 +116,7 @@ def train_stage1(corpus_dir: Path, llm_dir: Path, encoder_dir: Path, out_dir: Pa
                 with use_languages(model.llm, truth):
                     asr = asr_loss(model, states, state_lengths, [e["text"] for e in entries], prompt_languages)
                 loss = asr + LID_LOSS_WEIGHT * lid
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-            optimizer.step()
-            scheduler.step()
+            optimizer_step(loss, trainable, optimizer, scheduler, max_norm=1.0)
             step += 1
             bar.update()
             if step % 25 == 0:

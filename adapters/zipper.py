@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -187,16 +187,20 @@ def zipper_layers(model: nn.Module) -> Iterator[tuple[str, ZipperLinear]]:
 
 
 @contextmanager
-def use_languages(model: nn.Module, languages: torch.Tensor | None) -> Iterator[None]:
-    """Run forward passes of `model` with per-row language indices (B,)."""
+def _set_on_layers(model: nn.Module, attribute: str, value: object) -> Iterator[None]:
     layers = [layer for _, layer in zipper_layers(model)]
     for layer in layers:
-        layer.languages = languages
+        setattr(layer, attribute, value)
     try:
         yield
     finally:
         for layer in layers:
-            layer.languages = None
+            setattr(layer, attribute, None)
+
+
+def use_languages(model: nn.Module, languages: torch.Tensor | None) -> AbstractContextManager[None]:
+    """Run forward passes of `model` with per-row language indices (B,); -1: unknown language."""
+    return _set_on_layers(model, "languages", languages)
 
 
 @dataclass
@@ -226,17 +230,9 @@ def merge_language(model: nn.Module, language: int | None) -> MergedAdapter:
     return MergedAdapter(a, b)
 
 
-@contextmanager
-def use_segments(model: nn.Module, segments: list[tuple[int, int, MergedAdapter]]) -> Iterator[None]:
+def use_segments(model: nn.Module, segments: list[tuple[int, int, MergedAdapter]]) -> AbstractContextManager[None]:
     """Run forward passes with rows [start, end) using that segment's merged adapter."""
-    layers = [layer for _, layer in zipper_layers(model)]
-    for layer in layers:
-        layer.segments = segments
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.segments = None
+    return _set_on_layers(model, "segments", segments)
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

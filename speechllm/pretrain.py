@@ -26,7 +26,7 @@ from speechllm.languages import BY_CODE, Tier
 from speechllm.llm import LLMDims, new_qwen2
 from speechllm.prompt import lm_prefix_ids, target_ids
 from speechllm.tokenizer import train_tokenizer
-from speechllm.training import CurveLog, autocast, default_device, make_optimizer
+from speechllm.training import CurveLog, autocast, default_device, make_optimizer, optimizer_step
 
 
 def pretrain_llm(corpus_dir: Path, out_dir: Path, steps: int = 3000, batch_size: int = 128, lr: float = 2e-3,
@@ -51,11 +51,7 @@ def pretrain_llm(corpus_dir: Path, out_dir: Path, steps: int = 3000, batch_size:
             labels[i, 1: len(row)] = torch.tensor(row[1:])  # the language token itself is given
         with autocast(device):
             loss = llm(input_ids=ids.to(device), labels=labels.to(device)).loss
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(llm.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
+        optimizer_step(loss, list(llm.parameters()), optimizer, scheduler, max_norm=1.0)
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
             log.write(step=step, loss=loss.item())
@@ -108,11 +104,7 @@ def pretrain_encoder(corpus_dir: Path, out_dir: Path, steps: int = 6000, max_fra
             log_probs = logits.float().log_softmax(-1).transpose(0, 1)
             loss = F.ctc_loss(log_probs, torch.cat(targets).to(device), out_lengths,
                               torch.tensor([len(t) for t in targets]), zero_infinity=True)
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-            optimizer.step()
-            scheduler.step()
+            optimizer_step(loss, list(model.parameters()), optimizer, scheduler, max_norm=5.0)
             if step % 50 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
                 log.write(step=step, loss=loss.item())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 
@@ -12,6 +14,16 @@ from speechllm.tokenizer import train_tokenizer
 
 SAMPLE_TEXTS = ["hello world", "guten tag", "привет мир", "こんにちは ありがとう", "สวัสดีครับ", "안녕하세요",
                 "xin chào", "مرحبا بكم", "olá mundo", "bonjour", "hola amigo", "ciao bella"]
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models gain nothing from intra-op threads but synchronisation; on a busy machine (a
+    training job on the other core) their spin-waits made engine tests over ten times slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # process-wide, the engine's own thread included
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 
 import pytest
 import torch
@@ -25,14 +25,7 @@ TIMEOUT_S = 15.0  # a broken batcher must fail a test, never hang the suite
 MIXED = ["en", "ja", "de", "ar", "ja", "en", "th", "de", "ko", "en"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """These models are tiny: intra-op threads only add synchronisation, and on a busy machine (a
-    training job on the other cores) their spin-waits made these tests over ten times slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # process-wide, the engine's own thread included
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class RecordingEngine(EmbeddedEngine):

@@ -3,8 +3,6 @@ random Speech-LLMs: the grouped serving path must give what the per-row referenc
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -31,14 +29,7 @@ ALWAYS_FALLBACK = 1.01  # no probability reaches it: an untagged row always take
 ALWAYS_DETECT = 0.0  # every probability reaches it: an untagged row always takes the "detected" path
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """These models are tiny: intra-op threads only add synchronisation, and on a busy machine (a
-    training job on the other cores) their spin-waits made these tests over ten times slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # process-wide, the engine's own thread included
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _adapted_model(tokenizer, variant: Variant) -> SpeechLLM:
