@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
@@ -116,3 +116,29 @@ def pretrain_encoder(corpus_dir: Path, out_dir: Path, steps: int = 6000, max_fra
     save_file({k: v.contiguous() for k, v in model.encoder.state_dict().items()}, out_dir / "encoder.safetensors")
     save_file({k: v.contiguous() for k, v in model.head.state_dict().items()}, out_dir / "ctc_head.safetensors")
     (out_dir / "encoder.json").write_text(json.dumps({"config": asdict(config), "symbols": symbols}, indent=1))
+
+
+@torch.no_grad()
+def ctc_dev_cer(corpus_dir: Path, encoder_dir: Path, per_language: int = 50, chunk_size: int = 0) -> dict[str, float]:
+    """Greedy CTC character error rate of the pretrained encoder on the dev split (high and mid tiers):
+    how good the acoustic representation is before the LLM is attached."""
+    import jiwer
+
+    meta = json.loads((encoder_dir / "encoder.json").read_text())
+    symbols = meta["symbols"]
+    model = CTCModel(EncoderConfig(**meta["config"]), len(symbols)).eval()
+    model.encoder.load_state_dict(load_file(encoder_dir / "encoder.safetensors"))
+    model.head.load_state_dict(load_file(encoder_dir / "ctc_head.safetensors"))
+    dev = load_features(corpus_dir, "dev")
+    rates = {}
+    for code in [c for c, lang in BY_CODE.items() if lang.tier != Tier.LOW]:
+        rows = [i for i, e in enumerate(dev.entries) if e["language"] == code][:per_language]
+        features, lengths = dev.batch(rows)
+        states, out_lengths = model.encoder(features, lengths, chunk_size=chunk_size)
+        best = model.head(states).argmax(-1)
+        hypotheses = []
+        for row, length in zip(best, out_lengths, strict=True):
+            ids = torch.unique_consecutive(row[:length]).tolist()
+            hypotheses.append("".join(symbols[i - 1] for i in ids if i > 0))
+        rates[code] = jiwer.cer([dev.entries[i]["text"] for i in rows], hypotheses)
+    return rates
