@@ -1,0 +1,52 @@
+"""Plot the training recipe's logged curves (runs/*/curve.jsonl) into one PNG.
+
+    .venv/bin/python -m benchmarks.plot_training [--runs runs] [--out models/default/eval/training_curves.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def read_curve(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    kept = [r for r in rows if key in r]
+    return [r["step"] for r in kept], [r[key] for r in kept]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=Path, default=Path("runs"))
+    parser.add_argument("--out", type=Path, default=Path("models/default/eval/training_curves.png"))
+    args = parser.parse_args()
+    panels = [("llm", "loss", "LLM text pretraining: loss (nats/token)"),
+              ("encoder", "loss", "encoder CTC pretraining: loss"),
+              ("stage1", "asr_loss", "stage 1 (shared LoRA): ASR loss"),
+              ("stage1", "dev_cer", "stage 1: dev CER (all 12 languages)")]
+    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
+    for axis, (run, key, title) in zip(axes, panels, strict=True):
+        path = args.runs / run / "curve.jsonl"
+        if path.exists():
+            steps, values = series(read_curve(path), key)
+            axis.plot(steps, values, marker="o" if key == "dev_cer" else None, markersize=3)
+        axis.set_title(title, fontsize=10)
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(args.out, dpi=110)
+    print(args.out)
+
+
+if __name__ == "__main__":
+    main()
