@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from adapters.zipper import ZipperConfig, merge_language, zipper_layers
+from adapters.zipper import ZipperConfig, is_adapter_tensor, merge_language, zipper_layers
 
 
 def _language_loras(llm: nn.Module, language: int | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -52,7 +52,7 @@ def export_peft(llm: nn.Module, config: ZipperConfig, language: int | None, out_
 def fold_into_base(llm: nn.Module, config: ZipperConfig, language: int | None) -> dict[str, torch.Tensor]:
     """The base LLM's state dict (HF names) with language `language`'s update folded into W0."""
     folded = {name.replace(".base.", "."): t.clone() for name, t in llm.state_dict().items()
-              if "lora_" not in name and ".router." not in name and "zipper_language_embedding" not in name}
+              if not is_adapter_tensor(name)}
     for name, (a, b) in _language_loras(llm, language).items():
         folded[f"{name}.weight"] += config.scaling * (b @ a)
     return folded

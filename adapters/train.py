@@ -1,17 +1,25 @@
-"""Zipper-LoRA training. Stage 1 (here): projector + one fully shared LoRA on the LLM + the LID
-head, trained on the imbalanced 12-language ASR mix, on top of the pretrained encoder and LLM.
+"""Zipper-LoRA training, both stages (DESIGN.md §1), by one training loop.
 
-Language sampling in stage 1 is the natural mix: every train utterance once per epoch, so the
-extremely low-resource tier is seen ~1% as often as a high-resource language (the paper's setting).
-Model selection: the checkpoint with the lowest dev CER (dev split only; the test split is never read).
+Stage 1 (`train_stage1`): projector + one fully shared LoRA on the LLM + the LID head, on top of the
+pretrained encoder (frozen) and LLM, trained on the imbalanced 12-language ASR mix.
+
+Stage 2 (`train_adapters`): from the stage-1 model, a Zipper variant (static, hard, soft) or a
+baseline (shared: the stage-1 LoRA trained on; independent: one LoRA per language, each seeing only
+its own language's rows). Initial-B warm start: A ← A, B_s ← B, every B_l ← B (and for independent,
+A_l ← A, B_l ← B); the ablation `init_b="zero"` keeps A and starts every B at zero, as a freshly
+initialised LoRA does. Only adapter tensors train in stage 2; projector, LID head and encoder stay.
+
+Language sampling: `sampling_temperature` τ draws each epoch's rows with per-language probability
+∝ n_l^τ (τ = 1: the natural mix, every train utterance once per epoch, the extremely low tier ≈ 1 %
+as often as a high-resource language, the paper's setting; τ < 1 upsamples the low tiers).
+Model selection: the step with the lowest average dev CER (dev split only; test is never read).
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,7 +28,7 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from adapters.evaluate import evaluate_features
-from adapters.zipper import Variant, ZipperConfig, use_languages
+from adapters.zipper import Variant, ZipperConfig, is_adapter_tensor, use_languages, zipper_layers
 from speechllm.data import FeatureSet, length_batches, load_features, spec_augment
 from speechllm.encoder import EncoderConfig
 from speechllm.model import SpeechLLM, SpeechLLMConfig
@@ -29,20 +37,33 @@ from speechllm.prompt import target_ids
 from speechllm.training import CurveLog, autocast, default_device, make_optimizer, optimizer_step
 
 LID_LOSS_WEIGHT = 0.3
-UNKNOWN_LANGUAGE_RATE = 0.1  # rows trained with <|unknown|>: the model also transcribes untagged audio
+UNKNOWN_LANGUAGE_RATE = 0.1  # rows prompted <|unknown|> (and served by B_s alone), as untagged audio is
 
 
 @dataclass
-class Stage1Settings:
-    steps: int = 4000
+class TrainSettings:
+    steps: int = 2500
     max_frames: int = 16000
     lr: float = 1e-3
-    rank: int = 16
-    alpha: float = 32.0
     eval_every: int = 500
     dev_per_language: int = 20
-    train_encoder: bool = False
+    sampling_temperature: float = 1.0
     seed: int = 0
+
+
+@dataclass
+class Stage1Settings(TrainSettings):
+    rank: int = 16
+    alpha: float = 32.0
+    train_encoder: bool = False
+
+
+@dataclass
+class Stage2Settings(TrainSettings):
+    variant: Variant = Variant.SOFT
+    init_b: str = "warm"  # "warm": Initial-B from stage 1; "zero": the ablation
+    static_shared_ranks: int = 8
+    extra: dict = field(default_factory=dict)
 
 
 def build_stage1_model(llm_dir: Path, encoder_dir: Path, settings: Stage1Settings) -> SpeechLLM:
@@ -52,6 +73,28 @@ def build_stage1_model(llm_dir: Path, encoder_dir: Path, settings: Stage1Setting
     model = SpeechLLM.assemble(config, llm_dir)
     model.encoder.load_state_dict(load_file(encoder_dir / "encoder.safetensors"))
     model.encoder.requires_grad_(settings.train_encoder)
+    return model
+
+
+@torch.no_grad()
+def build_stage2_model(stage1_dir: Path, settings: Stage2Settings) -> SpeechLLM:
+    """The stage-1 model with its shared LoRA replaced by `settings.variant`, warm-started from it."""
+    stage1_config = json.loads((stage1_dir / "config.json").read_text())["adapter"]
+    adapter = ZipperConfig(variant=settings.variant, rank=stage1_config["rank"], alpha=stage1_config["alpha"],
+                           static_shared_ranks=settings.static_shared_ranks)
+    model = SpeechLLM.load(stage1_dir, adapter=adapter)
+    shared = load_file(stage1_dir / "adapter.safetensors")
+    for name, layer in zipper_layers(model.llm):
+        a, b = shared[f"{name}.lora_A"].float(), shared[f"{name}.lora_B_shared"].float()
+        b = b if settings.init_b == "warm" else torch.zeros_like(b)
+        layer.lora_A.copy_(a.expand_as(layer.lora_A))
+        if hasattr(layer, "lora_B_shared"):
+            layer.lora_B_shared.copy_(b)
+        if hasattr(layer, "lora_B_language"):
+            layer.lora_B_language.copy_(b.expand_as(layer.lora_B_language))
+    model.requires_grad_(False)
+    for name, param in model.llm.named_parameters():
+        param.requires_grad_(is_adapter_tensor(name))
     return model
 
 
@@ -83,14 +126,34 @@ def dev_subset(dev: FeatureSet, per_language: int, seed: int) -> FeatureSet:
     return dev.subset(keep)
 
 
-def train_stage1(corpus_dir: Path, llm_dir: Path, encoder_dir: Path, out_dir: Path,
-                 settings: Stage1Settings | None = None) -> dict:
-    settings = settings or Stage1Settings()
+def epoch_indices(entries: list[dict], temperature: float, rng: random.Random) -> list[int]:
+    """One epoch's rows: all of them (τ = 1), or as many drawn with language probability ∝ n_l^τ."""
+    if temperature == 1.0:
+        return list(range(len(entries)))
+    by_language: dict[str, list[int]] = {}
+    for i, entry in enumerate(entries):
+        by_language.setdefault(entry["language"], []).append(i)
+    weights = {code: len(rows) ** temperature for code, rows in by_language.items()}
+    total = sum(weights.values())
+    codes = list(by_language)
+    drawn = rng.choices(codes, weights=[weights[c] / total for c in codes], k=len(entries))
+    return [rng.choice(by_language[code]) for code in drawn]
+
+
+def _trained_state(model: SpeechLLM) -> dict[str, torch.Tensor]:
+    """Everything training may change: all but the frozen base LLM."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()
+            if not k.startswith("llm.") or is_adapter_tensor(k)}
+
+
+def train_loop(model: SpeechLLM, corpus_dir: Path, out_dir: Path, settings: TrainSettings, description: str,
+               train_lid: bool) -> dict:
+    """Train `model`'s trainable parameters on the ASR mix; keep the best dev-CER state; save the model."""
     torch.manual_seed(settings.seed)
     rng = random.Random(settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)
     device = default_device()
-    model = build_stage1_model(llm_dir, encoder_dir, settings).to(device)
+    model.to(device)
     train = load_features(corpus_dir, "train")
     dev = dev_subset(load_features(corpus_dir, "dev"), settings.dev_per_language, settings.seed)
     language_ids = {code: i for i, code in enumerate(model.config.languages)}
@@ -99,41 +162,63 @@ def train_stage1(corpus_dir: Path, llm_dir: Path, encoder_dir: Path, out_dir: Pa
     log = CurveLog(out_dir / "curve.jsonl")
     best: dict = {"dev_cer": float("inf")}
     step = 0
-    bar = tqdm(total=settings.steps, desc="train stage 1 (shared LoRA)", unit="step")
+    bar = tqdm(total=settings.steps, desc=description, unit="step")
     while step < settings.steps:
-        for batch in length_batches(train.lengths(), settings.max_frames, rng):
+        rows = epoch_indices(train.entries, settings.sampling_temperature, rng)
+        for positions in length_batches(train.lengths()[rows], settings.max_frames, rng):
+            batch = [rows[p] for p in positions]
             model.train()
-            model.encoder.train(settings.train_encoder)  # a frozen encoder runs as it will in service
+            model.encoder.train(any(p.requires_grad for p in model.encoder.parameters()))
             entries = [train.entries[i] for i in batch]
             features, lengths = train.batch(batch)
             features = spec_augment(features, generator).to(device)
             truth = torch.tensor([language_ids[e["language"]] for e in entries], device=device)
             prompt_languages = [None if rng.random() < UNKNOWN_LANGUAGE_RATE else e["language"] for e in entries]
+            adapter_rows = torch.tensor([-1 if p is None else t for p, t in zip(prompt_languages, truth.tolist(),
+                                                                               strict=True)], device=device)
             with autocast(device):
-                with torch.set_grad_enabled(settings.train_encoder):
+                with torch.set_grad_enabled(any(p.requires_grad for p in model.encoder.parameters())):
                     states, state_lengths = model.encode(features, lengths.to(device), sample_chunk_size(rng))
-                lid = F.cross_entropy(model.language_logits(states, state_lengths).float(), truth)
-                with use_languages(model.llm, truth):
+                with use_languages(model.llm, adapter_rows):
                     asr = asr_loss(model, states, state_lengths, [e["text"] for e in entries], prompt_languages)
-                loss = asr + LID_LOSS_WEIGHT * lid
+                loss = asr
+                if train_lid:
+                    lid = F.cross_entropy(model.language_logits(states, state_lengths).float(), truth)
+                    loss = asr + LID_LOSS_WEIGHT * lid
             optimizer_step(loss, trainable, optimizer, scheduler, max_norm=1.0)
             step += 1
             bar.update()
             if step % 25 == 0:
-                bar.set_postfix(asr=f"{asr.item():.3f}", lid=f"{lid.item():.3f}")
-                log.write(step=step, asr_loss=asr.item(), lid_loss=lid.item())
+                bar.set_postfix(asr=f"{asr.item():.3f}")
+                log.write(step=step, asr_loss=asr.item(), **({"lid_loss": lid.item()} if train_lid else {}))
             if step % settings.eval_every == 0 or step == settings.steps:
                 report = evaluate_features(model, dev)
-                log.write(step=step, dev_cer=report["average"]["cer"], dev_lid=report["lid_accuracy"])
+                log.write(step=step, dev_cer=report["average"]["cer"], dev_lid=report["lid_accuracy"],
+                          **{f"dev_cer_{tier}": r["cer"] for tier, r in report["tiers"].items()})
                 tqdm.write(f"step {step}: dev CER {report['average']['cer']:.4f}, LID {report['lid_accuracy']:.3f}")
                 if report["average"]["cer"] < best["dev_cer"]:
-                    best = {"dev_cer": report["average"]["cer"], "step": step,
-                            "state": copy.deepcopy({k: v.detach().clone() for k, v in model.state_dict().items()
-                                                    if not k.startswith("llm.") or "lora_" in k})}
+                    best = {"dev_cer": report["average"]["cer"], "step": step, "state": _trained_state(model)}
             if step >= settings.steps:
                 break
-    model.load_state_dict(best.pop("state"), strict=False)  # the best projector, LID head and LoRA
+    model.load_state_dict(best.pop("state"), strict=False)  # the best step's trained tensors
     model.save(out_dir / "model")
-    summary = {"best_step": best["step"], "best_dev_cer": best["dev_cer"], "settings": settings.__dict__}
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    trainable_count = sum(p.numel() for p in trainable)
+    summary = {"best_step": best["step"], "best_dev_cer": best["dev_cer"], "trainable_parameters": trainable_count,
+               "settings": json.loads(json.dumps(asdict(settings), default=str))}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def train_stage1(corpus_dir: Path, llm_dir: Path, encoder_dir: Path, out_dir: Path,
+                 settings: Stage1Settings | None = None) -> dict:
+    settings = settings or Stage1Settings()
+    torch.manual_seed(settings.seed)
+    model = build_stage1_model(llm_dir, encoder_dir, settings)
+    return train_loop(model, corpus_dir, out_dir, settings, "train stage 1 (shared LoRA)", train_lid=True)
+
+
+def train_adapters(corpus_dir: Path, stage1_dir: Path, out_dir: Path, settings: Stage2Settings) -> dict:
+    torch.manual_seed(settings.seed)
+    model = build_stage2_model(stage1_dir, settings)
+    description = f"train stage 2 ({settings.variant.value}, {settings.init_b} B)"
+    return train_loop(model, corpus_dir, out_dir, settings, description, train_lid=False)

@@ -235,7 +235,11 @@ def use_segments(model: nn.Module, segments: list[tuple[int, int, MergedAdapter]
     return _set_on_layers(model, "segments", segments)
 
 
+def is_adapter_tensor(name: str) -> bool:
+    """Whether a parameter name belongs to the Zipper adapter (not to the frozen base model)."""
+    return "lora_" in name or ".router." in name or "zipper_language_embedding" in name
+
+
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The trainable Zipper tensors only (what a checkpoint of the adapter holds)."""
-    return {name: p.detach() for name, p in model.named_parameters()
-            if "lora_" in name or ".router." in name or "zipper_language_embedding" in name}
+    return {name: p.detach() for name, p in model.named_parameters() if is_adapter_tensor(name)}

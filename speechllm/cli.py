@@ -48,6 +48,16 @@ def cmd_train_stage1(args: argparse.Namespace) -> None:
            lambda: print(train_stage1(args.corpus, args.llm, args.encoder, args.out, settings)))
 
 
+def cmd_train_adapters(args: argparse.Namespace) -> None:
+    from adapters.train import Stage2Settings, train_adapters
+    from adapters.zipper import Variant
+
+    settings = Stage2Settings(steps=args.steps, eval_every=args.eval_every, variant=Variant(args.variant),
+                              init_b=args.init_b, sampling_temperature=args.sampling_temperature, lr=args.lr)
+    out = args.out or DEFAULT_RUNS / f"stage2-{args.variant}-{args.init_b}"
+    _timed("train-adapters", out, lambda: print(train_adapters(args.corpus, args.stage1, out, settings)))
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from adapters.evaluate import evaluate_model_dir, markdown_table
 
@@ -113,6 +123,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--train-encoder", action="store_true", help="fine-tune the encoder too (default: frozen)")
     p.set_defaults(func=cmd_train_stage1)
+
+    p = sub.add_parser("train-adapters", help="Zipper-LoRA stage 2 (or a baseline) from the stage-1 model")
+    p.add_argument("--variant", required=True, choices=["static", "hard", "soft", "shared", "independent"])
+    p.add_argument("--init-b", default="warm", choices=["warm", "zero"], help="Initial-B warm start, or zero B")
+    p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
+    p.add_argument("--stage1", type=Path, default=DEFAULT_RUNS / "stage1" / "model")
+    p.add_argument("--out", type=Path, default=None, help="default runs/stage2-VARIANT-INIT")
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--sampling-temperature", type=float, default=1.0, help="language sampling: p ∝ n_l^τ")
+    p.set_defaults(func=cmd_train_adapters)
 
     p = sub.add_parser("eval", help="per-language WER/CER, tier averages and LID accuracy on a split")
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL)

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from adapters.zipper import Variant, ZipperConfig, adapter_state_dict, inject
+from adapters.zipper import Variant, ZipperConfig, adapter_state_dict, inject, is_adapter_tensor
 from speechllm.encoder import EncoderConfig, SpeechEncoder
 from speechllm.hf_encoder import HFWhisperEncoder
 from speechllm.languages import LANGUAGE_CODES
@@ -162,9 +162,15 @@ class SpeechLLM(nn.Module):
         return cls(config, llm, tokenizer, encoder)
 
     @classmethod
-    def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> SpeechLLM:
+    def load(cls, directory: str | Path, device: str | torch.device = "cpu",
+             adapter: ZipperConfig | None = None) -> SpeechLLM:
+        """Load a model directory. `adapter` replaces the saved adapter with a new, untrained one of that
+        configuration (stage-2 training warm-starts it from the saved one)."""
         directory = Path(directory)
         config = SpeechLLMConfig.from_json(json.loads((directory / "config.json").read_text()))
+        saved_adapter = config.adapter is not None and adapter is None
+        if adapter is not None:
+            config.adapter = adapter
         llm = AutoModelForCausalLM.from_pretrained(directory / "llm", dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(directory / "llm")
         encoder = None
@@ -173,11 +179,11 @@ class SpeechLLM(nn.Module):
         model = cls(config, llm, tokenizer, encoder)
         speech = load_file(directory / "speech.safetensors")
         model.load_state_dict(_float(speech), strict=False)  # the LLM's own weights came from llm/
-        if config.adapter is not None:
-            adapter = load_file(directory / "adapter.safetensors")
-            if set(adapter) != set(adapter_state_dict(model.llm)):
+        if saved_adapter:
+            tensors = load_file(directory / "adapter.safetensors")
+            if set(tensors) != set(adapter_state_dict(model.llm)):
                 raise ValueError(f"{directory}/adapter.safetensors does not match the adapter in config.json")
-            model.llm.load_state_dict(_float(adapter), strict=False)
+            model.llm.load_state_dict(_float(tensors), strict=False)
         _check_loaded(model, speech, directory)
         return model.to(device).eval()
 
@@ -186,9 +192,8 @@ def base_llm_state_dict(llm: nn.Module) -> dict[str, torch.Tensor]:
     """The LLM's own weights under their Hugging Face names, without any adapter tensors."""
     state = {}
     for name, tensor in llm.state_dict().items():
-        if "lora_" in name or ".router." in name or "zipper_language_embedding" in name:
-            continue
-        state[name.replace(".base.", ".")] = tensor
+        if not is_adapter_tensor(name):
+            state[name.replace(".base.", ".")] = tensor
     return state
 
 
