@@ -56,6 +56,7 @@ class Stage1Settings(TrainSettings):
     rank: int = 16
     alpha: float = 32.0
     train_encoder: bool = False
+    ctc_compress: bool = True
 
 
 @dataclass
@@ -69,10 +70,14 @@ class Stage2Settings(TrainSettings):
 def build_stage1_model(llm_dir: Path, encoder_dir: Path, settings: Stage1Settings) -> SpeechLLM:
     encoder_meta = json.loads((encoder_dir / "encoder.json").read_text())
     adapter = ZipperConfig(variant=Variant.SHARED, rank=settings.rank, alpha=settings.alpha)
-    config = SpeechLLMConfig(encoder=EncoderConfig(**encoder_meta["config"]), adapter=adapter)
+    config = SpeechLLMConfig(encoder=EncoderConfig(**encoder_meta["config"]), adapter=adapter,
+                             ctc_symbols=len(encoder_meta["symbols"]) + 1 if settings.ctc_compress else 0)
     model = SpeechLLM.assemble(config, llm_dir)
     model.encoder.load_state_dict(load_file(encoder_dir / "encoder.safetensors"))
     model.encoder.requires_grad_(settings.train_encoder)
+    if model.ctc_head is not None:  # the CTC head from encoder pretraining decides which frames the LLM reads
+        model.ctc_head.load_state_dict(load_file(encoder_dir / "ctc_head.safetensors"))
+        model.ctc_head.requires_grad_(False)
     return model
 
 

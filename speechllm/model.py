@@ -34,6 +34,10 @@ class SpeechLLMConfig:
     encoder_kind: str = "zipper"
     encoder_path: str | None = None  # for hf-whisper, relative to the model directory
     stack_frames: int = 2  # encoder frames stacked per LLM input embedding (40 ms → 80 ms)
+    # CTC compression: a CTC head (from encoder pretraining) marks the frames where a character is
+    # spoken; blank frames are dropped and each run of one label is averaged into one frame, so the
+    # LLM reads about one audio embedding per character, in order (0: off, frames are stacked instead).
+    ctc_symbols: int = 0
     languages: tuple[str, ...] = LANGUAGE_CODES
     adapter: ZipperConfig | None = None
 
@@ -75,6 +79,30 @@ class Projector(nn.Module):
         return self.net(stacked), torch.div(lengths + self.stack - 1, self.stack, rounding_mode="floor")
 
 
+def ctc_compress(states: torch.Tensor, lengths: torch.Tensor, labels: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop frames whose CTC label is blank (0) and average each run of one repeated label into one
+    frame. A row with no labelled frame keeps the mean of its frames, so no prompt is empty."""
+    rows = []
+    for row in range(states.shape[0]):
+        length = int(lengths[row])
+        row_labels = labels[row, :length]
+        boundaries = torch.ones(length, dtype=torch.bool, device=states.device)
+        boundaries[1:] = row_labels[1:] != row_labels[:-1]
+        run_ids = boundaries.cumsum(0) - 1
+        n_runs = int(run_ids[-1]) + 1 if length else 0
+        sums = states.new_zeros(n_runs, states.shape[-1]).index_add_(0, run_ids, states[row, :length])
+        counts = torch.bincount(run_ids, minlength=n_runs).clamp(min=1).to(states.dtype)
+        keep = row_labels[boundaries] != 0
+        kept = (sums / counts[:, None])[keep]
+        rows.append(kept if len(kept) else states[row, :max(length, 1)].mean(0, keepdim=True))
+    new_lengths = torch.tensor([len(r) for r in rows], device=lengths.device)
+    out = states.new_zeros(len(rows), int(new_lengths.max()), states.shape[-1])
+    for row, kept in enumerate(rows):
+        out[row, : len(kept)] = kept
+    return out, new_lengths
+
+
 class LIDHead(nn.Module):
     """Language ID from mean-pooled encoder states."""
 
@@ -95,7 +123,9 @@ class SpeechLLM(nn.Module):
         self.config = config
         self.encoder = encoder if encoder is not None else SpeechEncoder(config.encoder)
         llm_dim = llm.get_input_embeddings().embedding_dim
-        self.projector = Projector(self.encoder.output_dim, llm_dim, config.stack_frames)
+        stack = 1 if config.ctc_symbols else config.stack_frames
+        self.projector = Projector(self.encoder.output_dim, llm_dim, stack)
+        self.ctc_head = nn.Linear(self.encoder.output_dim, config.ctc_symbols) if config.ctc_symbols else None
         self.lid_head = LIDHead(self.encoder.output_dim, len(config.languages))
         ensure_special_tokens(tokenizer, llm)
         self.llm = llm
@@ -109,6 +139,8 @@ class SpeechLLM(nn.Module):
         return self.encoder(features, feature_lengths, chunk_size=chunk_size)
 
     def audio_embeddings(self, states: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.ctc_head is not None:
+            states, lengths = ctc_compress(states, lengths, self.ctc_head(states).argmax(-1))
         return self.projector(states, lengths)
 
     def language_logits(self, states: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -137,6 +169,8 @@ class SpeechLLM(nn.Module):
         (directory / "config.json").write_text(json.dumps(self.config.to_json(), indent=2) + "\n")
         speech = {f"projector.{k}": v for k, v in self.projector.state_dict().items()}
         speech |= {f"lid_head.{k}": v for k, v in self.lid_head.state_dict().items()}
+        if self.ctc_head is not None:
+            speech |= {f"ctc_head.{k}": v for k, v in self.ctc_head.state_dict().items()}
         if self.config.encoder_kind == "zipper":
             speech |= {f"encoder.{k}": v for k, v in self.encoder.state_dict().items()}
         else:
@@ -208,6 +242,8 @@ def _float(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _check_loaded(model: SpeechLLM, speech: dict[str, torch.Tensor], directory: Path) -> None:
     expected = {f"projector.{k}" for k in model.projector.state_dict()}
     expected |= {f"lid_head.{k}" for k in model.lid_head.state_dict()}
+    if model.ctc_head is not None:
+        expected |= {f"ctc_head.{k}" for k in model.ctc_head.state_dict()}
     if model.config.encoder_kind == "zipper":
         expected |= {f"encoder.{k}" for k in model.encoder.state_dict()}
     missing = expected - speech.keys()

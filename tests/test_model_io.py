@@ -110,3 +110,29 @@ def test_production_parts_from_local_hf_directories(tmp_path: Path) -> None:
     after, texts_after = _outputs(loaded)
     assert torch.equal(before, after) and texts == texts_after
     assert type(loaded.llm).__name__ == "LlamaForCausalLM"
+
+
+def test_ctc_compression_keeps_one_frame_per_labelled_run() -> None:
+    from speechllm.model import ctc_compress
+
+    states = torch.arange(12, dtype=torch.float).reshape(2, 6, 1)
+    labels = torch.tensor([[0, 3, 3, 0, 3, 5], [0, 0, 0, 0, 0, 0]])
+    out, lengths = ctc_compress(states, torch.tensor([6, 4]), labels)
+    assert lengths.tolist() == [3, 1]
+    assert out[0, :, 0].tolist() == [1.5, 4.0, 5.0]  # "3 3" averaged; the blank splits the second 3
+    assert out[1, 0, 0].item() == 7.5  # nothing labelled: the mean of the real frames, not of padding
+
+
+def test_ctc_compressed_model_round_trip(tiny_tokenizer, tmp_path: Path) -> None:
+    from speechllm.encoder import EncoderConfig
+    from speechllm.llm import LLMDims, new_qwen2
+
+    torch.manual_seed(0)
+    llm = new_qwen2(tiny_tokenizer, LLMDims(hidden_size=64, num_hidden_layers=2, intermediate_size=128))
+    config = SpeechLLMConfig(encoder=EncoderConfig(d_model=64, n_layers=2, dropout=0.0), ctc_symbols=20,
+                             adapter=ZipperConfig(rank=4))
+    model = SpeechLLM(config, llm, tiny_tokenizer).eval()
+    model.save(tmp_path / "m", dtype=torch.float32)
+    before, texts = _outputs(model)
+    after, texts_after = _outputs(SpeechLLM.load(tmp_path / "m"))
+    assert torch.equal(before, after) and texts == texts_after
