@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +13,8 @@ from speechllm.encoder import EncoderConfig
 from speechllm.llm import LLMDims, new_qwen2
 from speechllm.model import SpeechLLM, SpeechLLMConfig
 from speechllm.tokenizer import train_tokenizer
+
+SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "models" / "default"
 
 SAMPLE_TEXTS = ["hello world", "guten tag", "привет мир", "こんにちは ありがとう", "สวัสดีครับ", "안녕하세요",
                 "xin chào", "مرحبا بكم", "olá mundo", "bonjour", "hola amigo", "ciao bella"]
@@ -38,3 +42,10 @@ def tiny_speech_llm(tokenizer, adapter=None, chunked: bool = False) -> SpeechLLM
     config = SpeechLLMConfig(encoder=EncoderConfig(d_model=64, n_layers=2, n_heads=4, dropout=0.0, chunked=chunked,
                                                    chunk_size=4), adapter=adapter)
     return SpeechLLM(config, llm, tokenizer).eval()
+
+
+def cer_bound(language: str, margin: float = 0.2) -> float:
+    """The shipped model's test-split CER for `language` (models/default/eval/test.json) plus `margin`:
+    end-to-end tests hold the model to what its committed report says."""
+    report = json.loads((SHIPPED_MODEL / "eval" / "test.json").read_text())
+    return min(report["languages"][language]["cer"] + margin, 1.0)

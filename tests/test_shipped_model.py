@@ -14,6 +14,7 @@ from speechllm.audio import load_audio
 from speechllm.features import log_mel_spectrogram
 from speechllm.inference import transcribe_features
 from speechllm.model import SpeechLLM
+from tests.conftest import cer_bound
 
 MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "default"
 PHRASES = {
@@ -47,8 +48,9 @@ def test_transcribes_an_unseen_voice(model: SpeechLLM, language: str) -> None:
         batch[row, :, : f.shape[1]] = f
     tagged = transcribe_features(model, batch, lengths, [language] * len(features))
     untagged = transcribe_features(model, batch, lengths, [None] * len(features))
-    # A loose bound: it catches a broken model, not a small regression (the eval report measures that).
-    assert error_rates(PHRASES[language], [r.text for r in tagged], language)["cer"] < 0.35
+    # The shipped model must do what its committed test-split report says it does (plus a margin for
+    # three short phrases): this catches broken loading, features or decoding, not a small regression.
+    assert error_rates(PHRASES[language], [r.text for r in tagged], language)["cer"] <= cer_bound(language)
     assert sum(r.detected_language == language for r in untagged) >= 2
 
 
