@@ -214,11 +214,22 @@ def train_loop(model: SpeechLLM, corpus_dir: Path, out_dir: Path, settings: Trai
     return summary
 
 
+def resume_stage1_model(model_dir: Path) -> SpeechLLM:
+    """A saved stage-1 model, set up to train on: projector, LID head and the shared LoRA."""
+    model = SpeechLLM.load(model_dir)
+    model.requires_grad_(False)
+    for module in (model.projector, model.lid_head):
+        module.requires_grad_(True)
+    for name, param in model.llm.named_parameters():
+        param.requires_grad_(is_adapter_tensor(name))
+    return model
+
+
 def train_stage1(corpus_dir: Path, llm_dir: Path, encoder_dir: Path, out_dir: Path,
-                 settings: Stage1Settings | None = None) -> dict:
+                 settings: Stage1Settings | None = None, resume_from: Path | None = None) -> dict:
     settings = settings or Stage1Settings()
     torch.manual_seed(settings.seed)
-    model = build_stage1_model(llm_dir, encoder_dir, settings)
+    model = resume_stage1_model(resume_from) if resume_from else build_stage1_model(llm_dir, encoder_dir, settings)
     return train_loop(model, corpus_dir, out_dir, settings, "train stage 1 (shared LoRA)", train_lid=True)
 
 

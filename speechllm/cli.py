@@ -45,7 +45,7 @@ def cmd_train_stage1(args: argparse.Namespace) -> None:
 
     settings = Stage1Settings(steps=args.steps, train_encoder=args.train_encoder, eval_every=args.eval_every)
     _timed("train-stage1", args.out,
-           lambda: print(train_stage1(args.corpus, args.llm, args.encoder, args.out, settings)))
+           lambda: print(train_stage1(args.corpus, args.llm, args.encoder, args.out, settings, args.resume_from)))
 
 
 def cmd_train_adapters(args: argparse.Namespace) -> None:
@@ -122,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--train-encoder", action="store_true", help="fine-tune the encoder too (default: frozen)")
+    p.add_argument("--resume-from", type=Path, default=None, help="continue from a saved stage-1 model directory")
     p.set_defaults(func=cmd_train_stage1)
 
     p = sub.add_parser("train-adapters", help="Zipper-LoRA stage 2 (or a baseline) from the stage-1 model")
