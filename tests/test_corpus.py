@@ -17,10 +17,10 @@ from adapters.corpus import (
     _spelled_words,
     build_corpus,
     normalize_transcript,
-    read_manifest,
     usable_variants,
 )
 from speechllm.audio import SAMPLE_RATE, load_audio
+from speechllm.data import read_manifest
 from speechllm.languages import BY_CODE, LANGUAGE_CODES, LANGUAGES, Tier
 
 SPLITS = ("train", "dev", "test")
