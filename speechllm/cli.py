@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain-llm", help="train the tokenizer and the tiny LLM as a text LM")
     p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
     p.add_argument("--out", type=Path, default=DEFAULT_RUNS / "llm")
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=int, default=2000)
     p.set_defaults(func=cmd_pretrain_llm)
 
     p = sub.add_parser("pretrain-encoder", help="CTC-pretrain the encoder on high- and mid-tier speech")
@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--llm", type=Path, default=DEFAULT_RUNS / "llm")
     p.add_argument("--encoder", type=Path, default=DEFAULT_RUNS / "encoder")
     p.add_argument("--out", type=Path, default=DEFAULT_RUNS / "stage1")
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=int, default=2500)
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--train-encoder", action="store_true", help="fine-tune the encoder too (default: frozen)")
     p.add_argument("--resume-from", type=Path, default=None, help="continue from a saved stage-1 model directory")
