@@ -43,7 +43,8 @@ def cmd_pretrain_encoder(args: argparse.Namespace) -> None:
 def cmd_train_stage1(args: argparse.Namespace) -> None:
     from adapters.train import Stage1Settings, train_stage1
 
-    settings = Stage1Settings(steps=args.steps, train_encoder=args.train_encoder, eval_every=args.eval_every)
+    settings = Stage1Settings(steps=args.steps, train_encoder=args.train_encoder, eval_every=args.eval_every,
+                              lr=args.lr)
     _timed("train-stage1", args.out,
            lambda: print(train_stage1(args.corpus, args.llm, args.encoder, args.out, settings, args.resume_from)))
 
@@ -122,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=2500)
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--train-encoder", action="store_true", help="fine-tune the encoder too (default: frozen)")
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--resume-from", type=Path, default=None, help="continue from a saved stage-1 model directory")
     p.set_defaults(func=cmd_train_stage1)
 
