@@ -203,6 +203,7 @@ def train_loop(model: SpeechLLM, corpus_dir: Path, out_dir: Path, settings: Trai
                 tqdm.write(f"step {step}: dev CER {report['average']['cer']:.4f}, LID {report['lid_accuracy']:.3f}")
                 if report["average"]["cer"] < best["dev_cer"]:
                     best = {"dev_cer": report["average"]["cer"], "step": step, "state": _trained_state(model)}
+                    model.save(out_dir / "model")  # the best so far is on disk, should the run be stopped
             if step >= settings.steps:
                 break
     model.load_state_dict(best.pop("state"), strict=False)  # the best step's trained tensors
