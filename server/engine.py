@@ -17,6 +17,7 @@ from adapters.zipper import MergedAdapter, Variant, merge_language, use_segments
 from server.adapter_cache import SHARED_KEY, AdapterCache
 from server.metrics import Metrics
 from speechllm.decoding import generate
+from speechllm.features import pad_features
 from speechllm.inference import choose_language, token_limits
 from speechllm.model import SpeechLLM
 from speechllm.prompt import eos_id
@@ -79,10 +80,7 @@ class EmbeddedEngine:
     # ---- language ID ---------------------------------------------------------------------------
     @torch.no_grad()
     def _encode(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        lengths = torch.tensor([f.shape[1] for f in features])
-        batch = torch.zeros(len(features), features[0].shape[0], int(lengths.max()))
-        for row, f in enumerate(features):
-            batch[row, :, : f.shape[1]] = f
+        batch, lengths = pad_features(features)
         states, state_lengths = self.model.encode(batch.to(self.device), lengths.to(self.device), chunk_size=0)
         probabilities = self.model.language_logits(states, state_lengths).float().softmax(-1).cpu()
         return states, state_lengths, probabilities

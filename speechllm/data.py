@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from speechllm.audio import load_audio
-from speechllm.features import log_mel_spectrogram
+from speechllm.features import log_mel_spectrogram, pad_features
 
 
 def read_manifest(path: str | Path) -> list[dict]:
@@ -40,12 +40,7 @@ class FeatureSet:
 
     def batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Zero-padded features (B, n_mels, T) and lengths (B,)."""
-        items = [self.item(i) for i in indices]
-        lengths = torch.tensor([x.shape[1] for x in items])
-        padded = items[0].new_zeros(len(items), items[0].shape[0], int(lengths.max()))
-        for row, x in enumerate(items):
-            padded[row, :, : x.shape[1]] = x
-        return padded, lengths
+        return pad_features([self.item(i) for i in indices])
 
     def subset(self, keep: list[int]) -> FeatureSet:
         parts = [self.features[self.offsets[i]: self.offsets[i + 1]] for i in keep]

@@ -70,3 +70,12 @@ def log_mel_spectrogram(audio: torch.Tensor | np.ndarray, n_mels: int = N_MELS) 
 
 def num_frames(num_samples: int) -> int:
     return num_samples // HOP_LENGTH
+
+
+def pad_features(items: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n_mels, T_i) features → zero-padded (B, n_mels, T) and lengths (B,)."""
+    lengths = torch.tensor([x.shape[1] for x in items])
+    padded = items[0].new_zeros(len(items), items[0].shape[0], int(lengths.max()))
+    for row, x in enumerate(items):
+        padded[row, :, : x.shape[1]] = x
+    return padded, lengths
