@@ -56,12 +56,10 @@ def evaluate_features(model: SpeechLLM, data: FeatureSet, chunk_size: int | None
     for batch in tqdm(batches, desc="evaluate", unit="batch", disable=not progress):
         features, lengths = data.batch(batch)
         given = [data.entries[i]["language"] for i in batch]
-        untagged = transcribe_features(model, features, lengths, given, chunk_size)
-        for index, result in zip(batch, untagged, strict=True):
+        results = transcribe_features(model, features, lengths, given, chunk_size)
+        for index, result in zip(batch, results, strict=True):
             hypotheses[index] = result.text
-        lid = model.language_logits(*model.encode(features, lengths, chunk_size)).argmax(-1)
-        for index, guess in zip(batch, lid.tolist(), strict=True):
-            lid_correct[index] = model.config.languages[guess] == data.entries[index]["language"]
+            lid_correct[index] = result.lid_language == data.entries[index]["language"]
     return summarize(data.entries, hypotheses, lid_correct, min_lid_seconds)
 
 

@@ -22,6 +22,7 @@ class Transcription:
     detected_language: str | None  # LID's best guess (None when the language was given)
     language_probability: float
     avg_logprob: float
+    lid_language: str  # LID's best guess, given language or not (what evaluation scores)
 
 
 def choose_language(given: str | None, probabilities: torch.Tensor, languages: tuple[str, ...] | list[str],
@@ -60,5 +61,5 @@ def transcribe_features(model: SpeechLLM, features: torch.Tensor, lengths: torch
             probabilities[row].max())
         results.append(Transcription(model.tokenizer.decode(hypothesis.tokens, skip_special_tokens=True).strip(),
                                      chosen[row], None if given else detected[row], probability,
-                                     hypothesis.avg_logprob))
+                                     hypothesis.avg_logprob, detected[row]))
     return results
