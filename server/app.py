@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server import errors
 from server.batcher import Batcher, QueueFull
-from server.engine import EmbeddedEngine
+from server.engine import EmbeddedEngine, SpeechEngine
 from server.formats import media_type, render
 from server.metrics import Metrics
 from server.protocol import (
@@ -61,7 +61,7 @@ STARTED = int(time.time())
 class Runtime:
     """What the routes use once the model is loaded."""
 
-    engine: EmbeddedEngine
+    engine: SpeechEngine
     batcher: Batcher
     service: TranscriptionService
 
@@ -98,9 +98,18 @@ def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         torch.set_num_threads(settings.threads)
     device = settings.device if settings.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model = SpeechLLM.load(settings.model_dir, device=device)
-    engine = EmbeddedEngine(model, metrics, int(settings.adapter_cache_mb * 2**20), settings.lid_threshold,
-                            settings.pinned_languages)
-    engine.cache.preload([engine.adapter_key(code) for code in settings.preload_languages])
+    engine: SpeechEngine
+    if settings.backend == "vllm":
+        from server.vllm_engine import VLLMEngine, VLLMOptions
+
+        options = VLLMOptions(settings.vllm_tensor_parallel_size, settings.vllm_max_loras,
+                              settings.vllm_max_cpu_loras, settings.vllm_max_lora_rank,
+                              settings.vllm_gpu_memory_utilization, settings.vllm_dtype)
+        engine = VLLMEngine(model, settings.model_dir, metrics, options, settings.lid_threshold)
+    else:
+        engine = EmbeddedEngine(model, metrics, int(settings.adapter_cache_mb * 2**20), settings.lid_threshold,
+                                settings.pinned_languages)
+        engine.preload(settings.preload_languages)
     batcher = Batcher(engine, metrics, settings.max_batch_size, settings.max_wait_ms / 1000, settings.max_queue)
     service = TranscriptionService(settings, batcher, SileroVAD(), metrics)
     return Runtime(engine, batcher, service)
@@ -133,6 +142,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         if "runtime" in holder:
             await holder["runtime"].batcher.stop()
+            await holder["runtime"].engine.close()
         loading.cancel()
 
     app = FastAPI(title="zipper-asr", version="0.1.0", lifespan=lifespan)
@@ -276,8 +286,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def languages(request: Request) -> LanguageList:
         authorize(request)
         rt = runtime()
-        cached = set(rt.engine.cache.cached())
-        pinned = set(rt.engine.cache.pinned)
+        cached = set(rt.engine.cached_adapters())
+        pinned = set(rt.engine.pinned_adapters())
         infos = []
         for code in rt.engine.languages:
             key = rt.engine.adapter_key(code)

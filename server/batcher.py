@@ -2,7 +2,9 @@
 
 Rows (one per audio window) wait in one FIFO queue; the scheduler takes up to `max_batch_size`
 of the oldest rows, waiting at most `max_wait` for more to arrive, and runs them as one engine
-batch in the engine's own thread. Batches may mix languages (the engine groups rows by adapter),
+batch: the speech half always in the engine's own thread, the decoder there too (embedded) or in
+vLLM, which keeps decoding while the next batch starts. Batches may mix languages (the engine
+groups rows by adapter, which also keeps vLLM's LoRA slots from thrashing),
 and because rows leave in arrival order, no language starves however skewed the traffic.
 The queue is bounded: a request that does not fit is refused whole (503 + Retry-After) before
 anything of it is accepted; an accepted row is always run and its future always resolved.
@@ -14,12 +16,12 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
-from server.engine import EmbeddedEngine, EngineInput, EngineOutput
+from server.engine import EngineInput, EngineOutput, SpeechEngine
 from server.metrics import Metrics
 
 T = TypeVar("T")
@@ -38,7 +40,7 @@ class _Pending:
 
 
 class Batcher:
-    def __init__(self, engine: EmbeddedEngine, metrics: Metrics, max_batch_size: int, max_wait_s: float,
+    def __init__(self, engine: SpeechEngine, metrics: Metrics, max_batch_size: int, max_wait_s: float,
                  max_queue: int) -> None:
         self.engine = engine
         self.metrics = metrics
@@ -50,7 +52,8 @@ class Batcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")  # one model user
         self._task: asyncio.Task | None = None
         self._batch_seconds = 1.0  # running estimate, for Retry-After
-        self._in_flight = False
+        self._in_flight = 0  # batches started and not yet answered
+        self._finishing: set[asyncio.Future] = set()
         self._closed = False
 
     async def start(self) -> None:
@@ -96,24 +99,41 @@ class Batcher:
     async def _loop(self) -> None:
         while True:
             batch = await self._next_batch()
-            self._in_flight = True
+            self._in_flight += 1
             now = time.monotonic()
             for pending in batch:
                 self.metrics.queue_seconds.observe(now - pending.item.enqueued_at)
             started = time.monotonic()
             try:
-                outputs = await self.run_exclusive(self.engine.run, [p.item for p in batch])
-            except Exception as error:  # the rows are answered with the error, never dropped
-                for pending in batch:
-                    if not pending.future.done():
-                        pending.future.set_exception(error)
+                outputs = await self.engine.start([p.item for p in batch], self.run_exclusive)
+            except Exception as error:
+                self._answer(batch, error=error)
+                continue
+            # The embedded engine's batch is done here; vLLM's decodes on while the next batch begins.
+            task = asyncio.ensure_future(self._finish(batch, outputs, started))
+            self._finishing.add(task)
+            task.add_done_callback(self._finishing.discard)
+
+    async def _finish(self, batch: list[_Pending], outputs: Awaitable[list[EngineOutput]], started: float) -> None:
+        try:
+            results = await outputs
+        except Exception as error:
+            self._answer(batch, error=error)
+        else:
+            self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (time.monotonic() - started)
+            self._answer(batch, results)
+
+    def _answer(self, batch: list[_Pending], results: list[EngineOutput] | None = None,
+                error: Exception | None = None) -> None:
+        """Resolve every row's future: with its output, or with the error (rows are never dropped)."""
+        self._in_flight -= 1
+        for index, pending in enumerate(batch):
+            if pending.future.done():
+                continue
+            if error is not None:
+                pending.future.set_exception(error)
             else:
-                self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (time.monotonic() - started)
-                for pending, output in zip(batch, outputs, strict=True):
-                    if not pending.future.done():
-                        pending.future.set_result(output)
-            finally:
-                self._in_flight = False
+                pending.future.set_result(results[index])
 
     async def _next_batch(self) -> list[_Pending]:
         while not self._queue:

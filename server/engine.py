@@ -7,8 +7,9 @@ batch and one B GEMM per language segment (adapters.zipper.use_segments).
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +24,7 @@ from speechllm.model import SpeechLLM
 from speechllm.prompt import eos_id
 
 TextCallback = Callable[[str], None]
+RunInThread = Callable[..., Awaitable]  # runs fn(*args) in the engine thread (Batcher.run_exclusive)
 
 
 @dataclass
@@ -52,16 +54,30 @@ class LanguageGuess:
     candidates: list[tuple[str, float]]
 
 
-class EmbeddedEngine:
-    def __init__(self, model: SpeechLLM, metrics: Metrics, cache_bytes: int, lid_threshold: float = 0.5,
-                 pinned_languages: list[str] | None = None) -> None:
+@dataclass
+class PreparedBatch:
+    """A batch after the speech half (encoder, LID, projector), rows ordered by adapter."""
+
+    order: list[int]  # batch rows in decoding order (grouped by adapter)
+    keys: list[str]  # adapter key per decoding position
+    languages: list[str | None]  # prompt language per decoding position
+    prompts: list[torch.Tensor]  # (length, dim) prompt embeddings per decoding position
+    limits: list[int]  # most tokens per decoding position
+    choices: list[tuple[str | None, str]]  # (language, source) per batch row
+    guesses: list[LanguageGuess]  # per batch row
+    probabilities: torch.Tensor  # LID posteriors per batch row
+
+
+class SpeechEngine:
+    """What every backend shares: the speech half of the Speech-LLM in this process (encoder, LID,
+    projector, prompt) and the language → adapter policy. Backends add the decoder."""
+
+    def __init__(self, model: SpeechLLM, metrics: Metrics, lid_threshold: float = 0.5) -> None:
         self.model = model
         self.metrics = metrics
         self.lid_threshold = lid_threshold
         self.device = next(model.parameters()).device
         self.languages = list(model.config.languages)
-        pinned = [self.adapter_key(code) for code in pinned_languages or []]
-        self.cache = AdapterCache(self._merge, cache_bytes, metrics, pinned)
 
     @property
     def adapter_variant(self) -> Variant | None:
@@ -73,9 +89,20 @@ class EmbeddedEngine:
             return SHARED_KEY
         return language
 
-    def _merge(self, key: str) -> MergedAdapter:
-        index = None if key == SHARED_KEY else self.languages.index(key)
-        return merge_language(self.model.llm, index)
+    def cached_adapters(self) -> list[str]:
+        """Adapter keys resident on the decoder's device now."""
+        raise NotImplementedError
+
+    def pinned_adapters(self) -> list[str]:
+        return []
+
+    async def start(self, batch: list[EngineInput], run_in_thread: RunInThread
+                    ) -> Awaitable[list[EngineOutput]]:
+        """Begin a batch. Returns once the next batch may begin; the awaitable gives the outputs."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Release the decoder."""
 
     # ---- language ID ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -94,41 +121,80 @@ class EmbeddedEngine:
         _, _, probabilities = self._encode(features)
         return [self._guess(p) for p in probabilities]
 
-    # ---- transcription ---------------------------------------------------------------------------
+    # ---- the speech half of transcription ----------------------------------------------------------
     @torch.no_grad()
-    def run(self, batch: list[EngineInput]) -> list[EngineOutput]:
+    def prepare(self, batch: list[EngineInput]) -> PreparedBatch:
         start = time.perf_counter()
         states, state_lengths, probabilities = self._encode([item.features for item in batch])
-        guesses = [self._guess(p) for p in probabilities]
         choices = [choose_language(item.language, p, self.languages, self.lid_threshold)
                    for item, p in zip(batch, probabilities, strict=True)]
         keys = [self.adapter_key(language) for language, _ in choices]
         order = sorted(range(len(batch)), key=lambda row: (keys.index(keys[row]), row))  # group by adapter
+        languages = [choices[row][0] for row in order]
         audio, audio_lengths = self.model.audio_embeddings(states[order], state_lengths[order])
-        prompts = self.model.prompt_embeddings(audio, audio_lengths, [choices[row][0] for row in order])
+        prompts = self.model.prompt_embeddings(audio, audio_lengths, languages)
         self.metrics.encode_seconds.observe(time.perf_counter() - start)
-
-        start = time.perf_counter()
-        segments = self._segments([keys[row] for row in order])
-        streams = [_TextStream(batch[row].on_text, self.model.tokenizer) for row in order]
-        limits = token_limits(audio_lengths)
-        temperature = max(item.temperature for item in batch)  # rows of a batch share one temperature
-        with use_segments(self.model.llm, segments):
-            hypotheses = generate(self.model.llm, prompts, eos_id(self.model.tokenizer), limits, temperature,
-                                  on_tokens=lambda emitted: [streams[row].add(token) for row, token in emitted])
-        self.metrics.decode_seconds.observe(time.perf_counter() - start)
         self.metrics.batch_size.observe(len(batch))
         self.metrics.batch_languages.observe(len(set(keys)))
+        return PreparedBatch(order, [keys[row] for row in order], languages, prompts, token_limits(audio_lengths),
+                             choices, [self._guess(p) for p in probabilities], probabilities)
 
-        outputs: list[EngineOutput | None] = [None] * len(batch)
-        for position, row in enumerate(order):
-            language, source = choices[row]
-            guess = guesses[row]
-            probability = float(probabilities[row, self.languages.index(language)]) if language else guess.probability
-            outputs[row] = EngineOutput(streams[position].finish(), language, source, probability, guess.candidates,
-                                        keys[row] if self.model.config.adapter else "none",
-                                        hypotheses[position].avg_logprob)
+    def outputs(self, prepared: PreparedBatch, texts: list[str], avg_logprobs: list[float]) -> list[EngineOutput]:
+        """Per batch row, from the decoder's per-position texts."""
+        outputs: list[EngineOutput | None] = [None] * len(prepared.order)
+        for position, row in enumerate(prepared.order):
+            language, source = prepared.choices[row]
+            guess = prepared.guesses[row]
+            probability = (float(prepared.probabilities[row, self.languages.index(language)]) if language
+                           else guess.probability)
+            adapter = prepared.keys[position] if self.model.config.adapter else "none"
+            outputs[row] = EngineOutput(texts[position], language, source, probability, guess.candidates, adapter,
+                                        avg_logprobs[position])
         return outputs
+
+
+class EmbeddedEngine(SpeechEngine):
+    """The decoder in this process too: KV-cached batched decoding with Zipper adapters applied
+    unmerged, each language's merged B(l) from an LRU adapter cache."""
+
+    def __init__(self, model: SpeechLLM, metrics: Metrics, cache_bytes: int, lid_threshold: float = 0.5,
+                 pinned_languages: list[str] | None = None) -> None:
+        super().__init__(model, metrics, lid_threshold)
+        pinned = [self.adapter_key(code) for code in pinned_languages or []]
+        self.cache = AdapterCache(self._merge, cache_bytes, metrics, pinned)
+
+    def _merge(self, key: str) -> MergedAdapter:
+        index = None if key == SHARED_KEY else self.languages.index(key)
+        return merge_language(self.model.llm, index)
+
+    def cached_adapters(self) -> list[str]:
+        return self.cache.cached()
+
+    def pinned_adapters(self) -> list[str]:
+        return list(self.cache.pinned)
+
+    def preload(self, languages: list[str]) -> None:
+        self.cache.preload([self.adapter_key(code) for code in languages])
+
+    async def start(self, batch: list[EngineInput], run_in_thread: RunInThread
+                    ) -> Awaitable[list[EngineOutput]]:
+        outputs = asyncio.get_running_loop().create_future()
+        outputs.set_result(await run_in_thread(self.run, batch))  # the next batch waits: one model user
+        return outputs
+
+    @torch.no_grad()
+    def run(self, batch: list[EngineInput]) -> list[EngineOutput]:
+        prepared = self.prepare(batch)
+        start = time.perf_counter()
+        segments = self._segments(prepared.keys)
+        streams = [TextStream(batch[row].on_text, self.model.tokenizer) for row in prepared.order]
+        temperature = max(item.temperature for item in batch)  # rows of a batch share one temperature
+        with use_segments(self.model.llm, segments):
+            hypotheses = generate(self.model.llm, prepared.prompts, eos_id(self.model.tokenizer), prepared.limits,
+                                  temperature,
+                                  on_tokens=lambda emitted: [streams[row].add(token) for row, token in emitted])
+        self.metrics.decode_seconds.observe(time.perf_counter() - start)
+        return self.outputs(prepared, [s.finish() for s in streams], [h.avg_logprob for h in hypotheses])
 
     def _segments(self, keys: list[str]) -> list[tuple[int, int, MergedAdapter]]:
         if self.model.config.adapter is None:
@@ -141,7 +207,7 @@ class EmbeddedEngine:
         return segments
 
 
-class _TextStream:
+class TextStream:
     """Turns one row's tokens into text deltas that never need retracting: a delta is sent only once
     its bytes form whole characters, and trailing spaces wait for the next word."""
 

@@ -42,6 +42,9 @@ class Metrics:
                                        buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1), registry=r)
         self.cache_bytes = Gauge("zasr_adapter_cache_bytes", "Bytes of merged adapters held", registry=r)
         self.cache_entries = Gauge("zasr_adapter_cache_entries", "Merged adapters held", registry=r)
+        self.lora_slot_loads = Counter("zasr_vllm_lora_slot_loads_total",
+                                       "vLLM backend: submissions whose adapter was not among the max_loras most "
+                                       "recently used (an adapter load into a vLLM slot)", ["adapter"], registry=r)
         self.rejected = Counter("zasr_rejected_requests_total", "Requests refused before the engine", ["reason"],
                                 registry=r)
 

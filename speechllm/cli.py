@@ -103,10 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tiny", action="store_true", help="a few utterances per language (tests, smoke runs)")
     p.set_defaults(func=cmd_corpus)
 
-    p = sub.add_parser("pretrain-llm", help="train the tokenizer and the tiny LLM as a text LM")
+    p = sub.add_parser("pretrain-llm", help="train the tokenizer and the tiny LLM (text LM + reading task)")
     p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
     p.add_argument("--out", type=Path, default=DEFAULT_RUNS / "llm")
-    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--steps", type=int, default=4000)
     p.set_defaults(func=cmd_pretrain_llm)
 
     p = sub.add_parser("pretrain-encoder", help="CTC-pretrain the encoder on high- and mid-tier speech")

