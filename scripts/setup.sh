@@ -34,4 +34,28 @@ if [ ! -f "$stamp" ]; then
   rm -f .venv/.zasr-setup-*
   touch "$stamp"
 fi
+
+# --- deploy checks (tests/test_deploy.py) --------------------------------------------------------------
+# promtool and nginx, taken out of Debian's packages into .venv/bin: installing the packages would bring
+# a Prometheus server and an nginx service (and the JavaScript of Prometheus' web UI) that nothing here uses.
+# (docker-compose and hadolint come as PyPI wheels with the dev extra.) About 20 MB, a few seconds.
+deb_tool() {  # deb_tool PACKAGE PATH-IN-PACKAGE
+  local tool tmp
+  tool=".venv/bin/$(basename "$2")"
+  [ -x "$tool" ] && return 0
+  echo "setup: taking $(basename "$2") from Debian's $1 package"
+  tmp="$(mktemp -d)"
+  if ! (cd "$tmp" && apt-get download -qq -o APT::Sandbox::User=root "$1" 2>/dev/null); then
+    $sudo_cmd apt-get update -qq  # a machine whose package lists were never fetched
+    (cd "$tmp" && apt-get download -qq -o APT::Sandbox::User=root "$1")
+  fi
+  dpkg-deb --fsys-tarfile "$tmp"/"$1"_*.deb | tar -x -C "$tmp" "./$2"
+  install -m 0755 "$tmp/$2" "$tool"
+  rm -rf "$tmp"
+}
+sudo_cmd=""
+[ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
+deb_tool prometheus usr/bin/promtool
+deb_tool nginx usr/sbin/nginx
+# --------------------------------------------------------------------------------------------------------
 echo "setup: done ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"
