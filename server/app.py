@@ -2,7 +2,8 @@
 
 Routes: POST /v1/audio/transcriptions (json, text, srt, vtt, verbose_json; stream=true → SSE),
 POST /v1/audio/language (language detection only), GET /v1/models, GET /v1/languages,
-GET /health (live), GET /ready (model loaded), GET /metrics (Prometheus exposition).
+GET /health (live), GET /ready (model loaded), GET /metrics (Prometheus exposition),
+WebSocket /v1/realtime (OpenAI Realtime transcription sessions: server/realtime.py).
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import torch
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server import errors
@@ -45,6 +47,7 @@ from server.protocol import (
     sse,
     sse_error,
 )
+from server.realtime import RealtimeHub
 from server.service import AudioTooLong, NoSpeech, TranscriptionResult, TranscriptionService
 from server.settings import Settings
 from server.vad import SileroVAD
@@ -128,6 +131,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = Metrics()
     holder: dict[str, Runtime] = {}
+    realtime_hub = RealtimeHub(settings, metrics)  # WebSocket sessions (/v1/realtime)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -140,6 +144,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         loading = asyncio.create_task(load())
         app.state.loading = loading
         yield
+        await realtime_hub.close()
         if "runtime" in holder:
             await holder["runtime"].batcher.stop()
             await holder["runtime"].engine.close()
@@ -157,7 +162,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise errors.overloaded(5)
         return holder["runtime"]
 
-    def authorize(request: Request) -> None:
+    def authorize(request: HTTPConnection) -> None:
         if not settings.api_keys:
             return  # no keys configured: the API is open (documented in the README)
         header = request.headers.get("authorization", "")
@@ -293,6 +298,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             key = rt.engine.adapter_key(code)
             infos.append(LanguageInfo.of(BY_CODE[code], cached=key in cached, pinned=key in pinned))
         return LanguageList(data=infos)
+
+    # ---- realtime transcription over a WebSocket (server/realtime.py) ----
+    @app.websocket("/v1/realtime")
+    async def realtime(websocket: WebSocket) -> None:
+        try:
+            authorize(websocket)  # the same Bearer keys as the REST routes
+        except errors.APIError:
+            await websocket.close(code=1008)  # before accepting: the handshake is refused (HTTP 403)
+            return
+        await realtime_hub.serve(websocket, holder.get("runtime"))
 
     @app.get("/health")
     async def health() -> dict:

@@ -20,8 +20,9 @@ from server.metrics import Metrics
 from speechllm.decoding import generate
 from speechllm.features import pad_features
 from speechllm.inference import choose_language, token_limits
+from speechllm.languages import BY_CODE
 from speechllm.model import SpeechLLM
-from speechllm.prompt import eos_id
+from speechllm.prompt import eos_id, target_ids
 
 TextCallback = Callable[[str], None]
 RunInThread = Callable[..., Awaitable]  # runs fn(*args) in the engine thread (Batcher.run_exclusive)
@@ -29,11 +30,15 @@ RunInThread = Callable[..., Awaitable]  # runs fn(*args) in the engine thread (B
 
 @dataclass
 class EngineInput:
-    features: torch.Tensor  # (n_mels, frames)
+    features: torch.Tensor | None  # (n_mels, frames); None when `states` are given
     language: str | None  # the request's language tag, already validated; None: detect
     temperature: float = 0.0
     on_text: TextCallback | None = None  # receives text deltas as they are decoded (engine thread)
     enqueued_at: float = field(default_factory=time.monotonic)
+    # For realtime streams (server/realtime.py): a partial update brings the encoder states its incremental
+    # chunked encoder computed, and a decode may have to continue text that was already sent to the client.
+    states: torch.Tensor | None = None  # (frames, d_model): the encoder is skipped for this row
+    prefix: str = ""  # forced after the prompt; the row's text is this prefix followed by what the model adds
 
 
 @dataclass
@@ -66,6 +71,7 @@ class PreparedBatch:
     choices: list[tuple[str | None, str]]  # (language, source) per batch row
     guesses: list[LanguageGuess]  # per batch row
     probabilities: torch.Tensor  # LID posteriors per batch row
+    prefixes: list[str] = field(default_factory=list)  # forced text per decoding position ("" for most rows)
 
 
 class SpeechEngine:
@@ -121,11 +127,29 @@ class SpeechEngine:
         _, _, probabilities = self._encode(features)
         return [self._guess(p) for p in probabilities]
 
+    @torch.no_grad()
+    def _encode_rows(self, batch: list[EngineInput]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Like `_encode`, for rows of which some (realtime partial updates) bring their encoder states."""
+        if all(item.states is None for item in batch):
+            return self._encode([item.features for item in batch])
+        fresh = [item.features for item in batch if item.states is None]
+        encoded = iter(())
+        if fresh:
+            states, lengths, _ = self._encode(fresh)
+            encoded = iter([states[row, : lengths[row]] for row in range(len(fresh))])
+        rows = [item.states.to(self.device) if item.states is not None else next(encoded) for item in batch]
+        lengths = torch.tensor([len(row) for row in rows], device=self.device)
+        states = rows[0].new_zeros(len(rows), int(lengths.max()), rows[0].shape[-1])
+        for index, row in enumerate(rows):
+            states[index, : len(row)] = row
+        probabilities = self.model.language_logits(states, lengths).float().softmax(-1).cpu()
+        return states, lengths, probabilities
+
     # ---- the speech half of transcription ----------------------------------------------------------
     @torch.no_grad()
     def prepare(self, batch: list[EngineInput]) -> PreparedBatch:
         start = time.perf_counter()
-        states, state_lengths, probabilities = self._encode([item.features for item in batch])
+        states, state_lengths, probabilities = self._encode_rows(batch)
         choices = [choose_language(item.language, p, self.languages, self.lid_threshold)
                    for item, p in zip(batch, probabilities, strict=True)]
         keys = [self.adapter_key(language) for language, _ in choices]
@@ -133,11 +157,19 @@ class SpeechEngine:
         languages = [choices[row][0] for row in order]
         audio, audio_lengths = self.model.audio_embeddings(states[order], state_lengths[order])
         prompts = self.model.prompt_embeddings(audio, audio_lengths, languages)
+        limits = token_limits(audio_lengths)
+        prefixes = [batch[row].prefix for row in order]
+        for position, prefix in enumerate(prefixes):
+            if prefix:  # the prefix's tokens follow the prompt as if the model had emitted them
+                ids = target_ids(self.model.tokenizer, prefix)[:-1]  # without the end-of-text token
+                prompts[position] = torch.cat([prompts[position],
+                                               self.model.embed_tokens(torch.tensor(ids, device=self.device))])
+                limits[position] = max(1, limits[position] - len(ids))
         self.metrics.encode_seconds.observe(time.perf_counter() - start)
         self.metrics.batch_size.observe(len(batch))
         self.metrics.batch_languages.observe(len(set(keys)))
-        return PreparedBatch(order, [keys[row] for row in order], languages, prompts, token_limits(audio_lengths),
-                             choices, [self._guess(p) for p in probabilities], probabilities)
+        return PreparedBatch(order, [keys[row] for row in order], languages, prompts, limits,
+                             choices, [self._guess(p) for p in probabilities], probabilities, prefixes)
 
     def outputs(self, prepared: PreparedBatch, texts: list[str], avg_logprobs: list[float]) -> list[EngineOutput]:
         """Per batch row, from the decoder's per-position texts."""
@@ -148,9 +180,22 @@ class SpeechEngine:
             probability = (float(prepared.probabilities[row, self.languages.index(language)]) if language
                            else guess.probability)
             adapter = prepared.keys[position] if self.model.config.adapter else "none"
-            outputs[row] = EngineOutput(texts[position], language, source, probability, guess.candidates, adapter,
+            text = texts[position]
+            if prepared.prefixes and prepared.prefixes[position]:
+                text = continue_text(prepared.prefixes[position], text, language)
+            outputs[row] = EngineOutput(text, language, source, probability, guess.candidates, adapter,
                                         avg_logprobs[position])
         return outputs
+
+
+def continue_text(prefix: str, continuation: str, language: str | None) -> str:
+    """A forced prefix and the model's continuation as one text. The prefix always ends on a whole word (see
+    server/realtime.py), so the continuation starts a new one: a space between them, unless the language is
+    written without spaces."""
+    if not prefix or not continuation:
+        return prefix or continuation
+    unspaced = language is not None and BY_CODE[language].unspaced
+    return prefix + ("" if unspaced else " ") + continuation
 
 
 class EmbeddedEngine(SpeechEngine):

@@ -47,6 +47,24 @@ class Metrics:
                                        "recently used (an adapter load into a vLLM slot)", ["adapter"], registry=r)
         self.rejected = Counter("zasr_rejected_requests_total", "Requests refused before the engine", ["reason"],
                                 registry=r)
+        # --- realtime WebSocket sessions (server/realtime.py); the gauges read the live sessions at scrape time ---
+        self.realtime_sessions = Gauge("zasr_realtime_sessions", "Open realtime WebSocket sessions", registry=r)
+        self.realtime_buffered_seconds = Gauge("zasr_realtime_buffered_audio_seconds",
+                                               "Audio held by realtime sessions (buffers and turns)", registry=r)
+        self.realtime_tasks = Gauge("zasr_realtime_tasks", "Partial and final decodes in progress for realtime "
+                                    "sessions", registry=r)
+        self.realtime_turns = Counter("zasr_realtime_turns_total", "Realtime turns by outcome (completed, failed, "
+                                      "cleared, abandoned: the client left first)", ["outcome"], registry=r)
+        self.realtime_updates = Counter("zasr_realtime_partial_updates_total", "Partial re-decodes of open turns "
+                                        "(decoded, or skipped: queue full)", ["result"], registry=r)
+        self.realtime_encoder_frames = Counter("zasr_realtime_encoder_frames_total",
+                                               "Encoder frames computed for partial updates", registry=r)
+        self.realtime_revised = Counter("zasr_realtime_revised_turns_total",
+                                        "Turns whose full decode did not extend the partial text already sent, so "
+                                        "the transcript continues that text instead", registry=r)
+        self.realtime_completion_seconds = Histogram("zasr_realtime_completion_seconds",
+                                                     "From a turn's commit to its completed event",
+                                                     buckets=LATENCY_BUCKETS, registry=r)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -56,6 +56,30 @@ class Settings(BaseSettings):
     max_window_seconds: float = Field(30.0, description="long audio is cut at pauses into windows this long")
     request_timeout_s: float = Field(300.0, description="a request still unanswered then gets a 504")
     api_keys: list[str] = Field([], description="accepted Bearer keys; empty: the API is open")
+    # --- realtime WebSocket (/v1/realtime, server/realtime.py) ---
+    realtime_max_sessions: int = Field(32, ge=0, description="open realtime connections at most; more are refused "
+                                                             "with an error event")
+    realtime_max_turn_seconds: float = Field(30.0, gt=0, description="a turn this long is committed by the server "
+                                                                     "(server VAD) or refuses more audio (manual "
+                                                                     "commits); at most max_window_seconds")
+    realtime_idle_timeout_s: float = Field(60.0, gt=0, description="a connection that sends nothing this long is "
+                                                                   "closed")
+    realtime_max_append_mb: float = Field(4.0, gt=0, description="largest audio in one input_audio_buffer.append "
+                                                                 "(decoded bytes)")
+    realtime_max_pending_turns: int = Field(4, ge=1, description="committed turns of one connection waiting for "
+                                                                 "their transcript; beyond this the server stops "
+                                                                 "reading that connection (backpressure)")
+    realtime_update_ms: float = Field(640.0, gt=0, description="a turn's growing audio is re-decoded for partial "
+                                                               "results every this many ms of audio")
+    realtime_chunk_size: int = Field(0, ge=0, description="encoder frames (40 ms) per chunk of the incremental "
+                                                          "chunked encoder for partial results (0: the model's "
+                                                          "configured chunk_size)")
+    realtime_incremental_encoding: bool = Field(True, description="partial updates encode only new chunks (cached "
+                                                                  "left context); false re-encodes the whole turn "
+                                                                  "each update (same states, for comparison)")
+    realtime_lid_seconds: float = Field(1.0, ge=0, description="without a session language, the turn's language is "
+                                                               "taken from the first partial decode with this much "
+                                                               "audio that LID is sure of, and kept for the turn")
     # --- HTTP ---
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, description="port to listen on")

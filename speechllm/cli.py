@@ -93,6 +93,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
 
 
+def cmd_stream(args: argparse.Namespace) -> None:
+    import asyncio
+
+    from server.stream_client import stream_file
+
+    asyncio.run(stream_file(args.file, args.url, args.language, args.api_key, args.speed, show_events=args.events))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zipper-asr", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -159,6 +167,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--language", default=None, help="ISO-639-1 code; default: detect")
     p.add_argument("--format", default="text", choices=["json", "text", "srt", "vtt", "verbose_json"])
     p.set_defaults(func=cmd_transcribe)
+
+    p = sub.add_parser("stream", help="play an audio file in real time to a server's /v1/realtime; print the "
+                                      "transcript as it arrives")
+    p.add_argument("file", type=Path)
+    p.add_argument("--url", default="ws://127.0.0.1:8000/v1/realtime")
+    p.add_argument("--language", default=None, help="ISO-639-1 code; default: detect")
+    p.add_argument("--api-key", default=None, help="Bearer key, when the server has ZASR_API_KEYS")
+    p.add_argument("--speed", type=float, default=1.0, help="play faster (2: twice real time) or slower")
+    p.add_argument("--events", action="store_true", help="print every server event as JSON instead")
+    p.set_defaults(func=cmd_stream)
     return parser
 
 

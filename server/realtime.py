@@ -1,0 +1,772 @@
+"""Streaming transcription over a WebSocket: OpenAI's Realtime API, transcription sessions (`/v1/realtime`).
+
+One `RealtimeSession` per connection. Audio arrives as base64 PCM16 (`input_audio_buffer.append`), is resampled
+to 16 kHz and cut into turns, by silero-vad (`turn_detection: server_vad`) or by the client's commits
+(`turn_detection: null`). The events are the protocol's (server/realtime_protocol.py).
+
+Partial results while a turn is open: every `realtime_update_ms` of new audio the turn so far is decoded again,
+through the shared batcher, so realtime rows and REST requests ride in the same engine batches. The encoder
+runs chunked and incrementally (speechllm/streaming.py): each update encodes only the audio that is new. The
+text that the last `n` hypotheses agree on, in whole words, is sent as a delta (LocalAgreement; n = 2 unless the
+session's `transcription.delay` asks for more, and "xhigh" sends no partial text). A delta is never taken back:
+later hypotheses are forced to continue the text already sent (`EngineInput.prefix`).
+
+The final transcript of a turn is the REST endpoint's: the turn's audio goes through
+`TranscriptionService.transcribe`, full-attention encoder, same batcher and engine. When that text begins with
+the partial text already sent, the rest of it is the last delta, and `completed` carries exactly what
+POST /v1/audio/transcriptions answers for the same audio. When it does not (the full decode disagrees with the
+partial hypotheses), a delta cannot be taken back, so the turn is decoded once more with the sent text forced as
+its beginning; `completed` carries that, and the extension field `offline_transcript` the REST answer. Either way
+the deltas of a turn concatenate to its `completed` transcript.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, TypeVar
+
+import numpy as np
+import torch
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from server import errors
+from server.batcher import QueueFull
+from server.engine import EngineInput, EngineOutput
+from server.errors import APIError, invalid_request
+from server.metrics import Metrics
+from server.protocol import TranscriptionLanguage, UsageDuration, check_language
+from server.realtime_protocol import (
+    AudioFormat,
+    AudioInputOptions,
+    BetaSessionOptions,
+    BetaSessionUpdate,
+    BetaSessionUpdated,
+    BetaTranscriptionSession,
+    Cleared,
+    ClientEventError,
+    Committed,
+    ErrorEvent,
+    InputAudioBufferAppend,
+    InputAudioBufferClear,
+    InputAudioBufferCommit,
+    PcmFormat,
+    ServerEvent,
+    ServerVad,
+    SessionAudio,
+    SessionAudioInput,
+    SessionCreated,
+    SessionTranscription,
+    SessionUpdate,
+    SessionUpdated,
+    SpeechStarted,
+    SpeechStopped,
+    TranscriptionCompleted,
+    TranscriptionDelta,
+    TranscriptionFailed,
+    TranscriptionSession,
+    TurnDetectionOptions,
+    new_id,
+    parse_client_event,
+)
+from server.service import NoSpeech
+from server.settings import Settings
+from server.vad import WINDOW, StreamingVAD
+from speechllm.audio import SAMPLE_RATE
+from speechllm.features import log_mel_spectrogram
+from speechllm.languages import BY_CODE
+from speechllm.streaming import FRAME_LOOKAHEAD, INPUT_RATES, IncrementalEncoder, PcmDecoder, StreamingFeatures
+
+if TYPE_CHECKING:
+    from server.app import Runtime
+
+logger = logging.getLogger("zipper_asr.realtime")
+T = TypeVar("T")
+
+# Hypotheses that must agree before partial text is sent, by the session's `transcription.delay`.
+AGREEMENT = {None: 2, "minimal": 2, "low": 2, "medium": 3, "high": 4, "xhigh": 0}
+MIN_COMMIT_SAMPLES = SAMPLE_RATE // 10  # as OpenAI: a commit needs at least 100 ms of audio
+OUTBOX_EVENTS = 256  # events waiting for a slow client; beyond, decoding waits and the connection is not read
+MODEL_PARAM = "session.audio.input.transcription.model"
+LANGUAGE_PARAM = "session.audio.input.transcription.language"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Partial text: LocalAgreement over whole words
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def is_unspaced(language: str | None) -> bool:
+    return language is not None and BY_CODE[language].unspaced
+
+
+def agreed_prefix(hypotheses: list[str], unspaced: bool = False) -> str:
+    """The longest beginning that every hypothesis shares, in units each hypothesis has finished: words followed
+    by another word (the last word may still grow), or for languages written without spaces, characters
+    followed by another character."""
+    if unspaced:
+        finished = [h[:-1] for h in hypotheses]
+        length = 0
+        while all(length < len(h) for h in finished) and len({h[length] for h in finished}) == 1:
+            length += 1
+        return finished[0][:length]
+    words = [h.split(" ")[:-1] for h in hypotheses]
+    agreed: list[str] = []
+    for column in zip(*words, strict=False):
+        if len(set(column)) != 1:
+            break
+        agreed.append(column[0])
+    return " ".join(agreed)
+
+
+def extends(text: str, prefix: str, unspaced: bool = False) -> bool:
+    """Whether `text` begins with `prefix` as whole words (for unspaced languages: as characters)."""
+    if not text.startswith(prefix):
+        return False
+    return unspaced or not prefix or len(text) == len(prefix) or text[len(prefix)] == " "
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Audio held by a session
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class AudioBuffer:
+    """The session's 16 kHz audio from sample offset `start` to `end` (offsets count from the session's first
+    sample); audio no turn can need any more is dropped with `trim`."""
+
+    def __init__(self) -> None:
+        self.start = 0
+        self.end = 0
+        self._chunks: deque[np.ndarray] = deque()
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+    def append(self, samples: np.ndarray) -> None:
+        if samples.size:
+            self._chunks.append(samples)
+            self.end += samples.size
+
+    def slice(self, begin: int, end: int) -> np.ndarray:
+        parts, offset = [], self.start
+        for chunk in self._chunks:
+            if offset >= end:
+                break
+            low, high = max(begin - offset, 0), min(end - offset, chunk.size)
+            if high > low:
+                parts.append(chunk[low:high])
+            offset += chunk.size
+        return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
+    def trim(self, before: int) -> None:
+        while self._chunks and self.start + self._chunks[0].size <= before:
+            self.start += self._chunks.popleft().size
+        if not self._chunks:
+            self.start = self.end
+
+
+@dataclass
+class Turn:
+    """One item: the audio from `start` until the turn is committed, and its partial results."""
+
+    item_id: str
+    start: int  # session sample offset of the turn's first sample
+    language: str | None  # the session's language, or the detected one once `locked`
+    locked: bool  # the language is kept to the end of the turn
+    encoder: IncrementalEncoder | None  # None: partial updates re-encode the turn with full attention
+    features: StreamingFeatures = field(default_factory=StreamingFeatures)
+    emitted: str = ""  # the text sent as deltas so far
+    hypotheses: list[str] = field(default_factory=list)  # the latest partial hypotheses
+    updates: int = 0  # update intervals of audio already scheduled for decoding
+    partial: asyncio.Task | None = None  # the partial update in progress
+    closed: bool = False  # committed or cleared: partial results are no longer wanted
+
+    def encode(self, samples: np.ndarray) -> torch.Tensor:
+        """The turn's audio so far → encoder states, encoding only what is new (runs in the engine thread)."""
+        return self.encoder.update(self.features.update(samples))
+
+
+@dataclass
+class _Close:
+    code: int
+    reason: str
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One connection
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class RealtimeSession:
+    def __init__(self, websocket: WebSocket, runtime: Runtime, settings: Settings, metrics: Metrics) -> None:
+        self.websocket = websocket
+        self.runtime = runtime
+        self.settings = settings
+        self.metrics = metrics
+        self.session = TranscriptionSession(audio=SessionAudio(input=SessionAudioInput(
+            transcription=SessionTranscription(model=settings.model_name))))
+        self.pcm = PcmDecoder(self.session.input.format.rate)
+        self.buffer = AudioBuffer()
+        self.vad: StreamingVAD | None = None
+        self.vad_offset = 0  # session offset of the VAD's sample 0
+        self.vad_stale = False  # turn detection changed while a turn was open: rebuilt when it ends
+        self._rebuild_vad()
+        self.turn: Turn | None = None
+        self.turn_floor = 0  # a new turn starts no earlier than the end of the last one
+        self.previous_item_id: str | None = None
+        self.tasks: set[asyncio.Task] = set()  # partial and final decodes
+        self.finals: set[asyncio.Task] = set()
+        self.final_samples = 0  # audio held by committed turns being transcribed
+        self.outbox: asyncio.Queue[ServerEvent | _Close] = asyncio.Queue(OUTBOX_EVENTS)
+        self._main: asyncio.Task | None = None
+        self.client_gone = False
+        model = runtime.engine.model
+        self.chunk_size = settings.realtime_chunk_size or model.config.encoder.chunk_size
+        self.streaming_encoder = hasattr(model.encoder, "stream")  # ours is; a HF Whisper encoder is not
+        window_seconds = min(settings.realtime_max_turn_seconds, settings.max_window_seconds)
+        self.max_turn_samples = int(window_seconds * SAMPLE_RATE)  # a turn is one REST window, never more
+        self.update_samples = max(1, int(settings.realtime_update_ms * SAMPLE_RATE / 1000))
+
+    # ---- what the gauges read -------------------------------------------------------------------------------
+    @property
+    def held_seconds(self) -> float:
+        return (self.buffer.size + self.final_samples) / SAMPLE_RATE
+
+    @property
+    def agreement(self) -> int:
+        return AGREEMENT[self.session.input.transcription.delay]
+
+    # ---- the connection ---------------------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Serve the connection until the client leaves, idles out, or the server shuts down; then free
+        everything the session holds."""
+        self._main = asyncio.current_task()
+        sender = asyncio.create_task(self._send_loop())
+        close: _Close | None = None  # None: the client is gone, nothing more can be sent
+        try:
+            await self.send(SessionCreated(session=self.session))
+            close = await self._receive_loop()
+        except WebSocketDisconnect:
+            pass
+        except asyncio.CancelledError:  # server shutdown, or the sender found the client gone
+            close = None if self.client_gone else _Close(1001, "server shutting down")
+        finally:
+            await self._abandon()
+            if close is not None and not sender.done():
+                with contextlib.suppress(asyncio.QueueFull, Exception, asyncio.CancelledError):
+                    self.outbox.put_nowait(close)  # after what is queued (a closing error event, say)
+                    await asyncio.wait_for(sender, 5)
+            sender.cancel()
+
+    async def _receive_loop(self) -> _Close | None:
+        while True:
+            try:
+                message = await asyncio.wait_for(self.websocket.receive(), self.settings.realtime_idle_timeout_s)
+            except TimeoutError:
+                await self.send(ErrorEvent.of(APIError(
+                    408, f"No message for {self.settings.realtime_idle_timeout_s:g} s: the session is closed.",
+                    code="idle_timeout")))
+                return _Close(1000, "idle timeout")
+            if message["type"] == "websocket.disconnect":
+                return None
+            if message.get("text") is None:
+                await self.send(ErrorEvent.of(invalid_request(
+                    "Binary messages are not part of the protocol: send JSON events as text.", code="invalid_json")))
+                continue
+            await self.handle(message["text"])
+            while len(self.finals) >= self.settings.realtime_max_pending_turns:
+                # Backpressure: stop reading the connection until a turn's transcript is out.
+                await asyncio.wait(set(self.finals), return_when=asyncio.FIRST_COMPLETED)
+
+    async def _send_loop(self) -> None:
+        try:
+            while True:
+                event = await self.outbox.get()
+                if isinstance(event, _Close):
+                    await self.websocket.close(event.code, event.reason)
+                    return
+                await self.websocket.send_text(event.model_dump_json())
+        except Exception:  # the client is gone: stop the session, whatever it waits for
+            self.client_gone = True
+            if self._main is not None and not self._main.done():
+                self._main.cancel()
+
+    async def send(self, event: ServerEvent) -> None:
+        await self.outbox.put(event)
+
+    def stop(self) -> None:
+        """End the session from outside (server shutdown): `run` then frees everything and closes."""
+        if self._main is not None and not self._main.done():
+            self._main.cancel()
+
+    async def _abandon(self) -> None:
+        """Teardown: cancel this connection's decodes and drop its audio (rows already in the batcher still run,
+        nobody waits for them)."""
+        if self.turn is not None:
+            self.turn.closed = True
+            self.turn = None
+            self.metrics.realtime_turns.labels("abandoned").inc()
+        pending = [task for task in self.finals if not task.done()]
+        if pending:
+            self.metrics.realtime_turns.labels("abandoned").inc(len(pending))
+        tasks = list(self.tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.buffer.trim(self.buffer.end)
+
+    # ---- client events ----------------------------------------------------------------------------------------
+    async def handle(self, text: str) -> None:
+        event_id = None
+        try:
+            event = parse_client_event(text)
+            event_id = event.event_id
+            if isinstance(event, InputAudioBufferAppend):
+                await self._append(event)
+            elif isinstance(event, InputAudioBufferCommit):
+                await self._client_commit()
+            elif isinstance(event, InputAudioBufferClear):
+                await self._clear()
+            elif isinstance(event, SessionUpdate):
+                if event.session.type != "transcription":
+                    raise invalid_request("This server runs transcription sessions only: set session.type to "
+                                          "'transcription'.", "session.type", "invalid_value")
+                audio = event.session.audio
+                self._configure(audio.input if audio else None, event.session.include)
+                await self.send(SessionUpdated(session=self.session))
+            elif isinstance(event, BetaSessionUpdate):
+                self._configure(beta_input(event.session), event.session.include)
+                await self.send(BetaSessionUpdated(session=BetaTranscriptionSession.of(self.session)))
+        except ClientEventError as error:
+            await self.send(ErrorEvent.of(error.error, error.event_id))
+        except APIError as error:
+            await self.send(ErrorEvent.of(error, event_id))
+
+    def _configure(self, options: AudioInputOptions | None, include: list[str] | None) -> None:
+        """Apply a session update: only the fields it holds change; nothing changes if any of them is invalid."""
+        current = self.session.input
+        given = options.model_fields_set if options else set()
+        audio_format = current.format
+        if "format" in given:
+            audio_format = pcm_format(options.format or AudioFormat())
+        transcription = current.transcription.model_copy()
+        if "transcription" in given and options.transcription is not None:
+            asked = options.transcription
+            for name in asked.model_fields_set:
+                value = getattr(asked, name)
+                if name == "model" and value is not None:
+                    if value not in {self.settings.model_name, *self.settings.model_aliases}:
+                        error = errors.model_not_found(value)
+                        raise APIError(400, error.message, param=MODEL_PARAM, code=error.code)
+                    transcription.model = value
+                elif name == "language":
+                    transcription.language = session_language(value)
+                elif name == "prompt":
+                    transcription.prompt = value or ""
+                elif name == "delay":
+                    transcription.delay = value
+        turn_detection = current.turn_detection
+        if "turn_detection" in given:
+            turn_detection = server_vad(options.turn_detection)
+        detection_changed = turn_detection != current.turn_detection
+        self.session.audio.input = SessionAudioInput(format=audio_format, transcription=transcription,
+                                                     turn_detection=turn_detection)
+        if include is not None:
+            self.session.include = include
+        if audio_format.rate != self.pcm.rate:
+            self.pcm = PcmDecoder(audio_format.rate)
+        if detection_changed:
+            if self.turn is None:
+                self._rebuild_vad()
+            elif turn_detection is None:
+                self.vad = None  # the open turn now ends when the client commits it
+            else:
+                self.vad_stale = True  # the new detector starts with the next turn
+
+    def _rebuild_vad(self) -> None:
+        options = self.session.input.turn_detection
+        self.vad = None if options is None else StreamingVAD(options.threshold, options.silence_duration_ms,
+                                                             options.prefix_padding_ms)
+        self.vad_offset = self.buffer.end
+        self.vad_stale = False
+
+    async def _append(self, event: InputAudioBufferAppend) -> None:
+        limit = int(self.settings.realtime_max_append_mb * 2**20)
+        too_large = invalid_request(f"One append may carry at most {limit} bytes of audio; split it.", "audio",
+                                    "audio_too_large")
+        if len(event.audio) > (limit + 2) // 3 * 4:  # base64 of `limit` bytes: refuse before decoding
+            raise too_large
+        try:
+            data = base64.b64decode(event.audio, validate=True)
+        except (binascii.Error, ValueError):
+            raise invalid_request("The audio is not valid base64.", "audio", "invalid_base64") from None
+        if len(data) > limit:
+            raise too_large
+        if self.vad is None and self.turn is not None:
+            incoming = len(data) // 2 * SAMPLE_RATE // self.pcm.rate
+            if self.buffer.end + incoming - self.turn.start > self.max_turn_samples:
+                raise invalid_request(
+                    f"The input audio buffer holds at most {self.max_turn_samples / SAMPLE_RATE:g} s of audio: commit "
+                    "or clear it before appending more.", "audio", "input_audio_buffer_full")
+        await self._add_audio(self.pcm.feed(data))
+
+    async def _client_commit(self) -> None:
+        turn = self.turn
+        if turn is None or self.buffer.end - turn.start < MIN_COMMIT_SAMPLES:
+            held = 0 if turn is None else (self.buffer.end - turn.start) * 1000 / SAMPLE_RATE
+            raise invalid_request(f"Error committing input audio buffer: buffer too small. Expected at least 100ms "
+                                  f"of audio, but buffer only has {held:.2f}ms of audio.", None,
+                                  "input_audio_buffer_commit_empty")
+        await self._commit(self.buffer.end)
+        if self.vad is not None or self.vad_stale:
+            self._rebuild_vad()  # the speech just committed is over: the next speech opens a new turn
+
+    async def _clear(self) -> None:
+        if self.turn is not None:
+            self.turn.closed = True
+            if self.turn.partial is not None:
+                self.turn.partial.cancel()
+            self.turn = None
+            self.metrics.realtime_turns.labels("cleared").inc()
+        self.buffer.trim(self.buffer.end)
+        self.turn_floor = self.buffer.end
+        self._rebuild_vad()
+        await self.send(Cleared())
+
+    # ---- audio and turns --------------------------------------------------------------------------------------
+    async def _add_audio(self, samples: np.ndarray) -> None:
+        start = self.buffer.end
+        self.buffer.append(samples)
+        if self.vad is not None:
+            events = await asyncio.to_thread(self.vad.feed, samples) if samples.size else []
+            base = self.vad_offset  # (a turn's end may replace the VAD below; these events are the old one's)
+            for name, offset in events:
+                offset += base
+                await self._split_long_turn(offset)
+                if name == "speech_started":
+                    await self._speech_started(offset)
+                else:
+                    await self._speech_stopped(offset)
+            await self._split_long_turn(self.buffer.end)
+        elif self.turn is None and samples.size:
+            self._open_turn(start)  # manual commits: the first audio after a commit opens the next turn
+        self._schedule_partial()
+        if self.turn is not None:
+            self.buffer.trim(self.turn.start)
+        else:  # keep what the next speech_started may reach back to: prefix padding and one VAD window
+            padding = self.vad.prefix_padding if self.vad is not None else 0
+            self.buffer.trim(self.buffer.end - padding - WINDOW)
+
+    def _open_turn(self, start: int) -> Turn:
+        language = self.session.input.transcription.language
+        encoder = None
+        if self.agreement and self.streaming_encoder:
+            encoder = IncrementalEncoder(self.runtime.engine.model.encoder, self.chunk_size,
+                                         self.settings.realtime_incremental_encoding)
+        self.turn = Turn(new_id("item"), start, language, language is not None, encoder)
+        return self.turn
+
+    async def _speech_started(self, offset: int) -> None:
+        if self.turn is not None:
+            return  # turn detection was switched on while a turn was open: that turn goes on
+        turn = self._open_turn(max(offset, self.turn_floor, self.buffer.start))
+        await self.send(SpeechStarted(audio_start_ms=to_ms(turn.start), item_id=turn.item_id))
+
+    async def _speech_stopped(self, silence_from: int) -> None:
+        if self.turn is None:
+            return
+        # The VAD decides at the end of the window in which the pause reached silence_duration_ms; the turn
+        # runs to there, pause included (OpenAI's audio_end_ms counts it too).
+        windows = -(-self.vad.silence_duration // WINDOW)
+        end = max(self.turn.start, min(self.buffer.end, silence_from + windows * WINDOW))
+        await self.send(SpeechStopped(audio_end_ms=to_ms(end), item_id=self.turn.item_id))
+        await self._commit(end)
+        if self.vad_stale:
+            self._rebuild_vad()
+
+    async def _split_long_turn(self, upto: int) -> None:
+        """Server VAD: a turn reaching the longest allowed is committed there, and the speech goes on in a new
+        turn (announced with its own speech_started)."""
+        while self.turn is not None and upto - self.turn.start > self.max_turn_samples:
+            end = self.turn.start + self.max_turn_samples
+            await self._commit(end)
+            turn = self._open_turn(end)
+            await self.send(SpeechStarted(audio_start_ms=to_ms(end), item_id=turn.item_id))
+
+    async def _commit(self, end: int) -> None:
+        turn, self.turn = self.turn, None
+        turn.closed = True
+        if turn.partial is not None:
+            turn.partial.cancel()  # its result would come too late to be sent
+        samples = self.buffer.slice(turn.start, end)
+        self.turn_floor = end
+        await self.send(Committed(item_id=turn.item_id, previous_item_id=self.previous_item_id))
+        self.previous_item_id = turn.item_id
+        final = self._spawn(self._finish(turn, samples, time.monotonic()))
+        self.finals.add(final)
+        final.add_done_callback(self.finals.discard)
+
+    def _spawn(self, work: Awaitable[None]) -> asyncio.Task:
+        task = asyncio.ensure_future(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    # ---- partial results --------------------------------------------------------------------------------------
+    def _schedule_partial(self) -> None:
+        """Start the next partial update when a whole update interval of new audio is in and none is running.
+        Updates cover whole intervals, so the same audio gives the same updates however it was split; a stream
+        that outruns the engine skips intervals instead of queueing them. Each update also takes the few samples
+        the last feature frame of the interval needs beyond it, so that (with the update interval equal to the
+        encoder chunk, the default) the interval's chunk is complete and no unfinished chunk is encoded."""
+        turn = self.turn
+        if turn is None or turn.partial is not None or not self.agreement:
+            return
+        due = (self.buffer.end - turn.start - FRAME_LOOKAHEAD) // self.update_samples
+        if due <= turn.updates:
+            return
+        turn.updates = due
+        samples = self.buffer.slice(turn.start, turn.start + due * self.update_samples + FRAME_LOOKAHEAD)
+        turn.partial = self._spawn(self._partial(turn, samples))
+
+    async def _partial(self, turn: Turn, samples: np.ndarray) -> None:
+        try:
+            output = await self._decode_partial(turn, samples)
+            if output is not None and not turn.closed:
+                await self._agree(turn, output, samples.size)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a failed update only costs this update; the turn's final decode still runs
+            logger.exception("partial update failed")
+        finally:
+            turn.partial = None
+            if self.turn is turn:
+                self._schedule_partial()
+
+    async def _decode_partial(self, turn: Turn, samples: np.ndarray) -> EngineOutput | None:
+        batcher = self.runtime.batcher
+        if turn.encoder is not None:
+            before = turn.encoder.frames_encoded
+            states = await batcher.run_exclusive(turn.encode, samples)
+            self.metrics.realtime_encoder_frames.inc(turn.encoder.frames_encoded - before)
+            if not len(states) or turn.closed:
+                return None
+            item = EngineInput(None, turn.language, states=states, prefix=turn.emitted)
+        else:
+            item = EngineInput(log_mel_spectrogram(samples), turn.language, prefix=turn.emitted)
+        try:
+            future = batcher.submit([item])[0]
+        except QueueFull:
+            self.metrics.realtime_updates.labels("skipped").inc()  # a partial result can wait for the next one
+            return None
+        self.metrics.realtime_updates.labels("decoded").inc()
+        return await future
+
+    async def _agree(self, turn: Turn, output: EngineOutput, samples: int) -> None:
+        if not turn.locked and output.language_source == "detected" and samples >= (
+                self.settings.realtime_lid_seconds * SAMPLE_RATE):
+            turn.language, turn.locked = output.language, True
+        turn.hypotheses = (turn.hypotheses + [output.text])[-self.agreement:]
+        if len(turn.hypotheses) < self.agreement:
+            return
+        unspaced = is_unspaced(turn.language or output.language)
+        agreed = agreed_prefix(turn.hypotheses, unspaced)
+        if len(agreed) > len(turn.emitted) and extends(agreed, turn.emitted, unspaced):
+            await self.send(TranscriptionDelta(item_id=turn.item_id, delta=agreed[len(turn.emitted):]))
+            turn.emitted = agreed  # after the send: a cancelled send must not count as sent
+
+    # ---- the final transcript ---------------------------------------------------------------------------------
+    async def _finish(self, turn: Turn, samples: np.ndarray, committed_at: float) -> None:
+        self.final_samples += samples.size
+        try:
+            transcript, offline, language = await self._final_text(turn, samples)
+            if len(transcript) > len(turn.emitted):
+                await self.send(TranscriptionDelta(item_id=turn.item_id, delta=transcript[len(turn.emitted):]))
+            await self.send(TranscriptionCompleted(
+                item_id=turn.item_id, transcript=transcript, usage=UsageDuration.of(samples.size / SAMPLE_RATE),
+                languages=[TranscriptionLanguage(code=language)] if language else [],
+                offline_transcript=None if offline == transcript else offline))
+            self.metrics.realtime_turns.labels("completed").inc()
+            self.metrics.realtime_completion_seconds.observe(time.monotonic() - committed_at)
+            if offline != transcript:
+                self.metrics.realtime_revised.inc()
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            if isinstance(error, QueueFull):
+                failure = errors.overloaded(error.retry_after_s)
+            elif isinstance(error, TimeoutError):
+                failure = errors.timeout(self.settings.request_timeout_s)
+            else:
+                logger.exception("the final transcription of a turn failed")
+                failure = errors.internal_error()
+            self.metrics.realtime_turns.labels("failed").inc()
+            await self.send(TranscriptionFailed.of(turn.item_id, failure))
+        finally:
+            self.final_samples -= samples.size
+
+    async def _final_text(self, turn: Turn, samples: np.ndarray) -> tuple[str, str, str | None]:
+        """(transcript, what the REST endpoint answers, language) for a committed turn."""
+        continued = None
+        if turn.emitted:
+            # Should the full decode not begin with the text already sent, the turn is decoded once more with
+            # that text forced as its beginning. Start that decode now, beside the full one, so that both share a
+            # batch instead of running one after the other; its result is dropped when it is not needed.
+            item = EngineInput(log_mel_spectrogram(samples), turn.language, prefix=turn.emitted)
+            continued = asyncio.ensure_future(self._retry(lambda: self._decode(item)))
+            continued.add_done_callback(_retrieve)
+        try:
+            try:
+                result = await self._retry(lambda: self.runtime.service.transcribe(samples, turn.language))
+                offline, language = result.text, result.language
+            except NoSpeech:
+                offline, language = "", turn.language
+            if extends(offline, turn.emitted, is_unspaced(language)):
+                return offline, offline, language
+            return (await continued).text, offline, language
+        finally:
+            if continued is not None and not continued.done():
+                continued.cancel()  # not needed (the row still runs in the engine; nobody waits for it)
+
+    async def _decode(self, item: EngineInput) -> EngineOutput:
+        future = self.runtime.batcher.submit([item])[0]
+        return await asyncio.wait_for(asyncio.shield(future), self.settings.request_timeout_s)
+
+    async def _retry(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        """A committed turn is never dropped for a full queue: try again until the request timeout."""
+        deadline = time.monotonic() + self.settings.request_timeout_s
+        while True:
+            try:
+                return await attempt()
+            except QueueFull as full:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise
+                await asyncio.sleep(min(full.retry_after_s, 0.25, left))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Session options
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    """Mark a background decode's outcome as seen, so that asyncio does not warn about an unused error."""
+    if not future.cancelled():
+        future.exception()
+
+
+def to_ms(offset: int) -> int:
+    return offset * 1000 // SAMPLE_RATE
+
+
+def pcm_format(requested: AudioFormat) -> PcmFormat:
+    if requested.type != "audio/pcm":
+        raise invalid_request(f"Unsupported input format '{requested.type}': send 16-bit little-endian mono PCM "
+                              "(audio/pcm).", "session.audio.input.format.type", "unsupported_value")
+    rate = requested.rate or 24_000
+    if rate not in INPUT_RATES:
+        raise invalid_request(f"Unsupported sample rate {rate}: use 24000 (OpenAI's) or 16000.",
+                              "session.audio.input.format.rate", "invalid_value")
+    return PcmFormat(rate=rate)
+
+
+def session_language(value: str | None) -> str | None:
+    if value is None or value.strip().lower() in ("", "auto"):
+        return None
+    try:
+        return check_language(value)
+    except APIError as error:
+        raise APIError(400, error.message, param=LANGUAGE_PARAM, code=error.code) from None
+
+
+def server_vad(options: TurnDetectionOptions | None) -> ServerVad | None:
+    if options is None:
+        return None
+    if options.type != "server_vad":
+        raise invalid_request(f"Turn detection '{options.type}' is not supported: use server_vad, or null to "
+                              "commit turns yourself.", "session.audio.input.turn_detection.type",
+                              "unsupported_value")
+    given = {name: getattr(options, name) for name in ("threshold", "prefix_padding_ms", "silence_duration_ms")
+             if getattr(options, name) is not None}
+    return ServerVad(**given)
+
+
+def beta_input(session: BetaSessionOptions) -> AudioInputOptions:
+    """The older `transcription_session.update` fields in the current shape (fields it leaves out stay out)."""
+    given = session.model_fields_set
+    values: dict = {}
+    if "input_audio_format" in given:
+        kind = {"pcm16": "audio/pcm", "g711_ulaw": "audio/pcmu", "g711_alaw": "audio/pcma"}
+        values["format"] = AudioFormat(type=kind[session.input_audio_format or "pcm16"], rate=24_000)
+    if "input_audio_transcription" in given:
+        values["transcription"] = session.input_audio_transcription
+    if "turn_detection" in given:
+        values["turn_detection"] = session.turn_detection
+    return AudioInputOptions(**values)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# All connections of one app
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class RealtimeHub:
+    """Admits connections (model loaded, session limit, intent, model) and keeps the live sessions, which the
+    realtime gauges read at every scrape."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.sessions: set[RealtimeSession] = set()
+        metrics.realtime_sessions.set_function(lambda: len(self.sessions))
+        metrics.realtime_buffered_seconds.set_function(lambda: sum(s.held_seconds for s in self.sessions))
+        metrics.realtime_tasks.set_function(lambda: sum(len(s.tasks) for s in self.sessions))
+
+    async def serve(self, websocket: WebSocket, runtime: Runtime | None) -> None:
+        await websocket.accept()
+        refusal = self._refusal(websocket, runtime)
+        if refusal is not None:
+            error, code = refusal
+            await websocket.send_text(ErrorEvent.of(error).model_dump_json())
+            await websocket.close(code, error.message[:120])
+            return
+        session = RealtimeSession(websocket, runtime, self.settings, self.metrics)
+        self.sessions.add(session)
+        try:
+            await session.run()
+        finally:
+            self.sessions.discard(session)
+
+    def _refusal(self, websocket: WebSocket, runtime: Runtime | None) -> tuple[APIError, int] | None:
+        """Why this connection cannot be served (an error event, then a close code), or None."""
+        intent = websocket.query_params.get("intent")
+        if intent not in (None, "transcription"):
+            return invalid_request(f"Unsupported intent '{intent[:50]}': this server runs transcription sessions "
+                                   "(intent=transcription).", "intent", "invalid_value"), 1008
+        model = websocket.query_params.get("model")
+        if model is not None and model not in {self.settings.model_name, *self.settings.model_aliases}:
+            return errors.model_not_found(model), 1008
+        if runtime is None:
+            self.metrics.rejected.labels("loading").inc()
+            return APIError(503, "The model is still loading; retry shortly.", type=errors.SERVER_ERROR,
+                            code="model_loading"), 1013
+        if len(self.sessions) >= self.settings.realtime_max_sessions:
+            self.metrics.rejected.labels("realtime_sessions").inc()
+            return APIError(503, f"The server holds its limit of {self.settings.realtime_max_sessions} realtime "
+                                 "sessions; retry later.", type=errors.SERVER_ERROR, code="session_limit"), 1013
+        return None
+
+    async def close(self) -> None:
+        """Shutdown: end every session (their clients see the connection close)."""
+        for session in list(self.sessions):
+            session.stop()

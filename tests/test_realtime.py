@@ -1,0 +1,548 @@
+"""Realtime transcription (/v1/realtime) end to end: a real uvicorn server on the shipped model, spoken to by the
+official `openai` SDK's realtime client and by a plain WebSocket client, with espeak-ng speech played in real
+time.
+
+The shipped model is weak (see README), so transcripts are held to what the same server's REST endpoint answers
+for the same audio, never to the words spoken. Policy under test (server/realtime.py): a turn's deltas always
+concatenate to its `completed` transcript, which is the REST answer for the turn's audio, unless partial text
+already sent disagreed with it; then `offline_transcript` carries the REST answer instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import av
+import httpx
+import numpy as np
+import pytest
+from pydantic import TypeAdapter
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from server.realtime import extends
+from speechllm.audio import SAMPLE_RATE, load_audio, write_wav
+from speechllm.streaming import PcmDecoder
+
+openai = pytest.importorskip("openai")
+from openai.types.realtime import RealtimeServerEvent  # noqa: E402 (after the importorskip)
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL_DIR = Path(os.environ.get("ZASR_TEST_MODEL_DIR", ROOT / "models" / "default"))
+API_KEY = "test-key"
+MAX_APPEND_BYTES = 64 * 1024
+MAX_TURN_S = 4.0
+IDLE_TIMEOUT_S = 4.0
+MAX_SESSIONS = 4
+PHRASES = {"en": ("the house is very small and the water is cold", "she said that they would come tomorrow morning"),
+           "de": ("wir haben keine zeit", "das wasser ist sehr kalt")}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[str]:
+    port = _free_port()
+    env = os.environ | {"ZASR_MODEL_DIR": str(MODEL_DIR), "ZASR_PORT": str(port), "ZASR_API_KEYS": f'["{API_KEY}"]',
+                        "ZASR_THREADS": "1", "ZASR_REALTIME_MAX_APPEND_MB": str(MAX_APPEND_BYTES / 2**20),
+                        "ZASR_REALTIME_MAX_TURN_SECONDS": str(MAX_TURN_S),
+                        "ZASR_REALTIME_IDLE_TIMEOUT_S": str(IDLE_TIMEOUT_S),
+                        "ZASR_REALTIME_MAX_SESSIONS": str(MAX_SESSIONS),
+                        # One turn at a time in transcription: makes backpressure observable (see its test).
+                        "ZASR_REALTIME_MAX_PENDING_TURNS": "1"}
+    log = open(tmp_path_factory.mktemp("server") / "server.log", "w+")  # noqa: SIM115 (closed below)
+    process = subprocess.Popen([sys.executable, "-m", "speechllm.cli", "serve"], env=env, cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=log)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if process.poll() is not None:
+            log.seek(0)
+            pytest.fail(f"server exited: {log.read()[-2000:]}")
+        time.sleep(0.3)
+    else:
+        process.kill()
+        pytest.fail("the server did not become ready in time")
+    yield url
+    process.terminate()
+    process.wait(30)
+    log.seek(0)
+    assert "Traceback" not in log.read(), "the server logged an exception"
+    log.close()
+
+
+def _ws_url(server: str, query: str = "intent=transcription") -> str:
+    return server.replace("http://", "ws://") + "/v1/realtime" + (f"?{query}" if query else "")
+
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Audio
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _speech(text: str, voice: str, rate: int) -> np.ndarray:
+    wav = subprocess.run(["espeak-ng", "-v", voice, "--stdout", "--", text], capture_output=True, check=True).stdout
+    return load_audio(wav, rate)
+
+
+def _recording(language: str, rate: int) -> np.ndarray:
+    """Speech, a pause, speech: two turns for server VAD (silence_duration_ms 500)."""
+    first, second = (_speech(text, f"{language}+m5", rate) for text in PHRASES[language])
+    return np.concatenate([np.zeros(rate // 4, np.float32), first, np.zeros(int(1.2 * rate), np.float32), second,
+                           np.zeros(rate, np.float32)])
+
+
+def _pcm16(samples: np.ndarray) -> bytes:
+    return (np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes()
+
+
+def _float_wav(samples: np.ndarray) -> bytes:
+    """32-bit float WAV: the REST endpoint decodes it to exactly these samples."""
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="wav") as out:
+        stream = out.add_stream("pcm_f32le", rate=SAMPLE_RATE, layout="mono")
+        frame = av.AudioFrame.from_ndarray(samples.astype(np.float32)[None], format="flt", layout="mono")
+        frame.sample_rate = SAMPLE_RATE
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            out.mux(packet)
+    return buffer.getvalue()
+
+
+def _rest_text(server: str, samples: np.ndarray, language: str | None) -> str:
+    """What POST /v1/audio/transcriptions answers for these 16 kHz samples ("" when it finds no speech)."""
+    data = {"model": "whisper-1"} | ({"language": language} if language else {})
+    response = httpx.post(f"{server}/v1/audio/transcriptions", headers=AUTH, timeout=60, data=data,
+                          files={"file": ("turn.wav", _float_wav(samples))})
+    if response.status_code == 400 and response.json()["error"]["code"] == "no_speech":
+        return ""
+    assert response.status_code == 200, response.text
+    return response.json()["text"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Clients
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _appends(pcm: bytes, rate: int, chunk_ms: int = 100) -> list[dict]:
+    step = rate * 2 * chunk_ms // 1000
+    return [{"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm[i: i + step]).decode()}
+            for i in range(0, len(pcm), step)]
+
+
+async def _play(send, appends: list[dict], chunk_ms: int = 100) -> None:
+    """Send the appends at the pace of real time, as a microphone would."""
+    start = time.monotonic()
+    for index, event in enumerate(appends):
+        await asyncio.sleep(max(0.0, start + index * chunk_ms / 1000 - time.monotonic()))
+        await send(event)
+
+
+def _completed_count(events: list[dict]) -> int:
+    return sum(e["type"].endswith("transcription.completed") for e in events)
+
+
+async def _sdk_session(server: str, session: dict, appends: list[dict], turns: int) -> list[dict]:
+    """Stream with the official SDK's realtime client; every event back as its JSON."""
+    client = openai.AsyncOpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0)
+    events: list[dict] = []
+    async with client.realtime.connect(extra_query={"intent": "transcription"}) as connection:
+        await connection.session.update(session=session)
+
+        async def read() -> None:
+            async for event in connection:
+                events.append(event.to_dict())
+                if _completed_count(events) == turns:
+                    return
+
+        reader = asyncio.create_task(read())
+        await _play(connection.send, appends)
+        await asyncio.wait_for(reader, 60)
+    return events
+
+
+async def _ws_session(server: str, first: list[dict], appends: list[dict], turns: int) -> list[dict]:
+    """The same with a plain WebSocket client."""
+    events: list[dict] = []
+    async with connect(_ws_url(server), additional_headers=AUTH) as ws:
+        for event in first:
+            await ws.send(json.dumps(event))
+
+        async def read() -> None:
+            async for message in ws:
+                events.append(json.loads(message))
+                if _completed_count(events) == turns:
+                    return
+
+        reader = asyncio.create_task(read())
+        await _play(lambda event: ws.send(json.dumps(event)), appends)
+        await asyncio.wait_for(reader, 60)
+    return events
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading the events back as turns
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Turn:
+    item_id: str
+    kinds: list[str] = field(default_factory=list)
+    deltas: list[str] = field(default_factory=list)
+    sent_before_commit: str = ""  # partial text: deltas that came before input_audio_buffer.committed
+    start_ms: int | None = None
+    end_ms: int | None = None
+    completed: dict | None = None
+
+
+def _turns(events: list[dict]) -> list[Turn]:
+    turns: dict[str, Turn] = {}
+    for event in events:
+        item_id = event.get("item_id")
+        if item_id is None:
+            continue
+        turn = turns.setdefault(item_id, Turn(item_id))
+        kind = event["type"].rsplit(".", 1)[-1]
+        turn.kinds.append(kind)
+        if kind == "speech_started":
+            turn.start_ms = event["audio_start_ms"]
+        elif kind == "speech_stopped":
+            turn.end_ms = event["audio_end_ms"]
+        elif kind == "committed":
+            turn.sent_before_commit = "".join(turn.deltas)
+        elif kind == "delta":
+            turn.deltas.append(event["delta"])
+        elif kind == "completed":
+            turn.completed = event
+    return list(turns.values())
+
+
+def _check_turn(server: str, turn: Turn, samples: np.ndarray, language: str | None) -> None:
+    """The turn against the REST endpoint's answer for the turn's own audio."""
+    assert turn.kinds[0] == "speech_started" and turn.kinds[-1] == "completed", turn.kinds
+    assert turn.kinds.count("committed") == 1 and turn.kinds.index("speech_stopped") < turn.kinds.index("committed")
+    completed = turn.completed
+    assert "".join(turn.deltas) == completed["transcript"], "deltas add up to the transcript"
+    assert completed["transcript"].startswith(turn.sent_before_commit)
+    window = samples[turn.start_ms * SAMPLE_RATE // 1000: turn.end_ms * SAMPLE_RATE // 1000]
+    offline = _rest_text(server, window, language)
+    if "offline_transcript" not in completed:
+        assert completed["transcript"] == offline
+    else:  # the REST answer does not begin with the text already sent: the transcript continues that text
+        assert completed["offline_transcript"] == offline != completed["transcript"]
+        assert turn.sent_before_commit and not extends(offline, turn.sent_before_commit)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tests
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_openai_sdk_client_two_turns_match_the_offline_transcription(server: str) -> None:
+    recording = _recording("en", 24_000)
+    pcm = _pcm16(recording)
+    session = {"type": "transcription", "audio": {"input": {
+        "format": {"type": "audio/pcm", "rate": 24000},
+        "transcription": {"model": "gpt-4o-transcribe", "language": "en"},
+        "turn_detection": {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300,
+                           "silence_duration_ms": 500}}}}
+    events = asyncio.run(_sdk_session(server, session, _appends(pcm, 24_000), turns=2))
+
+    # Every event is one of the SDK's own server events, validated (not merely constructed) by its models.
+    parsed = [TypeAdapter(RealtimeServerEvent).validate_python(event) for event in events]
+    assert [type(e).__name__ for e in parsed[:2]] == ["SessionCreatedEvent", "SessionUpdatedEvent"]
+    assert events[1]["session"]["audio"]["input"]["transcription"]["language"] == "en"
+    turns = _turns(events)
+    assert len(turns) == 2
+    first, second = turns
+    assert first.end_ms <= second.start_ms and second.end_ms <= len(recording) * 1000 // 24_000
+    assert events[[e.get("item_id") for e in events].index(second.item_id)]["type"].endswith("speech_started")
+    server_samples = PcmDecoder(24_000).feed(pcm)  # the 16 kHz audio the server made of the PCM
+    for turn in turns:
+        _check_turn(server, turn, server_samples, "en")
+        assert turn.completed["languages"] == [{"code": "en"}]
+        assert turn.completed["usage"]["type"] == "duration" and turn.completed["usage"]["seconds"] >= 1
+    committed = [e for e in events if e["type"] == "input_audio_buffer.committed"]
+    assert committed[0]["previous_item_id"] is None and committed[1]["previous_item_id"] == first.item_id
+    assert any(turn.sent_before_commit for turn in turns), "partial text arrives while the speaker speaks"
+
+
+def test_plain_websocket_client_at_16khz_detects_the_language(server: str) -> None:
+    recording = _recording("de", SAMPLE_RATE)
+    pcm = _pcm16(recording)
+    update = {"type": "session.update", "session": {"type": "transcription", "audio": {"input": {
+        "format": {"type": "audio/pcm", "rate": 16000}}}}}  # no language: detected per turn
+    events = asyncio.run(_ws_session(server, [update], _appends(pcm, SAMPLE_RATE), turns=2))
+    assert events[0]["type"] == "session.created" and events[1]["type"] == "session.updated"
+    assert events[1]["session"]["audio"]["input"]["format"]["rate"] == 16000
+    turns = _turns(events)
+    assert len(turns) == 2
+    server_samples = PcmDecoder(SAMPLE_RATE).feed(pcm)
+    for turn in turns:
+        languages = turn.completed["languages"]  # the language the turn was decoded in; [] if LID was unsure
+        assert len(languages) <= 1
+        _check_turn(server, turn, server_samples, languages[0]["code"] if languages else None)
+    assert any(turn.completed["languages"] for turn in turns)
+    assert any(turn.sent_before_commit for turn in turns), "partial text arrives while the speaker speaks"
+
+
+def test_manual_commits_without_partial_text_equal_the_rest_answer(server: str) -> None:
+    async def session() -> tuple[list[dict], bytes]:
+        speech = np.concatenate([_speech(PHRASES["en"][0], "en+f3", 24_000), np.zeros(4800, np.float32)])
+        pcm = _pcm16(speech)
+        async with connect(_ws_url(server), additional_headers=AUTH) as ws:
+            created = json.loads(await ws.recv())
+            # The older beta shape, with our delay extension: text only once the turn's audio is complete.
+            await ws.send(json.dumps({"type": "transcription_session.update", "session": {
+                "input_audio_format": "pcm16", "turn_detection": None,
+                "input_audio_transcription": {"model": "whisper-1", "language": "en", "delay": "xhigh"}}}))
+            updated = json.loads(await ws.recv())
+            for event in _appends(pcm, 24_000, chunk_ms=500):
+                await ws.send(json.dumps(event))
+            await ws.send(json.dumps({"type": "input_audio_buffer.commit", "event_id": "c1"}))
+            events = [created, updated]
+            while not events[-1]["type"].endswith("completed"):
+                events.append(json.loads(await asyncio.wait_for(ws.recv(), 30)))
+            await ws.send(json.dumps({"type": "input_audio_buffer.commit", "event_id": "c2"}))  # nothing left
+            events.append(json.loads(await ws.recv()))
+            for event in _appends(pcm, 24_000, chunk_ms=500):
+                await ws.send(json.dumps(event))
+            await ws.send(json.dumps({"type": "input_audio_buffer.clear"}))
+            events.append(json.loads(await ws.recv()))
+            await ws.send(json.dumps({"type": "input_audio_buffer.commit", "event_id": "c3"}))  # cleared: empty
+            events.append(json.loads(await ws.recv()))
+        return events, pcm
+
+    events, pcm = asyncio.run(session())
+    assert events[1]["type"] == "transcription_session.updated"
+    assert events[1]["session"]["turn_detection"] is None and events[1]["session"]["input_audio_format"] == "pcm16"
+    kinds = [e["type"].rsplit(".", 1)[-1] for e in events[2:]]
+    assert kinds[0] == "committed" and kinds[-4] == "completed"
+    assert "speech_started" not in kinds and all(k == "delta" for k in kinds[1:-4])  # no VAD, no partial text
+    completed = events[-4]
+    offline = _rest_text(server, PcmDecoder(24_000).feed(pcm), "en")
+    assert completed["transcript"] == offline == "".join(e["delta"] for e in events if "delta" in e)
+    assert "offline_transcript" not in completed
+    assert events[-3]["type"] == "error" and events[-3]["error"]["code"] == "input_audio_buffer_commit_empty"
+    assert events[-3]["error"]["event_id"] == "c2"
+    assert events[-2]["type"] == "input_audio_buffer.cleared"
+    assert events[-1]["error"]["code"] == "input_audio_buffer_commit_empty"
+
+
+@pytest.mark.parametrize(("message", "code", "param"), [
+    ("this is not json", "invalid_json", None),
+    ("[1, 2, 3]", "invalid_json", None),
+    ({"event_id": "e1"}, "missing_required_parameter", "type"),
+    ({"type": "response.create", "event_id": "e2"}, "invalid_value", "type"),
+    ({"type": "input_audio_buffer.append", "audio": "not base64!"}, "invalid_base64", "audio"),
+    ({"type": "input_audio_buffer.append", "audio": base64.b64encode(bytes(MAX_APPEND_BYTES + 2)).decode()},
+     "audio_too_large", "audio"),
+    ({"type": "input_audio_buffer.append"}, "missing_required_parameter", "audio"),
+    ({"type": "session.update", "session": {"type": "realtime"}}, "invalid_value", "session.type"),
+    ({"type": "session.update", "session": {"type": "transcription", "audio": {"input": {
+        "format": {"type": "audio/pcm", "rate": 44100}}}}}, "invalid_value", "session.audio.input.format.rate"),
+    ({"type": "session.update", "session": {"type": "transcription", "audio": {"input": {
+        "format": {"type": "audio/pcmu"}}}}}, "unsupported_value", "session.audio.input.format.type"),
+    ({"type": "session.update", "session": {"type": "transcription", "audio": {"input": {
+        "transcription": {"language": "xx"}}}}}, "unsupported_language", "session.audio.input.transcription.language"),
+    ({"type": "session.update", "session": {"type": "transcription", "audio": {"input": {
+        "transcription": {"model": "no-such-model"}}}}}, "model_not_found", "session.audio.input.transcription.model"),
+    ({"type": "session.update", "session": {"type": "transcription", "audio": {"input": {
+        "turn_detection": {"type": "semantic_vad"}}}}}, "unsupported_value", "session.audio.input.turn_detection.type"),
+    ({"type": "session.update", "session": {"type": "transcription", "audio": {"input": {
+        "turn_detection": {"type": "server_vad", "threshold": 2}}}}}, "invalid_value",
+     "session.audio.input.turn_detection.threshold"),
+    (b"\x00\x01binary", "invalid_json", None),
+])
+def test_bad_client_events_get_an_error_and_the_connection_stays_usable(server: str, message, code: str,
+                                                                        param: str | None) -> None:
+    async def session() -> list[dict]:
+        async with connect(_ws_url(server), additional_headers=AUTH) as ws:
+            events = [json.loads(await ws.recv())]
+            await ws.send(message if isinstance(message, str | bytes) else json.dumps(message))
+            events.append(json.loads(await ws.recv()))
+            await ws.send(json.dumps({"type": "session.update", "session": {"type": "transcription", "audio": {
+                "input": {"transcription": {"language": "de"}}}}}))
+            events.append(json.loads(await ws.recv()))
+        return events
+
+    created, error, updated = asyncio.run(session())
+    assert error["type"] == "error" and error["error"]["code"] == code and error["error"]["param"] == param
+    assert error["error"]["message"] and error["error"]["type"] == "invalid_request_error"
+    if isinstance(message, dict) and "event_id" in message:
+        assert error["error"]["event_id"] == message["event_id"]
+    assert updated["type"] == "session.updated"  # still usable, and the bad event changed nothing else
+    assert updated["session"]["audio"]["input"] | {"transcription": None} == (
+        created["session"]["audio"]["input"] | {"transcription": None})
+    assert updated["session"]["audio"]["input"]["transcription"]["language"] == "de"
+
+
+def _gauges(server: str) -> dict[str, float]:
+    names = ("zasr_realtime_sessions", "zasr_realtime_buffered_audio_seconds", "zasr_realtime_tasks",
+             "zasr_queue_depth_rows")
+    lines = httpx.get(f"{server}/metrics").text.splitlines()
+    return {line.split()[0]: float(line.split()[1]) for line in lines if line.startswith(names)}
+
+
+def _wait_for_idle(server: str, timeout_s: float = 20.0) -> dict[str, float]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        gauges = _gauges(server)
+        if not any(gauges.values()) or time.monotonic() > deadline:
+            return gauges
+        time.sleep(0.1)
+
+
+def test_abrupt_disconnects_free_everything(server: str) -> None:
+    pcm = _pcm16(_recording("en", 24_000))
+    appends = _appends(pcm, 24_000)
+
+    async def connections() -> dict[str, float]:
+        sockets = []
+        for stop_at in (12, 20, 34):  # inside the first turn, further in, inside the second: decodes in flight
+            ws = await connect(_ws_url(server), additional_headers=AUTH)
+            await ws.recv()
+            for event in appends[:stop_at]:
+                await ws.send(json.dumps(event))
+            sockets.append(ws)
+        await asyncio.sleep(0.3)
+        held = _gauges(server)
+        for ws in sockets:
+            ws.transport.abort()  # no close frame: the TCP connection just drops
+        return held
+
+    assert _wait_for_idle(server)["zasr_realtime_sessions"] == 0
+    held = asyncio.run(connections())
+    assert held["zasr_realtime_sessions"] == 3 and held["zasr_realtime_buffered_audio_seconds"] > 1
+    assert not any(_wait_for_idle(server).values()), "sessions, audio, decodes and queued rows all freed"
+    metrics = httpx.get(f"{server}/metrics").text
+    assert 'zasr_realtime_turns_total{outcome="abandoned"}' in metrics
+    # And the server still serves both APIs.
+    assert isinstance(_rest_text(server, PcmDecoder(24_000).feed(pcm)[: 3 * SAMPLE_RATE], "en"), str)
+    assert asyncio.run(_ws_session(server, [], [], turns=0))[0]["type"] == "session.created"
+
+
+def test_long_speech_is_cut_into_turns_of_the_longest_allowed(server: str) -> None:
+    text = ("the house is very small and the water is very cold but she said that they would come tomorrow "
+            "morning with their friends and we would all go down to the river together")
+    speech = np.concatenate([_speech(text, "en+m5", 24_000), np.zeros(24_000, np.float32)])
+    assert len(speech) / 24_000 > 2 * MAX_TURN_S
+    update = {"type": "session.update", "session": {"type": "transcription", "audio": {"input": {
+        "transcription": {"language": "en", "delay": "xhigh"}}}}}
+
+    async def stream() -> list[dict]:  # faster than real time: appends are only cut by the server
+        events: list[dict] = []
+        async with connect(_ws_url(server), additional_headers=AUTH) as ws:
+            await ws.send(json.dumps(update))
+            for event in _appends(_pcm16(speech), 24_000, chunk_ms=250):
+                await ws.send(json.dumps(event))
+            while not any(e["type"].endswith("speech_stopped") for e in events) or (
+                    _completed_count(events) < sum(e["type"].endswith("speech_started") for e in events)):
+                events.append(json.loads(await asyncio.wait_for(ws.recv(), 30)))
+        return events
+
+    turns = _turns(asyncio.run(stream()))
+    assert len(turns) >= 3
+    starts = [t.start_ms for t in turns]
+    assert all(b - a == MAX_TURN_S * 1000 for a, b in zip(starts, starts[1:], strict=False))
+    assert all("speech_stopped" not in t.kinds for t in turns[:-1]) and "speech_stopped" in turns[-1].kinds
+    assert all(t.completed["usage"]["seconds"] <= MAX_TURN_S for t in turns)
+
+
+def test_backpressure_one_turn_in_transcription_at_a_time(server: str) -> None:
+    """With ZASR_REALTIME_MAX_PENDING_TURNS=1 the server reads nothing more from a connection while one of its
+    committed turns waits for its transcript, so even when a client sends three turns at once, the second turn
+    is committed only after the first is completed (the client's messages wait in the socket buffers)."""
+    pcm = _pcm16(np.concatenate([_speech(PHRASES["en"][1], "en+m5", 24_000), np.zeros(2400, np.float32)]))
+    update = {"type": "session.update", "session": {"type": "transcription", "audio": {"input": {
+        "turn_detection": None, "transcription": {"language": "en"}}}}}
+
+    async def burst() -> list[dict]:
+        async with connect(_ws_url(server), additional_headers=AUTH) as ws:
+            messages = [update] + ([*_appends(pcm, 24_000, chunk_ms=500), {"type": "input_audio_buffer.commit"}] * 3)
+            for event in messages:
+                await ws.send(json.dumps(event))
+            events = []
+            while _completed_count(events) < 3:
+                events.append(json.loads(await asyncio.wait_for(ws.recv(), 60)))
+        return events
+
+    kinds = [e["type"].rsplit(".", 1)[-1] for e in asyncio.run(burst()) if e["type"] != "session.created"]
+    milestones = [k for k in kinds if k in ("committed", "completed")]
+    assert milestones == ["committed", "completed"] * 3
+
+
+def test_limits_idle_timeout_and_authentication(server: str) -> None:
+    assert _wait_for_idle(server)["zasr_realtime_sessions"] == 0
+
+    async def scenario() -> tuple[dict, int, dict, dict]:
+        held = [await connect(_ws_url(server), additional_headers=AUTH) for _ in range(MAX_SESSIONS)]
+        for ws in held:
+            assert json.loads(await ws.recv())["type"] == "session.created"
+        async with connect(_ws_url(server), additional_headers=AUTH) as extra:
+            refused = json.loads(await extra.recv())
+            with pytest.raises(ConnectionClosed):
+                await extra.recv()
+            refused_code = extra.close_code
+        for ws in held:
+            await ws.close()
+        await asyncio.sleep(0.2)
+        async with connect(_ws_url(server, "intent=conversation"), additional_headers=AUTH) as wrong:
+            intent_error = json.loads(await wrong.recv())
+        async with connect(_ws_url(server), additional_headers=AUTH) as idle:
+            assert json.loads(await idle.recv())["type"] == "session.created"
+            started = time.monotonic()
+            timeout_error = json.loads(await asyncio.wait_for(idle.recv(), IDLE_TIMEOUT_S + 5))
+            assert time.monotonic() - started >= IDLE_TIMEOUT_S - 0.5
+            with pytest.raises(ConnectionClosed):
+                await idle.recv()
+        return refused, refused_code, intent_error, timeout_error
+
+    refused, refused_code, intent_error, timeout_error = asyncio.run(scenario())
+    assert refused["error"]["code"] == "session_limit" and refused_code == 1013
+    assert intent_error["error"]["param"] == "intent"
+    assert timeout_error["error"]["code"] == "idle_timeout"
+
+    async def unauthorized(headers: dict) -> None:
+        async with connect(_ws_url(server), additional_headers=headers):
+            pass
+
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        with pytest.raises(InvalidStatus) as refusal:
+            asyncio.run(unauthorized(headers))
+        assert refusal.value.response.status_code == 403
+
+
+def test_stream_command_prints_the_turns(server: str, tmp_path: Path) -> None:
+    path = tmp_path / "two.wav"
+    write_wav(path, _recording("en", SAMPLE_RATE))
+    done = subprocess.run([sys.executable, "-m", "speechllm.cli", "stream", str(path), "--url", _ws_url(server, ""),
+                           "--api-key", API_KEY, "--language", "en", "--speed", "3"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stdout.splitlines() if line.strip()]
+    assert len(lines) == 2, done.stdout
