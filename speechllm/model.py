@@ -248,6 +248,8 @@ def base_llm_state_dict(llm: nn.Module) -> dict[str, torch.Tensor]:
     for name, tensor in llm.state_dict().items():
         if not is_adapter_tensor(name):
             state[name.replace(".base.", ".")] = tensor
+    if getattr(llm.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)  # the embedding matrix: loaders tie it back, no need to store it twice
     return state
 
 
