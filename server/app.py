@@ -181,7 +181,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         endpoint = route.path if route is not None else "unmatched"
         language = getattr(request.state, "language", None) or "none"
         metrics.requests.labels(endpoint, str(response.status_code), language).inc()
-        metrics.request_seconds.labels(endpoint).observe(time.monotonic() - start)
+        metrics.request_seconds.labels(endpoint, language).observe(time.monotonic() - start)
         return response
 
     async def read_upload(request: Request) -> tuple[dict, bytes]:

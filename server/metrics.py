@@ -19,7 +19,7 @@ class Metrics:
         self.requests = Counter("zasr_requests_total", "HTTP requests answered", ["endpoint", "status", "language"],
                                 registry=r)
         self.request_seconds = Histogram("zasr_request_duration_seconds", "Request latency, end to end",
-                                         ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+                                         ["endpoint", "language"], buckets=LATENCY_BUCKETS, registry=r)
         self.queue_seconds = Histogram("zasr_queue_wait_seconds", "Time a row waited for a batch",
                                        buckets=LATENCY_BUCKETS, registry=r)
         self.encode_seconds = Histogram("zasr_encode_duration_seconds", "Encoder + LID + projector time per batch",
