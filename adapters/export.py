@@ -56,3 +56,22 @@ def fold_into_base(llm: nn.Module, config: ZipperConfig, language: int | None) -
     for name, (a, b) in _language_loras(llm, language).items():
         folded[f"{name}.weight"] += config.scaling * (b @ a)
     return folded
+
+
+SHARED_ADAPTER = "shared"  # the directory of the shared subspace alone (unknown languages)
+
+
+def export_model_adapters(model_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
+    """Export a model directory's Zipper adapter per language into OUT/<language>/ (default
+    MODEL/adapters), plus OUT/shared/ for the shared subspace alone, in float16 like the model."""
+    from speechllm.model import SpeechLLM
+
+    model = SpeechLLM.load(model_dir)
+    config = model.config.adapter
+    if config is None:
+        raise ValueError(f"{model_dir} has no adapter to export")
+    out_dir = Path(out_dir) if out_dir is not None else Path(model_dir) / "adapters"
+    base = str(Path(model_dir) / "llm")
+    exported = [export_peft(model.llm, config, index, out_dir / code, base, torch.float16)
+                for index, code in enumerate(model.config.languages)]
+    return exported + [export_peft(model.llm, config, None, out_dir / SHARED_ADAPTER, base, torch.float16)]

@@ -12,10 +12,11 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
+from adapters.export import SHARED_ADAPTER
 from adapters.zipper import MergedAdapter
 from server.metrics import Metrics
 
-SHARED_KEY = "shared"  # the shared subspace alone: unknown languages, and every language of a shared LoRA
+SHARED_KEY = SHARED_ADAPTER  # the shared subspace alone: unknown languages, and every language of a shared LoRA
 
 
 class AdapterCache:

@@ -59,6 +59,13 @@ def cmd_train_adapters(args: argparse.Namespace) -> None:
     _timed("train-adapters", out, lambda: print(train_adapters(args.corpus, args.stage1, out, settings)))
 
 
+def cmd_export_adapters(args: argparse.Namespace) -> None:
+    from adapters.export import export_model_adapters
+
+    for directory in export_model_adapters(args.model, args.out):
+        print(directory)
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from adapters.evaluate import evaluate_model_dir, markdown_table
 
@@ -146,6 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--sampling-temperature", type=float, default=1.0, help="language sampling: p ∝ n_l^τ")
     p.set_defaults(func=cmd_train_adapters)
+
+    p = sub.add_parser("export-adapters", help="write each language's B(l) as a PEFT LoRA (for vLLM and peft)")
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    p.add_argument("--out", type=Path, default=None, help="default MODEL/adapters")
+    p.set_defaults(func=cmd_export_adapters)
 
     p = sub.add_parser("eval", help="per-language WER/CER, tier averages and LID accuracy on a split")
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL)

@@ -44,3 +44,21 @@ def test_peft_and_folded_weights_equal_the_zipper_layer(tiny_tokenizer, tmp_path
     with torch.no_grad():
         folded_logits = plain.eval()(input_ids=ids).logits
     assert (folded_logits - zipper_logits).abs().max() <= 1e-5
+
+
+def test_a_model_directory_exports_every_language_and_the_shared_subspace(tiny_tokenizer, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from adapters.export import SHARED_ADAPTER, export_model_adapters
+    from adapters.zipper import merge_language, zipper_layers
+
+    model = _trained_looking(tiny_tokenizer, Variant.SOFT)
+    model.save(tmp_path / "m", dtype=torch.float32)
+    exported = export_model_adapters(tmp_path / "m")
+    assert [p.name for p in exported] == [*model.config.languages, SHARED_ADAPTER]
+    assert all(p.parent == tmp_path / "m" / "adapters" for p in exported)
+    ja = load_file(tmp_path / "m" / "adapters" / "ja" / "adapter_model.safetensors")
+    name, _ = next(zipper_layers(model.llm))
+    b_ja = merge_language(model.llm, model.config.languages.index("ja")).b[0]
+    assert all(t.dtype == torch.float16 for t in ja.values())
+    assert torch.allclose(ja[f"base_model.model.{name}.lora_B.weight"].float(), b_ja, atol=1e-3)
