@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -14,7 +20,8 @@ from speechllm.llm import LLMDims, new_qwen2
 from speechllm.model import SpeechLLM, SpeechLLMConfig
 from speechllm.tokenizer import train_tokenizer
 
-SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "models" / "default"
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED_MODEL = ROOT / "models" / "default"
 
 SAMPLE_TEXTS = ["hello world", "guten tag", "привет мир", "こんにちは ありがとう", "สวัสดีครับ", "안녕하세요",
                 "xin chào", "مرحبا بكم", "olá mundo", "bonjour", "hola amigo", "ciao bella"]
@@ -49,3 +56,44 @@ def cer_bound(language: str, margin: float = 0.2) -> float:
     end-to-end tests hold the model to what its committed report says."""
     report = json.loads((SHIPPED_MODEL / "eval" / "test.json").read_text())
     return min(report["languages"][language]["cer"] + margin, 1.0)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_server(settings: dict[str, str], log_path: Path, ready_within_s: float = 60) -> Iterator[str]:
+    """`zipper-asr serve` as a real uvicorn subprocess with these ZASR_* settings (plus a free port);
+    yields its URL once /ready answers 200 and stops it afterwards. Its log goes to a file (vLLM
+    logs more than a pipe holds); the log is shown when the server dies or never gets ready."""
+    import httpx
+
+    port = free_port()
+    env = os.environ | {"ZASR_MODEL_DIR": str(SHIPPED_MODEL)} | settings | {"ZASR_PORT": str(port)}
+    with open(log_path, "w+") as log:
+        process = subprocess.Popen([sys.executable, "-m", "speechllm.cli", "serve"], env=env, cwd=ROOT,
+                                   stdout=subprocess.DEVNULL, stderr=log)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + ready_within_s
+            while True:
+                try:
+                    if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if process.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    pytest.fail(f"the server {'exited' if process.poll() is not None else 'never got ready'}: "
+                                f"{log.read()[-2000:]}")
+                time.sleep(0.3)
+            yield url
+        finally:
+            process.terminate()
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()

@@ -39,6 +39,7 @@ from packaging.requirements import Requirement
 from prometheus_client.parser import text_string_to_metric_families
 
 from speechllm.languages import LANGUAGES
+from tests.conftest import free_port, running_server
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -447,12 +448,6 @@ def test_dashboard_covers_the_service() -> None:
             assert panel["datasource"]["uid"] == uid and panel["targets"], panel["title"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait_for_port(port: int, process: subprocess.Popen, what: str, log: Path, seconds: float = 20) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -467,37 +462,11 @@ def _wait_for_port(port: int, process: subprocess.Popen, what: str, log: Path, s
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory) -> Iterator[str]:
-    """The real service on the shipped model (embedded engine), as tests/test_server.py starts it."""
-    port = _free_port()
-    env = os.environ | {"ZASR_MODEL_DIR": str(ROOT / "models" / "default"), "ZASR_PORT": str(port),
-                        "ZASR_BACKEND": "embedded", "ZASR_DEVICE": "cpu", "ZASR_THREADS": "1",
-                        "OMP_NUM_THREADS": "1", "ZASR_MAX_UPLOAD_MB": "1"}
-    log = open(tmp_path_factory.mktemp("service") / "server.log", "w+")  # noqa: SIM115 (closed below)
-    process = subprocess.Popen([sys.executable, "-m", "speechllm.cli", "serve"], env=env, cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=log)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if process.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"the service exited: {log.read()[-2000:]}")
-            time.sleep(0.3)
-        else:
-            pytest.fail("the service did not become ready in time")
+    """The real service on the shipped model (embedded engine)."""
+    settings = {"ZASR_BACKEND": "embedded", "ZASR_DEVICE": "cpu", "ZASR_THREADS": "1", "OMP_NUM_THREADS": "1",
+                "ZASR_MAX_UPLOAD_MB": "1"}
+    with running_server(settings, tmp_path_factory.mktemp("service") / "server.log", ready_within_s=90) as url:
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
 
 
 def _exposition(url: str) -> tuple[set[str], dict[str, set[str]]]:
@@ -560,7 +529,7 @@ def test_container_healthcheck(service: str) -> None:
     script = [sys.executable, str(DEPLOY / "docker" / "healthcheck.py")]
     ready = _run(script, env=os.environ | {"ZASR_PORT": service.rsplit(":", 1)[1]})
     assert ready.returncode == 0, ready.stderr
-    gone = _run(script, env=os.environ | {"ZASR_PORT": str(_free_port())})
+    gone = _run(script, env=os.environ | {"ZASR_PORT": str(free_port())})
     assert gone.returncode == 1 and "not ready" in gone.stderr
 
 
@@ -625,7 +594,7 @@ class Router:
         (directory / "replicas.conf").write_text(
             "".join(f"server 127.0.0.1:{r.port} max_fails=3 fail_timeout=10s;\n" for r in replicas))
         conf = ROUTER_CONF.read_text()
-        self.port = _free_port()
+        self.port = free_port()
         for old, new in (("include /etc/nginx/zasr/replicas.conf;", f"include {directory / 'replicas.conf'};"),
                          ("listen 8000;", f"listen 127.0.0.1:{self.port};")):
             assert conf.count(old) >= 1, f"zasr-router.conf no longer has {old!r}"

@@ -15,7 +15,6 @@ import base64
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -34,6 +33,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from server.realtime import extends
 from speechllm.audio import SAMPLE_RATE, load_audio, write_wav
 from speechllm.streaming import PcmDecoder
+from tests.conftest import running_server
 
 openai = pytest.importorskip("openai")
 from openai.types.realtime import RealtimeServerEvent  # noqa: E402 (after the importorskip)
@@ -49,46 +49,19 @@ PHRASES = {"en": ("the house is very small and the water is cold", "she said tha
            "de": ("wir haben keine zeit", "das wasser ist sehr kalt")}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[str]:
-    port = _free_port()
-    env = os.environ | {"ZASR_MODEL_DIR": str(MODEL_DIR), "ZASR_PORT": str(port), "ZASR_API_KEYS": f'["{API_KEY}"]',
-                        "ZASR_THREADS": "1", "ZASR_REALTIME_MAX_APPEND_MB": str(MAX_APPEND_BYTES / 2**20),
-                        "ZASR_REALTIME_MAX_TURN_SECONDS": str(MAX_TURN_S),
-                        "ZASR_REALTIME_IDLE_TIMEOUT_S": str(IDLE_TIMEOUT_S),
-                        "ZASR_REALTIME_MAX_SESSIONS": str(MAX_SESSIONS),
-                        # One turn at a time in transcription: makes backpressure observable (see its test).
-                        "ZASR_REALTIME_MAX_PENDING_TURNS": "1"}
-    log = open(tmp_path_factory.mktemp("server") / "server.log", "w+")  # noqa: SIM115 (closed below)
-    process = subprocess.Popen([sys.executable, "-m", "speechllm.cli", "serve"], env=env, cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=log)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if process.poll() is not None:
-            log.seek(0)
-            pytest.fail(f"server exited: {log.read()[-2000:]}")
-        time.sleep(0.3)
-    else:
-        process.kill()
-        pytest.fail("the server did not become ready in time")
-    yield url
-    process.terminate()
-    process.wait(30)
-    log.seek(0)
-    assert "Traceback" not in log.read(), "the server logged an exception"
-    log.close()
+    settings = {"ZASR_MODEL_DIR": str(MODEL_DIR), "ZASR_API_KEYS": f'["{API_KEY}"]', "ZASR_THREADS": "1",
+                "ZASR_REALTIME_MAX_APPEND_MB": str(MAX_APPEND_BYTES / 2**20),
+                "ZASR_REALTIME_MAX_TURN_SECONDS": str(MAX_TURN_S),
+                "ZASR_REALTIME_IDLE_TIMEOUT_S": str(IDLE_TIMEOUT_S),
+                "ZASR_REALTIME_MAX_SESSIONS": str(MAX_SESSIONS),
+                # One turn at a time in transcription: makes backpressure observable (see its test).
+                "ZASR_REALTIME_MAX_PENDING_TURNS": "1"}
+    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    with running_server(settings, log_path) as url:
+        yield url
+    assert "Traceback" not in log_path.read_text(), "the server logged an exception"
 
 
 def _ws_url(server: str, query: str = "intent=transcription") -> str:

