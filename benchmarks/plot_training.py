@@ -29,16 +29,22 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=Path("runs"))
     parser.add_argument("--out", type=Path, default=Path("models/default/eval/training_curves.png"))
     args = parser.parse_args()
-    panels = [("llm", "loss", "LLM text pretraining: loss (nats/token)"),
-              ("encoder", "loss", "encoder CTC pretraining: loss"),
-              ("stage1", "asr_loss", "stage 1 (shared LoRA): ASR loss"),
-              ("stage1", "dev_cer", "stage 1: dev CER (all 12 languages)")]
-    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
-    for axis, (run, key, title) in zip(axes, panels, strict=True):
-        path = args.runs / run / "curve.jsonl"
-        if path.exists():
-            steps, values = series(read_curve(path), key)
-            axis.plot(steps, values, marker="o" if key == "dev_cer" else None, markersize=3)
+    panels = [("LLM pretraining: loss (nats/token)",
+               [("llm", "lm_loss", "text LM"), ("llm", "reading_loss", "reading")]),
+              ("LLM pretraining: dev reading accuracy", [("llm", "dev_reading_accuracy", "teacher-forced tokens")]),
+              ("encoder CTC pretraining: loss", [("encoder", "loss", "CTC")]),
+              ("stage 1 (shared LoRA): ASR loss", [("stage1", "asr_loss", "ASR")]),
+              ("stage 1: dev CER", [("stage1", "dev_cer", "all 12"), ("stage1", "dev_cer_high", "high"),
+                                    ("stage1", "dev_cer_mid", "mid"), ("stage1", "dev_cer_low", "low")])]
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6))
+    for axis, (title, lines) in zip(axes, panels, strict=True):
+        for run, key, label in lines:
+            path = args.runs / run / "curve.jsonl"
+            if path.exists():
+                steps, values = series(read_curve(path), key)
+                axis.plot(steps, values, marker="o" if "dev" in key else None, markersize=3, label=label)
+        if len(lines) > 1:
+            axis.legend(fontsize=8)
         axis.set_title(title, fontsize=10)
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)

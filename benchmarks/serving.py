@@ -58,8 +58,9 @@ def audio_pool() -> dict[str, list[tuple[bytes, float]]]:
 
 
 def start(command: list[str], env: dict, url: str) -> subprocess.Popen:
-    process = subprocess.Popen(command, env=os.environ | env, cwd=ROOT, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    log = tempfile.NamedTemporaryFile("w", prefix="zasr-bench-", suffix=".log", delete=False)  # noqa: SIM115
+    process = subprocess.Popen(command, env=os.environ | env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
+    print(f"{command[-1]}: server log in {log.name}", file=sys.stderr)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:

@@ -113,6 +113,27 @@ def learned_gates(model_dir: Path) -> dict:
             "shared_fraction_by_module_type": {k: torch.stack(v).mean((0, 2)).tolist() for k, v in per_module.items()}}
 
 
+def language_divergence(model_dir: Path) -> dict | None:
+    """How far stage 2 moved each language's own B_l from the shared B_s: ‖B_l − B_s‖ / ‖B_s‖ over
+    all adapted modules (0 right after Initial-B). Small values mean the languages have not yet
+    specialised, whatever the gates say."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(model_dir / "adapter.safetensors")
+    shared = {k.removesuffix(".lora_B_shared"): v.float() for k, v in tensors.items() if k.endswith("lora_B_shared")}
+    own = {k.removesuffix(".lora_B_language"): v.float() for k, v in tensors.items()
+           if k.endswith("lora_B_language")}
+    if not shared or not own:
+        return None
+    languages = json.loads((model_dir / "config.json").read_text())["languages"]
+    distance = torch.zeros(len(languages))
+    norm = 0.0
+    for name, b_shared in shared.items():
+        distance += ((own[name] - b_shared[None]) ** 2).sum((1, 2))
+        norm += float((b_shared**2).sum())
+    return {code: round(float((d / norm) ** 0.5), 4) for code, d in zip(languages, distance, strict=True)}
+
+
 def plot_ablation(ablation: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for init, label in (("warm", "Initial-B (B_s, B_l ← stage-1 B)"), ("zero", "zero-initialised B")):
@@ -183,6 +204,13 @@ def markdown(report: dict) -> str:
             shares = [sum(row) / len(row) for row in g["mean_over_modules"]]
             lines.append(f"| {variant} | " + " | ".join(f"{s:.2f}" for s in shares) + " |")
         lines += ["", "![gates](zipper_gates.png)"]
+    if report.get("divergence"):
+        lines += ["", "## How far the languages moved apart", "",
+                  "‖B_l − B_s‖ / ‖B_s‖ over all adapted modules after stage 2 (0 right after Initial-B):", "",
+                  "| variant | " + " | ".join(codes) + " |", "|---|" + "---:|" * len(codes)]
+        for variant, d in report["divergence"].items():
+            if d:
+                lines.append(f"| {variant} | " + " | ".join(f"{d[c]:.3f}" for c in codes) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -215,7 +243,9 @@ def main() -> None:
     report = {"best_variant": best, "methods": rows, "claims": claims(rows, best),
               "initial_b": initial_b_ablation(args.runs, best), "chunked": chunked_comparison(args.runs, best),
               "gates": {v: learned_gates(stage2_dir(args.runs, v) / "model") for v in ("hard", "soft")
-                        if (stage2_dir(args.runs, v) / "model").exists()}}
+                        if (stage2_dir(args.runs, v) / "model").exists()},
+              "divergence": {v: language_divergence(stage2_dir(args.runs, v) / "model") for v in ZIPPER_VARIANTS
+                             if (stage2_dir(args.runs, v) / "model").exists()}}
     args.out.mkdir(parents=True, exist_ok=True)
     if report["initial_b"]:
         plot_ablation(report["initial_b"], args.out / "zipper_initial_b.png")

@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ZASR=.venv/bin/zipper-asr
-STEPS="${STAGE2_STEPS:-300}"
+STEPS="${STAGE2_STEPS:-250}"
 EVAL_EVERY="${STAGE2_EVAL_EVERY:-50}"
 # Languages sampled with p ∝ n_l^0.5 in stage 2 (every method alike): at the natural mix (τ = 1) the
 # extremely low tier would be 0.8 % of the rows; at τ = 0.5 it is about 6 %.
