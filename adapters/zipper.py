@@ -15,7 +15,7 @@ SOFT (σ(z)). INDEPENDENT is the other baseline: one (A_l, B_l) per language.
 
 The router reads only the language, never the tokens, so for a fixed language B(l) is a constant:
 `merged_b(l)` gives an ordinary rank-r LoRA (A, B(l)) per language. A batch that mixes languages
-computes A x once; only the B step depends on the row's language.
+computes A x once; only the B step depends on the row's language: one batched GEMM over each row's B(l).
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ class ZipperLinear(nn.Module):
         self.config = config
         self.language_embedding = [language_embedding]  # a list so the shared table isn't a submodule
         self.languages: torch.Tensor | None = None  # training/eval path: per-row language indices
-        self.segments: list[tuple[int, int, MergedAdapter]] | None = None  # serving path: grouped rows
+        self.rows: RowAdapters | None = None  # serving path: each row's merged adapter, gathered per batch
         self.index = 0  # position among the model's Zipper layers (MergedAdapter lists are in this order)
         r, n = config.rank, config.n_languages
         out_features, in_features = base.weight.shape
@@ -135,8 +135,8 @@ class ZipperLinear(nn.Module):
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         x = self.dropout(x)
-        if self.segments is not None:
-            return self._grouped_delta(x)
+        if self.rows is not None:
+            return self.rows.delta(x, self.lora_A)
         if self.config.variant == Variant.SHARED:
             return (x @ self.lora_A.T) @ self.lora_B_shared.T
         if self.languages is None:
@@ -147,16 +147,6 @@ class ZipperLinear(nn.Module):
             ax = x @ self.lora_A.T  # once for the whole mixed-language batch
         b_rows = self.merged_b_table()[self.languages]  # (B, out, r); index -1: unknown language
         return torch.einsum("b...r,bor->b...o", ax, b_rows)
-
-    def _grouped_delta(self, x: torch.Tensor) -> torch.Tensor:
-        """Rows grouped by language: A x once for the batch, then one B GEMM per language segment."""
-        shared_ax = None if self.config.variant == Variant.INDEPENDENT else x @ self.lora_A.T
-        out = x.new_zeros(*x.shape[:-1], self.base.out_features)
-        for start, end, adapter in self.segments:
-            rows = x[start:end]
-            ax = rows @ adapter.a[self.index].T if adapter.a is not None else shared_ax[start:end]
-            out[start:end] = ax @ adapter.b[self.index].T
-        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base(x) + self.config.scaling * self.delta(x).to(x.dtype)
@@ -230,9 +220,56 @@ def merge_language(model: nn.Module, language: int | None) -> MergedAdapter:
     return MergedAdapter(a, b)
 
 
-def use_segments(model: nn.Module, segments: list[tuple[int, int, MergedAdapter]]) -> AbstractContextManager[None]:
-    """Run forward passes with rows [start, end) using that segment's merged adapter."""
-    return _set_on_layers(model, "segments", segments)
+@dataclass
+class RowAdapters:
+    """One Zipper layer's adapters for the rows of a serving batch, gathered once per batch so that every
+    forward pass is one batched GEMM per factor whatever the language mix: with one adapter for the whole
+    batch the factors are its plain matrices; otherwise row i's (in, r) and (r, out) matrices, stacked."""
+
+    a: torch.Tensor | None  # (in, r) or (rows, in, r); None: the layer's shared A
+    b: torch.Tensor  # (r, out) or (rows, r, out)
+
+    def delta(self, x: torch.Tensor, shared_a: torch.Tensor) -> torch.Tensor:
+        a = shared_a.T if self.a is None else self.a
+        if self.b.dim() == 3 and x.dim() == 2:  # per-row matrices, rows without a time axis
+            return ((x[:, None] @ a) @ self.b)[:, 0]
+        return (x @ a) @ self.b
+
+
+def _row_adapters(index: int, segments: list[tuple[int, int, MergedAdapter]]) -> RowAdapters:
+    if len(segments) == 1:
+        adapter = segments[0][2]
+        return RowAdapters(None if adapter.a is None else adapter.a[index].T, adapter.b[index].T)
+    b = torch.cat([adapter.b[index].T.expand(end - start, -1, -1) for start, end, adapter in segments])
+    if all(adapter.a is None for _, _, adapter in segments):
+        return RowAdapters(None, b)
+    a = torch.cat([adapter.a[index].T.expand(end - start, -1, -1) for start, end, adapter in segments])
+    return RowAdapters(a, b)
+
+
+@contextmanager
+def use_segments(model: nn.Module, segments: list[tuple[int, int, MergedAdapter]]) -> Iterator[None]:
+    """Run forward passes with rows [start, end) using that segment's merged adapter (segments in row order,
+    covering the batch)."""
+    layers = [layer for _, layer in zipper_layers(model)]
+    for layer in layers:
+        layer.rows = _row_adapters(layer.index, segments)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.rows = None
+
+
+def keep_rows(model: nn.Module, keep: torch.Tensor) -> None:
+    """Rows of the batch set with `use_segments` or `use_languages` left it: only those at positions `keep`
+    (in the batch as it was) stay."""
+    for _, layer in zipper_layers(model):
+        rows = layer.rows
+        if rows is not None and rows.b.dim() == 3:
+            layer.rows = RowAdapters(None if rows.a is None else rows.a[keep], rows.b[keep])
+        if layer.languages is not None:
+            layer.languages = layer.languages[keep.to(layer.languages.device)]
 
 
 def is_adapter_tensor(name: str) -> bool:

@@ -3,13 +3,12 @@
 The same server, model and mixed 12-language traffic; only ZASR_BACKEND differs. Concurrency 1
 and 16: throughput (audio seconds per wall second), p50/p95 latency, and the vLLM/embedded ratios.
 
-    .venv/bin/python -m benchmarks.backends [--model models/default] [--requests 48]
+    .venv/bin/python -m benchmarks.backends [--model models/default] [--per-language 8]
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
@@ -31,7 +30,7 @@ def measure(backend: str, model: Path, requests: list, concurrencies: tuple[int,
                    {"ZASR_MODEL_DIR": str(model), "ZASR_PORT": str(port), "ZASR_MAX_QUEUE": "4096",
                     "ZASR_BACKEND": backend}, url)
     try:
-        return {f"c{c}": asyncio.run(load(url, requests if c > 1 else requests[: max(len(requests) // 4, 12)], c))
+        return {f"c{c}": load(url, requests if c > 1 else requests[: max(len(requests) // 4, 12)], c)
                 for c in concurrencies}
     finally:
         server.terminate()
@@ -41,10 +40,10 @@ def measure(backend: str, model: Path, requests: list, concurrencies: tuple[int,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=ROOT / "models" / "default")
-    parser.add_argument("--requests", type=int, default=48)
+    parser.add_argument("--per-language", type=int, default=8, help="requests per language")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "backends")
     args = parser.parse_args()
-    requests = traffic(audio_pool(), list(LANGUAGE_CODES), args.requests)
+    requests = traffic(audio_pool(), list(LANGUAGE_CODES), args.per_language)
     results: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                                  "torch": torch.__version__}, "model": str(args.model)}
     for backend in BACKENDS:

@@ -1,7 +1,9 @@
 """The baseline for benchmarks/serving.py: a multi-adapter ASR server built the way most people would
 first build it. Same model, same frontend and encoder; the LLM is a `peft.PeftModel` holding one
 LoRA adapter per language, and each request, one at a time, switches to its language's adapter
-with `set_adapter` and runs `generate` alone. No batching, no grouping by language.
+with `set_adapter` and runs `generate` alone. No batching, no grouping by language. It runs torch in
+one dedicated thread under the same thread policy as our server (server/threads.py), so that the
+comparison measures batching and adapter handling, not OpenMP contention.
 
     python -m benchmarks.naive_peft_server --model models/default --adapters DIR --port 8001
 """
@@ -18,6 +20,7 @@ from fastapi import FastAPI, Form, UploadFile
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from server.threads import engine_executor, use_one_thread
 from speechllm.audio import load_audio
 from speechllm.features import log_mel_spectrogram
 from speechllm.model import SpeechLLM
@@ -25,6 +28,8 @@ from speechllm.prompt import eos_id
 
 
 def build_app(model_dir: Path, adapters_dir: Path) -> FastAPI:
+    model_thread = engine_executor()
+    use_one_thread()
     speech = SpeechLLM.load(model_dir)
     base = AutoModelForCausalLM.from_pretrained(model_dir / "llm", dtype=torch.float32)
     languages = sorted(p.name for p in adapters_dir.iterdir() if p.is_dir())
@@ -52,7 +57,7 @@ def build_app(model_dir: Path, adapters_dir: Path) -> FastAPI:
     async def transcriptions(file: UploadFile, language: str = Form(...), model: str = Form("whisper-1")) -> dict:
         audio = await file.read()
         async with lock:  # one request at a time: the adapter switch is global state
-            text = await asyncio.to_thread(transcribe, audio, language)
+            text = await asyncio.get_running_loop().run_in_executor(model_thread, transcribe, audio, language)
         return {"text": text}
 
     @app.get("/ready")

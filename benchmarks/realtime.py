@@ -4,8 +4,8 @@
    speech, 1 s pauses) to /v1/realtime at the pace of real time, as a microphone would, and measures per turn
    - commit → completed: from the moment the client had sent the audio up to `audio_end_ms` (the point where
      the server's VAD could decide that the turn was over) to the `completed` event;
-   - speech end → completed: the same from the end of the speech, so including the VAD's wait for 500 ms of
-     silence (`silence_duration_ms`);
+   - speech end → completed: the same from the end of the speech, so including the VAD's wait for
+     `silence_duration_ms` of silence (OpenAI's default 500 ms, and 200 ms as a voice interface would set it);
    - the interval between consecutive partial deltas of a turn while it is spoken;
    - how often the full decode disagreed with partial text already sent (`offline_transcript` present).
 2. How the agreement setting (`transcription.delay`: 2, 3 or 4 hypotheses) trades early text for revisions.
@@ -47,6 +47,7 @@ RATE = 24_000
 CHUNK_MS = 100
 PAUSE_S = 1.0
 SILENCE_MS = 500  # the session's silence_duration_ms (OpenAI's default)
+SHORT_SILENCE_MS = 200  # what a voice interface that must answer quickly sets (the pauses here are 1 s)
 PHRASES = {
     "en": ["the house is very small and the water is cold", "she said that they would come tomorrow morning",
            "please call me when you get home", "where is the nearest station"],
@@ -106,7 +107,7 @@ class StreamResult:
     turns: list[TurnTiming] = field(default_factory=list)
 
 
-async def play(url: str, language: str, pcm: bytes, delay: str | None) -> StreamResult:
+async def play(url: str, language: str, pcm: bytes, delay: str | None, silence_ms: int = SILENCE_MS) -> StreamResult:
     step = RATE * 2 * CHUNK_MS // 1000
     chunks = [pcm[i: i + step] for i in range(0, len(pcm), step)]
     sent_at: list[float] = []
@@ -116,7 +117,7 @@ async def play(url: str, language: str, pcm: bytes, delay: str | None) -> Stream
         await ws.recv()
         await ws.send(json.dumps({"type": "session.update", "session": {"type": "transcription", "audio": {"input": {
             "format": {"type": "audio/pcm", "rate": RATE}, "transcription": transcription,
-            "turn_detection": {"type": "server_vad", "silence_duration_ms": SILENCE_MS}}}}}))
+            "turn_detection": {"type": "server_vad", "silence_duration_ms": silence_ms}}}}}))
 
         async def read() -> None:
             async for message in ws:
@@ -137,10 +138,10 @@ async def play(url: str, language: str, pcm: bytes, delay: str | None) -> Stream
                 break
             await asyncio.sleep(0.05)
         reader.cancel()
-    return StreamResult(turns_of(received, sent_at))
+    return StreamResult(turns_of(received, sent_at, silence_ms))
 
 
-def turns_of(received: list[tuple[float, dict]], sent_at: list[float]) -> list[TurnTiming]:
+def turns_of(received: list[tuple[float, dict]], sent_at: list[float], silence_ms: int) -> list[TurnTiming]:
     def sent(ms: int) -> float:  # when the client had sent the audio up to `ms`
         return sent_at[min(len(sent_at) - 1, max(0, math.ceil(ms / CHUNK_MS) - 1))]
 
@@ -166,7 +167,7 @@ def turns_of(received: list[tuple[float, dict]], sent_at: list[float]) -> list[T
             continue  # a turn cut at the longest allowed has no speech end
         at, completed = turn["completed"]
         partial = [t for t, _ in turn["deltas"] if t < turn["committed"]]
-        out.append(TurnTiming(turn["end_ms"], at - sent(turn["end_ms"]), at - sent(turn["end_ms"] - SILENCE_MS),
+        out.append(TurnTiming(turn["end_ms"], at - sent(turn["end_ms"]), at - sent(turn["end_ms"] - silence_ms),
                               [b - a for a, b in zip(partial, partial[1:], strict=False)],
                               "offline_transcript" in completed, turn["before_commit"],
                               len(completed["transcript"])))
@@ -180,12 +181,13 @@ def percentile(values: list[float], q: float) -> float | None:
     return round(ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))], 3)
 
 
-def summarize(results: list[StreamResult], wall: float) -> dict:
+def summarize(results: list[StreamResult], wall: float, silence_ms: int) -> dict:
     turns = [t for r in results for t in r.turns]
     intervals = [i for t in turns for i in t.delta_intervals]
     commit = [t.commit_to_completed for t in turns]
     speech = [t.speech_end_to_completed for t in turns]
-    return {"streams": len(results), "turns": len(turns), "wall_seconds": round(wall, 1),
+    return {"streams": len(results), "turns": len(turns), "silence_duration_ms": silence_ms,
+            "wall_seconds": round(wall, 1),
             "commit_to_completed_p50_s": percentile(commit, 0.5), "commit_to_completed_p95_s": percentile(commit, 0.95),
             "speech_end_to_completed_p50_s": percentile(speech, 0.5),
             "speech_end_to_completed_p95_s": percentile(speech, 0.95),
@@ -196,16 +198,18 @@ def summarize(results: list[StreamResult], wall: float) -> dict:
                                              / max(1, sum(t.chars for t in turns)), 3)}
 
 
-async def concurrent(url: str, items: list[tuple[str, bytes]], delay: str | None = None) -> dict:
+async def concurrent(url: str, items: list[tuple[str, bytes]], delay: str | None = None,
+                     silence_ms: int = SILENCE_MS) -> dict:
     start = time.monotonic()
-    results = await asyncio.gather(*(play(url, language, pcm, delay) for language, pcm in items))
-    return summarize(results, time.monotonic() - start)
+    results = await asyncio.gather(*(play(url, language, pcm, delay, silence_ms) for language, pcm in items))
+    return summarize(results, time.monotonic() - start, silence_ms)
 
 
-async def sequential(url: str, items: list[tuple[str, bytes]], delay: str | None = None) -> dict:
+async def sequential(url: str, items: list[tuple[str, bytes]], delay: str | None = None,
+                     silence_ms: int = SILENCE_MS) -> dict:
     start = time.monotonic()
-    results = [await play(url, language, pcm, delay) for language, pcm in items]
-    return summarize(results, time.monotonic() - start)
+    results = [await play(url, language, pcm, delay, silence_ms) for language, pcm in items]
+    return summarize(results, time.monotonic() - start, silence_ms)
 
 
 def start_server(model: Path, threads: int) -> tuple[subprocess.Popen, str]:
@@ -293,6 +297,10 @@ def main() -> None:
         asyncio.run(play(ws_url, *items[0], None))  # warm-up
         results["one_stream"] = asyncio.run(sequential(ws_url, items[: args.recordings]))
         results[f"{args.streams}_streams"] = asyncio.run(concurrent(ws_url, items[: args.streams]))
+        results[f"one_stream_silence_{SHORT_SILENCE_MS}ms"] = asyncio.run(
+            sequential(ws_url, items[: args.recordings], silence_ms=SHORT_SILENCE_MS))
+        results[f"{args.streams}_streams_silence_{SHORT_SILENCE_MS}ms"] = asyncio.run(
+            concurrent(ws_url, items[: args.streams], silence_ms=SHORT_SILENCE_MS))
         for delay, hypotheses in (("medium", 3), ("high", 4)):
             results[f"one_stream_agreement_{hypotheses}"] = asyncio.run(
                 sequential(ws_url, items[: args.recordings], delay))
@@ -308,13 +316,15 @@ def write(results: dict, args: argparse.Namespace) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.out}.json").write_text(json.dumps(results, indent=2) + "\n")
     lines = ["# Realtime benchmark", "", f"Machine: {results['machine']}; model: `{args.model.name}`; audio sent in "
-             f"{CHUNK_MS} ms chunks at the pace of real time; server VAD with silence_duration_ms={SILENCE_MS}.", "",
-             "| scenario | streams | turns | commit → completed p50 / p95 s | speech end → completed p50 / p95 s "
-             "| delta interval p50 / p95 s | revised turns | text sent before commit |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             f"{CHUNK_MS} ms chunks at the pace of real time; server VAD.", "",
+             "| scenario | streams | turns | silence_duration_ms | commit → completed p50 / p95 s | "
+             "speech end → completed p50 / p95 s | delta interval p50 / p95 s | revised turns | "
+             "text sent before commit |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
         if isinstance(r, dict) and "turns" in r and "streams" in r:
-            lines.append(f"| {name} | {r['streams']} | {r['turns']} | {r['commit_to_completed_p50_s']} / "
+            lines.append(f"| {name} | {r['streams']} | {r['turns']} | {r['silence_duration_ms']} | "
+                         f"{r['commit_to_completed_p50_s']} / "
                          f"{r['commit_to_completed_p95_s']} | {r['speech_end_to_completed_p50_s']} / "
                          f"{r['speech_end_to_completed_p95_s']} | {r['delta_interval_p50_s']} / "
                          f"{r['delta_interval_p95_s']} | {r['revised_turns']} | {r['text_sent_before_commit']} |")
@@ -329,7 +339,8 @@ def write(results: dict, args: argparse.Namespace) -> None:
     lines += ["", f"Server counters after the runs: {results.get('server_counters')}", "",
               "How to read it: *commit → completed* starts when the client has sent the audio up to the turn's "
               "`audio_end_ms`, the moment the server's VAD can close the turn; *speech end → completed* adds the "
-              f"VAD's wait for {SILENCE_MS} ms of silence. *Delta interval* is the time between partial deltas of a "
+              "VAD's wait for `silence_duration_ms` of silence (the session's setting: OpenAI's default 500 ms, or "
+              f"{SHORT_SILENCE_MS} ms). *Delta interval* is the time between partial deltas of a "
               "turn while it is spoken. *Revised turns*: the full decode of the turn did not begin with the partial "
               "text already sent, so the transcript continues that text and `offline_transcript` carries the REST "
               "answer (docs/serving.md). *Text sent before commit*: share of the transcripts' characters that "

@@ -8,7 +8,9 @@ benchmarks/results/zipper.{md,json} plus two plots:
   wall times;
 - the Initial-B ablation (warm vs zero B) as dev CER against steps (zipper_initial_b.png);
 - chunked vs full-attention encoder for the best variant;
-- the learned gates per language and rank (zipper_gates.png).
+- the learned gates per language and rank (zipper_gates.png);
+- the spread across seeds of the baselines and the shipped variant, where `scripts/zipper_seeds.sh`
+  trained them again with other seeds.
 
 The best variant is chosen on the dev split (each run's best dev CER), never on test.
 
@@ -32,6 +34,7 @@ from adapters.zipper import zipper_layers  # noqa: E402
 from speechllm.languages import LANGUAGES  # noqa: E402
 
 VARIANTS = ("shared", "independent", "static", "hard", "soft")
+TIERS = ("high", "mid", "low")
 ZIPPER_VARIANTS = ("static", "hard", "soft")
 
 
@@ -70,6 +73,49 @@ def method_rows(runs: Path) -> list[dict]:
                      "best_step": summary["best_step"], "trainable_parameters": summary["trainable_parameters"],
                      "wall_seconds": wall.get("wall_seconds")})
     return rows
+
+
+def seed_runs(runs: Path, variant: str) -> list[Path]:
+    """Seed 0 (the main run) and every other seed of `variant` (scripts/zipper_seeds.sh) with a test report."""
+    found = [stage2_dir(runs, variant)] + sorted((runs / "stage2").glob(f"{variant}-warm-seed*"))
+    return [run for run in found if (run / "eval-test.json").exists()]
+
+
+def seed_spread(runs: Path) -> dict | None:
+    """Test CER per tier and seed for every method trained with more than one seed; seed i of each
+    method saw the same batches, so methods are also compared seed by seed."""
+    spread = {}
+    for variant in VARIANTS:
+        tests = {run.name.rpartition("seed")[2] if "seed" in run.name else "0": read_json(run / "eval-test.json")
+                 for run in seed_runs(runs, variant)}
+        if len(tests) > 1:
+            spread[variant] = {seed: {**{tier: t["tiers"][tier]["cer"] for tier in TIERS},
+                                      "all": t["average"]["cer"]} for seed, t in tests.items()}
+    return spread or None
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    return mean, (sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1)) ** 0.5
+
+
+def seed_claims(spread: dict, best: str) -> list[str]:
+    if not {best, "shared", "independent"} <= spread.keys():
+        return []
+    common = sorted(set(spread[best]) & set(spread["shared"]) & set(spread["independent"]))
+    low = {m: [spread[m][seed]["low"] for seed in common] for m in (best, "shared", "independent")}
+    high = {m: [spread[m][seed]["high"] for seed in common] for m in (best, "shared", "independent")}
+    wins = sum(low[best][i] < min(low["shared"][i], low["independent"][i]) for i in range(len(common)))
+    means = {m: mean_sd(v)[0] for m, v in low.items()}
+    high_means = {m: mean_sd(v)[0] for m, v in high.items()}
+    low_ok = means[best] < min(means["shared"], means["independent"])
+    better_high = min(high_means["shared"], high_means["independent"])
+    high_ok = high_means[best] <= better_high + 0.005
+    return [f"over seeds {', '.join(common)}: low tier mean {best} {pct(means[best])} % vs shared "
+            f"{pct(means['shared'])} % and independent {pct(means['independent'])} % → "
+            f"{'holds' if low_ok else 'does not hold'}; {best} is below both in {wins} of {len(common)} seeds",
+            f"over the same seeds: high tier mean {best} {pct(high_means[best])} % vs the better baseline "
+            f"{pct(better_high)} % → {'holds' if high_ok else 'does not hold'}"]
 
 
 def steps_to_reach(curve: list[dict], target: float) -> int | None:
@@ -183,6 +229,19 @@ def markdown(report: dict) -> str:
         cells = [f"{pct(r['test']['languages'][c]['cer'])} ({pct(r['test']['languages'][c]['wer'])})" for c in codes]
         lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
     lines += ["", "## The claim", ""] + [f"- {line}" for line in report["claims"]]
+    if report.get("seeds"):
+        lines += ["", "## Across seeds", "",
+                  "Stage 2 trained again with other seeds (initialisation, batch order, dev subset for model "
+                  "selection), everything else as above: test CER %, mean ± standard deviation over seeds. "
+                  "Regenerate: `bash scripts/zipper_seeds.sh`.", "",
+                  "| method | seeds | high | mid | low | all |", "|---|---:|---:|---:|---:|---:|"]
+        for variant, by_seed in report["seeds"].items():
+            cells = []
+            for tier in (*TIERS, "all"):
+                mean, sd = mean_sd([r[tier] for r in by_seed.values()])
+                cells.append(f"{pct(mean)} ± {pct(sd)}")
+            lines.append(f"| {variant} | {', '.join(by_seed)} | " + " | ".join(cells) + " |")
+        lines += [""] + [f"- {line}" for line in report["seed_claims"]]
     if report.get("initial_b"):
         a = report["initial_b"]
         lines += ["", f"## Initial-B ablation ({a['variant']})", "",
@@ -240,7 +299,9 @@ def main() -> None:
         print(best)
         return
     rows = method_rows(args.runs)
+    seeds = seed_spread(args.runs)
     report = {"best_variant": best, "methods": rows, "claims": claims(rows, best),
+              "seeds": seeds, "seed_claims": seed_claims(seeds, best) if seeds else [],
               "initial_b": initial_b_ablation(args.runs, best), "chunked": chunked_comparison(args.runs, best),
               "gates": {v: learned_gates(stage2_dir(args.runs, v) / "model") for v in ("hard", "soft")
                         if (stage2_dir(args.runs, v) / "model").exists()},

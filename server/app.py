@@ -50,6 +50,7 @@ from server.protocol import (
 from server.realtime import RealtimeHub
 from server.service import AudioTooLong, NoSpeech, TranscriptionResult, TranscriptionService
 from server.settings import Settings
+from server.threads import DEFAULT_ENGINE_THREADS, use_one_thread
 from server.vad import SileroVAD
 from speechllm.audio import SAMPLE_RATE, AudioDecodeError, EmptyAudioError
 from speechllm.features import log_mel_spectrogram
@@ -97,8 +98,6 @@ class BodySizeLimit:
 
 
 def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
-    if settings.threads > 0:
-        torch.set_num_threads(settings.threads)
     device = settings.device if settings.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model = SpeechLLM.load(settings.model_dir, device=device)
     engine: SpeechEngine
@@ -113,7 +112,8 @@ def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         engine = EmbeddedEngine(model, metrics, int(settings.adapter_cache_mb * 2**20), settings.lid_threshold,
                                 settings.pinned_languages)
         engine.preload(settings.preload_languages)
-    batcher = Batcher(engine, metrics, settings.max_batch_size, settings.max_wait_ms / 1000, settings.max_queue)
+    batcher = Batcher(engine, metrics, settings.max_batch_size, settings.max_wait_ms / 1000, settings.max_queue,
+                      settings.threads or DEFAULT_ENGINE_THREADS)
     service = TranscriptionService(settings, batcher, SileroVAD(), metrics)
     return Runtime(engine, batcher, service)
 
@@ -129,6 +129,7 @@ def verbose_result(result: TranscriptionResult) -> TranscriptionVerbose:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
+    use_one_thread()  # the event loop and request threads compute features; only the engine thread gets a team
     metrics = Metrics()
     holder: dict[str, Runtime] = {}
     realtime_hub = RealtimeHub(settings, metrics)  # WebSocket sessions (/v1/realtime)
@@ -229,7 +230,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         samples = await decode(service, data)
         try:
             if params.stream:
-                return stream_response(service, samples, params)
+                return stream_response(await service.stream(samples, params.language, params.temperature))
             result = await service.transcribe(samples, params.language, params.temperature)
         except QueueFull as full:
             metrics.rejected.labels("queue_full").inc()
@@ -242,14 +243,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         verbose = verbose_result(result)
         return Response(render(params.response_format, verbose), media_type=media_type(params.response_format))
 
-    def stream_response(service: TranscriptionService, samples, params: TranscriptionRequest) -> Response:
-        events = service.stream(samples, params.language, params.temperature)
-        first = asyncio.ensure_future(anext(events))  # queue now, so that QueueFull/NoSpeech are still 4xx/5xx
-
+    def stream_response(events: AsyncIterator[str | TranscriptionResult]) -> Response:
         async def body() -> AsyncIterator[str]:
             try:
-                item = await first
-                while True:
+                async for item in events:
                     if isinstance(item, TranscriptionResult):
                         yield sse(TranscriptTextDoneEvent(
                             text=item.text, languages=[TranscriptionLanguage(code=item.language or "und")],
@@ -257,7 +254,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                         yield SSE_DONE
                         return
                     yield sse(TranscriptTextDeltaEvent(delta=item))
-                    item = await anext(events)
             except TimeoutError:
                 yield sse_error(errors.timeout(settings.request_timeout_s))
             except Exception:

@@ -17,12 +17,12 @@ import contextlib
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
 from server.engine import EngineInput, EngineOutput, SpeechEngine
 from server.metrics import Metrics
+from server.threads import engine_executor
 
 T = TypeVar("T")
 
@@ -41,7 +41,7 @@ class _Pending:
 
 class Batcher:
     def __init__(self, engine: SpeechEngine, metrics: Metrics, max_batch_size: int, max_wait_s: float,
-                 max_queue: int) -> None:
+                 max_queue: int, threads: int = 0) -> None:
         self.engine = engine
         self.metrics = metrics
         self.max_batch_size = max_batch_size
@@ -49,7 +49,7 @@ class Batcher:
         self.max_queue = max_queue
         self._queue: deque[_Pending] = deque()
         self._arrived = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")  # one model user
+        self._executor = engine_executor(threads)  # one model user, the only thread with an OpenMP team
         self._task: asyncio.Task | None = None
         self._batch_seconds = 1.0  # running estimate, for Retry-After
         self._in_flight = 0  # batches started and not yet answered

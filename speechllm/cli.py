@@ -54,7 +54,8 @@ def cmd_train_adapters(args: argparse.Namespace) -> None:
     from adapters.zipper import Variant
 
     settings = Stage2Settings(steps=args.steps, eval_every=args.eval_every, variant=Variant(args.variant),
-                              init_b=args.init_b, sampling_temperature=args.sampling_temperature, lr=args.lr)
+                              init_b=args.init_b, sampling_temperature=args.sampling_temperature, lr=args.lr,
+                              seed=args.seed)
     out = args.out or DEFAULT_RUNS / f"stage2-{args.variant}-{args.init_b}"
     _timed("train-adapters", out, lambda: print(train_adapters(args.corpus, args.stage1, out, settings)))
 
@@ -152,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--sampling-temperature", type=float, default=1.0, help="language sampling: p ∝ n_l^τ")
+    p.add_argument("--seed", type=int, default=0, help="initialisation, batch order and the dev subset")
     p.set_defaults(func=cmd_train_adapters)
 
     p = sub.add_parser("export-adapters", help="write each language's B(l) as a PEFT LoRA (for vLLM and peft)")

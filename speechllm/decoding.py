@@ -36,22 +36,28 @@ def left_pad(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 
 # Called after every step with (row, token) for each row that emitted a text token.
 TokenCallback = Callable[[list[tuple[int, int]]], None]
+# Called when finished rows leave the running batch, with the positions (in the running batch) that stay.
+RowsCallback = Callable[[torch.Tensor], None]
 
 
 @torch.no_grad()
 def generate(llm: PreTrainedModel, prompts: list[torch.Tensor], eos_id: int, max_new_tokens: list[int] | int,
              temperature: float = 0.0, generator: torch.Generator | None = None,
-             on_tokens: TokenCallback | None = None, use_cache: bool = True) -> list[Hypothesis]:
+             on_tokens: TokenCallback | None = None, on_rows_kept: RowsCallback | None = None,
+             use_cache: bool = True) -> list[Hypothesis]:
+    """Rows that finish leave the batch (and their KV cache goes with them), so a long transcript does not
+    keep the finished rows of its batch computing: whoever holds per-row state for the model's layers
+    (the Zipper adapters of a mixed batch) follows along through `on_rows_kept`."""
     batch = len(prompts)
-    limits = torch.tensor([max_new_tokens] * batch if isinstance(max_new_tokens, int) else max_new_tokens)
+    limits = [max_new_tokens] * batch if isinstance(max_new_tokens, int) else list(max_new_tokens)
     embeds, mask = left_pad(prompts)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     embed = llm.get_input_embeddings()
     outputs = llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=use_cache)
     tokens: list[list[int]] = [[] for _ in range(batch)]
     sum_logprob = torch.zeros(batch)
-    finished = torch.zeros(batch, dtype=torch.bool)
-    for _ in range(int(limits.max())):
+    alive = torch.arange(batch)  # the row of each position of the running batch
+    for _ in range(max(limits)):
         logits = outputs.logits[:, -1].float()
         logprobs = logits.log_softmax(-1)
         if temperature > 0:
@@ -59,21 +65,28 @@ def generate(llm: PreTrainedModel, prompts: list[torch.Tensor], eos_id: int, max
             next_tokens = torch.multinomial(probs, 1, generator=generator)[:, 0].to(logits.device)
         else:
             next_tokens = logprobs.argmax(-1)
-        active = ~finished
-        sum_logprob += torch.where(active, logprobs.gather(1, next_tokens[:, None])[:, 0].cpu(), 0.0)
-        emitted = []
-        for row in torch.nonzero(active).flatten().tolist():
-            if next_tokens[row] == eos_id:
-                finished[row] = True
-            else:
-                tokens[row].append(int(next_tokens[row]))
-                emitted.append((row, int(next_tokens[row])))
+        sum_logprob[alive] += logprobs.gather(1, next_tokens[:, None])[:, 0].cpu()
+        emitted, staying = [], []
+        for position, (row, token) in enumerate(zip(alive.tolist(), next_tokens.tolist(), strict=True)):
+            if token != eos_id:
+                tokens[row].append(token)
+                emitted.append((row, token))
+                if len(tokens[row]) < limits[row]:
+                    staying.append(position)
         if on_tokens is not None and emitted:
             on_tokens(emitted)
-        finished |= torch.tensor([len(t) for t in tokens]) >= limits
-        if finished.all():
+        if not staying:
             break
-        mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+        if len(staying) < len(alive):
+            keep = torch.tensor(staying, device=mask.device)
+            alive, mask, positions, next_tokens = alive[staying], mask[keep], positions[keep], next_tokens[keep]
+            if use_cache:
+                outputs.cache.batch_select_indices(keep)
+            else:
+                embeds = embeds[keep]
+            if on_rows_kept is not None:
+                on_rows_kept(keep)
+        mask = torch.cat([mask, mask.new_ones(len(staying), 1)], dim=1)
         positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
         if use_cache:
             outputs = llm(input_ids=next_tokens[:, None], attention_mask=mask, position_ids=positions[:, -1:],

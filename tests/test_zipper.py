@@ -123,3 +123,18 @@ def test_grouped_serving_path_equals_per_row_path(variant: Variant) -> None:
         shared = layer.base(x[4]) + layer.config.scaling * x[4] @ layer.lora_A.T @ layer.lora_B_shared.T
         assert torch.allclose(expected[4], shared, atol=1e-5)
     assert adapters[0].nbytes > 0
+
+
+@pytest.mark.parametrize("variant", list(Variant))
+@pytest.mark.parametrize("shape", [(4, 3, 6), (4, 6)])
+def test_serving_path_with_one_adapter_or_without_time_axis(variant: Variant, shape: tuple[int, ...]) -> None:
+    layer = _layer(variant)
+    x = torch.randn(*shape)
+    adapters = [merge_language(layer, code) for code in (0, 1)]
+    for languages, segments in [([1, 1, 1, 1], [(0, 4, adapters[1])]),
+                                ([0, 0, 1, 1], [(0, 2, adapters[0]), (2, 4, adapters[1])])]:
+        layer.languages = torch.tensor(languages)
+        expected = layer(x)
+        layer.languages = None
+        with use_segments(layer, segments):
+            assert torch.allclose(layer(x), expected, atol=1e-5)
