@@ -149,6 +149,8 @@ class ZipperLinear(nn.Module):
         return torch.einsum("b...r,bor->b...o", ax, b_rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rows is not None:  # serving: the update is added in the same GEMM that computes it
+            return self.rows.add_update(self.base(x), x, self.lora_A, self.config.scaling)
         return self.base(x) + self.config.scaling * self.delta(x).to(x.dtype)
 
 
@@ -230,10 +232,20 @@ class RowAdapters:
     b: torch.Tensor  # (r, out) or (rows, r, out)
 
     def delta(self, x: torch.Tensor, shared_a: torch.Tensor) -> torch.Tensor:
+        """B(l) A x per row (unscaled)."""
+        return self.add_update(x.new_zeros(*x.shape[:-1], self.b.shape[-1]), x, shared_a, 1.0)
+
+    def add_update(self, y: torch.Tensor, x: torch.Tensor, shared_a: torch.Tensor, scaling: float) -> torch.Tensor:
+        """y + scaling · B(l) A x, for y = W0 x (B, [T,] out) and x (B, [T,] in)."""
         a = shared_a.T if self.a is None else self.a
-        if self.b.dim() == 3 and x.dim() == 2:  # per-row matrices, rows without a time axis
-            return ((x[:, None] @ a) @ self.b)[:, 0]
-        return (x @ a) @ self.b
+        timeless = x.dim() == 2
+        x3, y3 = (x[:, None], y[:, None]) if timeless else (x, y)
+        ax = x3 @ a
+        if self.b.dim() == 2:
+            out = torch.addmm(y3.flatten(0, 1), ax.flatten(0, 1), self.b, alpha=scaling).view_as(y3)
+        else:
+            out = torch.baddbmm(y3, ax, self.b, alpha=scaling)
+        return out[:, 0] if timeless else out
 
 
 def _row_adapters(index: int, segments: list[tuple[int, int, MergedAdapter]]) -> RowAdapters:

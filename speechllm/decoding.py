@@ -45,18 +45,20 @@ def generate(llm: PreTrainedModel, prompts: list[torch.Tensor], eos_id: int, max
              temperature: float = 0.0, generator: torch.Generator | None = None,
              on_tokens: TokenCallback | None = None, on_rows_kept: RowsCallback | None = None,
              use_cache: bool = True) -> list[Hypothesis]:
-    """Rows that finish leave the batch (and their KV cache goes with them), so a long transcript does not
-    keep the finished rows of its batch computing: whoever holds per-row state for the model's layers
-    (the Zipper adapters of a mixed batch) follows along through `on_rows_kept`."""
+    """Rows that finish leave the batch (with their KV cache) once they are a quarter of it, so that a long
+    transcript does not keep the finished rows of its batch computing: whoever holds per-row state for the
+    model's layers (the Zipper adapters of a mixed batch) follows along through `on_rows_kept`."""
     batch = len(prompts)
     limits = [max_new_tokens] * batch if isinstance(max_new_tokens, int) else list(max_new_tokens)
     embeds, mask = left_pad(prompts)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     embed = llm.get_input_embeddings()
-    outputs = llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=use_cache)
+    outputs = llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=use_cache,
+                  logits_to_keep=1)  # only the last position's logits are read
     tokens: list[list[int]] = [[] for _ in range(batch)]
-    sum_logprob = torch.zeros(batch)
-    alive = torch.arange(batch)  # the row of each position of the running batch
+    sum_logprob = [0.0] * batch
+    done = [False] * batch
+    alive = list(range(batch))  # the row of each position of the running batch
     for _ in range(max(limits)):
         logits = outputs.logits[:, -1].float()
         logprobs = logits.log_softmax(-1)
@@ -65,28 +67,35 @@ def generate(llm: PreTrainedModel, prompts: list[torch.Tensor], eos_id: int, max
             next_tokens = torch.multinomial(probs, 1, generator=generator)[:, 0].to(logits.device)
         else:
             next_tokens = logprobs.argmax(-1)
-        sum_logprob[alive] += logprobs.gather(1, next_tokens[:, None])[:, 0].cpu()
-        emitted, staying = [], []
-        for position, (row, token) in enumerate(zip(alive.tolist(), next_tokens.tolist(), strict=True)):
-            if token != eos_id:
-                tokens[row].append(token)
-                emitted.append((row, token))
-                if len(tokens[row]) < limits[row]:
-                    staying.append(position)
+        chosen = logprobs.gather(1, next_tokens[:, None])[:, 0].tolist()
+        emitted, running = [], []
+        for position, (row, token) in enumerate(zip(alive, next_tokens.tolist(), strict=True)):
+            if done[row]:
+                continue
+            sum_logprob[row] += chosen[position]
+            if token == eos_id:
+                done[row] = True
+                continue
+            tokens[row].append(token)
+            emitted.append((row, token))
+            done[row] = len(tokens[row]) >= limits[row]
+            if not done[row]:
+                running.append(position)
         if on_tokens is not None and emitted:
             on_tokens(emitted)
-        if not staying:
+        if not running:
             break
-        if len(staying) < len(alive):
-            keep = torch.tensor(staying, device=mask.device)
-            alive, mask, positions, next_tokens = alive[staying], mask[keep], positions[keep], next_tokens[keep]
+        if 4 * (len(alive) - len(running)) >= len(alive):
+            keep = torch.tensor(running, device=mask.device)
+            alive = [alive[position] for position in running]
+            mask, positions, next_tokens = mask[keep], positions[keep], next_tokens[keep]
             if use_cache:
                 outputs.cache.batch_select_indices(keep)
             else:
                 embeds = embeds[keep]
             if on_rows_kept is not None:
                 on_rows_kept(keep)
-        mask = torch.cat([mask, mask.new_ones(len(staying), 1)], dim=1)
+        mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
         positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
         if use_cache:
             outputs = llm(input_ids=next_tokens[:, None], attention_mask=mask, position_ids=positions[:, -1:],
@@ -94,4 +103,4 @@ def generate(llm: PreTrainedModel, prompts: list[torch.Tensor], eos_id: int, max
         else:
             embeds = torch.cat([embeds, embed(next_tokens[:, None])], dim=1)
             outputs = llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False)
-    return [Hypothesis(t, float(s)) for t, s in zip(tokens, sum_logprob, strict=True)]
+    return [Hypothesis(t, s) for t, s in zip(tokens, sum_logprob, strict=True)]
