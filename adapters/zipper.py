@@ -95,6 +95,12 @@ class ZipperLinear(nn.Module):
             self.router = nn.Linear(config.language_dim, r)
             nn.init.zeros_(self.router.weight)
             nn.init.constant_(self.router.bias, 2.0)  # start mostly shared: the warm-started B_s
+            if config.variant == Variant.HARD:
+                # Start as STATIC instead: a gate that is exactly 1 gives its rank of B_l no gradient, and
+                # under Initial-B (B_l = B_s) neither does the router, so an all-shared start stays the
+                # shared LoRA for ever. Language-specific ranks let B_l and B_s move apart, and then the
+                # router's straight-through gradient, ∝ (B_s − B_l), can move any rank across.
+                self.router.bias.data[config.static_shared_ranks:] = -2.0
         self.dropout = nn.Dropout(config.dropout)
 
     def gates(self) -> torch.Tensor:

@@ -5,20 +5,7 @@
 # benchmarks/results/zipper.{md,json,*.png}. Runs that already have a test report are skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ZASR=.venv/bin/zipper-asr
-STEPS="${STAGE2_STEPS:-250}"
-EVAL_EVERY="${STAGE2_EVAL_EVERY:-50}"
-# Languages sampled with p ∝ n_l^0.5 in stage 2 (every method alike): at the natural mix (τ = 1) the
-# extremely low tier would be 0.8 % of the rows; at τ = 0.5 it is about 6 %.
-TEMPERATURE="${STAGE2_SAMPLING_TEMPERATURE:-0.5}"
-
-train_and_eval() {  # variant init_b
-    local run="runs/stage2/$1-$2"
-    [ -f "$run/eval-test.json" ] && return
-    $ZASR train-adapters --variant "$1" --init-b "$2" --steps "$STEPS" --eval-every "$EVAL_EVERY" \
-        --sampling-temperature "$TEMPERATURE" --out "$run"
-    $ZASR eval --model "$run/model" --split test --out "$run/eval-test"
-}
+source scripts/zipper_common.sh
 
 [ -f runs/stage1/eval-test.json ] || $ZASR eval --model runs/stage1/model --split test --out runs/stage1/eval-test
 for variant in shared independent static hard soft; do

@@ -16,7 +16,7 @@ from adapters.zipper import (
     zipper_layers,
 )
 from server.adapter_cache import SHARED_KEY
-from server.engine import EmbeddedEngine, EngineInput, EngineOutput
+from server.engine import EmbeddedEngine, EngineInput, EngineOutput, length_groups
 from server.metrics import Metrics
 from speechllm.inference import LID_CONFIDENCE_THRESHOLD, transcribe_features
 from speechllm.model import SpeechLLM
@@ -262,3 +262,13 @@ def test_merged_adapter_nbytes(adapted: SpeechLLM, language: str | None) -> None
     expected = sum(4 * rank * (layer.base.out_features + (layer.base.in_features if independent else 0))
                    for _, layer in zipper_layers(adapted.llm))
     assert merged.nbytes == expected
+
+
+def test_length_groups_put_an_outlier_apart_and_cover_every_row_once() -> None:
+    lengths = [161, 170, 153, 208, 539, 166, 160]
+    groups = length_groups(lengths, call_frames=100)
+    assert sorted(row for group in groups for row in group) == list(range(len(lengths)))
+    assert [4] in groups  # the 5.4 s clip is encoded on its own
+    assert length_groups([200] * 5) == [[0, 1, 2, 3, 4]]  # equal lengths: one call
+    assert length_groups([100, 3000], call_frames=0) == [[0], [1]]
+    assert length_groups([]) == []

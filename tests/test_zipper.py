@@ -138,3 +138,22 @@ def test_serving_path_with_one_adapter_or_without_time_axis(variant: Variant, sh
         layer.languages = None
         with use_segments(layer, segments):
             assert torch.allclose(layer(x), expected, atol=1e-5)
+
+
+def test_hard_router_starts_as_static_so_that_it_can_learn() -> None:
+    model = _OneLinear("proj")
+    inject(model, ZipperConfig(variant=Variant.HARD, rank=4, static_shared_ranks=2, n_languages=3,
+                               target_modules=("proj",)))
+    layer = model.proj
+    r_s = layer.config.static_shared_ranks
+    gates = layer.gates()
+    assert torch.equal(gates[:, :r_s], torch.ones_like(gates[:, :r_s]))
+    assert torch.equal(gates[:, r_s:], torch.zeros_like(gates[:, r_s:]))
+    # Under Initial-B (B_l = B_s) the language-specific ranks still get gradient, so B_l leaves B_s.
+    with torch.no_grad():
+        layer.lora_B_shared.normal_()
+        layer.lora_B_language.copy_(layer.lora_B_shared.expand_as(layer.lora_B_language))
+    layer.languages = torch.tensor([0, 1])
+    layer(torch.randn(2, 3, layer.base.in_features)).square().sum().backward()
+    assert layer.lora_B_language.grad[:, :, r_s:].abs().sum() > 0
+    assert layer.lora_B_language.grad[:, :, :r_s].abs().sum() == 0
