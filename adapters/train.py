@@ -64,6 +64,9 @@ class Stage2Settings(TrainSettings):
     variant: Variant = Variant.SOFT
     init_b: str = "warm"  # "warm": Initial-B from stage 1; "zero": the ablation
     static_shared_ranks: int = 8
+    # Adam moves a parameter by about lr per step, whatever its gradient: at lr 5e-4 a router logit moves
+    # ~0.1 in 250 steps, and a gate only changes sides once its logit (±2 at the start) crosses 0.
+    router_lr_scale: float = 1.0
     extra: dict = field(default_factory=dict)
 
 
@@ -163,6 +166,18 @@ def _trained_state(model: SpeechLLM) -> dict[str, torch.Tensor]:
             if not k.startswith("llm.") or is_adapter_tensor(k)}
 
 
+def parameter_groups(model: SpeechLLM, settings: TrainSettings) -> list[dict]:
+    """The trainable parameters; the routers and the language embedding they read at
+    `router_lr_scale` times the learning rate (stage 2)."""
+    scale = getattr(settings, "router_lr_scale", 1.0)
+    groups: dict[bool, list[torch.nn.Parameter]] = {False: [], True: []}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            groups[".router." in name or "zipper_language_embedding" in name].append(param)
+    return [{"params": groups[False], "lr": settings.lr}] + (
+        [{"params": groups[True], "lr": settings.lr * scale}] if groups[True] else [])
+
+
 def train_loop(model: SpeechLLM, corpus_dir: Path, out_dir: Path, settings: TrainSettings, description: str,
                train_lid: bool) -> dict:
     """Train `model`'s trainable parameters on the ASR mix; keep the best dev-CER state; save the model."""
@@ -175,7 +190,8 @@ def train_loop(model: SpeechLLM, corpus_dir: Path, out_dir: Path, settings: Trai
     dev = dev_subset(load_features(corpus_dir, "dev"), settings.dev_per_language, settings.seed)
     language_ids = {code: i for i, code in enumerate(model.config.languages)}
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer, scheduler = make_optimizer(trainable, settings.lr, settings.steps, warmup=200)
+    optimizer, scheduler = make_optimizer(parameter_groups(model, settings), settings.lr, settings.steps,
+                                          warmup=200)
     log = CurveLog(out_dir / "curve.jsonl")
     best: dict = {"dev_cer": float("inf")}
     step = 0

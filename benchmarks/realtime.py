@@ -245,10 +245,12 @@ def encoder_work(model_dir: Path, turn_seconds: list[float], update_ms: float = 
     model = SpeechLLM.load(model_dir)
     chunk = model.config.encoder.chunk_size
     speech = np.concatenate([_speech(text, "en+m5", SAMPLE_RATE) for texts in PHRASES.values() for text in texts])
+    step = int(update_ms * SAMPLE_RATE / 1000)
+    for incremental in (True, False):  # warm-up: the first calls of each shape set up their kernels
+        IncrementalEncoder(model.encoder, chunk, incremental).update(StreamingFeatures().update(speech[: 3 * step]))
     rows = []
     for seconds in turn_seconds:
         samples = np.resize(speech, int(seconds * SAMPLE_RATE))
-        step = int(update_ms * SAMPLE_RATE / 1000)
         row = {"turn_seconds": seconds, "updates": 0}
         for mode, incremental in (("incremental", True), ("recompute", False)):
             encoder = IncrementalEncoder(model.encoder, chunk, incremental)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 
-def make_optimizer(params: list[nn.Parameter], lr: float, steps: int, warmup: int,
+def make_optimizer(params: list[nn.Parameter] | list[dict], lr: float, steps: int, warmup: int,
                    weight_decay: float = 0.01) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapters.train import Stage2Settings, build_stage2_model, epoch_indices
+from adapters.train import Stage2Settings, build_stage2_model, epoch_indices, parameter_groups
 from adapters.zipper import Variant, ZipperConfig, merge_language, zipper_layers
 from tests.conftest import tiny_speech_llm
 
@@ -46,6 +46,20 @@ def test_only_adapter_tensors_train_in_stage2(stage1_dir: Path) -> None:
     model = build_stage2_model(stage1_dir, Stage2Settings(variant=Variant.HARD))
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n or "router" in n or "language_embedding" in n for n in trainable)
+
+
+def test_routers_may_learn_faster_than_the_lora_factors(stage1_dir: Path) -> None:
+    model = build_stage2_model(stage1_dir, Stage2Settings(variant=Variant.SOFT))
+    settings = Stage2Settings(variant=Variant.SOFT, lr=1e-3, router_lr_scale=100)
+    factors, routing = parameter_groups(model, settings)
+    assert (factors["lr"], routing["lr"]) == (1e-3, 0.1)
+    names = {id(p): name for name, p in model.named_parameters()}
+    assert all(".router." in names[id(p)] or "language_embedding" in names[id(p)] for p in routing["params"])
+    assert all("lora_" in names[id(p)] for p in factors["params"])
+    trainable = sum(p.requires_grad for p in model.parameters())
+    assert len(factors["params"]) + len(routing["params"]) == trainable
+    shared = build_stage2_model(stage1_dir, Stage2Settings(variant=Variant.SHARED))
+    assert len(parameter_groups(shared, Stage2Settings(variant=Variant.SHARED))) == 1  # nothing to route
 
 
 def test_language_sampling_temperature() -> None:

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Dev-only probes for the Zipper-LoRA report (issue 3): why does Zipper stay so close to the shared LoRA?
+# Every run is trained as in scripts/zipper_experiments.sh but selected and compared on the whole dev split
+# (100 utterances per language instead of 20) and never evaluated on test: this is where we look for the
+# cause, so it must not touch the test split. The question asked: do the routers learn at all at the
+# stage-2 learning rate, and what changes when they may (routers and language embedding at 100× the lr)?
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/zipper_common.sh
+
+probe() {  # name variant [extra train-adapters arguments...]
+    local run="runs/stage2-probes/$1" variant="$2"
+    shift 2
+    [ -f "$run/summary.json" ] && return
+    $ZASR train-adapters --variant "$variant" --init-b warm --steps "$STEPS" --eval-every 125 \
+        --sampling-temperature "$TEMPERATURE" --dev-per-language 100 --out "$run" "$@"
+}
+probe shared shared
+probe independent independent
+probe soft soft
+probe soft-router-lr100 soft --router-lr-scale 100
+probe hard-router-lr100 hard --router-lr-scale 100
+.venv/bin/python - <<'PY'
+import json
+from pathlib import Path
+
+print("| run | best dev CER % (step) | dev high | dev mid | dev low |")
+print("|---|---:|---:|---:|---:|")
+for run in sorted(Path("runs/stage2-probes").glob("*/curve.jsonl")):
+    evals = [r for r in map(json.loads, run.read_text().splitlines()) if "dev_cer" in r]
+    best = min(evals, key=lambda r: r["dev_cer"])
+    tiers = " | ".join(f"{100 * best[f'dev_cer_{tier}']:.1f}" for tier in ("high", "mid", "low"))
+    print(f"| {run.parent.name} | {100 * best['dev_cer']:.1f} ({best['step']}) | {tiers} |")
+PY
