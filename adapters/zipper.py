@@ -141,8 +141,6 @@ class ZipperLinear(nn.Module):
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         x = self.dropout(x)
-        if self.rows is not None:
-            return self.rows.delta(x, self.lora_A)
         if self.config.variant == Variant.SHARED:
             return (x @ self.lora_A.T) @ self.lora_B_shared.T
         if self.languages is None:
@@ -236,10 +234,6 @@ class RowAdapters:
 
     a: torch.Tensor | None  # (in, r) or (rows, in, r); None: the layer's shared A
     b: torch.Tensor  # (r, out) or (rows, r, out)
-
-    def delta(self, x: torch.Tensor, shared_a: torch.Tensor) -> torch.Tensor:
-        """B(l) A x per row (unscaled)."""
-        return self.add_update(x.new_zeros(*x.shape[:-1], self.b.shape[-1]), x, shared_a, 1.0)
 
     def add_update(self, y: torch.Tensor, x: torch.Tensor, shared_a: torch.Tensor, scaling: float) -> torch.Tensor:
         """y + scaling · B(l) A x, for y = W0 x (B, [T,] out) and x (B, [T,] in)."""

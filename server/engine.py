@@ -113,22 +113,29 @@ class SpeechEngine:
     # ---- language ID ---------------------------------------------------------------------------
     @torch.no_grad()
     def _encode(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Encoder states (B, T, d) of every row, their lengths and LID posteriors. Rows of very different
-        lengths are encoded in separate calls: one 5 s clip among 2 s clips would otherwise more than double
-        the encoder's work in padding (each row's states do not depend on the padding)."""
-        groups = length_groups([x.shape[-1] for x in features])
+        """Encoder states (B, T, d) of every row, their lengths and LID posteriors."""
+        return self._with_language_posteriors(self._encode_each(features))
+
+    def _encode_each(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each row's encoder states (T_i, d). Rows of very different lengths are encoded in separate calls:
+        one 5 s clip among 2 s clips would otherwise more than double the encoder's work in padding (each
+        row's states do not depend on the padding)."""
         encoded: list[torch.Tensor | None] = [None] * len(features)
-        for group in groups:
+        for group in length_groups([x.shape[-1] for x in features]):
             batch, lengths = pad_features([features[row] for row in group])
             states, state_lengths = self.model.encode(batch.to(self.device), lengths.to(self.device), chunk_size=0)
             for position, row in enumerate(group):
                 encoded[row] = states[position, : state_lengths[position]]
-        state_lengths = torch.tensor([len(row) for row in encoded], device=self.device)
-        states = encoded[0].new_zeros(len(encoded), int(state_lengths.max()), encoded[0].shape[-1])
-        for row, row_states in enumerate(encoded):
-            states[row, : len(row_states)] = row_states
-        probabilities = self.model.language_logits(states, state_lengths).float().softmax(-1).cpu()
-        return states, state_lengths, probabilities
+        return encoded
+
+    def _with_language_posteriors(self, rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-row states → padded states (B, T, d), lengths and LID posteriors."""
+        lengths = torch.tensor([len(row) for row in rows], device=self.device)
+        states = rows[0].new_zeros(len(rows), int(lengths.max()), rows[0].shape[-1])
+        for index, row in enumerate(rows):
+            states[index, : len(row)] = row
+        probabilities = self.model.language_logits(states, lengths).float().softmax(-1).cpu()
+        return states, lengths, probabilities
 
     def _guess(self, probabilities: torch.Tensor, top: int = 3) -> LanguageGuess:
         values, indices = probabilities.topk(min(top, len(self.languages)))
@@ -142,20 +149,9 @@ class SpeechEngine:
     @torch.no_grad()
     def _encode_rows(self, batch: list[EngineInput]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Like `_encode`, for rows of which some (realtime partial updates) bring their encoder states."""
-        if all(item.states is None for item in batch):
-            return self._encode([item.features for item in batch])
-        fresh = [item.features for item in batch if item.states is None]
-        encoded = iter(())
-        if fresh:
-            states, lengths, _ = self._encode(fresh)
-            encoded = iter([states[row, : lengths[row]] for row in range(len(fresh))])
-        rows = [item.states.to(self.device) if item.states is not None else next(encoded) for item in batch]
-        lengths = torch.tensor([len(row) for row in rows], device=self.device)
-        states = rows[0].new_zeros(len(rows), int(lengths.max()), rows[0].shape[-1])
-        for index, row in enumerate(rows):
-            states[index, : len(row)] = row
-        probabilities = self.model.language_logits(states, lengths).float().softmax(-1).cpu()
-        return states, lengths, probabilities
+        encoded = iter(self._encode_each([item.features for item in batch if item.states is None]))
+        return self._with_language_posteriors(
+            [item.states.to(self.device) if item.states is not None else next(encoded) for item in batch])
 
     # ---- the speech half of transcription ----------------------------------------------------------
     @torch.no_grad()
