@@ -7,7 +7,9 @@
    - speech end → completed: the same from the end of the speech, so including the VAD's wait for
      `silence_duration_ms` of silence (OpenAI's default 500 ms, and 200 ms as a voice interface would set it);
    - the interval between consecutive partial deltas of a turn while it is spoken;
-   - how often the full decode disagreed with partial text already sent (`offline_transcript` present).
+   - how often the full decode disagreed with partial text already sent (`offline_transcript` present);
+   - the single-stream runs again on a server without early finals (ZASR_REALTIME_EARLY_FINAL=false), for the
+     ratio of what starting the final decode inside the closing pause saves.
 2. How the agreement setting (`transcription.delay`: 2, 3 or 4 hypotheses) trades early text for revisions.
 3. Encoder work per partial update with and without incremental encoding, in this process on the same model:
    encoder frames computed and wall time per update, over turns of several lengths, updates every 640 ms.
@@ -212,9 +214,10 @@ async def sequential(url: str, items: list[tuple[str, bytes]], delay: str | None
     return summarize(results, time.monotonic() - start, silence_ms)
 
 
-def start_server(model: Path, threads: int) -> tuple[subprocess.Popen, str]:
+def start_server(model: Path, threads: int, early_final: bool = True) -> tuple[subprocess.Popen, str]:
     port = _port()
-    env = os.environ | {"ZASR_MODEL_DIR": str(model), "ZASR_PORT": str(port), "ZASR_THREADS": str(threads)}
+    env = os.environ | {"ZASR_MODEL_DIR": str(model), "ZASR_PORT": str(port), "ZASR_THREADS": str(threads),
+                        "ZASR_REALTIME_EARLY_FINAL": str(early_final).lower()}
     process = subprocess.Popen([sys.executable, "-m", "speechllm.cli", "serve"], env=env, cwd=ROOT,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
@@ -231,7 +234,7 @@ def start_server(model: Path, threads: int) -> tuple[subprocess.Popen, str]:
 
 def server_counters(url: str) -> dict:
     names = ("zasr_realtime_encoder_frames_total", "zasr_realtime_partial_updates_total",
-             "zasr_realtime_revised_turns_total", "zasr_realtime_turns_total")
+             "zasr_realtime_revised_turns_total", "zasr_realtime_turns_total", "zasr_realtime_early_finals_total")
     lines = httpx.get(f"{url}/metrics").text.splitlines()
     return {line.split()[0]: float(line.split()[1]) for line in lines if line.startswith(names)}
 
@@ -310,6 +313,17 @@ def main() -> None:
     finally:
         process.terminate()
         process.wait(30)
+    # The same single-stream runs on a server that starts no early finals, for the ratio.
+    process, url = start_server(args.model, args.threads, early_final=False)
+    ws_url = url.replace("http://", "ws://") + "/v1/realtime"
+    try:
+        asyncio.run(play(ws_url, *items[0], None))
+        for silence_ms in (SILENCE_MS, SHORT_SILENCE_MS):
+            results[f"one_stream_silence_{silence_ms}ms_no_early_final"] = asyncio.run(
+                sequential(ws_url, items[: args.recordings], silence_ms=silence_ms))
+    finally:
+        process.terminate()
+        process.wait(30)
     results["encoder_work"] = encoder_work(args.model, [2.56, 5.12, 10.24, 20.48])
     write(results, args)
 
@@ -330,6 +344,15 @@ def write(results: dict, args: argparse.Namespace) -> None:
                          f"{r['commit_to_completed_p95_s']} | {r['speech_end_to_completed_p50_s']} / "
                          f"{r['speech_end_to_completed_p95_s']} | {r['delta_interval_p50_s']} / "
                          f"{r['delta_interval_p95_s']} | {r['revised_turns']} | {r['text_sent_before_commit']} |")
+    lines += ["", "Early finals, one stream, speech end → completed p50 / p95 s, side by side in this run:", "",
+              "| silence_duration_ms | early finals | none | p50 ratio none / early |", "|---:|---:|---:|---:|"]
+    short = f"one_stream_silence_{SHORT_SILENCE_MS}ms"
+    for silence_ms, name in ((SILENCE_MS, "one_stream"), (SHORT_SILENCE_MS, short)):
+        early, none = results[name], results[f"one_stream_silence_{silence_ms}ms_no_early_final"]
+        ratio = round(none["speech_end_to_completed_p50_s"] / early["speech_end_to_completed_p50_s"], 2)
+        lines.append(f"| {silence_ms} | {early['speech_end_to_completed_p50_s']} / "
+                     f"{early['speech_end_to_completed_p95_s']} | {none['speech_end_to_completed_p50_s']} / "
+                     f"{none['speech_end_to_completed_p95_s']} | {ratio} |")
     lines += ["", "Encoder work per partial update (updates every 640 ms of audio, chunk 16 frames = 640 ms):", "",
               "| turn s | updates | frames/update incremental | frames/update recompute | frames ratio | "
               "ms/update incremental | ms/update recompute | time ratio | full-attention encode once, ms |",
@@ -350,7 +373,9 @@ def write(results: dict, args: argparse.Namespace) -> None:
               "medium (3 hypotheses) and high (4). Encoder work: *incremental* encodes each 640 ms chunk once with "
               "its left context cached; *recompute* re-encodes the whole turn under the same chunked mask at every "
               "update (identical states); the last column is one full-attention encode of the whole turn (what the "
-              "final decode does once per turn).", ""]
+              "final decode does once per turn). *Early finals*: the final decode starts one speech pad (100 ms) into "
+              "each pause, on the turn's audio up to there, while the VAD waits out `silence_duration_ms`; the "
+              "server counters show how many were used (the turn ended there) and discarded (speech went on).", ""]
     Path(f"{args.out}.md").write_text("\n".join(lines))
     print("\n".join(lines))
 

@@ -62,6 +62,9 @@ class Metrics:
         self.realtime_revised = Counter("zasr_realtime_revised_turns_total",
                                         "Turns whose full decode did not extend the partial text already sent, so "
                                         "the transcript continues that text instead", registry=r)
+        self.realtime_early_finals = Counter("zasr_realtime_early_finals_total",
+                                             "Final decodes started during a turn's closing pause (used: the turn "
+                                             "ended there; discarded: speech went on)", ["outcome"], registry=r)
         self.realtime_completion_seconds = Histogram("zasr_realtime_completion_seconds",
                                                      "From a turn's commit to its completed event",
                                                      buckets=LATENCY_BUCKETS, registry=r)

@@ -18,6 +18,14 @@ POST /v1/audio/transcriptions answers for the same audio. When it does not (the 
 partial hypotheses), a delta cannot be taken back, so the turn is decoded once more with the sent text forced as
 its beginning; `completed` carries that, and the extension field `offline_transcript` the REST answer. Either way
 the deltas of a turn concatenate to its `completed` transcript.
+
+With server VAD, the audio transcribed for a turn ends one speech pad (the REST VAD's `speech_pad`, 100 ms) after
+its closing pause began, as the REST endpoint's windows of long audio end; the rest of the pause, up to
+`audio_end_ms`, holds no words. So that audio is complete once the pause has lasted the pad, and the final decode
+starts then (an early final), while the VAD still waits for `silence_duration_ms`. If speech resumes first, the
+early final is dropped and partial updates go on; if the turn ends at that pause, `completed` follows the commit as
+soon as the early final is done. Partial updates pause while an early final runs: their text would come after
+the final's anyway.
 """
 
 from __future__ import annotations
@@ -188,11 +196,25 @@ class Turn:
     hypotheses: list[str] = field(default_factory=list)  # the latest partial hypotheses
     updates: int = 0  # update intervals of audio already scheduled for decoding
     partial: asyncio.Task | None = None  # the partial update in progress
+    early_final: EarlyFinal | None = None  # the final decode started during a pause, if one is open
     closed: bool = False  # committed or cleared: partial results are no longer wanted
 
     def encode(self, samples: np.ndarray) -> torch.Tensor:
         """The turn's audio so far → encoder states, encoding only what is new (runs in the engine thread)."""
         return self.encoder.update(self.features.update(samples))
+
+
+@dataclass
+class EarlyFinal:
+    """A turn's final decode, started while the VAD waits out a pause, on the audio up to `end`."""
+
+    end: int  # session offset where the transcribed audio ends: the pause's start plus the speech pad
+    emitted: str  # the partial text sent when it started: the decode continues it
+    language: str | None
+    task: asyncio.Task  # → (transcript, REST answer, language), as `_final_text`
+
+    def matches(self, turn: Turn, end: int) -> bool:
+        return self.end == end and self.emitted == turn.emitted and self.language == turn.language
 
 
 @dataclass
@@ -235,6 +257,7 @@ class RealtimeSession:
         window_seconds = min(settings.realtime_max_turn_seconds, settings.max_window_seconds)
         self.max_turn_samples = int(window_seconds * SAMPLE_RATE)  # a turn is one REST window, never more
         self.update_samples = max(1, int(settings.realtime_update_ms * SAMPLE_RATE / 1000))
+        self.speech_pad = runtime.service.vad.speech_pad  # what a turn's audio keeps of its closing pause
 
     # ---- what the gauges read -------------------------------------------------------------------------------
     @property
@@ -435,6 +458,7 @@ class RealtimeSession:
             self.turn.closed = True
             if self.turn.partial is not None:
                 self.turn.partial.cancel()
+            self._drop_early_final(self.turn)
             self.turn = None
             self.metrics.realtime_turns.labels("cleared").inc()
         self.buffer.trim(self.buffer.end)
@@ -457,6 +481,7 @@ class RealtimeSession:
                 else:
                     await self._speech_stopped(offset)
             await self._split_long_turn(self.buffer.end)
+            self._start_early_final()
         elif self.turn is None and samples.size:
             self._open_turn(start)  # manual commits: the first audio after a commit opens the next turn
         self._schedule_partial()
@@ -489,7 +514,7 @@ class RealtimeSession:
         windows = -(-self.vad.silence_duration // WINDOW)
         end = max(self.turn.start, min(self.buffer.end, silence_from + windows * WINDOW))
         await self.send(SpeechStopped(audio_end_ms=to_ms(end), item_id=self.turn.item_id))
-        await self._commit(end)
+        await self._commit(end, transcribe_until=max(self.turn.start, min(end, silence_from + self.speech_pad)))
         if self.vad_stale:
             self._rebuild_vad()
 
@@ -502,16 +527,25 @@ class RealtimeSession:
             turn = self._open_turn(end)
             await self.send(SpeechStarted(audio_start_ms=to_ms(end), item_id=turn.item_id))
 
-    async def _commit(self, end: int) -> None:
+    async def _commit(self, end: int, transcribe_until: int | None = None) -> None:
+        """Close the turn at `end`; its transcript covers the audio up to `transcribe_until` (default: `end`)."""
         turn, self.turn = self.turn, None
         turn.closed = True
         if turn.partial is not None:
             turn.partial.cancel()  # its result would come too late to be sent
-        samples = self.buffer.slice(turn.start, end)
+        transcribe_until = end if transcribe_until is None else transcribe_until
+        samples = self.buffer.slice(turn.start, transcribe_until)
+        early = turn.early_final
+        if early is not None and early.matches(turn, transcribe_until):
+            self.metrics.realtime_early_finals.labels("used").inc()
+            transcription = early.task
+        else:
+            self._drop_early_final(turn)
+            transcription = None
         self.turn_floor = end
         await self.send(Committed(item_id=turn.item_id, previous_item_id=self.previous_item_id))
         self.previous_item_id = turn.item_id
-        final = self._spawn(self._finish(turn, samples, time.monotonic()))
+        final = self._spawn(self._finish(turn, samples, time.monotonic(), transcription))
         self.finals.add(final)
         final.add_done_callback(self.finals.discard)
 
@@ -521,6 +555,32 @@ class RealtimeSession:
         task.add_done_callback(self.tasks.discard)
         return task
 
+    def _start_early_final(self) -> None:
+        """Server VAD: drop the early final when speech resumed; start one when the pause in progress has lasted
+        the speech pad (the turn's audio up to the pause's start plus the pad is then in the buffer)."""
+        turn = self.turn
+        if turn is None or not self.settings.realtime_early_final:
+            return
+        silence_from = self.vad.silence_from if self.vad is not None else None
+        end = None if silence_from is None else max(turn.start, self.vad_offset + silence_from + self.speech_pad)
+        if turn.early_final is not None and not turn.early_final.matches(turn, end):
+            self._drop_early_final(turn)
+        if end is None or end > self.buffer.end or turn.early_final is not None:
+            return
+        if turn.partial is not None:
+            turn.partial.cancel()  # a delta now would change the text that the final decode continues
+        task = self._spawn(self._final_text(turn, self.buffer.slice(turn.start, end)))
+        task.add_done_callback(_retrieve)
+        turn.early_final = EarlyFinal(end, turn.emitted, turn.language, task)
+
+    def _drop_early_final(self, turn: Turn) -> None:
+        if turn.early_final is not None:
+            turn.early_final.task.cancel()
+            turn.early_final = None
+            self.metrics.realtime_early_finals.labels("discarded").inc()
+            if self.turn is turn:
+                self._schedule_partial()
+
     # ---- partial results --------------------------------------------------------------------------------------
     def _schedule_partial(self) -> None:
         """Start the next partial update when a whole update interval of new audio is in and none is running.
@@ -529,7 +589,7 @@ class RealtimeSession:
         the last feature frame of the interval needs beyond it, so that (with the update interval equal to the
         encoder chunk, the default) the interval's chunk is complete and no unfinished chunk is encoded."""
         turn = self.turn
-        if turn is None or turn.partial is not None or not self.agreement:
+        if turn is None or turn.partial is not None or turn.early_final is not None or not self.agreement:
             return
         due = (self.buffer.end - turn.start - FRAME_LOOKAHEAD) // self.update_samples
         if due <= turn.updates:
@@ -585,10 +645,12 @@ class RealtimeSession:
             turn.emitted = agreed  # after the send: a cancelled send must not count as sent
 
     # ---- the final transcript ---------------------------------------------------------------------------------
-    async def _finish(self, turn: Turn, samples: np.ndarray, committed_at: float) -> None:
+    async def _finish(self, turn: Turn, samples: np.ndarray, committed_at: float,
+                      transcription: asyncio.Task | None = None) -> None:
+        """Send the turn's last delta and `completed` (or `failed`); `transcription`: an early final to use."""
         self.final_samples += samples.size
         try:
-            transcript, offline, language = await self._final_text(turn, samples)
+            transcript, offline, language = await (transcription or self._final_text(turn, samples))
             if len(transcript) > len(turn.emitted):
                 await self.send(TranscriptionDelta(item_id=turn.item_id, delta=transcript[len(turn.emitted):]))
             await self.send(TranscriptionCompleted(

@@ -78,6 +78,9 @@ class Settings(BaseSettings):
     realtime_incremental_encoding: bool = Field(True, description="partial updates encode only new chunks (cached "
                                                                   "left context); false re-encodes the whole turn "
                                                                   "each update (same states, for comparison)")
+    realtime_early_final: bool = Field(True, description="server VAD: start a turn's final decode one speech pad "
+                                                         "into each pause, while waiting out silence_duration_ms "
+                                                         "(costs a decode per pause that does not end the turn)")
     realtime_lid_seconds: float = Field(1.0, ge=0, description="without a session language, the turn's language is "
                                                                "taken from the first partial decode with this much "
                                                                "audio that LID is sure of, and kept for the turn")

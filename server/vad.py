@@ -267,6 +267,11 @@ class StreamingVAD:
     def in_speech(self) -> bool:
         return self._in_speech
 
+    @property
+    def silence_from(self) -> int | None:
+        """Where the pause in progress began, while in speech; None when speech goes on (or none is open)."""
+        return self._silence_from if self._in_speech else None
+
     def feed(self, samples: np.ndarray) -> list[tuple[str, int]]:
         """Add a chunk; returns the events it completed, in order, as (name, sample offset)."""
         self._pending = np.concatenate([self._pending, _as_mono(samples)])

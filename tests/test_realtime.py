@@ -31,6 +31,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from server.realtime import extends
+from server.vad import WINDOW, SileroVAD
 from speechllm.audio import SAMPLE_RATE, load_audio, write_wav
 from speechllm.streaming import PcmDecoder
 from tests.conftest import running_server
@@ -45,6 +46,8 @@ MAX_APPEND_BYTES = 64 * 1024
 MAX_TURN_S = 4.0
 IDLE_TIMEOUT_S = 4.0
 MAX_SESSIONS = 4
+SILENCE_MS = 500  # the sessions' silence_duration_ms (also the server's default)
+SPEECH_PAD = SileroVAD().speech_pad  # what a server-VAD turn's transcribed audio keeps of its closing pause
 PHRASES = {"en": ("the house is very small and the water is cold", "she said that they would come tomorrow morning"),
            "de": ("wir haben keine zeit", "das wasser ist sehr kalt")}
 
@@ -214,6 +217,12 @@ def _turns(events: list[dict]) -> list[Turn]:
     return list(turns.values())
 
 
+def _transcribed_end(end_ms: int, silence_ms: int = SILENCE_MS) -> int:
+    """The sample where a server-VAD turn's transcribed audio ends: one speech pad into its closing pause (the
+    pause began where the VAD's wait for silence_duration_ms, in whole windows, began)."""
+    return end_ms * SAMPLE_RATE // 1000 - -(-silence_ms * SAMPLE_RATE // 1000 // WINDOW) * WINDOW + SPEECH_PAD
+
+
 def _check_turn(server: str, turn: Turn, samples: np.ndarray, language: str | None) -> None:
     """The turn against the REST endpoint's answer for the turn's own audio."""
     assert turn.kinds[0] == "speech_started" and turn.kinds[-1] == "completed", turn.kinds
@@ -221,7 +230,7 @@ def _check_turn(server: str, turn: Turn, samples: np.ndarray, language: str | No
     completed = turn.completed
     assert "".join(turn.deltas) == completed["transcript"], "deltas add up to the transcript"
     assert completed["transcript"].startswith(turn.sent_before_commit)
-    window = samples[turn.start_ms * SAMPLE_RATE // 1000: turn.end_ms * SAMPLE_RATE // 1000]
+    window = samples[turn.start_ms * SAMPLE_RATE // 1000: _transcribed_end(turn.end_ms)]
     offline = _rest_text(server, window, language)
     if "offline_transcript" not in completed:
         assert completed["transcript"] == offline
@@ -242,7 +251,7 @@ def test_openai_sdk_client_two_turns_match_the_offline_transcription(server: str
         "format": {"type": "audio/pcm", "rate": 24000},
         "transcription": {"model": "gpt-4o-transcribe", "language": "en"},
         "turn_detection": {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300,
-                           "silence_duration_ms": 500}}}}
+                           "silence_duration_ms": SILENCE_MS}}}}
     events = asyncio.run(_sdk_session(server, session, _appends(pcm, 24_000), turns=2))
 
     # Every event is one of the SDK's own server events, validated (not merely constructed) by its models.
@@ -281,6 +290,31 @@ def test_plain_websocket_client_at_16khz_detects_the_language(server: str) -> No
         _check_turn(server, turn, server_samples, languages[0]["code"] if languages else None)
     assert any(turn.completed["languages"] for turn in turns)
     assert any(turn.sent_before_commit for turn in turns), "partial text arrives while the speaker speaks"
+
+
+def _counter(server: str, sample: str) -> float:
+    lines = httpx.get(f"{server}/metrics").text.splitlines()
+    return sum(float(line.split()[-1]) for line in lines if line.startswith(sample + " "))
+
+
+def test_a_pause_shorter_than_the_silence_drops_the_early_final_and_the_turn_goes_on(server: str) -> None:
+    """The final decode starts one speech pad into every pause (an early final). Here the two phrases are one
+    turn (3.3 s, under the test server's longest turn): espeak ends the first with 300 ms of silence, under
+    silence_duration_ms. The early final started in
+    that pause is dropped when speech resumes; the one started in the closing pause gives the transcript, which
+    is still the REST answer for the turn's audio."""
+    speech = [_speech(text, "de+m5", 24_000) for text in PHRASES["de"]]
+    recording = np.concatenate([np.zeros(6000, np.float32), *speech, np.zeros(24_000, np.float32)])
+    pcm = _pcm16(recording)
+    update = {"type": "session.update", "session": {"type": "transcription", "audio": {"input": {
+        "transcription": {"language": "de"}}}}}
+    used, discarded = (f'zasr_realtime_early_finals_total{{outcome="{outcome}"}}' for outcome in ("used", "discarded"))
+    before = _counter(server, used), _counter(server, discarded)
+    turns = _turns(asyncio.run(_ws_session(server, [update], _appends(pcm, 24_000), turns=1)))
+    assert len(turns) == 1
+    _check_turn(server, turns[0], PcmDecoder(24_000).feed(pcm), "de")
+    assert _counter(server, used) - before[0] == 1
+    assert _counter(server, discarded) - before[1] >= 1
 
 
 def test_manual_commits_without_partial_text_equal_the_rest_answer(server: str) -> None:
