@@ -24,6 +24,7 @@ from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server import errors
+from server.audio_workers import AudioTooLong, AudioWorkers
 from server.batcher import Batcher, QueueFull
 from server.engine import EmbeddedEngine, SpeechEngine
 from server.formats import media_type, render
@@ -48,12 +49,11 @@ from server.protocol import (
     sse_error,
 )
 from server.realtime import RealtimeHub
-from server.service import AudioTooLong, NoSpeech, TranscriptionResult, TranscriptionService
+from server.service import NoSpeech, TranscriptionResult, TranscriptionService
 from server.settings import Settings
 from server.threads import DEFAULT_ENGINE_THREADS, use_one_thread
 from server.vad import SileroVAD
-from speechllm.audio import SAMPLE_RATE, AudioDecodeError, EmptyAudioError
-from speechllm.features import log_mel_spectrogram
+from speechllm.audio import AudioDecodeError, EmptyAudioError
 from speechllm.languages import BY_CODE
 from speechllm.model import SpeechLLM
 
@@ -114,7 +114,8 @@ def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         engine.preload(settings.preload_languages)
     batcher = Batcher(engine, metrics, settings.max_batch_size, settings.max_wait_ms / 1000, settings.max_queue,
                       settings.threads or DEFAULT_ENGINE_THREADS)
-    service = TranscriptionService(settings, batcher, SileroVAD(), metrics)
+    audio = AudioWorkers(settings.audio_workers, SileroVAD(), settings.max_audio_seconds, settings.max_window_seconds)
+    service = TranscriptionService(settings, batcher, audio, metrics)
     return Runtime(engine, batcher, service)
 
 
@@ -149,6 +150,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if "runtime" in holder:
             await holder["runtime"].batcher.stop()
             await holder["runtime"].engine.close()
+            holder["runtime"].service.audio.close()
         loading.cancel()
 
     app = FastAPI(title="zipper-asr", version="0.1.0", lifespan=lifespan)
@@ -211,7 +213,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     async def decode(service: TranscriptionService, data: bytes):
         try:
-            return await run_in_threadpool(service.decode, data)
+            return await service.audio.decode(data)
         except EmptyAudioError:
             raise errors.unsupported_audio("The audio file is empty.") from None
         except AudioDecodeError:
@@ -268,10 +270,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         _, data = await read_upload(request)
         rt = runtime()
         samples = await decode(rt.service, data)
-        if not rt.service.windows(samples):
+        _, features = await rt.service.audio.rows(samples)
+        if not features:
             raise errors.invalid_request("the audio contains no speech.", param="file", code="no_speech")
-        window = samples[: int(settings.max_window_seconds * SAMPLE_RATE)]
-        guess = (await rt.batcher.run_exclusive(rt.engine.detect, [log_mel_spectrogram(window)]))[0]
+        guess = (await rt.batcher.run_exclusive(rt.engine.detect, features[:1]))[0]  # the first window
         request.state.language = guess.language
         return LanguageDetection(language=guess.language, probability=round(guess.probability, 4),
                                  candidates=[LanguageCandidate(language=c, probability=round(p, 4))

@@ -257,7 +257,7 @@ class RealtimeSession:
         window_seconds = min(settings.realtime_max_turn_seconds, settings.max_window_seconds)
         self.max_turn_samples = int(window_seconds * SAMPLE_RATE)  # a turn is one REST window, never more
         self.update_samples = max(1, int(settings.realtime_update_ms * SAMPLE_RATE / 1000))
-        self.speech_pad = runtime.service.vad.speech_pad  # what a turn's audio keeps of its closing pause
+        self.speech_pad = runtime.service.audio.vad.speech_pad  # what a turn's audio keeps of its closing pause
 
     # ---- what the gauges read -------------------------------------------------------------------------------
     @property

@@ -1,6 +1,6 @@
-"""Transcription as the gateway needs it, apart from HTTP: audio bytes in; decoding, limits, long
-audio cut at pauses into windows, rows through the batcher, and the windows joined back with
-their timestamps."""
+"""Transcription as the gateway needs it, apart from HTTP: decoded audio in; its windows and features (from the
+audio workers: server/audio_workers.py), rows through the batcher, and the windows joined back with their
+timestamps."""
 
 from __future__ import annotations
 
@@ -10,22 +10,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
+from server.audio_workers import AudioWorkers
 from server.batcher import Batcher
 from server.engine import EngineInput, EngineOutput
 from server.metrics import Metrics
 from server.settings import Settings
-from server.vad import SileroVAD, Span, split_long_audio
-from speechllm.audio import SAMPLE_RATE, load_audio
-from speechllm.features import log_mel_spectrogram
+from server.vad import Span
+from speechllm.audio import SAMPLE_RATE
 from speechllm.languages import BY_CODE
-
-MIN_SAMPLES = SAMPLE_RATE // 10  # under 100 ms there is nothing to transcribe
-
-
-class AudioTooLong(ValueError):
-    pass
 
 
 class NoSpeech(ValueError):
@@ -54,39 +47,16 @@ class TranscriptionResult:
 
 
 class TranscriptionService:
-    def __init__(self, settings: Settings, batcher: Batcher, vad: SileroVAD, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, batcher: Batcher, audio: AudioWorkers, metrics: Metrics) -> None:
         self.settings = settings
         self.batcher = batcher
-        self.vad = vad
+        self.audio = audio  # decoding, windows and features, off the event loop
         self.metrics = metrics
-
-    def decode(self, audio: bytes) -> np.ndarray:
-        """Bytes of any container → 16 kHz samples; raises AudioDecodeError, AudioTooLong."""
-        samples = load_audio(audio)
-        duration = samples.size / SAMPLE_RATE
-        if duration > self.settings.max_audio_seconds:
-            raise AudioTooLong(f"the audio is {duration:.0f} s long; the limit is "
-                               f"{self.settings.max_audio_seconds:.0f} s")
-        return samples
-
-    def windows(self, samples: np.ndarray) -> list[Span]:
-        """Short audio with speech is one window, untrimmed; long audio is cut at pauses (silero-vad);
-        audio without speech gives no window."""
-        if samples.size < MIN_SAMPLES:
-            return []
-        if samples.size <= self.settings.max_window_seconds * SAMPLE_RATE:
-            return [Span(0, samples.size)] if self.vad.speech_spans(samples) else []
-        return split_long_audio(samples, self.vad, self.settings.max_window_seconds)
-
-    def rows(self, samples: np.ndarray) -> tuple[list[Span], list[torch.Tensor]]:
-        """The windows to transcribe and their features: CPU work for a worker thread, off the event loop."""
-        spans = self.windows(samples)
-        return spans, [log_mel_spectrogram(samples[span.start: span.end]) for span in spans]
 
     async def submit(self, samples: np.ndarray, language: str | None, temperature: float, streaming: bool = False
                      ) -> tuple[list[Span], list[asyncio.Future], list[asyncio.Queue] | None]:
         """Queue the request's windows (all or none: QueueFull). Streaming: one delta queue per window."""
-        spans, features = await asyncio.to_thread(self.rows, samples)
+        spans, features = await self.audio.rows(samples)
         if not spans:
             raise NoSpeech("the audio contains no speech")
         loop = asyncio.get_running_loop()

