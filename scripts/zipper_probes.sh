@@ -7,26 +7,34 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/zipper_common.sh
+# A longer stage 2 goes elsewhere, e.g. STAGE2_STEPS=1000 PROBES_DIR=runs/stage2-probes-1000; PROBE_RUNS picks
+# which probes run, in that order (default: all).
+PROBES_DIR="${PROBES_DIR:-runs/stage2-probes}"
+PROBE_RUNS="${PROBE_RUNS:-shared independent soft soft-router-lr100 hard-router-lr100}"
 
 probe() {  # name variant [extra train-adapters arguments...]
-    local run="runs/stage2-probes/$1" variant="$2"
+    local run="$PROBES_DIR/$1" variant="$2"
     shift 2
     [ -f "$run/summary.json" ] && return
     $ZASR train-adapters --variant "$variant" --init-b warm --steps "$STEPS" --eval-every 125 \
         --sampling-temperature "$TEMPERATURE" --dev-per-language 100 --out "$run" "$@"
 }
-probe shared shared
-probe independent independent
-probe soft soft
-probe soft-router-lr100 soft --router-lr-scale 100
-probe hard-router-lr100 hard --router-lr-scale 100
-.venv/bin/python - <<'PY'
+for name in $PROBE_RUNS; do
+    case "$name" in
+        shared|independent|soft) probe "$name" "$name" ;;
+        soft-router-lr100) probe "$name" soft --router-lr-scale 100 ;;
+        hard-router-lr100) probe "$name" hard --router-lr-scale 100 ;;
+        *) echo "unknown probe: $name" >&2; exit 2 ;;
+    esac
+done
+PROBES_DIR="$PROBES_DIR" .venv/bin/python - <<'PY'
 import json
+import os
 from pathlib import Path
 
 print("| run | best dev CER % (step) | dev high | dev mid | dev low |")
 print("|---|---:|---:|---:|---:|")
-for run in sorted(Path("runs/stage2-probes").glob("*/curve.jsonl")):
+for run in sorted(Path(os.environ["PROBES_DIR"]).glob("*/curve.jsonl")):
     evals = [r for r in map(json.loads, run.read_text().splitlines()) if "dev_cer" in r]
     best = min(evals, key=lambda r: r["dev_cer"])
     tiers = " | ".join(f"{100 * best[f'dev_cer_{tier}']:.1f}" for tier in ("high", "mid", "low"))
