@@ -15,6 +15,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import os
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
@@ -29,6 +32,7 @@ from speechllm.features import log_mel_spectrogram
 
 logger = logging.getLogger("zipper_asr.audio")
 MIN_SAMPLES = SAMPLE_RATE // 10  # under 100 ms there is nothing to transcribe
+PARENT_CHECK_S = 0.5  # how often a worker checks that its server still runs
 
 
 class AudioTooLong(ValueError):
@@ -68,10 +72,19 @@ def window_rows(samples: np.ndarray, vad: SileroVAD, max_window_seconds: float) 
 _worker_vad: SileroVAD | None = None  # a worker process's own
 
 
-def _start_worker() -> None:
+def _start_worker(server_pid: int) -> None:
     global _worker_vad
     use_one_thread()  # the engine's OpenMP threads keep the cores
     _worker_vad = SileroVAD()
+    threading.Thread(target=_exit_with_server, args=(server_pid,), daemon=True).start()
+
+
+def _exit_with_server(server_pid: int) -> None:
+    """A worker outlives a server that was killed (SIGKILL, OOM): it waits on a queue whose writing end it holds
+    itself, so it never sees the end of the stream. Once the server is gone, the worker is someone else's child."""
+    while os.getppid() == server_pid:
+        time.sleep(PARENT_CHECK_S)
+    os._exit(0)
 
 
 def _worker_rows(samples: np.ndarray, max_window_seconds: float) -> tuple[list[Span], list[np.ndarray]]:
@@ -80,7 +93,8 @@ def _worker_rows(samples: np.ndarray, max_window_seconds: float) -> tuple[list[S
 
 def _worker_pool(workers: int) -> ProcessPoolExecutor:
     # spawn, not fork: the gateway has threads (and torch's OpenMP state) that a forked child must not inherit.
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker)
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
+                               initargs=(os.getpid(),))
 
 
 def _run_alone(function: Any, *args: Any) -> Any:

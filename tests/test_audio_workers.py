@@ -6,7 +6,10 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -68,3 +71,30 @@ def test_a_dying_worker_takes_no_other_request_with_it(workers: AudioWorkers) ->
     assert isinstance(crashed, AudioDecodeError)  # retried once on a fresh pool, where it crashed again
     assert isinstance(first, np.ndarray) and np.array_equal(first, second)
     assert np.array_equal(asyncio.run(workers.decode(wav)), first)  # and the pool goes on serving
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_workers_exit_when_their_server_is_killed() -> None:
+    server = ("import multiprocessing, time\n"
+              "from server.audio_workers import AudioWorkers\n"
+              "from server.vad import SileroVAD\n"
+              "workers = AudioWorkers(1, SileroVAD(), 60, 30)\n"
+              "print(*[child.pid for child in multiprocessing.active_children()], flush=True)\n"
+              "time.sleep(120)\n")
+    process = subprocess.Popen([sys.executable, "-c", server], stdout=subprocess.PIPE, text=True,
+                               cwd=Path(__file__).resolve().parent.parent)
+    pids = [int(pid) for pid in process.stdout.readline().split()]
+    assert pids and all(_alive(pid) for pid in pids)
+    process.kill()  # no shutdown at all: as SIGKILL or the OOM killer would end it
+    process.wait()
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in pids), "the workers outlived their server"
