@@ -58,17 +58,4 @@ sudo_cmd=""
 deb_tool prometheus usr/bin/promtool
 deb_tool nginx usr/sbin/nginx
 # --------------------------------------------------------------------------------------------------------
-# --- the shipped model's per-language PEFT adapters ---------------------------------------------------
-# Each language's B(l) as an ordinary LoRA (for peft, and for vLLM's LoRARequest). They are derived from the
-# model's Zipper weights, so they are written here instead of kept in git (models/ stays under 30 MB), and
-# written again whenever those weights change.
-model=models/default
-source="$(cat "$model/config.json" "$model/adapter.safetensors" | sha256sum | cut -c1-16)"
-if [ "$(cat "$model/adapters/.source" 2>/dev/null)" != "$source" ]; then
-  echo "setup: exporting $model's per-language adapters to $model/adapters"
-  rm -rf "$model/adapters"
-  HF_HUB_DISABLE_PROGRESS_BARS=1 .venv/bin/zipper-asr export-adapters --model "$model" >/dev/null
-  echo "$source" > "$model/adapters/.source"
-fi
-
 echo "setup: done ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"
