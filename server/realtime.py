@@ -23,9 +23,8 @@ With server VAD, the audio transcribed for a turn ends one speech pad (the REST 
 its closing pause began, as the REST endpoint's windows of long audio end; the rest of the pause, up to
 `audio_end_ms`, holds no words. So that audio is complete once the pause has lasted the pad, and the final decode
 starts then (an early final), while the VAD still waits for `silence_duration_ms`. If speech resumes first, the
-early final is dropped and partial updates go on; if the turn ends at that pause, `completed` follows the commit as
-soon as the early final is done. Partial updates pause while an early final runs: their text would come after
-the final's anyway.
+early final is dropped; so is it when a partial delta changes the text that it continues, and another starts with
+the next audio. If the turn ends at that pause, `completed` follows the commit as soon as the early final is done.
 """
 
 from __future__ import annotations
@@ -514,7 +513,7 @@ class RealtimeSession:
         windows = -(-self.vad.silence_duration // WINDOW)
         end = max(self.turn.start, min(self.buffer.end, silence_from + windows * WINDOW))
         await self.send(SpeechStopped(audio_end_ms=to_ms(end), item_id=self.turn.item_id))
-        await self._commit(end, transcribe_until=max(self.turn.start, min(end, silence_from + self.speech_pad)))
+        await self._commit(end, transcribe_until=min(end, self._transcribed_end(self.turn, silence_from)))
         if self.vad_stale:
             self._rebuild_vad()
 
@@ -556,30 +555,32 @@ class RealtimeSession:
         return task
 
     def _start_early_final(self) -> None:
-        """Server VAD: drop the early final when speech resumed; start one when the pause in progress has lasted
-        the speech pad (the turn's audio up to the pause's start plus the pad is then in the buffer)."""
+        """Server VAD: drop the early final when speech resumed or a partial delta changed the text it continues;
+        start one when the pause in progress has lasted the speech pad (the turn's audio up to the pause's start
+        plus the pad is then in the buffer)."""
         turn = self.turn
         if turn is None or not self.settings.realtime_early_final:
             return
         silence_from = self.vad.silence_from if self.vad is not None else None
-        end = None if silence_from is None else max(turn.start, self.vad_offset + silence_from + self.speech_pad)
+        end = None if silence_from is None else self._transcribed_end(turn, self.vad_offset + silence_from)
         if turn.early_final is not None and not turn.early_final.matches(turn, end):
             self._drop_early_final(turn)
         if end is None or end > self.buffer.end or turn.early_final is not None:
             return
-        if turn.partial is not None:
-            turn.partial.cancel()  # a delta now would change the text that the final decode continues
         task = self._spawn(self._final_text(turn, self.buffer.slice(turn.start, end)))
         task.add_done_callback(_retrieve)
         turn.early_final = EarlyFinal(end, turn.emitted, turn.language, task)
+
+    def _transcribed_end(self, turn: Turn, silence_from: int) -> int:
+        """Where a server-VAD turn's transcribed audio ends, for a closing pause from `silence_from` (session
+        offset): one speech pad into the pause."""
+        return max(turn.start, silence_from + self.speech_pad)
 
     def _drop_early_final(self, turn: Turn) -> None:
         if turn.early_final is not None:
             turn.early_final.task.cancel()
             turn.early_final = None
             self.metrics.realtime_early_finals.labels("discarded").inc()
-            if self.turn is turn:
-                self._schedule_partial()
 
     # ---- partial results --------------------------------------------------------------------------------------
     def _schedule_partial(self) -> None:
@@ -589,7 +590,7 @@ class RealtimeSession:
         the last feature frame of the interval needs beyond it, so that (with the update interval equal to the
         encoder chunk, the default) the interval's chunk is complete and no unfinished chunk is encoded."""
         turn = self.turn
-        if turn is None or turn.partial is not None or turn.early_final is not None or not self.agreement:
+        if turn is None or turn.partial is not None or not self.agreement:
             return
         due = (self.buffer.end - turn.start - FRAME_LOOKAHEAD) // self.update_samples
         if due <= turn.updates:
