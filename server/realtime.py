@@ -195,7 +195,7 @@ class Turn:
     hypotheses: list[str] = field(default_factory=list)  # the latest partial hypotheses
     updates: int = 0  # update intervals of audio already scheduled for decoding
     partial: asyncio.Task | None = None  # the partial update in progress
-    early_final: EarlyFinal | None = None  # the final decode started during a pause, if one is open
+    early_final: FinalDecode | None = None  # the final decode started during a pause, if one is open
     closed: bool = False  # committed or cleared: partial results are no longer wanted
 
     def encode(self, samples: np.ndarray) -> torch.Tensor:
@@ -204,16 +204,28 @@ class Turn:
 
 
 @dataclass
-class EarlyFinal:
-    """A turn's final decode, started while the VAD waits out a pause, on the audio up to `end`."""
+class FinalDecode:
+    """A turn's final decode in flight, on its audio up to `end`: what the REST endpoint answers for that audio
+    and, when partial text was already sent, the decode forced to continue that text (needed only when the REST
+    answer does not begin with it). Started at the commit, or early: while the VAD waits out a pause."""
 
-    end: int  # session offset where the transcribed audio ends: the pause's start plus the speech pad
-    emitted: str  # the partial text sent when it started: the decode continues it
-    language: str | None
-    task: asyncio.Task  # → (transcript, REST answer, language), as `_final_text`
+    end: int  # session offset where the transcribed audio ends
+    samples: np.ndarray
+    language: str | None  # the turn's language when it started
+    emitted: str  # the partial text sent when it started: what `continued` continues
+    offline: asyncio.Task  # → (REST answer, language)
+    continued: asyncio.Task | None  # → EngineOutput
 
     def matches(self, turn: Turn, end: int) -> bool:
-        return self.end == end and self.emitted == turn.emitted and self.language == turn.language
+        """Whether it decodes what a final decode started now would: the same audio, in the same language.
+        (The partial text sent may have grown since: that only matters when the REST answer does not begin
+        with it.)"""
+        return self.end == end and self.language == turn.language
+
+    def cancel(self) -> None:
+        self.offline.cancel()
+        if self.continued is not None:
+            self.continued.cancel()  # (its row still runs in the engine; nobody waits for it)
 
 
 @dataclass
@@ -533,18 +545,16 @@ class RealtimeSession:
         if turn.partial is not None:
             turn.partial.cancel()  # its result would come too late to be sent
         transcribe_until = end if transcribe_until is None else transcribe_until
-        samples = self.buffer.slice(turn.start, transcribe_until)
-        early = turn.early_final
-        if early is not None and early.matches(turn, transcribe_until):
+        decode = turn.early_final
+        if decode is not None and decode.matches(turn, transcribe_until):
             self.metrics.realtime_early_finals.labels("used").inc()
-            transcription = early.task
         else:
             self._drop_early_final(turn)
-            transcription = None
+            decode = self._start_final(turn, transcribe_until)
         self.turn_floor = end
         await self.send(Committed(item_id=turn.item_id, previous_item_id=self.previous_item_id))
         self.previous_item_id = turn.item_id
-        final = self._spawn(self._finish(turn, samples, time.monotonic(), transcription))
+        final = self._spawn(self._finish(turn, decode, time.monotonic()))
         self.finals.add(final)
         final.add_done_callback(self.finals.discard)
 
@@ -555,9 +565,8 @@ class RealtimeSession:
         return task
 
     def _start_early_final(self) -> None:
-        """Server VAD: drop the early final when speech resumed or a partial delta changed the text it continues;
-        start one when the pause in progress has lasted the speech pad (the turn's audio up to the pause's start
-        plus the pad is then in the buffer)."""
+        """Server VAD: drop the early final when speech resumed; start one when the pause in progress has lasted
+        the speech pad (the turn's audio up to the pause's start plus the pad is then in the buffer)."""
         turn = self.turn
         if turn is None or not self.settings.realtime_early_final:
             return
@@ -567,9 +576,7 @@ class RealtimeSession:
             self._drop_early_final(turn)
         if end is None or end > self.buffer.end or turn.early_final is not None:
             return
-        task = self._spawn(self._final_text(turn, self.buffer.slice(turn.start, end)))
-        task.add_done_callback(_retrieve)
-        turn.early_final = EarlyFinal(end, turn.emitted, turn.language, task)
+        turn.early_final = self._start_final(turn, end)
 
     def _transcribed_end(self, turn: Turn, silence_from: int) -> int:
         """Where a server-VAD turn's transcribed audio ends, for a closing pause from `silence_from` (session
@@ -578,7 +585,7 @@ class RealtimeSession:
 
     def _drop_early_final(self, turn: Turn) -> None:
         if turn.early_final is not None:
-            turn.early_final.task.cancel()
+            turn.early_final.cancel()
             turn.early_final = None
             self.metrics.realtime_early_finals.labels("discarded").inc()
 
@@ -646,12 +653,12 @@ class RealtimeSession:
             turn.emitted = agreed  # after the send: a cancelled send must not count as sent
 
     # ---- the final transcript ---------------------------------------------------------------------------------
-    async def _finish(self, turn: Turn, samples: np.ndarray, committed_at: float,
-                      transcription: asyncio.Task | None = None) -> None:
-        """Send the turn's last delta and `completed` (or `failed`); `transcription`: an early final to use."""
+    async def _finish(self, turn: Turn, decode: FinalDecode, committed_at: float) -> None:
+        """Send the turn's last delta and `completed` (or `failed`)."""
+        samples = decode.samples
         self.final_samples += samples.size
         try:
-            transcript, offline, language = await (transcription or self._final_text(turn, samples))
+            transcript, offline, language = await self._final_text(turn, decode)
             if len(transcript) > len(turn.emitted):
                 await self.send(TranscriptionDelta(item_id=turn.item_id, delta=transcript[len(turn.emitted):]))
             await self.send(TranscriptionCompleted(
@@ -675,30 +682,43 @@ class RealtimeSession:
             self.metrics.realtime_turns.labels("failed").inc()
             await self.send(TranscriptionFailed.of(turn.item_id, failure))
         finally:
+            decode.cancel()
             self.final_samples -= samples.size
 
-    async def _final_text(self, turn: Turn, samples: np.ndarray) -> tuple[str, str, str | None]:
-        """(transcript, what the REST endpoint answers, language) for a committed turn."""
-        continued = None
-        if turn.emitted:
-            # Should the full decode not begin with the text already sent, the turn is decoded once more with
-            # that text forced as its beginning. Start that decode now, beside the full one, so that both share a
-            # batch instead of running one after the other; its result is dropped when it is not needed.
-            item = EngineInput(log_mel_spectrogram(samples), turn.language, prefix=turn.emitted)
-            continued = asyncio.ensure_future(self._retry(lambda: self._decode(item)))
-            continued.add_done_callback(_retrieve)
+    def _start_final(self, turn: Turn, end: int) -> FinalDecode:
+        samples = self.buffer.slice(turn.start, end)
+        offline = self._spawn(self._offline_text(samples, turn.language))
+        offline.add_done_callback(_retrieve)
+        return FinalDecode(end, samples, turn.language, turn.emitted, offline, self._continue(turn, samples))
+
+    def _continue(self, turn: Turn, samples: np.ndarray) -> asyncio.Task | None:
+        """Should the REST answer not begin with the text already sent, the turn is decoded once more with that
+        text forced as its beginning. That decode starts beside the REST one, so that both share a batch instead
+        of running one after the other; its result is dropped when it is not needed."""
+        if not turn.emitted:
+            return None
+        item = EngineInput(log_mel_spectrogram(samples), turn.language, prefix=turn.emitted)
+        continued = self._spawn(self._retry(lambda: self._decode(item)))
+        continued.add_done_callback(_retrieve)
+        return continued
+
+    async def _offline_text(self, samples: np.ndarray, language: str | None) -> tuple[str, str | None]:
         try:
-            try:
-                result = await self._retry(lambda: self.runtime.service.transcribe(samples, turn.language))
-                offline, language = result.text, result.language
-            except NoSpeech:
-                offline, language = "", turn.language
-            if extends(offline, turn.emitted, is_unspaced(language)):
-                return offline, offline, language
-            return (await continued).text, offline, language
-        finally:
-            if continued is not None and not continued.done():
-                continued.cancel()  # not needed (the row still runs in the engine; nobody waits for it)
+            result = await self._retry(lambda: self.runtime.service.transcribe(samples, language))
+            return result.text, result.language
+        except NoSpeech:
+            return "", language
+
+    async def _final_text(self, turn: Turn, decode: FinalDecode) -> tuple[str, str, str | None]:
+        """(transcript, what the REST endpoint answers, language) for a committed turn."""
+        offline, language = await decode.offline
+        if extends(offline, turn.emitted, is_unspaced(language)):
+            return offline, offline, language
+        if decode.emitted != turn.emitted:  # text was sent after an early final started: continue that text
+            if decode.continued is not None:
+                decode.continued.cancel()
+            decode.emitted, decode.continued = turn.emitted, self._continue(turn, decode.samples)
+        return (await decode.continued).text, offline, language
 
     async def _decode(self, item: EngineInput) -> EngineOutput:
         future = self.runtime.batcher.submit([item])[0]
