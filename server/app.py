@@ -26,7 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from server import errors
 from server.audio_workers import AudioTooLong, AudioWorkers
 from server.batcher import Batcher, QueueFull
-from server.engine import EmbeddedEngine, SpeechEngine
+from server.engine import EmbeddedEngine, EngineInput, SpeechEngine
 from server.formats import media_type, render
 from server.metrics import Metrics
 from server.protocol import (
@@ -114,7 +114,11 @@ def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         engine.preload(settings.preload_languages)
     batcher = Batcher(engine, metrics, settings.max_batch_size, settings.max_wait_ms / 1000, settings.max_queue,
                       settings.threads or DEFAULT_ENGINE_THREADS)
-    audio = AudioWorkers(settings.audio_workers, SileroVAD(), settings.max_audio_seconds, settings.max_window_seconds)
+    encoder_in_workers = settings.encoder_in_workers
+    if encoder_in_workers is None:
+        encoder_in_workers = device == "cpu"
+    audio = AudioWorkers(settings.audio_workers, SileroVAD(), settings.max_audio_seconds, settings.max_window_seconds,
+                         settings.model_dir if encoder_in_workers else None)
     service = TranscriptionService(settings, batcher, audio, metrics)
     return Runtime(engine, batcher, service)
 
@@ -270,10 +274,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         _, data = await read_upload(request)
         rt = runtime()
         samples = await decode(rt.service, data)
-        _, features = await rt.service.audio.rows(samples)
-        if not features:
+        _, rows = await rt.service.audio.rows(samples)
+        if not rows:
             raise errors.invalid_request("the audio contains no speech.", param="file", code="no_speech")
-        guess = (await rt.batcher.run_exclusive(rt.engine.detect, features[:1]))[0]  # the first window
+        first = EngineInput(rows[0].features, None, states=rows[0].states)  # the first window
+        guess = (await rt.batcher.run_exclusive(rt.engine.detect, [first]))[0]
         request.state.language = guess.language
         return LanguageDetection(language=guess.language, probability=round(guess.probability, 4),
                                  candidates=[LanguageCandidate(language=c, probability=round(p, 4))

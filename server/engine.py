@@ -111,11 +111,6 @@ class SpeechEngine:
         """Release the decoder."""
 
     # ---- language ID ---------------------------------------------------------------------------
-    @torch.no_grad()
-    def _encode(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Encoder states (B, T, d) of every row, their lengths and LID posteriors."""
-        return self._with_language_posteriors(self._encode_each(features))
-
     def _encode_each(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
         """Each row's encoder states (T_i, d). Rows of very different lengths are encoded in separate calls:
         one 5 s clip among 2 s clips would otherwise more than double the encoder's work in padding (each
@@ -142,13 +137,14 @@ class SpeechEngine:
         candidates = [(self.languages[i], float(v)) for v, i in zip(values, indices, strict=True)]
         return LanguageGuess(candidates[0][0], candidates[0][1], candidates)
 
-    def detect(self, features: list[torch.Tensor]) -> list[LanguageGuess]:
-        _, _, probabilities = self._encode(features)
+    def detect(self, batch: list[EngineInput]) -> list[LanguageGuess]:
+        _, _, probabilities = self._encode_rows(batch)
         return [self._guess(p) for p in probabilities]
 
     @torch.no_grad()
     def _encode_rows(self, batch: list[EngineInput]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Like `_encode`, for rows of which some (realtime partial updates) bring their encoder states."""
+        """Encoder states (B, T, d) of every row, their lengths and LID posteriors. Rows that bring their encoder
+        states (encoded by an audio worker, or by a realtime stream's incremental encoder) skip the encoder."""
         encoded = iter(self._encode_each([item.features for item in batch if item.states is None]))
         return self._with_language_posteriors(
             [item.states.to(self.device) if item.states is not None else next(encoded) for item in batch])

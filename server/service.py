@@ -56,18 +56,18 @@ class TranscriptionService:
     async def submit(self, samples: np.ndarray, language: str | None, temperature: float, streaming: bool = False
                      ) -> tuple[list[Span], list[asyncio.Future], list[asyncio.Queue] | None]:
         """Queue the request's windows (all or none: QueueFull). Streaming: one delta queue per window."""
-        spans, features = await self.audio.rows(samples)
+        spans, rows = await self.audio.rows(samples)
         if not spans:
             raise NoSpeech("the audio contains no speech")
         loop = asyncio.get_running_loop()
         queues = [asyncio.Queue() for _ in spans] if streaming else None
         items = []
-        for index, window in enumerate(features):
+        for index, row in enumerate(rows):
             callback = None
             if queues is not None:
                 queue = queues[index]
                 callback = lambda delta, q=queue: loop.call_soon_threadsafe(q.put_nowait, delta)  # noqa: E731
-            items.append(EngineInput(window, language, temperature, callback))
+            items.append(EngineInput(row.features, language, temperature, callback, states=row.states))
         return spans, self.batcher.submit(items), queues
 
     async def transcribe(self, samples: np.ndarray, language: str | None, temperature: float = 0.0

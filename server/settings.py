@@ -31,6 +31,9 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="torch device for the embedded engine: auto, cpu, cuda")
     audio_workers: int = Field(1, ge=0, description="processes that decode uploads, run the VAD and compute "
                                                     "features (0: threads of the gateway's process)")
+    encoder_in_workers: bool | None = Field(
+        None, description="the audio workers also run the speech encoder, beside the engine (default: when the "
+                          "engine runs on a CPU; server/audio_workers.py)")
     threads: int = Field(0, description="torch intra-op threads of the engine thread (0: torch's default); every "
                                         "other thread runs torch single-threaded (server/threads.py)")
     lid_threshold: float = Field(LID_CONFIDENCE_THRESHOLD,

@@ -242,6 +242,20 @@ class SpeechLLM(nn.Module):
         return model.to(device).eval()
 
 
+def load_encoder(directory: str | Path) -> nn.Module:
+    """Only the speech encoder of a model directory (for processes that encode audio and nothing else), in
+    float32 as `SpeechLLM.load` gives it."""
+    directory = Path(directory)
+    config = SpeechLLMConfig.from_json(json.loads((directory / "config.json").read_text()))
+    if config.encoder_kind == "hf-whisper":
+        return HFWhisperEncoder.from_directory(directory / str(config.encoder_path)).eval()
+    encoder = SpeechEncoder(config.encoder)
+    speech = load_file(directory / "speech.safetensors")
+    encoder.load_state_dict({k.removeprefix("encoder."): v.float() for k, v in speech.items()
+                             if k.startswith("encoder.")})
+    return encoder.eval()
+
+
 def base_llm_state_dict(llm: nn.Module) -> dict[str, torch.Tensor]:
     """The LLM's own weights under their Hugging Face names, without any adapter tensors."""
     state = {}

@@ -18,6 +18,7 @@ import torch
 from server.audio_workers import AudioTooLong, AudioWorkers
 from server.vad import SileroVAD
 from speechllm.audio import AudioDecodeError, EmptyAudioError
+from speechllm.model import SpeechLLM
 
 
 def _wav() -> bytes:
@@ -46,7 +47,32 @@ def test_a_worker_gives_the_rows_a_thread_gives(workers: AudioWorkers) -> None:
 
     (spans, features), (thread_spans, thread_features) = asyncio.run(both())
     assert len(spans) >= 2 and spans == thread_spans  # 2 s windows: the 2.8 s phrase is cut at a pause
-    assert all(torch.equal(a, b) for a, b in zip(features, thread_features, strict=True))
+    assert all(torch.equal(a.features, b.features) for a, b in zip(features, thread_features, strict=True))
+    assert all(row.states is None for row in features + thread_features)
+
+
+def test_workers_with_the_encoder_give_the_states_the_engine_would_compute() -> None:
+    model_dir = Path(__file__).resolve().parent.parent / "models" / "default"
+    encoding = AudioWorkers(1, SileroVAD(), max_audio_seconds=60, max_window_seconds=2.0, encoder_model_dir=model_dir)
+    threads = AudioWorkers(0, SileroVAD(), max_audio_seconds=60, max_window_seconds=2.0)
+
+    async def both() -> tuple:
+        samples = await threads.decode(_wav())
+        return await encoding.rows(samples), await threads.rows(samples)
+
+    try:
+        (spans, rows), (thread_spans, thread_rows) = asyncio.run(both())
+    finally:
+        encoding.close()
+    assert len(spans) >= 2 and spans == thread_spans
+    model = SpeechLLM.load(model_dir)
+    for row, thread_row in zip(rows, thread_rows, strict=True):
+        assert row.features is None
+        with torch.no_grad():
+            states, _ = model.encode(thread_row.features[None], torch.tensor([thread_row.features.shape[-1]]),
+                                     chunk_size=0)
+        assert row.states.shape == states[0].shape
+        assert torch.allclose(row.states, states[0], atol=1e-5)
 
 
 def test_errors_cross_the_process_boundary(workers: AudioWorkers) -> None:

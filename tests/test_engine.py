@@ -98,7 +98,7 @@ def test_mixed_batch_matches_reference_and_rows_alone(adapted: SpeechLLM, thresh
     if untagged_source == "fallback":
         assert untagged.language is None and untagged.adapter == SHARED_KEY
     else:
-        alone_guess = engine.detect([features[4]])[0]
+        alone_guess = engine.detect([EngineInput(features[4], None)])[0]
         assert untagged.language == alone_guess.language
         assert untagged.language_probability == pytest.approx(alone_guess.probability, abs=1e-5)
     expected_adapters = [SHARED_KEY if variant == Variant.SHARED or o.language is None else o.language
