@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from adapters.evaluate import evaluate_features
-from adapters.zipper import Variant, ZipperConfig, is_adapter_tensor, use_languages, zipper_layers
+from adapters.zipper import Variant, ZipperConfig, is_adapter_tensor, sharing_penalty, use_languages, zipper_layers
 from speechllm.data import FeatureSet, length_batches, load_features, spec_augment
 from speechllm.encoder import EncoderConfig
 from speechllm.model import SpeechLLM, SpeechLLMConfig
@@ -67,6 +67,9 @@ class Stage2Settings(TrainSettings):
     # Adam moves a parameter by about lr per step, whatever its gradient: at lr 5e-4 a router logit moves
     # ~0.1 in 250 steps, and a gate only changes sides once its logit (±2 at the start) crosses 0.
     router_lr_scale: float = 1.0
+    # Weight of `sharing_penalty` in the loss (0: none). Without it, routers that may move (router_lr_scale 100)
+    # learn to stop sharing, the extremely low tier included (docs/model.md).
+    router_sharing_weight: float = 0.0
     extra: dict = field(default_factory=dict)
 
 
@@ -215,9 +218,12 @@ def train_loop(model: SpeechLLM, corpus_dir: Path, out_dir: Path, settings: Trai
                 with use_languages(model.llm, adapter_rows):
                     asr = asr_loss(model, states, state_lengths, [e["text"] for e in entries], prompt_languages)
                 loss = asr
+                sharing_weight = getattr(settings, "router_sharing_weight", 0.0)
+                if sharing_weight:
+                    loss = loss + sharing_weight * sharing_penalty(model.llm).to(asr.device)
                 if train_lid:
                     lid = F.cross_entropy(model.language_logits(states, state_lengths).float(), truth)
-                    loss = asr + LID_LOSS_WEIGHT * lid
+                    loss = loss + LID_LOSS_WEIGHT * lid
             optimizer_step(loss, trainable, optimizer, scheduler, max_norm=1.0)
             step += 1
             bar.update()

@@ -24,6 +24,8 @@ for name in $PROBE_RUNS; do
         shared|independent|soft) probe "$name" "$name" ;;
         soft-router-lr100) probe "$name" soft --router-lr-scale 100 ;;
         hard-router-lr100) probe "$name" hard --router-lr-scale 100 ;;
+        # with a prior towards sharing of that weight, e.g. soft-router-lr100-sharing-0.1 (adapters/train.py)
+        soft-router-lr100-sharing-*) probe "$name" soft --router-lr-scale 100 --router-sharing-weight "${name##*-}" ;;
         *) echo "unknown probe: $name" >&2; exit 2 ;;
     esac
 done

@@ -10,6 +10,7 @@ from adapters.zipper import (
     ZipperLinear,
     inject,
     merge_language,
+    sharing_penalty,
     use_languages,
     use_segments,
     zipper_layers,
@@ -81,6 +82,15 @@ def test_hard_gates_pass_a_straight_through_gradient() -> None:
     layer = _layer(Variant.HARD)
     layer.gates().sum().backward()
     assert layer.router.bias.grad is not None and layer.router.bias.grad.abs().sum() > 0
+
+
+def test_sharing_penalty_is_the_mean_language_specific_share_and_pulls_gates_towards_sharing() -> None:
+    soft = _layer(Variant.SOFT)
+    penalty = sharing_penalty(soft)
+    assert penalty.item() == pytest.approx(1 - soft.gates().mean().item())
+    penalty.backward()
+    assert (soft.router.bias.grad < 0).all()  # descending it raises every gate logit: more of B_s
+    assert sharing_penalty(_layer(Variant.STATIC)).item() == 0  # no router: nothing to pull
 
 
 def test_new_adapter_is_the_identity_and_only_adapters_train() -> None:
