@@ -265,7 +265,7 @@ def test_run_exclusive_runs_in_the_engine_thread_between_batches(model: SpeechLL
         await asyncio.sleep(0)  # the first batch is on its way to the engine
         names = await asyncio.gather(batcher.run_exclusive(other_model_work),
                                      batcher.run_exclusive(other_model_work))
-        guesses = await batcher.run_exclusive(engine.detect, [item.features for item in _items(["en", "ja"])])
+        guesses = await batcher.run_exclusive(engine.detect, _items(["en", "ja"]))
         await asyncio.gather(*futures)
         await batcher.stop()
 
