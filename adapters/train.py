@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -70,6 +71,9 @@ class Stage2Settings(TrainSettings):
     # Weight of `sharing_penalty` in the loss (0: none). Without it, routers that may move (router_lr_scale 100)
     # learn to stop sharing, the extremely low tier included (docs/model.md).
     router_sharing_weight: float = 0.0
+    # Each language's share of that prior: (n_min / n_l) ** power, n_l its training clips (0: the same for all;
+    # 0.5: a language with 1 % of another's data is pulled 10× harder).
+    router_sharing_data_power: float = 0.0
     extra: dict = field(default_factory=dict)
 
 
@@ -181,6 +185,16 @@ def parameter_groups(model: SpeechLLM, settings: TrainSettings) -> list[dict]:
         [{"params": groups[True], "lr": settings.lr * scale}] if groups[True] else [])
 
 
+def sharing_prior_weights(entries: list[dict], languages: tuple[str, ...], settings: TrainSettings
+                          ) -> torch.Tensor | None:
+    """Per-language weights of the routers' prior towards sharing (Stage2Settings), or None without one."""
+    if not getattr(settings, "router_sharing_weight", 0.0):
+        return None
+    counts = Counter(entry["language"] for entry in entries)
+    clips = torch.tensor([float(counts[code]) for code in languages])
+    return (clips.min() / clips) ** settings.router_sharing_data_power
+
+
 def train_loop(model: SpeechLLM, corpus_dir: Path, out_dir: Path, settings: TrainSettings, description: str,
                train_lid: bool) -> dict:
     """Train `model`'s trainable parameters on the ASR mix; keep the best dev-CER state; save the model."""
@@ -192,6 +206,7 @@ def train_loop(model: SpeechLLM, corpus_dir: Path, out_dir: Path, settings: Trai
     train = load_features(corpus_dir, "train")
     dev = dev_subset(load_features(corpus_dir, "dev"), settings.dev_per_language, settings.seed)
     language_ids = {code: i for i, code in enumerate(model.config.languages)}
+    sharing_weights = sharing_prior_weights(train.entries, model.config.languages, settings)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(parameter_groups(model, settings), settings.lr, settings.steps,
                                           warmup=200)
@@ -218,9 +233,9 @@ def train_loop(model: SpeechLLM, corpus_dir: Path, out_dir: Path, settings: Trai
                 with use_languages(model.llm, adapter_rows):
                     asr = asr_loss(model, states, state_lengths, [e["text"] for e in entries], prompt_languages)
                 loss = asr
-                sharing_weight = getattr(settings, "router_sharing_weight", 0.0)
-                if sharing_weight:
-                    loss = loss + sharing_weight * sharing_penalty(model.llm).to(asr.device)
+                if sharing_weights is not None:
+                    penalty = sharing_penalty(model.llm, sharing_weights).to(asr.device)
+                    loss = loss + settings.router_sharing_weight * penalty
                 if train_lid:
                     lid = F.cross_entropy(model.language_logits(states, state_lengths).float(), truth)
                     loss = loss + LID_LOSS_WEIGHT * lid

@@ -176,14 +176,18 @@ def inject(model: nn.Module, config: ZipperConfig) -> LanguageEmbedding | None:
     return embedding
 
 
-def sharing_penalty(model: nn.Module) -> torch.Tensor:
-    """The mean share of B_l over every routed layer, language and rank: mean(1 − g_l). A prior towards sharing
-    for training: a language whose own data does not pay for a language-specific rank is pulled back to B_s.
-    Zero for the variants without a router."""
+def sharing_penalty(model: nn.Module, language_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The mean share of B_l over every routed layer, language and rank, mean(1 − g_l), each language weighted
+    by `language_weights` (n_languages,; default 1). A prior towards sharing for training: a language whose own
+    data does not pay for a language-specific rank is pulled back to B_s. Zero for the variants without a
+    router."""
     gates = [layer.gates() for _, layer in zipper_layers(model) if hasattr(layer, "router")]
     if not gates:
         return torch.zeros(())
-    return 1 - torch.stack(gates).mean()
+    specific = 1 - torch.stack(gates).mean((0, 2))  # per language
+    if language_weights is not None:
+        specific = specific * language_weights.to(specific.device)
+    return specific.mean()
 
 
 def zipper_layers(model: nn.Module) -> Iterator[tuple[str, ZipperLinear]]:

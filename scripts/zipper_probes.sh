@@ -26,6 +26,9 @@ for name in $PROBE_RUNS; do
         hard-router-lr100) probe "$name" hard --router-lr-scale 100 ;;
         # with a prior towards sharing of that weight, e.g. soft-router-lr100-sharing-0.1 (adapters/train.py)
         soft-router-lr100-sharing-*) probe "$name" soft --router-lr-scale 100 --router-sharing-weight "${name##*-}" ;;
+        # the same, each language's share (n_min / n_l) ** 0.5 of it: e.g. soft-router-lr100-data-sharing-0.1
+        soft-router-lr100-data-sharing-*) probe "$name" soft --router-lr-scale 100 \
+            --router-sharing-weight "${name##*-}" --router-sharing-data-power 0.5 ;;
         *) echo "unknown probe: $name" >&2; exit 2 ;;
     esac
 done

@@ -56,7 +56,8 @@ def cmd_train_adapters(args: argparse.Namespace) -> None:
     settings = Stage2Settings(steps=args.steps, eval_every=args.eval_every, variant=Variant(args.variant),
                               init_b=args.init_b, sampling_temperature=args.sampling_temperature, lr=args.lr,
                               seed=args.seed, dev_per_language=args.dev_per_language,
-                              router_lr_scale=args.router_lr_scale, router_sharing_weight=args.router_sharing_weight)
+                              router_lr_scale=args.router_lr_scale, router_sharing_weight=args.router_sharing_weight,
+                              router_sharing_data_power=args.router_sharing_data_power)
     out = args.out or DEFAULT_RUNS / f"stage2-{args.variant}-{args.init_b}"
     _timed("train-adapters", out, lambda: print(train_adapters(args.corpus, args.stage1, out, settings)))
 
@@ -160,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "embedding, relative to --lr")
     p.add_argument("--router-sharing-weight", type=float, default=0.0, help="weight of a loss term pulling the "
                    "Hard/Soft gates towards sharing: mean(1 - g) over layers, languages and ranks")
+    p.add_argument("--router-sharing-data-power", type=float, default=0.0, help="each language's share of that "
+                   "prior: (n_min / n_l) ** power over its training clips (0: the same for all)")
     p.set_defaults(func=cmd_train_adapters)
 
     p = sub.add_parser("export-adapters", help="write each language's B(l) as a PEFT LoRA (for vLLM and peft)")

@@ -91,6 +91,8 @@ def test_sharing_penalty_is_the_mean_language_specific_share_and_pulls_gates_tow
     penalty.backward()
     assert (soft.router.bias.grad < 0).all()  # descending it raises every gate logit: more of B_s
     assert sharing_penalty(_layer(Variant.STATIC)).item() == 0  # no router: nothing to pull
+    weights = torch.tensor([1.0, 0.0, 0.0])  # only language 0 is pulled
+    assert sharing_penalty(soft, weights).item() == pytest.approx((1 - soft.gates()[0].mean().item()) / 3)
 
 
 def test_new_adapter_is_the_identity_and_only_adapters_train() -> None:
