@@ -23,8 +23,10 @@ With server VAD, the audio transcribed for a turn ends one speech pad (the REST 
 its closing pause began, as the REST endpoint's windows of long audio end; the rest of the pause, up to
 `audio_end_ms`, holds no words. So that audio is complete once the pause has lasted the pad, and the final decode
 starts then (an early final), while the VAD still waits for `silence_duration_ms`. If speech resumes first, the
-early final is dropped; so is it when a partial delta changes the text that it continues, and another starts with
-the next audio. If the turn ends at that pause, `completed` follows the commit as soon as the early final is done.
+early final is dropped. A partial delta sent during the pause does not drop it: the REST answer it decodes does not
+depend on the text sent, and only when that answer does not begin with the grown text is the decode that continues
+the text run again (`FinalDecode`). If the turn ends at that pause, `completed` follows the commit as soon as the
+early final is done.
 """
 
 from __future__ import annotations
