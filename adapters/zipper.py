@@ -153,8 +153,8 @@ class ZipperLinear(nn.Module):
         return torch.einsum("b...r,bor->b...o", ax, b_rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.rows is not None:  # serving: the update is added in the same GEMM that computes it
-            return self.rows.add_update(self.base(x), x, self.lora_A, self.config.scaling)
+        if self.rows is not None:  # serving (speechllm.decoder packs W0 and A of such layers into one GEMM)
+            return self.rows.add_update(self.base(x), self.rows.a_times(x, self.lora_A), self.config.scaling)
         return self.base(x) + self.config.scaling * self.delta(x).to(x.dtype)
 
 
@@ -249,16 +249,20 @@ class RowAdapters:
     a: torch.Tensor | None  # (in, r) or (rows, in, r); None: the layer's shared A
     b: torch.Tensor  # (r, out) or (rows, r, out)
 
-    def add_update(self, y: torch.Tensor, x: torch.Tensor, shared_a: torch.Tensor, scaling: float) -> torch.Tensor:
-        """y + scaling · B(l) A x, for y = W0 x (B, [T,] out) and x (B, [T,] in)."""
-        a = shared_a.T if self.a is None else self.a
-        timeless = x.dim() == 2
-        x3, y3 = (x[:, None], y[:, None]) if timeless else (x, y)
-        ax = x3 @ a
+    def a_times(self, x: torch.Tensor, shared_a: torch.Tensor) -> torch.Tensor:
+        """A x (B, [T,] r) for x (B, [T,] in); `shared_a` (r, in) is the layer's A, used when `a` is None."""
+        if self.a is None:
+            return x @ shared_a.T
+        return (x[:, None] @ self.a)[:, 0] if x.dim() == 2 else x @ self.a
+
+    def add_update(self, y: torch.Tensor, ax: torch.Tensor, scaling: float) -> torch.Tensor:
+        """y + scaling · B(l) A x, for y = W0 x (B, [T,] out) and ax = A x (B, [T,] r)."""
+        timeless = y.dim() == 2
+        ax3, y3 = (ax[:, None], y[:, None]) if timeless else (ax, y)
         if self.b.dim() == 2:
-            out = torch.addmm(y3.flatten(0, 1), ax.flatten(0, 1), self.b, alpha=scaling).view_as(y3)
+            out = torch.addmm(y3.flatten(0, 1), ax3.flatten(0, 1), self.b, alpha=scaling).view_as(y3)
         else:
-            out = torch.baddbmm(y3, ax, self.b, alpha=scaling)
+            out = torch.baddbmm(y3, ax3, self.b, alpha=scaling)
         return out[:, 0] if timeless else out
 
 

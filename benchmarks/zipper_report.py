@@ -10,7 +10,9 @@ benchmarks/results/zipper.{md,json} plus two plots:
 - chunked vs full-attention encoder for the best variant;
 - the learned gates per language and rank (zipper_gates.png);
 - the spread across seeds of the baselines and the shipped variant, where `scripts/zipper_seeds.sh`
-  trained them again with other seeds.
+  trained them again with other seeds;
+- the baselines and Soft with a data-weighted sharing prior after a 1000-step stage 2, where
+  `scripts/zipper_long.sh` trained them.
 
 The best variant is chosen on the dev split (each run's best dev CER), never on test.
 
@@ -59,20 +61,35 @@ def best_variant(runs: Path) -> str:
     return min(scored, key=scored.get)
 
 
+def method_row(name: str, run: Path) -> dict | None:
+    """A method's test report, dev summary, parameter count and wall time; None until it has all."""
+    test = read_json(run / "eval-test.json")
+    summary = read_json(run / "summary.json")
+    if test is None or summary is None:
+        return None
+    wall = read_json(run / "wall_time.json") or {}
+    return {"method": name, "run": str(run), "test": test, "best_dev_cer": summary["best_dev_cer"],
+            "best_step": summary["best_step"], "trainable_parameters": summary["trainable_parameters"],
+            "wall_seconds": wall.get("wall_seconds")}
+
+
 def method_rows(runs: Path) -> list[dict]:
-    """One row per method: its test report, dev summary, parameter count and wall time."""
+    """One row per method of the main comparison (scripts/zipper_experiments.sh)."""
     methods = [("stage-1 shared", runs / "stage1")] + [(v, stage2_dir(runs, v)) for v in VARIANTS]
-    rows = []
-    for name, run in methods:
-        test = read_json(run / "eval-test.json")
-        summary = read_json(run / "summary.json")
-        if test is None or summary is None:
-            continue
-        wall = read_json(run / "wall_time.json") or {}
-        rows.append({"method": name, "run": str(run), "test": test, "best_dev_cer": summary["best_dev_cer"],
-                     "best_step": summary["best_step"], "trainable_parameters": summary["trainable_parameters"],
-                     "wall_seconds": wall.get("wall_seconds")})
-    return rows
+    return [row for name, run in methods if (row := method_row(name, run))]
+
+
+LONG_METHODS = ("shared", "independent", "soft-prior")
+
+
+def long_stage2(runs: Path) -> dict | None:
+    """The baselines and Soft with the data-weighted sharing prior after a 1000-step stage 2
+    (scripts/zipper_long.sh), once all three have a test report."""
+    rows = [method_row(name, runs / "stage2-1000" / name) for name in LONG_METHODS]
+    if not all(rows):
+        return None
+    model = runs / "stage2-1000" / "soft-prior" / "model"
+    return {"methods": rows, "claims": claims(rows, "soft-prior"), "gates": learned_gates(model)}
 
 
 def seed_runs(runs: Path, variant: str) -> list[Path]:
@@ -209,13 +226,8 @@ def pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}"
 
 
-def markdown(report: dict) -> str:
-    rows = report["methods"]
-    codes = [lang.code for lang in LANGUAGES]
-    lines = ["# Zipper-LoRA reproduction on the 12-language espeak-ng corpus", "",
-             f"Test split, CER %. Best Zipper variant on dev: **{report['best_variant']}**. "
-             "Regenerate: `bash scripts/zipper_experiments.sh`.", "",
-             "| method | high | mid | low | all | trainable params | best dev CER % (step) | wall time |",
+def method_table(rows: list[dict]) -> list[str]:
+    lines = ["| method | high | mid | low | all | trainable params | best dev CER % (step) | wall time |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         tiers = r["test"]["tiers"]
@@ -223,6 +235,20 @@ def markdown(report: dict) -> str:
         lines.append(f"| {r['method']} | {pct(tiers['high']['cer'])} | {pct(tiers['mid']['cer'])} | "
                      f"{pct(tiers['low']['cer'])} | {pct(r['test']['average']['cer'])} | "
                      f"{r['trainable_parameters']:,} | {pct(r['best_dev_cer'])} ({r['best_step']}) | {wall} |")
+    return lines
+
+
+def gate_shares(gates: dict) -> list[str]:
+    """Each language's mean gate (share of B_s) over ranks and modules, in the languages' order."""
+    return [f"{sum(row) / len(row):.2f}" for row in gates["mean_over_modules"]]
+
+
+def markdown(report: dict) -> str:
+    rows = report["methods"]
+    codes = [lang.code for lang in LANGUAGES]
+    lines = ["# Zipper-LoRA reproduction on the 12-language espeak-ng corpus", "",
+             f"Test split, CER %. Best Zipper variant on dev: **{report['best_variant']}**. "
+             "Regenerate: `bash scripts/zipper_experiments.sh`.", ""] + method_table(rows)
     lines += ["", "Per language, CER % (WER % in brackets):", "",
               "| method | " + " | ".join(codes) + " |", "|---|" + "---:|" * len(codes)]
     for r in rows:
@@ -260,8 +286,7 @@ def markdown(report: dict) -> str:
         lines += ["", "## Learned gates", "", "Share of the shared subspace B_s per language (mean gate over ranks "
                   "and modules):", "", "| variant | " + " | ".join(codes) + " |", "|---|" + "---:|" * len(codes)]
         for variant, g in report["gates"].items():
-            shares = [sum(row) / len(row) for row in g["mean_over_modules"]]
-            lines.append(f"| {variant} | " + " | ".join(f"{s:.2f}" for s in shares) + " |")
+            lines.append(f"| {variant} | " + " | ".join(gate_shares(g)) + " |")
         lines += ["", "![gates](zipper_gates.png)"]
     if report.get("divergence"):
         lines += ["", "## How far the languages moved apart", "",
@@ -270,6 +295,19 @@ def markdown(report: dict) -> str:
         for variant, d in report["divergence"].items():
             if d:
                 lines.append(f"| {variant} | " + " | ".join(f"{d[c]:.3f}" for c in codes) + " |")
+    if report.get("long"):
+        long = report["long"]
+        lines += ["", "## After a 1000-step stage 2", "",
+                  "In the 250 steps above the routers hardly leave their start. The dev-only probes "
+                  "(`scripts/zipper_probes.sh`, docs/model.md) chose on the dev split Soft with its routers at 100× "
+                  "the learning rate and a prior towards sharing weighted by each language's data (λ 0.1, "
+                  "w_l = (n_min / n_l)^0.5). The two baselines and that configuration (`soft-prior`), 1000 steps each, "
+                  "selected on the whole dev split (100 utterances per language), seed 0, test split evaluated once. "
+                  "Regenerate: `bash scripts/zipper_long.sh`.", ""] + method_table(long["methods"])
+        lines += ["", "Share of B_s in `soft-prior`'s gates per language:", "",
+                  "| " + " | ".join(codes) + " |", "|" + "---:|" * len(codes),
+                  "| " + " | ".join(gate_shares(long["gates"])) + " |", ""]
+        lines += [f"- {line}" for line in long["claims"]]
     return "\n".join(lines) + "\n"
 
 
@@ -306,13 +344,14 @@ def main() -> None:
               "gates": {v: learned_gates(stage2_dir(args.runs, v) / "model") for v in ("hard", "soft")
                         if (stage2_dir(args.runs, v) / "model").exists()},
               "divergence": {v: language_divergence(stage2_dir(args.runs, v) / "model") for v in ZIPPER_VARIANTS
-                             if (stage2_dir(args.runs, v) / "model").exists()}}
+                             if (stage2_dir(args.runs, v) / "model").exists()},
+              "long": long_stage2(args.runs)}
     args.out.mkdir(parents=True, exist_ok=True)
     if report["initial_b"]:
         plot_ablation(report["initial_b"], args.out / "zipper_initial_b.png")
     if report["gates"]:
         plot_gates(report["gates"], args.out / "zipper_gates.png")
-    for r in rows:  # the examples and per-utterance details stay in the runs
+    for r in rows + (report["long"]["methods"] if report["long"] else []):  # details stay in the runs
         r["test"] = {k: r["test"][k] for k in ("languages", "tiers", "average", "lid_accuracy_long")}
     (args.out / "zipper.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "zipper.md").write_text(markdown(report))

@@ -17,6 +17,7 @@ import torch
 from adapters.zipper import MergedAdapter, Variant, keep_rows, merge_language, use_segments
 from server.adapter_cache import SHARED_KEY, AdapterCache
 from server.metrics import Metrics
+from speechllm.decoder import decoder_for
 from speechllm.decoding import generate
 from speechllm.features import pad_features
 from speechllm.inference import choose_language, token_limits
@@ -230,6 +231,7 @@ class EmbeddedEngine(SpeechEngine):
         super().__init__(model, metrics, lid_threshold)
         pinned = [self.adapter_key(code) for code in pinned_languages or []]
         self.cache = AdapterCache(self._merge, cache_bytes, metrics, pinned)
+        self.decoder = decoder_for(model.llm)  # built once: it packs a copy of the (frozen) weights
 
     def _merge(self, key: str) -> MergedAdapter:
         index = None if key == SHARED_KEY else self.languages.index(key)
@@ -254,18 +256,18 @@ class EmbeddedEngine(SpeechEngine):
     def run(self, batch: list[EngineInput]) -> list[EngineOutput]:
         prepared = self.prepare(batch)
         start = time.perf_counter()
-        segments = self._segments(prepared.keys)
+        segments = self.adapter_segments(prepared.keys)
         streams = [TextStream(batch[row].on_text, self.model.tokenizer) for row in prepared.order]
         temperature = max(item.temperature for item in batch)  # rows of a batch share one temperature
         with use_segments(self.model.llm, segments):
-            hypotheses = generate(self.model.llm, prepared.prompts, eos_id(self.model.tokenizer), prepared.limits,
+            hypotheses = generate(self.decoder, prepared.prompts, eos_id(self.model.tokenizer), prepared.limits,
                                   temperature,
                                   on_tokens=lambda emitted: [streams[row].add(token) for row, token in emitted],
                                   on_rows_kept=lambda keep: keep_rows(self.model.llm, keep))
         self.metrics.decode_seconds.observe(time.perf_counter() - start)
         return self.outputs(prepared, [s.finish() for s in streams], [h.avg_logprob for h in hypotheses])
 
-    def _segments(self, keys: list[str]) -> list[tuple[int, int, MergedAdapter]]:
+    def adapter_segments(self, keys: list[str]) -> list[tuple[int, int, MergedAdapter]]:
         if self.model.config.adapter is None:
             return []
         segments, start = [], 0

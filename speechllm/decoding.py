@@ -1,4 +1,5 @@
-"""Batched decoding over prompt embeddings with a KV cache: greedy at temperature 0, sampling above.
+"""Batched decoding over prompt embeddings: greedy at temperature 0, sampling above. The forward passes and
+their KV cache are the decoder's (speechllm.decoder).
 
 Prompts of different lengths are left-padded so that every row's next token sits in the last
 column; positions are counted from each row's first real input, so padding changes nothing.
@@ -10,7 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedModel
+
+from speechllm.decoder import Decoder
 
 
 @dataclass
@@ -41,26 +43,21 @@ RowsCallback = Callable[[torch.Tensor], None]
 
 
 @torch.no_grad()
-def generate(llm: PreTrainedModel, prompts: list[torch.Tensor], eos_id: int, max_new_tokens: list[int] | int,
+def generate(decoder: Decoder, prompts: list[torch.Tensor], eos_id: int, max_new_tokens: list[int] | int,
              temperature: float = 0.0, generator: torch.Generator | None = None,
-             on_tokens: TokenCallback | None = None, on_rows_kept: RowsCallback | None = None,
-             use_cache: bool = True) -> list[Hypothesis]:
+             on_tokens: TokenCallback | None = None, on_rows_kept: RowsCallback | None = None) -> list[Hypothesis]:
     """Rows that finish leave the batch (with their KV cache) once they are a quarter of it, so that a long
     transcript does not keep the finished rows of its batch computing: whoever holds per-row state for the
     model's layers (the Zipper adapters of a mixed batch) follows along through `on_rows_kept`."""
     batch = len(prompts)
     limits = [max_new_tokens] * batch if isinstance(max_new_tokens, int) else list(max_new_tokens)
-    embeds, mask = left_pad(prompts)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    embed = llm.get_input_embeddings()
-    outputs = llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=use_cache,
-                  logits_to_keep=1)  # only the last position's logits are read
+    logits, state = decoder.prefill(*left_pad(prompts), max(limits))
     tokens: list[list[int]] = [[] for _ in range(batch)]
     sum_logprob = [0.0] * batch
     done = [False] * batch
     alive = list(range(batch))  # the row of each position of the running batch
     for _ in range(max(limits)):
-        logits = outputs.logits[:, -1].float()
+        logits = logits.float()
         logprobs = logits.log_softmax(-1)
         if temperature > 0:
             probs = (logits / temperature).softmax(-1).cpu()
@@ -86,21 +83,11 @@ def generate(llm: PreTrainedModel, prompts: list[torch.Tensor], eos_id: int, max
         if not running:
             break
         if 4 * (len(alive) - len(running)) >= len(alive):
-            keep = torch.tensor(running, device=mask.device)
+            keep = torch.tensor(running, device=next_tokens.device)
             alive = [alive[position] for position in running]
-            mask, positions, next_tokens = mask[keep], positions[keep], next_tokens[keep]
-            if use_cache:
-                outputs.cache.batch_select_indices(keep)
-            else:
-                embeds = embeds[keep]
+            next_tokens = next_tokens[keep]
+            state.keep(keep)
             if on_rows_kept is not None:
                 on_rows_kept(keep)
-        mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
-        positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
-        if use_cache:
-            outputs = llm(input_ids=next_tokens[:, None], attention_mask=mask, position_ids=positions[:, -1:],
-                          cache=outputs.cache, use_cache=True)
-        else:
-            embeds = torch.cat([embeds, embed(next_tokens[:, None])], dim=1)
-            outputs = llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False)
+        logits = decoder.step(next_tokens, state)
     return [Hypothesis(t, s) for t, s in zip(tokens, sum_logprob, strict=True)]

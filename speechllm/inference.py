@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from adapters.zipper import keep_rows, use_languages
+from speechllm.decoder import decoder_for
 from speechllm.decoding import generate
 from speechllm.model import SpeechLLM
 from speechllm.prompt import eos_id
@@ -53,7 +54,7 @@ def transcribe_features(model: SpeechLLM, features: torch.Tensor, lengths: torch
     prompts = model.prompt_embeddings(audio, audio_lengths, chosen)
     limits = token_limits(audio_lengths)
     with use_languages(model.llm, model.language_indices(chosen).to(device)):
-        hypotheses = generate(model.llm, prompts, eos_id(model.tokenizer), limits,
+        hypotheses = generate(decoder_for(model.llm), prompts, eos_id(model.tokenizer), limits,
                               on_rows_kept=lambda keep: keep_rows(model.llm, keep))
     results = []
     for row, hypothesis in enumerate(hypotheses):

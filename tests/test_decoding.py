@@ -1,7 +1,9 @@
+import pytest
 import torch
 
-from adapters.zipper import Variant, ZipperConfig
-from speechllm.decoding import generate
+from adapters.zipper import Variant, ZipperConfig, keep_rows, merge_language, use_segments
+from speechllm.decoder import HFDecoder, LlamaDecoder, decoder_for
+from speechllm.decoding import generate, left_pad
 from speechllm.inference import transcribe_features
 from tests.conftest import tiny_speech_llm
 
@@ -11,32 +13,65 @@ def _prompts(dim: int) -> list[torch.Tensor]:
     return [torch.randn(n, dim) for n in (7, 3, 12)]
 
 
-def test_kv_cached_decode_equals_uncached(tiny_tokenizer) -> None:
+def _random_adapters(model) -> None:
+    for name, param in model.llm.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)  # make every language's adapter do something
+
+
+def test_our_decoder_gives_hugging_face_s_logits(tiny_tokenizer) -> None:
     model = tiny_speech_llm(tiny_tokenizer)
+    embeds, mask = left_pad(_prompts(model.llm.config.hidden_size))
+    decoder = LlamaDecoder(model.llm)
+    ours, cache = decoder.prefill(embeds, mask, max_new_tokens=2)
+    theirs, state = HFDecoder(model.llm).prefill(embeds, mask, max_new_tokens=2)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    tokens = ours.argmax(-1)
+    torch.testing.assert_close(decoder.step(tokens, cache), HFDecoder(model.llm).step(tokens, state),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", [Variant.SOFT, Variant.INDEPENDENT])  # A shared (packed) or per language
+def test_our_decoder_decodes_as_hugging_face_with_mixed_language_adapters(tiny_tokenizer, variant) -> None:
+    model = tiny_speech_llm(tiny_tokenizer, adapter=ZipperConfig(variant=variant, rank=4))
+    _random_adapters(model)
     prompts = _prompts(model.llm.config.hidden_size)
-    cached = generate(model.llm, prompts, eos_id=-1, max_new_tokens=15, use_cache=True)
-    uncached = generate(model.llm, prompts, eos_id=-1, max_new_tokens=15, use_cache=False)
-    assert [h.tokens for h in cached] == [h.tokens for h in uncached]
-    assert all(len(h.tokens) == 15 for h in cached)
-    for a, b in zip(cached, uncached, strict=True):
+    segments = [(0, 1, merge_language(model.llm, 0)), (1, 3, merge_language(model.llm, 5))]
+    limits = [15, 4, 9]  # rows leave the batch at different steps
+    results = []
+    for decoder in (LlamaDecoder(model.llm), HFDecoder(model.llm)):
+        with use_segments(model.llm, segments):
+            results.append(generate(decoder, prompts, eos_id=-1, max_new_tokens=limits,
+                                    on_rows_kept=lambda keep: keep_rows(model.llm, keep)))
+    ours, theirs = results
+    assert [h.tokens for h in ours] == [h.tokens for h in theirs]
+    assert [len(h.tokens) for h in ours] == limits
+    for a, b in zip(ours, theirs, strict=True):
         assert abs(a.sum_logprob - b.sum_logprob) < 1e-3
+
+
+def test_decoder_for_picks_hugging_face_for_other_architectures(tiny_tokenizer) -> None:
+    model = tiny_speech_llm(tiny_tokenizer)
+    assert isinstance(decoder_for(model.llm), LlamaDecoder)
+    model.llm.config.use_sliding_window = True  # not implemented by our loop
+    assert isinstance(decoder_for(model.llm), HFDecoder)
 
 
 def test_batched_decode_equals_one_by_one(tiny_tokenizer) -> None:
     model = tiny_speech_llm(tiny_tokenizer)
     prompts = _prompts(model.llm.config.hidden_size)
-    batched = generate(model.llm, prompts, eos_id=-1, max_new_tokens=10)
-    alone = [generate(model.llm, [p], eos_id=-1, max_new_tokens=10)[0] for p in prompts]
+    batched = generate(decoder_for(model.llm), prompts, eos_id=-1, max_new_tokens=10)
+    alone = [generate(decoder_for(model.llm), [p], eos_id=-1, max_new_tokens=10)[0] for p in prompts]
     assert [h.tokens for h in batched] == [h.tokens for h in alone]
 
 
 def test_decode_stops_at_eos_and_per_row_limits(tiny_tokenizer) -> None:
     model = tiny_speech_llm(tiny_tokenizer)
     prompts = _prompts(model.llm.config.hidden_size)
-    free = generate(model.llm, prompts, eos_id=-1, max_new_tokens=8)
+    free = generate(decoder_for(model.llm), prompts, eos_id=-1, max_new_tokens=8)
     eos = free[1].tokens[0]  # pretend row 1's first token is the end-of-text
     limits = [8, 8, 3]
-    stopped = generate(model.llm, prompts, eos_id=eos, max_new_tokens=limits)
+    stopped = generate(decoder_for(model.llm), prompts, eos_id=eos, max_new_tokens=limits)
     for row, limit in enumerate(limits):
         expected = free[row].tokens[: free[row].tokens.index(eos)] if eos in free[row].tokens else free[row].tokens
         assert stopped[row].tokens == expected[:limit]
@@ -45,9 +80,7 @@ def test_decode_stops_at_eos_and_per_row_limits(tiny_tokenizer) -> None:
 
 def test_transcribe_mixed_languages_with_zipper_adapter(tiny_tokenizer) -> None:
     model = tiny_speech_llm(tiny_tokenizer, adapter=ZipperConfig(variant=Variant.SOFT, rank=4))
-    for name, param in model.llm.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.5)  # make every language's adapter do something
+    _random_adapters(model)
     features = torch.randn(3, 80, 120)
     lengths = torch.tensor([120, 100, 80])
     batch = transcribe_features(model, features, lengths, ["en", "ja", None])

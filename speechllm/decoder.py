@@ -1,0 +1,199 @@
+"""The decoder LLM's forward pass for generation: prefill the prompts, then one token per step, with a KV cache.
+
+`LlamaDecoder` runs the Hugging Face model's own modules and weights in a short loop of its own, as vLLM's model
+implementations do. Hugging Face's forward is written for every use: each call builds masks and cache objects and
+threads keyword arguments through every layer. Our decoder is 4 layers of width 256, and at that size the
+bookkeeping costs as much as the arithmetic. The loop here also packs the projections that read the same input
+(q, k, v; gate, up) into one GEMM each, together with their Zipper adapters' shared A (`PackedLinear`): it holds
+a copy of the projections' weights (12 MB for the shipped model). It
+serves Llama-style decoders (Llama, Qwen2): RMSNorm, rotary positions, grouped-query attention, SwiGLU.
+`HFDecoder` runs any other causal LM through Hugging Face's forward; `decoder_for` picks one.
+
+Both keep the batch's rows in the KV cache's first dimension; rows that leave the batch (see
+speechllm.decoding.generate) leave the cache through `keep`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Cache, PreTrainedModel
+
+from adapters.zipper import ZipperLinear
+
+
+class DecoderState(Protocol):
+    def keep(self, rows: torch.Tensor) -> None:
+        """Only the rows at positions `rows` of the batch stay."""
+
+
+class Decoder(Protocol):
+    def prefill(self, embeds: torch.Tensor, mask: torch.Tensor, max_new_tokens: int
+                ) -> tuple[torch.Tensor, DecoderState]:
+        """Left-padded prompt embeddings (B, L, D) with their mask (B, L) → the next token's logits (B, V)
+        and the state for `step`, with room for `max_new_tokens` more tokens."""
+
+    def step(self, tokens: torch.Tensor, state: DecoderState) -> torch.Tensor:
+        """Each row's next token (B,) → the logits of the token after it (B, V)."""
+
+
+# ---- Hugging Face's forward, for any causal LM ---------------------------------------------------------
+@dataclass
+class HFState:
+    cache: Cache
+    mask: torch.Tensor  # (B, length): 0 for left padding
+    positions: torch.Tensor  # (B, 1): the position of each row's last input
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.cache.batch_select_indices(rows)
+        self.mask, self.positions = self.mask[rows], self.positions[rows]
+
+
+class HFDecoder:
+    def __init__(self, llm: PreTrainedModel) -> None:
+        self.llm = llm
+
+    def prefill(self, embeds: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> tuple[torch.Tensor, HFState]:
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # counted from each row's first real input
+        outputs = self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True,
+                           logits_to_keep=1)
+        return outputs.logits[:, -1], HFState(outputs.cache, mask, positions[:, -1:])
+
+    def step(self, tokens: torch.Tensor, state: HFState) -> torch.Tensor:
+        state.mask = torch.cat([state.mask, state.mask.new_ones(len(tokens), 1)], dim=1)
+        state.positions = state.positions + 1
+        outputs = self.llm(input_ids=tokens[:, None], attention_mask=state.mask, position_ids=state.positions,
+                           cache=state.cache, use_cache=True)
+        return outputs.logits[:, -1]
+
+
+# ---- our own loop, for Llama-style decoders ------------------------------------------------------------
+class PackedLinear:
+    """Linear layers that read the same input, run as one GEMM over their stacked weights.
+
+    When they are Zipper layers serving a batch with a shared A (adapters.zipper.use_segments), each layer's
+    A is stacked below the base weights too, so the same GEMM gives W0 x and A x, and only each layer's
+    per-row B step remains. Otherwise (training's per-row languages, the independent baseline) each layer runs
+    as its own module. The weights are copied once, at construction: build a new one after changing them."""
+
+    def __init__(self, layers: list[nn.Module]) -> None:
+        self.layers = layers
+        self.zipper = all(isinstance(layer, ZipperLinear) for layer in layers)
+        bases = [layer.base if self.zipper else layer for layer in layers]
+        weights = [base.weight for base in bases]
+        biases = [base.bias if base.bias is not None else base.weight.new_zeros(len(base.weight)) for base in bases]
+        self.shared_a = self.zipper and all(layer.lora_A.dim() == 2 for layer in layers)
+        if self.shared_a:
+            weights += [layer.lora_A for layer in layers]
+            biases += [layer.lora_A.new_zeros(len(layer.lora_A)) for layer in layers]
+        self.weight = torch.cat(weights).detach()
+        self.bias = torch.cat(biases).detach()
+        self.sizes = [len(w) for w in weights]
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.zipper and not (self.shared_a and all(layer.rows is not None for layer in self.layers)):
+            return [layer(x) for layer in self.layers]
+        parts = F.linear(x, self.weight, self.bias).split(self.sizes, -1)
+        if not self.zipper:
+            return list(parts)
+        n = len(self.layers)
+        return [layer.rows.add_update(y, ax, layer.config.scaling)
+                for layer, y, ax in zip(self.layers, parts[:n], parts[n:], strict=True)]
+
+
+@dataclass
+class KVCache:
+    keys: list[torch.Tensor]  # per layer (B, kv_heads, capacity, head_dim)
+    values: list[torch.Tensor]
+    valid: torch.Tensor  # (B, capacity): False for left padding and for slots not yet written
+    positions: torch.Tensor  # (B,): the position of each row's last input
+    length: int = 0  # slots written
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.keys = [k[rows] for k in self.keys]
+        self.values = [v[rows] for v in self.values]
+        self.valid, self.positions = self.valid[rows], self.positions[rows]
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+class LlamaDecoder:
+    """Llama-style decoders (Llama, Qwen2) through their own modules: see the module docstring."""
+
+    ARCHITECTURES = ("llama", "qwen2")
+
+    def __init__(self, llm: PreTrainedModel) -> None:
+        if not self.supports(llm):
+            raise ValueError(f"{llm.config.model_type} is not a Llama-style decoder: use HFDecoder")
+        config = llm.config
+        self.llm = llm
+        self.n_heads, self.n_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.layers = list(llm.model.layers)
+        self.qkv = [PackedLinear([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj])
+                    for layer in self.layers]
+        self.o = [PackedLinear([layer.self_attn.o_proj]) for layer in self.layers]
+        self.gate_up = [PackedLinear([layer.mlp.gate_proj, layer.mlp.up_proj]) for layer in self.layers]
+        self.down = [PackedLinear([layer.mlp.down_proj]) for layer in self.layers]
+
+    @classmethod
+    def supports(cls, llm: PreTrainedModel) -> bool:
+        config = llm.config
+        return (config.model_type in cls.ARCHITECTURES and config.hidden_act == "silu"
+                and not getattr(config, "use_sliding_window", False))
+
+    def prefill(self, embeds: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> tuple[torch.Tensor, KVCache]:
+        batch, length, _ = embeds.shape
+        capacity = length + max_new_tokens
+        shape = (batch, self.n_kv_heads, capacity, self.head_dim)
+        cache = KVCache([embeds.new_empty(shape) for _ in self.layers], [embeds.new_empty(shape) for _ in self.layers],
+                        torch.zeros(batch, capacity, dtype=torch.bool, device=embeds.device),
+                        mask.sum(-1) - 1)
+        cache.valid[:, :length] = mask.bool()
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        return self._forward(embeds, positions, cache), cache
+
+    def step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        cache.valid[:, cache.length] = True
+        cache.positions = cache.positions + 1
+        return self._forward(self.llm.get_input_embeddings()(tokens[:, None]), cache.positions[:, None], cache)
+
+    def _forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Inputs (B, T, D) at `positions` (B, T), written to the cache's next T slots → the last one's logits."""
+        start, end = cache.length, cache.length + x.shape[1]
+        cos, sin = (t[:, None] for t in self.llm.model.rotary_emb(x, positions))
+        attend = cache.valid[:, None, None, :end]  # (B, 1, 1, end)
+        if x.shape[1] > 1:  # causal, and every query sees itself so that a padding row is never empty
+            slots = torch.arange(end, device=x.device)
+            queries = slots[start:end, None]
+            attend = (attend & (slots <= queries)) | (slots == queries)
+        for index, layer in enumerate(self.layers):
+            x = x + self._attention(index, layer, x, cos, sin, attend, cache, start, end)
+            hidden = layer.post_attention_layernorm(x)
+            gate, up = self.gate_up[index](hidden)
+            x = x + self.down[index](F.silu(gate) * up)[0]
+        cache.length = end
+        return self.llm.lm_head(self.llm.model.norm(x[:, -1]))
+
+    def _attention(self, index: int, layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   attend: torch.Tensor, cache: KVCache, start: int, end: int) -> torch.Tensor:
+        batch, length, _ = x.shape
+        q, k, v = self.qkv[index](layer.input_layernorm(x))
+        q = _rotate(q.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
+        k = _rotate(k.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2), cos, sin)
+        cache.keys[index][:, :, start:end] = k
+        cache.values[index][:, :, start:end] = v.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, cache.keys[index][:, :, :end], cache.values[index][:, :, :end],
+                                             attn_mask=attend, enable_gqa=True)
+        return self.o[index](out.transpose(1, 2).reshape(batch, length, -1))[0]
+
+
+def decoder_for(llm: PreTrainedModel) -> LlamaDecoder | HFDecoder:
+    return LlamaDecoder(llm) if LlamaDecoder.supports(llm) else HFDecoder(llm)
