@@ -302,6 +302,20 @@ def keep_rows(model: nn.Module, keep: torch.Tensor) -> None:
             layer.languages = layer.languages[keep.to(layer.languages.device)]
 
 
+@contextmanager
+def use_rows(model: nn.Module, rows: torch.Tensor) -> Iterator[None]:
+    """Forward passes of only the rows at positions `rows` of the batch set with `use_segments` or
+    `use_languages`; the whole batch's adapters come back afterwards."""
+    layers = [layer for _, layer in zipper_layers(model)]
+    saved = [(layer.rows, layer.languages) for layer in layers]
+    keep_rows(model, rows)
+    try:
+        yield
+    finally:
+        for layer, (row_adapters, languages) in zip(layers, saved, strict=True):
+            layer.rows, layer.languages = row_adapters, languages
+
+
 def is_adapter_tensor(name: str) -> bool:
     """Whether a parameter name belongs to the Zipper adapter (not to the frozen base model)."""
     return "lora_" in name or ".router." in name or "zipper_language_embedding" in name

@@ -23,6 +23,7 @@ from speechllm.features import pad_features
 from speechllm.inference import choose_language, token_limits
 from speechllm.languages import BY_CODE
 from speechllm.model import SpeechLLM
+from speechllm.padding import length_groups
 from speechllm.prompt import eos_id, target_ids
 
 TextCallback = Callable[[str], None]
@@ -117,7 +118,7 @@ class SpeechEngine:
         one 5 s clip among 2 s clips would otherwise more than double the encoder's work in padding (each
         row's states do not depend on the padding)."""
         encoded: list[torch.Tensor | None] = [None] * len(features)
-        for group in length_groups([x.shape[-1] for x in features]):
+        for group in length_groups([x.shape[-1] for x in features], ENCODER_CALL_FRAMES):
             batch, lengths = pad_features([features[row] for row in group])
             states, state_lengths = self.model.encode(batch.to(self.device), lengths.to(self.device), chunk_size=0)
             for position, row in enumerate(group):
@@ -194,22 +195,6 @@ class SpeechEngine:
 
 
 ENCODER_CALL_FRAMES = 100  # one more encoder call costs about as much as encoding 100 more frames (CPU, measured)
-
-
-def length_groups(lengths: list[int], call_frames: int = ENCODER_CALL_FRAMES) -> list[list[int]]:
-    """Rows (indices into `lengths`) in groups of similar length, one encoder call each: consecutive runs of
-    the rows sorted by length, cut where that saves more padded frames than another call costs."""
-    order = sorted(range(len(lengths)), key=lambda row: lengths[row])
-    # best[j]: the least cost of the first j sorted rows; cut[j]: where the last group of that solution starts
-    best, cut = [0] + [0] * len(order), [0] * (len(order) + 1)
-    for end in range(1, len(order) + 1):
-        best[end], cut[end] = min((best[start] + (end - start) * lengths[order[end - 1]] + call_frames, start)
-                                  for start in range(end))
-    groups, end = [], len(order)
-    while end:
-        groups.insert(0, order[cut[end]: end])
-        end = cut[end]
-    return groups
 
 
 def continue_text(prefix: str, continuation: str, language: str | None) -> str:

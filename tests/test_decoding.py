@@ -2,9 +2,10 @@ import pytest
 import torch
 
 from adapters.zipper import Variant, ZipperConfig, keep_rows, merge_language, use_segments
-from speechllm.decoder import HFDecoder, LlamaDecoder, decoder_for
+from speechllm.decoder import PREFILL_CALL_TOKENS, HFDecoder, LlamaDecoder, decoder_for
 from speechllm.decoding import generate, left_pad
 from speechllm.inference import transcribe_features
+from speechllm.padding import length_groups
 from tests.conftest import tiny_speech_llm
 
 
@@ -48,6 +49,23 @@ def test_our_decoder_decodes_as_hugging_face_with_mixed_language_adapters(tiny_t
     assert [len(h.tokens) for h in ours] == limits
     for a, b in zip(ours, theirs, strict=True):
         assert abs(a.sum_logprob - b.sum_logprob) < 1e-3
+
+
+def test_prefill_by_length_group_decodes_as_one_batch(tiny_tokenizer) -> None:
+    model = tiny_speech_llm(tiny_tokenizer, adapter=ZipperConfig(variant=Variant.SOFT, rank=4))
+    _random_adapters(model)
+    torch.manual_seed(2)
+    prompts = [torch.randn(n, model.llm.config.hidden_size) for n in (5, 80, 6, 4)]
+    assert len(length_groups([5, 80, 6, 4], PREFILL_CALL_TOKENS)) == 2  # the long prompt is prefilled alone
+    segments = [(0, 2, merge_language(model.llm, 1)), (2, 4, merge_language(model.llm, 7))]
+    embeds, mask = left_pad(prompts)
+    with use_segments(model.llm, segments):
+        ours, _ = LlamaDecoder(model.llm).prefill(embeds, mask, max_new_tokens=1)
+        theirs, _ = HFDecoder(model.llm).prefill(embeds, mask, max_new_tokens=1)
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+        results = [generate(decoder, prompts, eos_id=-1, max_new_tokens=12)
+                   for decoder in (LlamaDecoder(model.llm), HFDecoder(model.llm))]
+    assert [h.tokens for h in results[0]] == [h.tokens for h in results[1]]
 
 
 def test_decoder_for_picks_hugging_face_for_other_architectures(tiny_tokenizer) -> None:

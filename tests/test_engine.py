@@ -16,10 +16,11 @@ from adapters.zipper import (
     zipper_layers,
 )
 from server.adapter_cache import SHARED_KEY
-from server.engine import EmbeddedEngine, EngineInput, EngineOutput, length_groups
+from server.engine import EmbeddedEngine, EngineInput, EngineOutput
 from server.metrics import Metrics
 from speechllm.inference import LID_CONFIDENCE_THRESHOLD, transcribe_features
 from speechllm.model import SpeechLLM
+from speechllm.padding import length_groups
 from tests.conftest import tiny_speech_llm
 
 LANGUAGES: list[str | None] = ["ja", "en", "ja", "de", None]  # mixed, one repeated (non-adjacent), one untagged
@@ -266,9 +267,9 @@ def test_merged_adapter_nbytes(adapted: SpeechLLM, language: str | None) -> None
 
 def test_length_groups_put_an_outlier_apart_and_cover_every_row_once() -> None:
     lengths = [161, 170, 153, 208, 539, 166, 160]
-    groups = length_groups(lengths, call_frames=100)
+    groups = length_groups(lengths, call_cost=100)
     assert sorted(row for group in groups for row in group) == list(range(len(lengths)))
     assert [4] in groups  # the 5.4 s clip is encoded on its own
-    assert length_groups([200] * 5) == [[0, 1, 2, 3, 4]]  # equal lengths: one call
-    assert length_groups([100, 3000], call_frames=0) == [[0], [1]]
-    assert length_groups([]) == []
+    assert length_groups([200] * 5, call_cost=100) == [[0, 1, 2, 3, 4]]  # equal lengths: one call
+    assert length_groups([100, 3000], call_cost=0) == [[0], [1]]
+    assert length_groups([], call_cost=100) == []
