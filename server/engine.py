@@ -28,6 +28,7 @@ from speechllm.prompt import eos_id, target_ids
 
 TextCallback = Callable[[str], None]
 RunInThread = Callable[..., Awaitable]  # runs fn(*args) in the engine thread (Batcher.run_exclusive)
+ENCODER_CALL_FRAMES = 100  # one more encoder call costs about as much as encoding 100 more frames (CPU, measured)
 
 
 @dataclass
@@ -192,9 +193,6 @@ class SpeechEngine:
             outputs[row] = EngineOutput(text, language, source, probability, guess.candidates, adapter,
                                         avg_logprobs[position])
         return outputs
-
-
-ENCODER_CALL_FRAMES = 100  # one more encoder call costs about as much as encoding 100 more frames (CPU, measured)
 
 
 def continue_text(prefix: str, continuation: str, language: str | None) -> str:
