@@ -4,9 +4,10 @@
 implementations do. Hugging Face's forward is written for every use: each call builds masks and cache objects and
 threads keyword arguments through every layer. Our decoder is 4 layers of width 256, and at that size the
 bookkeeping costs as much as the arithmetic. The loop here also packs the projections that read the same input
-(q, k, v; gate, up) into one GEMM each, together with their Zipper adapters' shared A (`PackedLinear`): it holds
-a copy of the projections' weights (12 MB for the shipped model). It
-serves Llama-style decoders (Llama, Qwen2): RMSNorm, rotary positions, grouped-query attention, SwiGLU.
+(q, k, v; gate, up) into one GEMM each, together with their Zipper adapters' shared A (`PackedLinear`, which holds
+a copy of the projections' weights: 12 MB for the shipped model), and prefills rows of similar prompt length
+together. It serves Llama-style decoders (Llama, Qwen2): RMSNorm, rotary positions, grouped-query attention,
+SwiGLU.
 `HFDecoder` runs any other causal LM through Hugging Face's forward; `decoder_for` picks one.
 
 Both keep the batch's rows in the KV cache's first dimension; rows that leave the batch (see
