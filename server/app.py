@@ -233,11 +233,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         check_model(params.model)
         request.state.language = params.language
         service = runtime().service
-        samples = await decode(service, data)
         try:
-            if params.stream:
-                return stream_response(await service.stream(samples, params.language, params.temperature))
-            result = await service.transcribe(samples, params.language, params.temperature)
+            with service.batcher.expecting_rows() as expected:  # from here its rows are on their way
+                samples = await decode(service, data)
+                if params.stream:
+                    return stream_response(await service.stream(samples, params.language, params.temperature,
+                                                                expected))
+                result = await service.transcribe(samples, params.language, params.temperature, expected)
         except QueueFull as full:
             metrics.rejected.labels("queue_full").inc()
             raise errors.overloaded(full.retry_after_s) from None

@@ -1,7 +1,8 @@
 """The batcher: an async scheduler between the gateway and the engine.
 
 Rows (one per audio window) wait in one FIFO queue; the scheduler takes up to `max_batch_size`
-of the oldest rows, waiting at most `max_wait` for more to arrive, and runs them as one engine
+of the oldest rows, waiting at most `max_wait` for more to arrive while other requests are preparing
+their audio (`expecting_rows`: with none on the way, waiting could only add latency), and runs them as one engine
 batch: the speech half always in the engine's own thread, the decoder there too (embedded) or in
 vLLM, which keeps decoding while the next batch starts. Batches may mix languages (the engine
 groups rows by adapter, which also keeps vLLM's LoRA slots from thrashing),
@@ -16,7 +17,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -31,6 +32,20 @@ class QueueFull(Exception):
     def __init__(self, retry_after_s: int) -> None:
         super().__init__(f"the queue is full; retry after {retry_after_s} s")
         self.retry_after_s = retry_after_s
+
+
+class ExpectedRows:
+    """A request whose rows are on their way to the batcher (Batcher.expecting_rows)."""
+
+    def __init__(self, batcher: Batcher) -> None:
+        self._batcher: Batcher | None = batcher
+
+    def arrived(self) -> None:
+        """Its rows are queued (or it ended without any): a batch no longer waits for it."""
+        if self._batcher is not None:
+            self._batcher._on_the_way -= 1
+            self._batcher._arrived.set()  # a batch that waits for these rows looks again
+            self._batcher = None
 
 
 @dataclass
@@ -53,6 +68,7 @@ class Batcher:
         self._task: asyncio.Task | None = None
         self._batch_seconds = 1.0  # running estimate, for Retry-After
         self._in_flight = 0  # batches started and not yet answered
+        self._on_the_way = 0  # requests preparing their rows (expecting_rows)
         self._finishing: set[asyncio.Future] = set()
         self._closed = False
 
@@ -74,8 +90,10 @@ class Batcher:
     def depth(self) -> int:
         return len(self._queue)
 
-    def submit(self, items: list[EngineInput]) -> list[asyncio.Future]:
-        """Queue all rows of one request, or none of them."""
+    def submit(self, items: list[EngineInput], expected: ExpectedRows | None = None) -> list[asyncio.Future]:
+        """Queue all rows of one request, or none of them. `expected`: the request's ExpectedRows, if any."""
+        if expected is not None:
+            expected.arrived()
         if self._closed:
             raise QueueFull(retry_after_s=5)  # shutting down: another replica, or this one restarted, will answer
         if len(self._queue) + len(items) > self.max_queue:
@@ -91,6 +109,18 @@ class Batcher:
         self.metrics.queue_depth.set(len(self._queue))
         self._arrived.set()
         return futures
+
+    @contextlib.contextmanager
+    def expecting_rows(self) -> Iterator[ExpectedRows]:
+        """Around a request from its upload until its `submit` (which passes the ExpectedRows on): while any
+        request is on its way, a batch waits up to `max_wait_s` for more rows; when none is, a batch starts at
+        once, since waiting could only add latency."""
+        self._on_the_way += 1
+        expected = ExpectedRows(self)
+        try:
+            yield expected
+        finally:
+            expected.arrived()
 
     async def run_exclusive(self, fn: Callable[..., T], *args) -> T:
         """Run other model work (language detection) in the engine thread, between batches."""
@@ -140,7 +170,7 @@ class Batcher:
             self._arrived.clear()
             await self._arrived.wait()
         deadline = time.monotonic() + self.max_wait_s
-        while len(self._queue) < self.max_batch_size and time.monotonic() < deadline:
+        while len(self._queue) < self.max_batch_size and self._on_the_way and time.monotonic() < deadline:
             self._arrived.clear()
             try:
                 await asyncio.wait_for(self._arrived.wait(), deadline - time.monotonic())

@@ -5,6 +5,7 @@ timestamps."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from server.audio_workers import AudioWorkers
-from server.batcher import Batcher
+from server.batcher import Batcher, ExpectedRows
 from server.engine import EngineInput, EngineOutput
 from server.metrics import Metrics
 from server.settings import Settings
@@ -53,36 +54,40 @@ class TranscriptionService:
         self.audio = audio  # decoding, windows and features, off the event loop
         self.metrics = metrics
 
-    async def submit(self, samples: np.ndarray, language: str | None, temperature: float, streaming: bool = False
+    async def submit(self, samples: np.ndarray, language: str | None, temperature: float, streaming: bool = False,
+                     expected: ExpectedRows | None = None
                      ) -> tuple[list[Span], list[asyncio.Future], list[asyncio.Queue] | None]:
-        """Queue the request's windows (all or none: QueueFull). Streaming: one delta queue per window."""
-        spans, rows = await self.audio.rows(samples)
-        if not spans:
-            raise NoSpeech("the audio contains no speech")
-        loop = asyncio.get_running_loop()
-        queues = [asyncio.Queue() for _ in spans] if streaming else None
-        items = []
-        for index, row in enumerate(rows):
-            callback = None
-            if queues is not None:
-                queue = queues[index]
-                callback = lambda delta, q=queue: loop.call_soon_threadsafe(q.put_nowait, delta)  # noqa: E731
-            items.append(EngineInput(row.features, language, temperature, callback, states=row.states))
-        return spans, self.batcher.submit(items), queues
+        """Queue the request's windows (all or none: QueueFull). Streaming: one delta queue per window.
+        `expected`: the request is already announced to the batcher (Batcher.expecting_rows); else it is now."""
+        announced = contextlib.nullcontext(expected) if expected else self.batcher.expecting_rows()
+        with announced as expected:
+            spans, rows = await self.audio.rows(samples)
+            if not spans:
+                raise NoSpeech("the audio contains no speech")
+            loop = asyncio.get_running_loop()
+            queues = [asyncio.Queue() for _ in spans] if streaming else None
+            items = []
+            for index, row in enumerate(rows):
+                callback = None
+                if queues is not None:
+                    queue = queues[index]
+                    callback = lambda delta, q=queue: loop.call_soon_threadsafe(q.put_nowait, delta)  # noqa: E731
+                items.append(EngineInput(row.features, language, temperature, callback, states=row.states))
+            return spans, self.batcher.submit(items, expected), queues
 
-    async def transcribe(self, samples: np.ndarray, language: str | None, temperature: float = 0.0
-                         ) -> TranscriptionResult:
+    async def transcribe(self, samples: np.ndarray, language: str | None, temperature: float = 0.0,
+                         expected: ExpectedRows | None = None) -> TranscriptionResult:
         start = time.monotonic()
-        spans, futures, _ = await self.submit(samples, language, temperature)
+        spans, futures, _ = await self.submit(samples, language, temperature, expected=expected)
         outputs = await asyncio.wait_for(asyncio.shield(asyncio.gather(*futures)), self.settings.request_timeout_s)
         return self.join(samples, spans, outputs, time.monotonic() - start)
 
-    async def stream(self, samples: np.ndarray, language: str | None, temperature: float = 0.0
-                     ) -> AsyncIterator[str | TranscriptionResult]:
+    async def stream(self, samples: np.ndarray, language: str | None, temperature: float = 0.0,
+                     expected: ExpectedRows | None = None) -> AsyncIterator[str | TranscriptionResult]:
         """Queue the request now (QueueFull and NoSpeech are raised here, before any response is sent), and
         return its events: text deltas in order (window after window), then the final TranscriptionResult."""
         start = time.monotonic()
-        spans, futures, queues = await self.submit(samples, language, temperature, streaming=True)
+        spans, futures, queues = await self.submit(samples, language, temperature, streaming=True, expected=expected)
         return self._events(samples, spans, futures, queues, start)
 
     async def _events(self, samples: np.ndarray, spans: list[Span], futures: list[asyncio.Future],

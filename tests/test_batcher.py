@@ -133,6 +133,31 @@ def test_results_reach_their_futures_in_order(model: SpeechLLM) -> None:
     assert _sample(metrics, "zasr_queue_depth_rows") == 0
 
 
+@pytest.mark.parametrize("expected", [False, True])
+def test_a_batch_waits_only_for_rows_on_their_way(model: SpeechLLM, expected: bool) -> None:
+    """With a request preparing its audio (expecting_rows), the first row waits up to max_wait for its rows;
+    with none on the way, it starts at once."""
+    engine = _engine(model, Metrics())
+    first, second = _items(["en", "de"])
+
+    async def scenario() -> None:
+        batcher = Batcher(engine, Metrics(), max_batch_size=8, max_wait_s=2.0, max_queue=16)
+        await batcher.start()
+        futures = batcher.submit([first])
+        if expected:
+            with batcher.expecting_rows():  # the second request, preparing its audio
+                await asyncio.sleep(0.1)
+                futures += batcher.submit([second])
+        else:
+            await asyncio.sleep(0.1)
+            futures += batcher.submit([second])
+        await asyncio.gather(*futures)
+        await batcher.stop()
+
+    _run(scenario)
+    assert [len(batch) for batch in engine.batches] == ([2] if expected else [1, 1])
+
+
 # ---- admission ---------------------------------------------------------------------------------------------
 
 def test_queue_full_refuses_the_whole_request(model: SpeechLLM) -> None:
