@@ -18,17 +18,15 @@ from pathlib import Path
 
 import torch
 
-from adapters.zipper import keep_rows, use_segments
 from benchmarks.serving import audio_pool
 from server.engine import EmbeddedEngine, EngineInput
 from server.metrics import Metrics
 from speechllm.audio import load_audio
 from speechllm.decoder import Decoder, HFDecoder, LlamaDecoder
-from speechllm.decoding import Hypothesis, generate
+from speechllm.decoding import Hypothesis
 from speechllm.features import log_mel_spectrogram
 from speechllm.languages import LANGUAGE_CODES
 from speechllm.model import SpeechLLM
-from speechllm.prompt import eos_id
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,11 +42,11 @@ def batches(engine: EmbeddedEngine) -> dict[str, list[EngineInput]]:
 
 
 def decode(engine: EmbeddedEngine, decoder: Decoder, batch: list[EngineInput]) -> tuple[float, list[Hypothesis]]:
+    """The engine's decoding of `batch` with `decoder` in place of its own, timed (the speech half is not)."""
     prepared = engine.prepare(batch)
+    engine.decoder = decoder
     start = time.perf_counter()
-    with use_segments(engine.model.llm, engine.adapter_segments(prepared.keys)):
-        hypotheses = generate(decoder, prepared.prompts, eos_id(engine.model.tokenizer), prepared.limits,
-                              on_rows_kept=lambda keep: keep_rows(engine.model.llm, keep))
+    hypotheses = engine.decode(prepared)
     return time.perf_counter() - start, hypotheses
 
 

@@ -37,15 +37,14 @@ class QueueFull(Exception):
 class ExpectedRows:
     """A request whose rows are on their way to the batcher (Batcher.expecting_rows)."""
 
-    def __init__(self, batcher: Batcher) -> None:
-        self._batcher: Batcher | None = batcher
+    def __init__(self, on_arrival: Callable[[], None]) -> None:
+        self._on_arrival: Callable[[], None] | None = on_arrival
 
     def arrived(self) -> None:
-        """Its rows are queued (or it ended without any): a batch no longer waits for it."""
-        if self._batcher is not None:
-            self._batcher._on_the_way -= 1
-            self._batcher._arrived.set()  # a batch that waits for these rows looks again
-            self._batcher = None
+        """Its rows are queued (or it ended without any): a batch no longer waits for it. Once only."""
+        if self._on_arrival is not None:
+            on_arrival, self._on_arrival = self._on_arrival, None
+            on_arrival()
 
 
 @dataclass
@@ -116,11 +115,15 @@ class Batcher:
         request is on its way, a batch waits up to `max_wait_s` for more rows; when none is, a batch starts at
         once, since waiting could only add latency."""
         self._on_the_way += 1
-        expected = ExpectedRows(self)
+        expected = ExpectedRows(self._one_arrived)
         try:
             yield expected
         finally:
             expected.arrived()
+
+    def _one_arrived(self) -> None:
+        self._on_the_way -= 1
+        self._arrived.set()  # a batch that waits for these rows looks again
 
     async def run_exclusive(self, fn: Callable[..., T], *args) -> T:
         """Run other model work (language detection) in the engine thread, between batches."""

@@ -18,7 +18,7 @@ from adapters.zipper import MergedAdapter, Variant, keep_rows, merge_language, u
 from server.adapter_cache import SHARED_KEY, AdapterCache
 from server.metrics import Metrics
 from speechllm.decoder import decoder_for
-from speechllm.decoding import generate
+from speechllm.decoding import Hypothesis, TokenCallback, generate
 from speechllm.features import pad_features
 from speechllm.inference import choose_language, token_limits
 from speechllm.languages import BY_CODE
@@ -239,18 +239,22 @@ class EmbeddedEngine(SpeechEngine):
     def run(self, batch: list[EngineInput]) -> list[EngineOutput]:
         prepared = self.prepare(batch)
         start = time.perf_counter()
-        segments = self.adapter_segments(prepared.keys)
         streams = [TextStream(batch[row].on_text, self.model.tokenizer) for row in prepared.order]
         temperature = max(item.temperature for item in batch)  # rows of a batch share one temperature
-        with use_segments(self.model.llm, segments):
-            hypotheses = generate(self.decoder, prepared.prompts, eos_id(self.model.tokenizer), prepared.limits,
-                                  temperature,
-                                  on_tokens=lambda emitted: [streams[row].add(token) for row, token in emitted],
-                                  on_rows_kept=lambda keep: keep_rows(self.model.llm, keep))
+        hypotheses = self.decode(prepared, temperature,
+                                 on_tokens=lambda emitted: [streams[row].add(token) for row, token in emitted])
         self.metrics.decode_seconds.observe(time.perf_counter() - start)
         return self.outputs(prepared, [s.finish() for s in streams], [h.avg_logprob for h in hypotheses])
 
-    def adapter_segments(self, keys: list[str]) -> list[tuple[int, int, MergedAdapter]]:
+    @torch.no_grad()
+    def decode(self, prepared: PreparedBatch, temperature: float = 0.0,
+               on_tokens: TokenCallback | None = None) -> list[Hypothesis]:
+        """The decoder half of a prepared batch, each row with its language's merged adapter."""
+        with use_segments(self.model.llm, self._segments(prepared.keys)):
+            return generate(self.decoder, prepared.prompts, eos_id(self.model.tokenizer), prepared.limits,
+                            temperature, on_tokens=on_tokens, on_rows_kept=lambda keep: keep_rows(self.model.llm, keep))
+
+    def _segments(self, keys: list[str]) -> list[tuple[int, int, MergedAdapter]]:
         if self.model.config.adapter is None:
             return []
         segments, start = [], 0

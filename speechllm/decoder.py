@@ -136,7 +136,8 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
 
 
-# One more prefill call costs about as much as prefilling this many more positions (measured: CPU, batch of 16).
+# One more prefill call costs about as much as prefilling this many more positions: on this CPU a call costs about
+# 3 ms whatever its size, and a position about 0.1 ms in a batch of 16 (97 ms for 16 × 62 positions).
 PREFILL_CALL_TOKENS = 32
 
 
@@ -172,10 +173,11 @@ class LlamaDecoder:
         batch, length, _ = embeds.shape
         capacity = length + max_new_tokens
         shape = (batch, self.n_kv_heads, capacity, self.head_dim)
+        prompt_lengths = mask.sum(-1)
         cache = KVCache([embeds.new_empty(shape) for _ in self.layers], [embeds.new_empty(shape) for _ in self.layers],
-                        torch.zeros(batch, capacity, dtype=torch.bool, device=embeds.device), mask.sum(-1) - 1)
+                        torch.zeros(batch, capacity, dtype=torch.bool, device=embeds.device), prompt_lengths - 1)
         cache.valid[:, :length] = mask.bool()
-        lengths = mask.sum(-1).tolist()
+        lengths = prompt_lengths.tolist()
         logits: torch.Tensor | None = None
         for group in length_groups(lengths, PREFILL_CALL_TOKENS):
             rows = torch.tensor(group, device=embeds.device)
