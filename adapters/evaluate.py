@@ -52,6 +52,7 @@ def evaluate_features(model: SpeechLLM, data: FeatureSet, chunk_size: int | None
     order = sorted(range(len(data)), key=lambda i: int(data.lengths()[i]))
     hypotheses: dict[int, str] = {}
     lid_correct: dict[int, bool] = {}
+    looped: set[int] = set()
     batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
     for batch in tqdm(batches, desc="evaluate", unit="batch", disable=not progress):
         features, lengths = data.batch(batch)
@@ -60,11 +61,14 @@ def evaluate_features(model: SpeechLLM, data: FeatureSet, chunk_size: int | None
         for index, result in zip(batch, results, strict=True):
             hypotheses[index] = result.text
             lid_correct[index] = result.lid_language == data.entries[index]["language"]
-    return summarize(data.entries, hypotheses, lid_correct, min_lid_seconds)
+            if result.looped:
+                looped.add(index)
+    return summarize(data.entries, hypotheses, lid_correct, min_lid_seconds, looped)
 
 
 def summarize(entries: list[dict], hypotheses: dict[int, str], lid_correct: dict[int, bool],
-              min_lid_seconds: float) -> dict:
+              min_lid_seconds: float, looped: set[int] | None = None) -> dict:
+    looped = looped or set()
     per_language: dict[str, dict] = {}
     for code in sorted({e["language"] for e in entries}, key=list(BY_CODE).index):
         rows = [i for i, e in enumerate(entries) if e["language"] == code]
@@ -73,6 +77,7 @@ def summarize(entries: list[dict], hypotheses: dict[int, str], lid_correct: dict
         rates["lid_accuracy"] = sum(lid_correct[i] for i in rows) / len(rows)
         rates["lid_accuracy_long"] = sum(lid_correct[i] for i in long_rows) / len(long_rows) if long_rows else None
         rates["utterances"] = len(rows)
+        rates["loops_stopped"] = sum(i in looped for i in rows)
         rates["tier"] = BY_CODE[code].tier.value
         per_language[code] = rates
     tiers = {}
@@ -89,6 +94,7 @@ def summarize(entries: list[dict], hypotheses: dict[int, str], lid_correct: dict
         "lid_accuracy": sum(lid_correct.values()) / len(lid_correct),
         "lid_accuracy_long": sum(lid_correct[i] for i in long_ids) / len(long_ids) if long_ids else None,
         "lid_min_seconds": min_lid_seconds,
+        "loops_stopped": len(looped),
         "examples": [{"language": entries[i]["language"], "reference": entries[i]["text"], "hypothesis": hypotheses[i]}
                      for i in range(0, len(entries), max(len(entries) // 24, 1))],
     }
@@ -113,6 +119,9 @@ def markdown_table(report: dict, title: str) -> str:
         lines.append(f"| {tier} | {pct(r['cer'])} | {pct(r['primary'])} |")
     lines += ["", f"LID accuracy: {pct(report['lid_accuracy'])} % on all clips, "
                   f"{pct(report['lid_accuracy_long'])} % on clips of {report['lid_min_seconds']:g} s or more."]
+    if "loops_stopped" in report:
+        lines += ["", f"Repetition loops stopped in decoding: {report['loops_stopped']} of "
+                      f"{sum(r['utterances'] for r in report['languages'].values())} utterances."]
     return "\n".join(lines) + "\n"
 
 

@@ -1,7 +1,8 @@
 """The baseline for benchmarks/serving.py: a multi-adapter ASR server built the way most people would
 first build it. Same model, same frontend and encoder; the LLM is a `peft.PeftModel` holding one
 LoRA adapter per language, and each request, one at a time, switches to its language's adapter
-with `set_adapter` and runs `generate` alone. No batching, no grouping by language. It runs torch in
+with `set_adapter` and runs `generate` alone. No batching, no grouping by language. It stops a repetition
+loop as our decoder does (speechllm.decoding.RowTokens), so that both write the same text. It runs torch in
 one dedicated thread under the same thread policy as our server (server/threads.py), so that the
 comparison measures batching and adapter handling, not OpenMP contention.
 
@@ -18,13 +19,27 @@ import torch
 import uvicorn
 from fastapi import FastAPI, Form, UploadFile
 from peft import PeftModel
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, StoppingCriteria, StoppingCriteriaList
 
 from server.threads import engine_executor, use_one_thread
 from speechllm.audio import load_audio
+from speechllm.decoding import RowTokens
 from speechllm.features import log_mel_spectrogram
 from speechllm.model import SpeechLLM
 from speechllm.prompt import eos_id
+
+
+class StopLoop(StoppingCriteria):
+    """Feeds each new text token to a RowTokens; stops `generate` (batch of one) when it finds a loop."""
+
+    def __init__(self, eos: int) -> None:
+        self.eos = eos
+        self.row = RowTokens()
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        token = int(input_ids[0, -1])
+        looped = token != self.eos and self.row.add(token)
+        return torch.tensor([looped], device=input_ids.device)
 
 
 def build_app(model_dir: Path, adapters_dir: Path) -> FastAPI:
@@ -49,9 +64,11 @@ def build_app(model_dir: Path, adapters_dir: Path) -> FastAPI:
             llm.set_adapter(language)
             mask = torch.ones(1, prompt.shape[0], dtype=torch.long)
             eos = eos_id(speech.tokenizer)
-            out = llm.generate(inputs_embeds=prompt[None], attention_mask=mask, do_sample=False,
-                               max_new_tokens=int(embed_lengths[0]) * 2 + 4, eos_token_id=eos, pad_token_id=eos)
-        return speech.tokenizer.decode(out[0], skip_special_tokens=True).strip()
+            stop = StopLoop(eos)
+            llm.generate(inputs_embeds=prompt[None], attention_mask=mask, do_sample=False,
+                         max_new_tokens=int(embed_lengths[0]) * 2 + 4, eos_token_id=eos, pad_token_id=eos,
+                         stopping_criteria=StoppingCriteriaList([stop]))
+        return speech.tokenizer.decode(stop.row.tokens, skip_special_tokens=True).strip()
 
     @app.post("/v1/audio/transcriptions")
     async def transcriptions(file: UploadFile, language: str = Form(...), model: str = Form("whisper-1")) -> dict:

@@ -5,20 +5,28 @@
 # language's data. This trains the two baselines and that Soft configuration for 1000 steps, exactly as those
 # probes did (model selection on the whole dev split), and evaluates each once on the test split.
 # Runs that already have a test report are skipped; the report is benchmarks/results/zipper.md.
+# SEEDS="1 2" METHODS="shared soft-prior" trains other seeds into runs/stage2-1000/<method>-seed<N>.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/zipper_common.sh
 RUNS=runs/stage2-1000
 
-long() {  # name variant [extra train-adapters arguments...]
-    local run="$RUNS/$1" variant="$2"
-    shift 2
+long() {  # seed name variant [extra train-adapters arguments...]
+    local seed="$1" run="$RUNS/$2" variant="$3"
+    shift 3
+    [ "$seed" = 0 ] || run="$run-seed$seed"
     [ -f "$run/summary.json" ] ||
         $ZASR train-adapters --variant "$variant" --init-b warm --steps 1000 --eval-every 125 \
-            --sampling-temperature "$TEMPERATURE" --dev-per-language 100 --out "$run" "$@"
+            --sampling-temperature "$TEMPERATURE" --dev-per-language 100 --seed "$seed" --out "$run" "$@"
     [ -f "$run/eval-test.json" ] || $ZASR eval --model "$run/model" --split test --out "$run/eval-test"
 }
-long shared shared
-long independent independent
-long soft-prior soft --router-lr-scale 100 --router-sharing-weight 0.1 --router-sharing-data-power 0.5
+for seed in ${SEEDS:-0}; do
+    for method in ${METHODS:-shared independent soft-prior}; do
+        case "$method" in
+            soft-prior) long "$seed" soft-prior soft --router-lr-scale 100 --router-sharing-weight 0.1 \
+                            --router-sharing-data-power 0.5 ;;
+            *) long "$seed" "$method" "$method" ;;
+        esac
+    done
+done
 .venv/bin/python -m benchmarks.zipper_report

@@ -244,6 +244,9 @@ class EmbeddedEngine(SpeechEngine):
         hypotheses = self.decode(prepared, temperature,
                                  on_tokens=lambda emitted: [streams[row].add(token) for row, token in emitted])
         self.metrics.decode_seconds.observe(time.perf_counter() - start)
+        for key, hypothesis in zip(prepared.keys, hypotheses, strict=True):
+            if hypothesis.looped:
+                self.metrics.decoding_loops.labels(key).inc()
         return self.outputs(prepared, [s.finish() for s in streams], [h.avg_logprob for h in hypotheses])
 
     @torch.no_grad()

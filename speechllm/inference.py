@@ -24,6 +24,7 @@ class Transcription:
     language_probability: float
     avg_logprob: float
     lid_language: str  # LID's best guess, given language or not (what evaluation scores)
+    looped: bool  # decoding stopped a repetition loop (speechllm.decoding.RowTokens)
 
 
 def choose_language(given: str | None, probabilities: torch.Tensor, languages: tuple[str, ...] | list[str],
@@ -63,5 +64,5 @@ def transcribe_features(model: SpeechLLM, features: torch.Tensor, lengths: torch
             probabilities[row].max())
         results.append(Transcription(model.tokenizer.decode(hypothesis.tokens, skip_special_tokens=True).strip(),
                                      chosen[row], None if given else detected[row], probability,
-                                     hypothesis.avg_logprob, detected[row]))
+                                     hypothesis.avg_logprob, detected[row], hypothesis.looped))
     return results

@@ -3,7 +3,7 @@ import torch
 
 from adapters.zipper import Variant, ZipperConfig, keep_rows, merge_language, use_segments
 from speechllm.decoder import PREFILL_CALL_TOKENS, HFDecoder, LlamaDecoder, decoder_for
-from speechllm.decoding import generate, left_pad
+from speechllm.decoding import RowTokens, generate, left_pad
 from speechllm.inference import transcribe_features
 from speechllm.padding import length_groups
 from tests.conftest import tiny_speech_llm
@@ -107,3 +107,59 @@ def test_transcribe_mixed_languages_with_zipper_adapter(tiny_tokenizer) -> None:
     assert [r.text for r in batch] == [r.text for r in alone]
     assert batch[0].language == "en" and batch[0].detected_language is None
     assert batch[2].detected_language in model.config.languages
+
+
+def _fed(tokens: list[int]) -> tuple[RowTokens, bool]:
+    row = RowTokens()
+    for token in tokens:
+        if row.add(token):
+            return row, True
+    return row, False
+
+
+def test_a_repetition_loop_stops_the_row_and_keeps_one_copy() -> None:
+    row, looped = _fed([5, 6, 7] + [1, 2, 3] * 10)
+    assert looped and row.tokens == [5, 6, 7, 1, 2, 3]
+    row, looped = _fed([5] + [9] * 30)
+    assert looped and row.tokens == [5, 9]
+    row, looped = _fed([8, 1, 2] * 6)  # six copies of "no," are enough
+    assert looped and row.tokens == [8, 1, 2]
+    row, looped = _fed([4] + list(range(20, 40)) * 3)  # a 20-token phrase three times
+    assert looped and row.tokens == [4] + list(range(20, 40))
+
+
+def test_short_repetitions_are_speech_not_loops() -> None:
+    for tokens in ([8, 1, 2] * 5 + [3],  # "no, no, no, no, no."
+                   [7] * 10 + [3],  # "ha ha ha ha ha ha ha ha ha ha."
+                   list(range(10, 30)) * 2):  # a phrase said twice
+        row, looped = _fed(tokens)
+        assert not looped and row.tokens == tokens
+
+
+def test_streamed_tokens_are_never_taken_back() -> None:
+    rng = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        words = torch.randint(0, 6, (int(torch.randint(1, 30, (1,), generator=rng)),), generator=rng).tolist()
+        block = torch.randint(0, 6, (int(torch.randint(1, 8, (1,), generator=rng)),), generator=rng).tolist()
+        row, streamed, looped = RowTokens(), [], False
+        for token in words + block * 12:
+            looped = row.add(token)
+            streamed += row.settled(finished=looped)
+            assert row.tokens[:len(streamed)] == streamed
+            if looped:
+                break
+        streamed += row.settled(finished=True)
+        assert streamed == row.tokens
+
+
+def test_generate_stops_looping_rows_as_the_guard_cuts_a_free_decode(tiny_tokenizer) -> None:
+    model = tiny_speech_llm(tiny_tokenizer)
+    torch.manual_seed(3)
+    prompts = [torch.randn(n, model.llm.config.hidden_size) for n in (4, 9, 6, 5)]
+    free = generate(decoder_for(model.llm), prompts, eos_id=-1, max_new_tokens=60, stop_loops=False)
+    expected = [_fed(h.tokens)[0].tokens for h in free]
+    assert any(len(cut) < 60 for cut in expected)  # an untrained model loops: the guard has work to do
+    streamed: list[list[int]] = [[] for _ in prompts]
+    stopped = generate(decoder_for(model.llm), prompts, eos_id=-1, max_new_tokens=60,
+                       on_tokens=lambda emitted: [streamed[row].append(token) for row, token in emitted])
+    assert [h.tokens for h in stopped] == expected == streamed
