@@ -4,10 +4,10 @@
 implementations do. Hugging Face's forward is written for every use: each call builds masks and cache objects and
 threads keyword arguments through every layer. Our decoder is 4 layers of width 256, and at that size the
 bookkeeping costs as much as the arithmetic. The loop here also packs the projections that read the same input
-(q, k, v; gate, up) into one GEMM each, together with their Zipper adapters' shared A (`PackedLinear`, which holds
-a copy of the projections' weights: 12 MB for the shipped model), and prefills rows of similar prompt length
-together. It serves Llama-style decoders (Llama, Qwen2): RMSNorm, rotary positions, grouped-query attention,
-SwiGLU.
+(q, k, v; gate, up) into one GEMM each, together with their Zipper adapters' shared A (`PackedLinear`: the
+modules' weights become views into the packed tensor, so the model's memory is not doubled), and prefills rows of
+similar prompt length together. It serves Llama-style decoders (Llama, Qwen2): RMSNorm, rotary positions,
+grouped-query attention, SwiGLU.
 `HFDecoder` runs any other causal LM through Hugging Face's forward; `decoder_for` picks one.
 
 Both keep the batch's rows in the KV cache's first dimension; rows that leave the batch (see
@@ -85,7 +85,9 @@ class PackedLinear:
     When they are Zipper layers serving a batch with a shared A (adapters.zipper.use_segments), each layer's
     A is stacked below the base weights too, so the same GEMM gives W0 x and A x, and only each layer's
     per-row B step remains. Otherwise (training's per-row languages, the independent baseline) each layer runs
-    as its own module. The weights are copied once, at construction: build a new one after changing them."""
+    as its own module. The weights are packed once, at construction, and each module's weight becomes a view into
+    the packed tensor: changes made in place (an optimizer step, load_state_dict) reach both, while a module given
+    a new tensor (moved to another device, say) needs a new PackedLinear."""
 
     def __init__(self, layers: list[nn.Module]) -> None:
         self.layers = layers
@@ -100,6 +102,10 @@ class PackedLinear:
         self.weight = torch.cat(weights).detach()
         self.bias = torch.cat(biases).detach()
         self.sizes = [len(w) for w in weights]
+        for tensors, packed in ((weights, self.weight), (biases, self.bias)):
+            for tensor, view in zip(tensors, packed.split(self.sizes), strict=True):
+                if isinstance(tensor, nn.Parameter):  # not the zeros standing in for a missing bias
+                    tensor.data = view
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         if self.zipper and not (self.shared_a and all(layer.rows is not None for layer in self.layers)):

@@ -163,3 +163,20 @@ def test_generate_stops_looping_rows_as_the_guard_cuts_a_free_decode(tiny_tokeni
     stopped = generate(decoder_for(model.llm), prompts, eos_id=-1, max_new_tokens=60,
                        on_tokens=lambda emitted: [streamed[row].append(token) for row, token in emitted])
     assert [h.tokens for h in stopped] == expected == streamed
+
+
+def test_our_decoder_shares_the_model_s_weights_instead_of_copying_them(tiny_tokenizer) -> None:
+    model = tiny_speech_llm(tiny_tokenizer, adapter=ZipperConfig(variant=Variant.SOFT, rank=4))
+    before = sum(p.numel() for p in model.llm.parameters())
+    decoder = LlamaDecoder(model.llm)
+    attention = model.llm.model.layers[0].self_attn
+    packed = decoder.qkv[0].weight
+    storage = packed.untyped_storage().data_ptr()
+    for module in (attention.q_proj, attention.k_proj, attention.v_proj):
+        assert module.base.weight.untyped_storage().data_ptr() == storage
+        assert module.lora_A.untyped_storage().data_ptr() == storage
+    with torch.no_grad():
+        attention.k_proj.base.weight.add_(1.0)  # an in-place change reaches the packed GEMM
+    start, size = attention.q_proj.base.weight.shape[0], attention.k_proj.base.weight.shape[0]
+    torch.testing.assert_close(packed[start: start + size], attention.k_proj.base.weight)
+    assert sum(p.numel() for p in model.llm.parameters()) == before
