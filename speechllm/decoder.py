@@ -180,7 +180,8 @@ class LlamaDecoder:
         capacity = length + max_new_tokens
         shape = (batch, self.n_kv_heads, capacity, self.head_dim)
         prompt_lengths = mask.sum(-1)
-        cache = KVCache([embeds.new_empty(shape) for _ in self.layers], [embeds.new_empty(shape) for _ in self.layers],
+        # Zeros, not empty: a masked slot still enters attention's arithmetic, and NaN there (0 × NaN) spoils the row.
+        cache = KVCache([embeds.new_zeros(shape) for _ in self.layers], [embeds.new_zeros(shape) for _ in self.layers],
                         torch.zeros(batch, capacity, dtype=torch.bool, device=embeds.device), prompt_lengths - 1)
         cache.valid[:, :length] = mask.bool()
         lengths = prompt_lengths.tolist()
