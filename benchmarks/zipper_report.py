@@ -89,26 +89,30 @@ def long_stage2(runs: Path) -> dict | None:
     if not all(rows):
         return None
     model = runs / "stage2-1000" / "soft-prior" / "model"
-    return {"methods": rows, "claims": claims(rows, "soft-prior"), "gates": learned_gates(model)}
+    seeds = spread_over_seeds({m: [runs / "stage2-1000" / m, *sorted((runs / "stage2-1000").glob(f"{m}-seed*"))]
+                               for m in LONG_METHODS})
+    return {"methods": rows, "claims": claims(rows, "soft-prior"), "gates": learned_gates(model),
+            "seeds": seeds, "seed_claims": seed_claims(seeds, "soft-prior") if seeds else []}
 
 
-def seed_runs(runs: Path, variant: str) -> list[Path]:
-    """Seed 0 (the main run) and every other seed of `variant` (scripts/zipper_seeds.sh) with a test report."""
-    found = [stage2_dir(runs, variant)] + sorted((runs / "stage2").glob(f"{variant}-warm-seed*"))
-    return [run for run in found if (run / "eval-test.json").exists()]
+def spread_over_seeds(runs_by_method: dict[str, list[Path]]) -> dict | None:
+    """Test CER per tier and seed for every method with test reports from more than one seed (a run named
+    `...-seed<N>` is seed N, any other seed 0); seed i of each method saw the same batches, so methods are
+    also compared seed by seed."""
+    spread = {}
+    for method, found in runs_by_method.items():
+        tests = {run.name.rpartition("-seed")[2] if "-seed" in run.name else "0": read_json(run / "eval-test.json")
+                 for run in found if (run / "eval-test.json").exists()}
+        if len(tests) > 1:
+            spread[method] = {seed: {**{tier: t["tiers"][tier]["cer"] for tier in TIERS},
+                                     "all": t["average"]["cer"]} for seed, t in tests.items()}
+    return spread or None
 
 
 def seed_spread(runs: Path) -> dict | None:
-    """Test CER per tier and seed for every method trained with more than one seed; seed i of each
-    method saw the same batches, so methods are also compared seed by seed."""
-    spread = {}
-    for variant in VARIANTS:
-        tests = {run.name.rpartition("seed")[2] if "seed" in run.name else "0": read_json(run / "eval-test.json")
-                 for run in seed_runs(runs, variant)}
-        if len(tests) > 1:
-            spread[variant] = {seed: {**{tier: t["tiers"][tier]["cer"] for tier in TIERS},
-                                      "all": t["average"]["cer"]} for seed, t in tests.items()}
-    return spread or None
+    """The 250-step comparison's methods over seed 0 and the seeds of scripts/zipper_seeds.sh."""
+    return spread_over_seeds({v: [stage2_dir(runs, v), *sorted((runs / "stage2").glob(f"{v}-warm-seed*"))]
+                              for v in VARIANTS})
 
 
 def mean_sd(values: list[float]) -> tuple[float, float]:
@@ -117,20 +121,24 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
 
 
 def seed_claims(spread: dict, best: str) -> list[str]:
-    if not {best, "shared", "independent"} <= spread.keys():
+    """The claim over the seeds that `best` shares with the baselines trained with more than one seed."""
+    baselines = [m for m in ("shared", "independent") if m in spread]
+    if best not in spread or not baselines:
         return []
-    common = sorted(set(spread[best]) & set(spread["shared"]) & set(spread["independent"]))
-    low = {m: [spread[m][seed]["low"] for seed in common] for m in (best, "shared", "independent")}
-    high = {m: [spread[m][seed]["high"] for seed in common] for m in (best, "shared", "independent")}
-    wins = sum(low[best][i] < min(low["shared"][i], low["independent"][i]) for i in range(len(common)))
+    common = sorted(set(spread[best]).intersection(*(spread[m] for m in baselines)))
+    low = {m: [spread[m][seed]["low"] for seed in common] for m in (best, *baselines)}
+    high = {m: [spread[m][seed]["high"] for seed in common] for m in (best, *baselines)}
+    wins = sum(low[best][i] < min(low[m][i] for m in baselines) for i in range(len(common)))
     means = {m: mean_sd(v)[0] for m, v in low.items()}
     high_means = {m: mean_sd(v)[0] for m, v in high.items()}
-    low_ok = means[best] < min(means["shared"], means["independent"])
-    better_high = min(high_means["shared"], high_means["independent"])
+    low_ok = means[best] < min(means[m] for m in baselines)
+    better_high = min(high_means[m] for m in baselines)
     high_ok = high_means[best] <= better_high + 0.005
-    return [f"over seeds {', '.join(common)}: low tier mean {best} {pct(means[best])} % vs shared "
-            f"{pct(means['shared'])} % and independent {pct(means['independent'])} % → "
-            f"{'holds' if low_ok else 'does not hold'}; {best} is below both in {wins} of {len(common)} seeds",
+    against = " and ".join(f"{m} {pct(means[m])} %" for m in baselines)
+    missing = [m for m in ("shared", "independent") if m not in baselines]
+    return [f"over seeds {', '.join(common)}: low tier mean {best} {pct(means[best])} % vs {against} → "
+            f"{'holds' if low_ok else 'does not hold'}; {best} is below {'both' if len(baselines) > 1 else 'it'} "
+            f"in {wins} of {len(common)} seeds" + (f" ({', '.join(missing)}: one seed only)" if missing else ""),
             f"over the same seeds: high tier mean {best} {pct(high_means[best])} % vs the better baseline "
             f"{pct(better_high)} % → {'holds' if high_ok else 'does not hold'}"]
 
@@ -226,6 +234,17 @@ def pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}"
 
 
+def seed_table(spread: dict) -> list[str]:
+    lines = ["| method | seeds | high | mid | low | all |", "|---|---:|---:|---:|---:|---:|"]
+    for method, by_seed in spread.items():
+        cells = []
+        for tier in (*TIERS, "all"):
+            mean, sd = mean_sd([r[tier] for r in by_seed.values()])
+            cells.append(f"{pct(mean)} ± {pct(sd)}")
+        lines.append(f"| {method} | {', '.join(by_seed)} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def method_table(rows: list[dict]) -> list[str]:
     lines = ["| method | high | mid | low | all | trainable params | best dev CER % (step) | wall time |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -259,14 +278,7 @@ def markdown(report: dict) -> str:
         lines += ["", "## Across seeds", "",
                   "Stage 2 trained again with other seeds (initialisation, batch order, dev subset for model "
                   "selection), everything else as above: test CER %, mean ± standard deviation over seeds. "
-                  "Regenerate: `bash scripts/zipper_seeds.sh`.", "",
-                  "| method | seeds | high | mid | low | all |", "|---|---:|---:|---:|---:|---:|"]
-        for variant, by_seed in report["seeds"].items():
-            cells = []
-            for tier in (*TIERS, "all"):
-                mean, sd = mean_sd([r[tier] for r in by_seed.values()])
-                cells.append(f"{pct(mean)} ± {pct(sd)}")
-            lines.append(f"| {variant} | {', '.join(by_seed)} | " + " | ".join(cells) + " |")
+                  "Regenerate: `bash scripts/zipper_seeds.sh`.", ""] + seed_table(report["seeds"])
         lines += [""] + [f"- {line}" for line in report["seed_claims"]]
     if report.get("initial_b"):
         a = report["initial_b"]
@@ -308,6 +320,10 @@ def markdown(report: dict) -> str:
                   "| " + " | ".join(codes) + " |", "|" + "---:|" * len(codes),
                   "| " + " | ".join(gate_shares(long["gates"])) + " |", ""]
         lines += [f"- {line}" for line in long["claims"]]
+        if long.get("seeds"):
+            lines += ["", "The same, trained again with other seeds (`SEEDS=1 METHODS=\"shared soft-prior\" bash "
+                      "scripts/zipper_long.sh`): test CER %, mean ± standard deviation over seeds.", ""]
+            lines += seed_table(long["seeds"]) + [""] + [f"- {line}" for line in long["seed_claims"]]
     return "\n".join(lines) + "\n"
 
 
