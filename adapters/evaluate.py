@@ -19,6 +19,7 @@ from tqdm import tqdm
 from whisper_normalizer.basic import BasicTextNormalizer
 
 from speechllm.data import FeatureSet
+from speechllm.decoder import decoder_for
 from speechllm.inference import transcribe_features
 from speechllm.languages import BY_CODE, Tier
 from speechllm.model import SpeechLLM
@@ -54,10 +55,11 @@ def evaluate_features(model: SpeechLLM, data: FeatureSet, chunk_size: int | None
     lid_correct: dict[int, bool] = {}
     looped: set[int] = set()
     batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+    decoder = decoder_for(model.llm)
     for batch in tqdm(batches, desc="evaluate", unit="batch", disable=not progress):
         features, lengths = data.batch(batch)
         given = [data.entries[i]["language"] for i in batch]
-        results = transcribe_features(model, features, lengths, given, chunk_size)
+        results = transcribe_features(model, features, lengths, given, chunk_size, decoder)
         for index, result in zip(batch, results, strict=True):
             hypotheses[index] = result.text
             lid_correct[index] = result.lid_language == data.entries[index]["language"]

@@ -42,6 +42,7 @@ class EngineInput:
     # chunked encoder computed, and a decode may have to continue text that was already sent to the client.
     states: torch.Tensor | None = None  # (frames, d_model): the encoder is skipped for this row
     prefix: str = ""  # forced after the prompt; the row's text is this prefix followed by what the model adds
+    partial: bool = False  # a realtime turn's partial re-decode (metrics count those apart)
 
 
 @dataclass
@@ -75,6 +76,7 @@ class PreparedBatch:
     guesses: list[LanguageGuess]  # per batch row
     probabilities: torch.Tensor  # LID posteriors per batch row
     prefixes: list[str] = field(default_factory=list)  # forced text per decoding position ("" for most rows)
+    prefix_ids: list[list[int]] = field(default_factory=list)  # its tokens, as if the model had written them
 
 
 class SpeechEngine:
@@ -166,9 +168,9 @@ class SpeechEngine:
         prompts = self.model.prompt_embeddings(audio, audio_lengths, languages)
         limits = token_limits(audio_lengths)
         prefixes = [batch[row].prefix for row in order]
-        for position, prefix in enumerate(prefixes):
-            if prefix:  # the prefix's tokens follow the prompt as if the model had emitted them
-                ids = target_ids(self.model.tokenizer, prefix)[:-1]  # without the end-of-text token
+        prefix_ids = [target_ids(self.model.tokenizer, prefix)[:-1] if prefix else [] for prefix in prefixes]
+        for position, ids in enumerate(prefix_ids):
+            if ids:  # the prefix's tokens follow the prompt as if the model had emitted them
                 prompts[position] = torch.cat([prompts[position],
                                                self.model.embed_tokens(torch.tensor(ids, device=self.device))])
                 limits[position] = max(1, limits[position] - len(ids))
@@ -176,7 +178,7 @@ class SpeechEngine:
         self.metrics.batch_size.observe(len(batch))
         self.metrics.batch_languages.observe(len(set(keys)))
         return PreparedBatch(order, [keys[row] for row in order], languages, prompts, limits,
-                             choices, [self._guess(p) for p in probabilities], probabilities, prefixes)
+                             choices, [self._guess(p) for p in probabilities], probabilities, prefixes, prefix_ids)
 
     def outputs(self, prepared: PreparedBatch, texts: list[str], avg_logprobs: list[float]) -> list[EngineOutput]:
         """Per batch row, from the decoder's per-position texts."""
@@ -193,6 +195,10 @@ class SpeechEngine:
             outputs[row] = EngineOutput(text, language, source, probability, guess.candidates, adapter,
                                         avg_logprobs[position])
         return outputs
+
+
+    def count_loop(self, prepared: PreparedBatch, item: EngineInput, position: int) -> None:
+        self.metrics.decoding_loops.labels(prepared.keys[position], "partial" if item.partial else "final").inc()
 
 
 def continue_text(prefix: str, continuation: str, language: str | None) -> str:
@@ -214,7 +220,7 @@ class EmbeddedEngine(SpeechEngine):
         super().__init__(model, metrics, lid_threshold)
         pinned = [self.adapter_key(code) for code in pinned_languages or []]
         self.cache = AdapterCache(self._merge, cache_bytes, metrics, pinned)
-        self.decoder = decoder_for(model.llm)  # built once: it packs a copy of the (frozen) weights
+        self.decoder = decoder_for(model.llm)  # built once: it packs the projections' weights
 
     def _merge(self, key: str) -> MergedAdapter:
         index = None if key == SHARED_KEY else self.languages.index(key)
@@ -244,9 +250,9 @@ class EmbeddedEngine(SpeechEngine):
         hypotheses = self.decode(prepared, temperature,
                                  on_tokens=lambda emitted: [streams[row].add(token) for row, token in emitted])
         self.metrics.decode_seconds.observe(time.perf_counter() - start)
-        for key, hypothesis in zip(prepared.keys, hypotheses, strict=True):
+        for position, hypothesis in enumerate(hypotheses):
             if hypothesis.looped:
-                self.metrics.decoding_loops.labels(key).inc()
+                self.count_loop(prepared, batch[prepared.order[position]], position)
         return self.outputs(prepared, [s.finish() for s in streams], [h.avg_logprob for h in hypotheses])
 
     @torch.no_grad()
@@ -255,7 +261,8 @@ class EmbeddedEngine(SpeechEngine):
         """The decoder half of a prepared batch, each row with its language's merged adapter."""
         with use_segments(self.model.llm, self._segments(prepared.keys)):
             return generate(self.decoder, prepared.prompts, eos_id(self.model.tokenizer), prepared.limits,
-                            temperature, on_tokens=on_tokens, on_rows_kept=lambda keep: keep_rows(self.model.llm, keep))
+                            temperature, on_tokens=on_tokens, on_rows_kept=lambda keep: keep_rows(self.model.llm, keep),
+                            contexts=prepared.prefix_ids or None)
 
     def _segments(self, keys: list[str]) -> list[tuple[int, int, MergedAdapter]]:
         if self.model.config.adapter is None:

@@ -45,8 +45,10 @@ class Metrics:
         self.lora_slot_loads = Counter("zasr_vllm_lora_slot_loads_total",
                                        "vLLM backend: submissions whose adapter was not among the max_loras most "
                                        "recently used (an adapter load into a vLLM slot)", ["adapter"], registry=r)
-        self.decoding_loops = Counter("zasr_decoding_loops_stopped_total", "Rows whose decoding fell into a "
-                                      "repetition loop and was stopped, its repeats dropped", ["adapter"], registry=r)
+        self.decoding_loops = Counter(
+            "zasr_decoding_loops_stopped_total",
+            "Rows whose decoding fell into a repetition loop and was stopped, its repeats dropped "
+            "(decode: final, or partial for a realtime turn's partial re-decode)", ["adapter", "decode"], registry=r)
         self.rejected = Counter("zasr_rejected_requests_total", "Requests refused before the engine", ["reason"],
                                 registry=r)
         # --- realtime WebSocket sessions (server/realtime.py); the gauges read the live sessions at scrape time ---

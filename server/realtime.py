@@ -630,9 +630,9 @@ class RealtimeSession:
             self.metrics.realtime_encoder_frames.inc(turn.encoder.frames_encoded - before)
             if not len(states) or turn.closed:
                 return None
-            item = EngineInput(None, turn.language, states=states, prefix=turn.emitted)
+            item = EngineInput(None, turn.language, states=states, prefix=turn.emitted, partial=True)
         else:
-            item = EngineInput(log_mel_spectrogram(samples), turn.language, prefix=turn.emitted)
+            item = EngineInput(log_mel_spectrogram(samples), turn.language, prefix=turn.emitted, partial=True)
         try:
             future = batcher.submit([item])[0]
         except QueueFull:

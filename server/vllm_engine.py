@@ -126,27 +126,33 @@ class VLLMEngine(SpeechEngine):
                                 stop_token_ids=[eos], detokenize=False, logprobs=0)
         prompt = {"prompt_embeds": prepared.prompts[position].detach().to("cpu", self.dtype)}
         stream = TextStream(item.on_text, self.model.tokenizer)
-        row = RowTokens()  # the embedded decoder's loop guard: a looping row stops (vLLM aborts the request)
+        # the embedded decoder's loop guard: a looping row stops (vLLM aborts the request)
+        row = RowTokens(context=prepared.prefix_ids[position] if prepared.prefix_ids else ())
+
+        def feed(tokens: list[int]) -> bool:
+            """Passes new tokens through the guard to the stream; True when the row fell into a loop."""
+            for token in tokens:
+                looped = token != eos and row.add(token)
+                for ready in row.settled(finished=looped):
+                    stream.add(ready)
+                if looped:
+                    return True
+            return False
+
         request_id = f"zasr-{next(self._request_ids)}"
-        final, seen, looped = None, 0, False
+        final, looped = None, False
         lora = self._lora_request(prepared.keys[position])
         outputs = self.llm.generate(prompt, params, request_id, lora_request=lora)
         async with contextlib.aclosing(outputs):  # leaving early aborts the request in vLLM
             async for output in outputs:
+                seen = len(final.token_ids) if final else 0
                 final = output.outputs[0]
-                for token in final.token_ids[seen:]:
-                    looped = token != eos and row.add(token)
-                    for settled in row.settled(finished=looped):
-                        stream.add(settled)
-                    if looped:
-                        break
-                seen = len(final.token_ids)
-                if looped:
+                if looped := feed(final.token_ids[seen:]):
                     break
-        for settled in row.settled(finished=True):
-            stream.add(settled)
+        for ready in row.settled(finished=True):
+            stream.add(ready)
         if looped:
-            self.metrics.decoding_loops.labels(prepared.keys[position]).inc()
+            self.count_loop(prepared, item, position)
         # As the embedded decoder counts it: the end-of-text token's log-probability is in the sum,
         # the token itself not in the count.
         logprobs = [next(iter(step.values())).logprob for step in final.logprobs or []] if final else []

@@ -104,7 +104,8 @@ class PackedLinear:
         self.sizes = [len(w) for w in weights]
         for tensors, packed in ((weights, self.weight), (biases, self.bias)):
             for tensor, view in zip(tensors, packed.split(self.sizes), strict=True):
-                if isinstance(tensor, nn.Parameter):  # not the zeros standing in for a missing bias
+                # not the zeros standing in for a missing bias, nor a tensor torch.cat had to convert
+                if isinstance(tensor, nn.Parameter) and (tensor.dtype, tensor.device) == (view.dtype, view.device):
                     tensor.data = view
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:

@@ -10,7 +10,7 @@ read (Whisper re-decodes when the text compresses too well). It stops there and 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -40,13 +40,13 @@ def left_pad(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return embeds, mask
 
 
-# A loop: the transcript ends with a block of at most MAX_LOOP_PERIOD tokens that follows itself at least
-# LOOP_MIN_COPIES times, the copies together at least LOOP_MIN_TOKENS long. No transcript of the corpus
+# A loop: the transcript ends with a block of at most MAX_LOOP_PERIOD tokens that appears LOOP_MIN_COPIES
+# times or more in a row, the copies together at least LOOP_MIN_TOKENS long. No transcript of the corpus
 # (train, dev or test, as the shipped tokenizer writes it) contains one; docs/model.md has the count.
 MAX_LOOP_PERIOD = 32
 LOOP_MIN_COPIES = 3
 LOOP_MIN_TOKENS = 16
-# per period: the run of repeating tokens (the copies after the first) that makes a loop
+# per period (index 0 unused): the run of repeating tokens (the copies after the first) that makes a loop
 _LOOP_RUN = [0] + [max((LOOP_MIN_COPIES - 1) * p, LOOP_MIN_TOKENS - p) for p in range(1, MAX_LOOP_PERIOD + 1)]
 
 
@@ -55,36 +55,56 @@ class RowTokens:
 
     For each period p it counts how many trailing tokens equal the token p places before them: that run is
     the loop's copies after the first, once it is long enough. Only tokens inside such a run can still be
-    removed, so everything before the longest run is settled and may be streamed.
+    removed, so everything before the longest run is settled and may be streamed (what is held back is the
+    repeating tail: at most 2 × MAX_LOOP_PERIOD - 1 tokens, and none while the text does not repeat itself).
+
+    `context`: tokens the row was forced to begin with (a realtime turn's text already sent). A loop may
+    begin in them, but they are never dropped, streamed or counted as the row's tokens.
     """
 
-    def __init__(self, stop_loops: bool = True) -> None:
-        self.tokens: list[int] = []
+    def __init__(self, stop_loops: bool = True, context: Sequence[int] = ()) -> None:
         self.stop_loops = stop_loops
         self.looped = False
+        self._written: list[int] = []
         self._runs = [0] * (MAX_LOOP_PERIOD + 1)  # index = period
-        self._streamed = 0
+        for token in context:
+            self._append(token)
+        self._start = self._streamed = len(self._written)
+
+    @property
+    def tokens(self) -> list[int]:
+        return self._written[self._start:]
+
+    def __len__(self) -> int:
+        return len(self._written) - self._start
+
+    def _append(self, token: int) -> None:
+        written, runs = self._written, self._runs
+        written.append(token)
+        last = len(written) - 1
+        for period in range(1, min(MAX_LOOP_PERIOD, last) + 1):
+            runs[period] = runs[period] + 1 if written[last - period] == token else 0
 
     def add(self, token: int) -> bool:
         """Appends a token; True when the row has fallen into a loop, whose repeats are then dropped."""
-        tokens, runs = self.tokens, self._runs
-        tokens.append(token)
+        self._append(token)
         if not self.stop_loops:
             return False
-        last = len(tokens) - 1
-        for period in range(1, min(MAX_LOOP_PERIOD, last) + 1):
-            runs[period] = runs[period] + 1 if tokens[last - period] == token else 0
-            if runs[period] >= _LOOP_RUN[period]:  # the shortest period first: keep the smallest copy
-                del tokens[len(tokens) - runs[period]:]
+        for period in range(1, min(MAX_LOOP_PERIOD, len(self._written) - 1) + 1):
+            if self._runs[period] >= _LOOP_RUN[period]:  # the shortest period first: keep the smallest copy
+                del self._written[max(len(self._written) - self._runs[period], self._start):]
                 self.looped = True
                 return True
         return False
 
     def settled(self, finished: bool) -> list[int]:
         """The tokens that no loop can remove any more (all of them once the row is finished), not returned before."""
-        end = len(self.tokens) if finished else len(self.tokens) - max(self._runs)
-        new = self.tokens[self._streamed:end]
-        self._streamed = max(self._streamed, end)
+        if finished or self.looped or not self.stop_loops:
+            end = len(self._written)
+        else:
+            end = max(len(self._written) - max(self._runs), self._streamed)
+        new = self._written[self._streamed:end]
+        self._streamed = end
         return new
 
 
@@ -98,15 +118,16 @@ RowsCallback = Callable[[torch.Tensor], None]
 def generate(decoder: Decoder, prompts: list[torch.Tensor], eos_id: int, max_new_tokens: list[int] | int,
              temperature: float = 0.0, generator: torch.Generator | None = None,
              on_tokens: TokenCallback | None = None, on_rows_kept: RowsCallback | None = None,
-             stop_loops: bool = True) -> list[Hypothesis]:
+             stop_loops: bool = True, contexts: list[list[int]] | None = None) -> list[Hypothesis]:
     """Rows that finish leave the batch (with their KV cache) once they are a quarter of it, so that a long
     transcript does not keep the finished rows of its batch computing: whoever holds per-row state for the
     model's layers (the Zipper adapters of a mixed batch) follows along through `on_rows_kept`.
-    A row also finishes when it falls into a repetition loop (`RowTokens`), unless `stop_loops` is False."""
+    A row also finishes when it falls into a repetition loop (`RowTokens`), unless `stop_loops` is False;
+    `contexts` are the tokens each row's prompt ends with as if it had written them (forced prefixes)."""
     batch = len(prompts)
     limits = [max_new_tokens] * batch if isinstance(max_new_tokens, int) else list(max_new_tokens)
     logits, state = decoder.prefill(*left_pad(prompts), max(limits))
-    rows = [RowTokens(stop_loops) for _ in range(batch)]
+    rows = [RowTokens(stop_loops, contexts[row] if contexts else ()) for row in range(batch)]
     token_logprobs: list[list[float]] = [[] for _ in range(batch)]  # the end-of-text token's included
     done = [False] * batch
     alive = list(range(batch))  # the row of each position of the running batch
@@ -129,9 +150,9 @@ def generate(decoder: Decoder, prompts: list[torch.Tensor], eos_id: int, max_new
             else:
                 looped = rows[row].add(token)
                 if looped:
-                    del token_logprobs[row][len(rows[row].tokens):]
-                done[row] = looped or len(rows[row].tokens) >= limits[row]
-            emitted += [(row, settled) for settled in rows[row].settled(done[row])]
+                    del token_logprobs[row][len(rows[row]):]
+                done[row] = looped or len(rows[row]) >= limits[row]
+            emitted += [(row, ready) for ready in rows[row].settled(done[row])]
             if not done[row]:
                 running.append(position)
         if on_tokens is not None and emitted:

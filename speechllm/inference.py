@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from adapters.zipper import keep_rows, use_languages
-from speechllm.decoder import decoder_for
+from speechllm.decoder import Decoder, decoder_for
 from speechllm.decoding import generate
 from speechllm.model import SpeechLLM
 from speechllm.prompt import eos_id
@@ -44,7 +44,9 @@ def token_limits(audio_lengths: torch.Tensor) -> list[int]:
 
 @torch.no_grad()
 def transcribe_features(model: SpeechLLM, features: torch.Tensor, lengths: torch.Tensor,
-                        languages: list[str | None], chunk_size: int | None = None) -> list[Transcription]:
+                        languages: list[str | None], chunk_size: int | None = None,
+                        decoder: Decoder | None = None) -> list[Transcription]:
+    """`decoder`: the model's decoder (speechllm.decoder.decoder_for), when the caller keeps one for many calls."""
     device = next(model.parameters()).device
     states, state_lengths = model.encode(features.to(device), lengths.to(device), chunk_size)
     probabilities = model.language_logits(states, state_lengths).float().softmax(-1).cpu()
@@ -55,7 +57,7 @@ def transcribe_features(model: SpeechLLM, features: torch.Tensor, lengths: torch
     prompts = model.prompt_embeddings(audio, audio_lengths, chosen)
     limits = token_limits(audio_lengths)
     with use_languages(model.llm, model.language_indices(chosen).to(device)):
-        hypotheses = generate(decoder_for(model.llm), prompts, eos_id(model.tokenizer), limits,
+        hypotheses = generate(decoder or decoder_for(model.llm), prompts, eos_id(model.tokenizer), limits,
                               on_rows_kept=lambda keep: keep_rows(model.llm, keep))
     results = []
     for row, hypothesis in enumerate(hypotheses):

@@ -128,6 +128,16 @@ def test_a_repetition_loop_stops_the_row_and_keeps_one_copy() -> None:
     assert looped and row.tokens == [4] + list(range(20, 40))
 
 
+def test_a_loop_may_begin_in_a_forced_prefix_that_is_never_dropped() -> None:
+    prefix = [5] + list(range(20, 30)) * 2  # two copies already sent to a realtime client
+    row = RowTokens(context=prefix)
+    assert not any(row.add(token) for token in range(20, 29))
+    assert row.add(29)  # the third copy, completed by the model, is a loop: none of the new tokens stay
+    assert row.tokens == [] and row.settled(finished=True) == []
+    row = RowTokens(context=[5, 6])
+    assert not row.add(7) and row.tokens == [7] and row.settled(finished=False) == [7]
+
+
 def test_short_repetitions_are_speech_not_loops() -> None:
     for tokens in ([8, 1, 2] * 5 + [3],  # "no, no, no, no, no."
                    [7] * 10 + [3],  # "ha ha ha ha ha ha ha ha ha ha."
