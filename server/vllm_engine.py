@@ -140,14 +140,15 @@ class VLLMEngine(SpeechEngine):
             return False
 
         request_id = f"zasr-{next(self._request_ids)}"
-        final, looped = None, False
+        final, seen, looped = None, 0, False
         lora = self._lora_request(prepared.keys[position])
         outputs = self.llm.generate(prompt, params, request_id, lora_request=lora)
         async with contextlib.aclosing(outputs):  # leaving early aborts the request in vLLM
             async for output in outputs:
-                seen = len(final.token_ids) if final else 0
-                final = output.outputs[0]
-                if looped := feed(final.token_ids[seen:]):
+                final = output.outputs[0]  # cumulative, and the same object updated in place
+                looped = feed(final.token_ids[seen:])
+                seen = len(final.token_ids)
+                if looped:
                     break
         for ready in row.settled(finished=True):
             stream.add(ready)
