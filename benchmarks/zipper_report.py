@@ -246,13 +246,15 @@ def seed_table(spread: dict) -> list[str]:
 
 
 def method_table(rows: list[dict]) -> list[str]:
-    lines = ["| method | high | mid | low | all | trainable params | best dev CER % (step) | wall time |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    """Test CER % per tier, and the test rows whose decoding stopped in a repetition loop (docs/model.md)."""
+    lines = ["| method | high | mid | low | all | loops stopped | trainable params | best dev CER % (step) | "
+             "wall time |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         tiers = r["test"]["tiers"]
         wall = "–" if r["wall_seconds"] is None else f"{r['wall_seconds'] / 60:.1f} min"
         lines.append(f"| {r['method']} | {pct(tiers['high']['cer'])} | {pct(tiers['mid']['cer'])} | "
                      f"{pct(tiers['low']['cer'])} | {pct(r['test']['average']['cer'])} | "
+                     f"{r['test'].get('loops_stopped', '–')} | "
                      f"{r['trainable_parameters']:,} | {pct(r['best_dev_cer'])} ({r['best_step']}) | {wall} |")
     return lines
 
@@ -267,7 +269,9 @@ def markdown(report: dict) -> str:
     codes = [lang.code for lang in LANGUAGES]
     lines = ["# Zipper-LoRA reproduction on the 12-language espeak-ng corpus", "",
              f"Test split, CER %. Best Zipper variant on dev: **{report['best_variant']}**. "
-             "Regenerate: `bash scripts/zipper_experiments.sh`.", ""] + method_table(rows)
+             "Regenerate: `bash scripts/zipper_experiments.sh`. Decoding stops a repetition loop and keeps one "
+             "copy (docs/model.md, *Decoding*): *loops stopped* counts the test rows where it did.", ""]
+    lines += method_table(rows)
     lines += ["", "Per language, CER % (WER % in brackets):", "",
               "| method | " + " | ".join(codes) + " |", "|---|" + "---:|" * len(codes)]
     for r in rows:
@@ -368,7 +372,7 @@ def main() -> None:
     if report["gates"]:
         plot_gates(report["gates"], args.out / "zipper_gates.png")
     for r in rows + (report["long"]["methods"] if report["long"] else []):  # details stay in the runs
-        r["test"] = {k: r["test"][k] for k in ("languages", "tiers", "average", "lid_accuracy_long")}
+        r["test"] = {k: r["test"][k] for k in ("languages", "tiers", "average", "lid_accuracy_long", "loops_stopped")}
     (args.out / "zipper.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "zipper.md").write_text(markdown(report))
     print(markdown(report))
