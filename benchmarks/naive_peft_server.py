@@ -25,6 +25,7 @@ from server.threads import engine_executor, use_one_thread
 from speechllm.audio import load_audio
 from speechllm.decoding import RowTokens
 from speechllm.features import log_mel_spectrogram
+from speechllm.inference import token_limits
 from speechllm.model import SpeechLLM
 from speechllm.prompt import eos_id
 
@@ -66,7 +67,7 @@ def build_app(model_dir: Path, adapters_dir: Path) -> FastAPI:
             eos = eos_id(speech.tokenizer)
             stop = StopLoop(eos)
             llm.generate(inputs_embeds=prompt[None], attention_mask=mask, do_sample=False,
-                         max_new_tokens=int(embed_lengths[0]) * 2 + 4, eos_token_id=eos, pad_token_id=eos,
+                         max_new_tokens=token_limits(embed_lengths)[0], eos_token_id=eos, pad_token_id=eos,
                          stopping_criteria=StoppingCriteriaList([stop]))
         return speech.tokenizer.decode(stop.row.tokens, skip_special_tokens=True).strip()
 

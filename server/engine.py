@@ -196,7 +196,6 @@ class SpeechEngine:
                                         avg_logprobs[position])
         return outputs
 
-
     def count_loop(self, prepared: PreparedBatch, item: EngineInput, position: int) -> None:
         self.metrics.decoding_loops.labels(prepared.keys[position], "partial" if item.partial else "final").inc()
 
