@@ -62,3 +62,24 @@ def test_a_model_directory_exports_every_language_and_the_shared_subspace(tiny_t
     b_ja = merge_language(model.llm, model.config.languages.index("ja")).b[0]
     assert all(t.dtype == torch.float16 for t in ja.values())
     assert torch.allclose(ja[f"base_model.model.{name}.lora_B.weight"].float(), b_ja, atol=1e-3)
+
+
+def test_the_shipped_models_exports_are_those_of_its_zipper_weights(tmp_path: Path) -> None:
+    """scripts/setup.sh writes models/default/adapters; they must be current, not a previous model's."""
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    from adapters.export import SHARED_ADAPTER, export_model_adapters
+
+    model_dir = Path(__file__).resolve().parents[1] / "models" / "default"
+    shipped = model_dir / "adapters"
+    assert (shipped / ".exported-from").exists(), "run scripts/setup.sh: it writes models/default/adapters"
+    source_hash = hashlib.sha256((model_dir / "adapter.safetensors").read_bytes()).hexdigest()
+    assert (shipped / ".exported-from").read_text().strip() == source_hash
+    for fresh in export_model_adapters(model_dir, tmp_path):
+        assert fresh.name == SHARED_ADAPTER or (shipped / fresh.name).is_dir()
+        expected = load_file(fresh / "adapter_model.safetensors")
+        actual = load_file(shipped / fresh.name / "adapter_model.safetensors")
+        assert expected.keys() == actual.keys()
+        assert all(torch.equal(expected[key], actual[key]) for key in expected)
