@@ -9,6 +9,11 @@ this machine, and reported as ratios:
 4. our server vs a naive multi-adapter server that switches a PEFT adapter per request
    (benchmarks/naive_peft_server.py), same model, same mixed traffic, concurrency 16.
 
+Each load also takes the server's CPU account (its process and its audio workers): CPU seconds per
+audio second and cores kept busy. Throughput is exactly cores busy / CPU per audio second, so the
+c16/c1 ratio splits into how many more cores concurrency 16 keeps busy and how much CPU batching
+saves per audio second, and a machine's cores bound the first factor.
+
     .venv/bin/python -m benchmarks.serving [--model models/default] [--per-language 32]
 """
 
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -25,10 +31,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
 
 import httpx
+import psutil
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from adapters.export import export_peft
 from server.engine import EmbeddedEngine
@@ -74,9 +83,50 @@ def start(command: list[str], env: dict, url: str) -> subprocess.Popen:
     raise RuntimeError(f"{command} did not become ready")
 
 
-async def drive(url: str, requests: list[tuple[str, bytes, float]], concurrency: int) -> tuple[float, list[float]]:
-    """`concurrency` clients, each sending its next request as soon as the last is answered → the wall time
-    and every request's latency."""
+def tree_cpu_seconds(pid: int) -> tuple[float, float]:
+    """CPU seconds used so far by a process (the server: engine, event loop) and by its live descendants (its
+    audio workers: upload decoding, VAD, features and, on a CPU, the encoder)."""
+    root = psutil.Process(pid)
+    used = [0.0, 0.0]
+    for process in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            times = process.cpu_times()
+            used[process.pid != pid] += times.user + times.system
+    return used[0], used[1]
+
+
+async def batch_counters(client: httpx.AsyncClient, url: str) -> tuple[float, float]:
+    """(rows, batches) the engine has run so far, from the server's Prometheus exposition; (0, 0) for a server
+    without one (the naive baseline)."""
+    response = await client.get(f"{url}/metrics")
+    if response.status_code != 200:
+        return 0.0, 0.0
+    for family in text_string_to_metric_families(response.text):
+        if family.name == "zasr_batch_size_rows":
+            samples = {sample.name: sample.value for sample in family.samples}
+            return samples["zasr_batch_size_rows_sum"], samples["zasr_batch_size_rows_count"]
+    return 0.0, 0.0
+
+
+@dataclass
+class Measured:
+    """What one load took: wall time, latencies, CPU seconds (the server's process, its audio workers, this
+    client) and the engine's rows and batches."""
+
+    wall: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+    process_cpu: float = 0.0
+    workers_cpu: float = 0.0
+    client_cpu: float = 0.0
+    rows: float = 0.0
+    batches: float = 0.0
+
+    def __add__(self, other: Measured) -> Measured:
+        return Measured(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
+
+
+async def drive(url: str, requests: list[tuple[str, bytes, float]], concurrency: int, server_pid: int) -> Measured:
+    """`concurrency` clients, each sending its next request as soon as the last is answered."""
     queue: asyncio.Queue = asyncio.Queue()
     for item in requests:
         queue.put_nowait(item)
@@ -94,33 +144,45 @@ async def drive(url: str, requests: list[tuple[str, bytes, float]], concurrency:
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency)) as client:
         await client.post(f"{url}/v1/audio/transcriptions", files={"file": ("a.wav", requests[0][1])},
                           data={"model": "whisper-1", "language": requests[0][0]})  # warm-up
+        batches_before = await batch_counters(client, url)
+        server_before, client_before = tree_cpu_seconds(server_pid), time.process_time()
         start = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
         wall = time.perf_counter() - start
-    return wall, latencies
+        server_after, client_after = tree_cpu_seconds(server_pid), time.process_time()
+        batches_after = await batch_counters(client, url)
+    return Measured(wall, latencies, server_after[0] - server_before[0], server_after[1] - server_before[1],
+                    client_after - client_before, batches_after[0] - batches_before[0],
+                    batches_after[1] - batches_before[1])
 
 
-def load(url: str, requests: list[tuple[str, bytes, float]], concurrency: int) -> dict:
-    return summary(requests, concurrency, *asyncio.run(drive(url, requests, concurrency)))
+def load(url: str, requests: list[tuple[str, bytes, float]], concurrency: int, server_pid: int) -> dict:
+    return summary(requests, concurrency, asyncio.run(drive(url, requests, concurrency, server_pid)))
 
 
-def summary(requests: list[tuple[str, bytes, float]], concurrency: int, wall: float, latencies: list[float]) -> dict:
+def summary(requests: list[tuple[str, bytes, float]], concurrency: int, measured: Measured) -> dict:
     audio = sum(seconds for _, _, seconds in requests)
-    latencies = sorted(latencies)
+    latencies, wall = sorted(measured.latencies), measured.wall
+    server_cpu = measured.process_cpu + measured.workers_cpu
     return {"concurrency": concurrency, "requests": len(requests), "audio_seconds": round(audio, 2),
             "wall_seconds": round(wall, 2), "throughput_audio_s_per_s": round(audio / wall, 2),
             "latency_p50_s": round(latencies[len(latencies) // 2], 3),
-            "latency_p95_s": round(latencies[int(len(latencies) * 0.95) - 1], 3)}
+            "latency_p95_s": round(latencies[int(len(latencies) * 0.95) - 1], 3),
+            "server_cpu_ms_per_audio_s": round(1000 * server_cpu / audio, 2),
+            "server_cores_busy": round(server_cpu / wall, 2),
+            "of_which_audio_workers": round(measured.workers_cpu / wall, 2),
+            "client_cores_busy": round(measured.client_cpu / wall, 2),
+            "rows_per_batch": round(measured.rows / measured.batches, 2) if measured.batches else None}
 
 
-def load_one_language_at_a_time(url: str, requests: list[tuple[str, bytes, float]], concurrency: int) -> dict:
+def load_one_language_at_a_time(url: str, requests: list[tuple[str, bytes, float]], concurrency: int,
+                                server_pid: int) -> dict:
     """The same requests as single-language traffic: one run per language, back to back."""
-    wall, latencies = 0.0, []
+    measured = Measured()
     for language in dict.fromkeys(code for code, _, _ in requests):
-        run_wall, run_latencies = asyncio.run(drive(url, [item for item in requests if item[0] == language],
-                                                    concurrency))
-        wall, latencies = wall + run_wall, latencies + run_latencies
-    return summary(requests, concurrency, wall, latencies)
+        measured += asyncio.run(drive(url, [item for item in requests if item[0] == language], concurrency,
+                                      server_pid))
+    return summary(requests, concurrency, measured)
 
 
 def traffic(pool: dict, languages: list[str], per_language: int) -> list[tuple[str, bytes, float]]:
@@ -172,9 +234,9 @@ def main() -> None:
     ours = start([sys.executable, "-m", "speechllm.cli", "serve"],
                  {"ZASR_MODEL_DIR": str(args.model), "ZASR_PORT": str(port), "ZASR_MAX_QUEUE": "4096"}, url)
     try:
-        results["ours_mixed_c1"] = load(url, mixed[: 8 * len(LANGUAGE_CODES)], 1)  # 96 requests: about 12 s
-        results["ours_mixed_c16"] = load(url, mixed, 16)
-        results["ours_single_language_runs_c16"] = load_one_language_at_a_time(url, mixed, 16)
+        results["ours_mixed_c1"] = load(url, mixed[: 8 * len(LANGUAGE_CODES)], 1, ours.pid)  # 96 requests: ~12 s
+        results["ours_mixed_c16"] = load(url, mixed, 16, ours.pid)
+        results["ours_single_language_runs_c16"] = load_one_language_at_a_time(url, mixed, 16, ours.pid)
     finally:
         ours.terminate()
         ours.wait(30)
@@ -186,7 +248,7 @@ def main() -> None:
         naive = start([sys.executable, "-m", "benchmarks.naive_peft_server", "--model", str(args.model),
                        "--adapters", adapters, "--port", str(port)], {}, url)
         try:
-            results["naive_peft_mixed_c16"] = load(url, mixed, 16)
+            results["naive_peft_mixed_c16"] = load(url, mixed, 16, naive.pid)
         finally:
             naive.terminate()
             naive.wait(30)
@@ -201,17 +263,32 @@ def main() -> None:
                                                       2),
         "cold_language_extra_ms (goal <= 10)": results["adapter_merge"]["cold_extra_ms"],
     }
+    c1, c16 = results["ours_mixed_c1"], results["ours_mixed_c16"]
+    results["c16_over_c1_factors"] = {  # their product is c16_over_c1
+        "cores_busy_c16_over_c1": round(c16["server_cores_busy"] / c1["server_cores_busy"], 2),
+        "cpu_per_audio_s_c1_over_c16": round(c1["server_cpu_ms_per_audio_s"] / c16["server_cpu_ms_per_audio_s"], 2),
+        "cores_busy_bound_c16_over_c1": round(os.cpu_count() / c1["server_cores_busy"], 2),
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.out}.json").write_text(json.dumps(results, indent=2) + "\n")
     lines = ["# Serving benchmark", "", f"Machine: {results['machine']}; model: `{args.model.name}`.", "",
-             "| scenario | concurrency | requests | audio s | wall s | audio s / s | p50 s | p95 s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| scenario | concurrency | requests | audio s | wall s | audio s / s | p50 s | p95 s "
+             "| server CPU ms / audio s | server cores busy | of which audio workers | client cores busy "
+             "| rows / batch |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
         if isinstance(r, dict) and "throughput_audio_s_per_s" in r:
             lines.append(f"| {name} | {r['concurrency']} | {r['requests']} | {r['audio_seconds']} | "
                          f"{r['wall_seconds']} | {r['throughput_audio_s_per_s']} | {r['latency_p50_s']} | "
-                         f"{r['latency_p95_s']} |")
+                         f"{r['latency_p95_s']} | {r['server_cpu_ms_per_audio_s']} | {r['server_cores_busy']} | "
+                         f"{r['of_which_audio_workers']} | {r['client_cores_busy']} | "
+                         f"{r['rows_per_batch'] or '–'} |")
     lines += ["", "| ratio | measured |", "|---|---:|"] + [f"| {k} | {v} |" for k, v in results["ratios"].items()]
+    factors = results["c16_over_c1_factors"]
+    lines += ["", f"c16_over_c1 = {factors['cores_busy_c16_over_c1']} (cores busy, c16 / c1) × "
+              f"{factors['cpu_per_audio_s_c1_over_c16']} (server CPU per audio second, c1 / c16). With "
+              f"{os.cpu_count()} cores and c1 keeping {c1['server_cores_busy']} busy, the first factor can be at most "
+              f"{factors['cores_busy_bound_c16_over_c1']}."]
     lines += ["", f"Adapter merge: {results['adapter_merge']}", ""]
     Path(f"{args.out}.md").write_text("\n".join(lines))
     print("\n".join(lines))
