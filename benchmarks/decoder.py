@@ -44,10 +44,13 @@ def batches(engine: EmbeddedEngine) -> dict[str, list[EngineInput]]:
 def decode(engine: EmbeddedEngine, decoder: Decoder, batch: list[EngineInput]) -> tuple[float, list[Hypothesis]]:
     """The engine's decoding of `batch` with `decoder` in place of its own, timed (the speech half is not)."""
     prepared = engine.prepare(batch)
-    engine.decoder = decoder
-    start = time.perf_counter()
-    hypotheses = engine.decode(prepared)
-    return time.perf_counter() - start, hypotheses
+    own_decoder, engine.decoder = engine.decoder, decoder
+    try:
+        start = time.perf_counter()
+        hypotheses = engine.decode(prepared)
+        return time.perf_counter() - start, hypotheses
+    finally:
+        engine.decoder = own_decoder
 
 
 def main() -> None:
