@@ -63,7 +63,8 @@ SHARED_ADAPTER = "shared"  # the directory of the shared subspace alone (unknown
 
 def export_model_adapters(model_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     """Export a model directory's Zipper adapter per language into OUT/<language>/ (default
-    MODEL/adapters), plus OUT/shared/ for the shared subspace alone, in float16 like the model."""
+    MODEL/adapters), plus OUT/shared/ for the shared subspace alone. Float32: exactly the B(l) that the
+    embedded engine merges (B(l) mixes float16 weights with gates, so float16 would round it)."""
     from speechllm.model import SpeechLLM
 
     model = SpeechLLM.load(model_dir)
@@ -72,6 +73,6 @@ def export_model_adapters(model_dir: str | Path, out_dir: str | Path | None = No
         raise ValueError(f"{model_dir} has no adapter to export")
     out_dir = Path(out_dir) if out_dir is not None else Path(model_dir) / "adapters"
     base = str(Path(model_dir) / "llm")
-    exported = [export_peft(model.llm, config, index, out_dir / code, base, torch.float16)
+    exported = [export_peft(model.llm, config, index, out_dir / code, base)
                 for index, code in enumerate(model.config.languages)]
-    return exported + [export_peft(model.llm, config, None, out_dir / SHARED_ADAPTER, base, torch.float16)]
+    return exported + [export_peft(model.llm, config, None, out_dir / SHARED_ADAPTER, base)]

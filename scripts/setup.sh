@@ -60,10 +60,10 @@ deb_tool nginx usr/sbin/nginx
 # --------------------------------------------------------------------------------------------------------
 
 # The shipped model's per-language PEFT adapters (models/default/adapters/<language>/): derived from its Zipper
-# weights in seconds, so they are written here rather than committed (8 MB would take models/ over 30 MB).
-# Written again whenever adapter.safetensors changes, so a pulled model never runs with stale exports.
+# weights in seconds, so they are written here rather than committed (16 MB would take models/ over 30 MB).
+# Written again whenever adapter.safetensors or the exporter changes, so a pull never leaves stale exports.
 model=models/default
-exported_from="$(sha256sum "$model/adapter.safetensors" | cut -c1-64)"
+exported_from="$(cat "$model/adapter.safetensors" adapters/export.py | sha256sum | cut -c1-64)"
 if [ "$(cat "$model/adapters/.exported-from" 2>/dev/null)" != "$exported_from" ]; then
   echo "setup: exporting $model's per-language adapters into $model/adapters"
   HF_HUB_DISABLE_PROGRESS_BARS=1 .venv/bin/zipper-asr export-adapters --model "$model" >/dev/null
