@@ -4,17 +4,22 @@
   the `peft` library and vLLM (`LoRARequest`) load without conversion.
 - `fold_into_base`: W0 + (α/r) B(l) A added into a copy of the base weights, for a single-language
   deployment with no adapter at run time.
+- `export_model_adapters`: every language of a model directory, stamped with `export_fingerprint`, so
+  that exports left behind by an older model or exporter are recognised as stale.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from adapters import zipper
 from adapters.zipper import ZipperConfig, is_adapter_tensor, merge_language, zipper_layers
 
 
@@ -59,12 +64,33 @@ def fold_into_base(llm: nn.Module, config: ZipperConfig, language: int | None) -
 
 
 SHARED_ADAPTER = "shared"  # the directory of the shared subspace alone (unknown languages)
+EXPORT_STAMP = ".exported-from"  # in an exports directory: the export_fingerprint it was written for
+
+
+def export_fingerprint(model_dir: str | Path) -> str:
+    """What a model directory's exports are a function of: its config and Zipper weights, and the code that
+    merges and writes them. (Not the torch build: another BLAS may round the last bit of B(l) differently,
+    which no transcript notices, and a GPU image would otherwise never trust exports made on the host.)"""
+    model_dir = Path(model_dir)
+    digest = hashlib.sha256()
+    for source in (model_dir / "config.json", model_dir / "adapter.safetensors", Path(__file__),
+                   Path(zipper.__file__)):
+        digest.update(source.read_bytes())
+    return digest.hexdigest()
+
+
+def export_stamp(exports_dir: str | Path) -> str | None:
+    """The fingerprint an exports directory was written for; None if `export_model_adapters` did not write
+    it (adapters trained or exported elsewhere)."""
+    stamp = Path(exports_dir) / EXPORT_STAMP
+    return stamp.read_text().strip() if stamp.exists() else None
 
 
 def export_model_adapters(model_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     """Export a model directory's Zipper adapter per language into OUT/<language>/ (default
-    MODEL/adapters), plus OUT/shared/ for the shared subspace alone. Float32: exactly the B(l) that the
-    embedded engine merges (B(l) mixes float16 weights with gates, so float16 would round it)."""
+    MODEL/adapters), plus OUT/shared/ for the shared subspace alone, and stamp OUT. Float32: exactly the
+    B(l) that the embedded engine merges (B(l) mixes float16 weights with gates, so float16 would round
+    it). A previous export of ours in OUT is replaced whole, so no language a newer model lacks stays."""
     from speechllm.model import SpeechLLM
 
     model = SpeechLLM.load(model_dir)
@@ -72,7 +98,11 @@ def export_model_adapters(model_dir: str | Path, out_dir: str | Path | None = No
     if config is None:
         raise ValueError(f"{model_dir} has no adapter to export")
     out_dir = Path(out_dir) if out_dir is not None else Path(model_dir) / "adapters"
+    if export_stamp(out_dir) is not None:
+        shutil.rmtree(out_dir)
     base = str(Path(model_dir) / "llm")
     exported = [export_peft(model.llm, config, index, out_dir / code, base)
                 for index, code in enumerate(model.config.languages)]
-    return exported + [export_peft(model.llm, config, None, out_dir / SHARED_ADAPTER, base)]
+    exported.append(export_peft(model.llm, config, None, out_dir / SHARED_ADAPTER, base))
+    (out_dir / EXPORT_STAMP).write_text(export_fingerprint(model_dir) + "\n")
+    return exported

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import gc
 import itertools
+import logging
 import tempfile
 import time
 from collections import OrderedDict
@@ -29,13 +30,15 @@ from pathlib import Path
 
 import torch
 
-from adapters.export import export_peft
+from adapters.export import export_fingerprint, export_peft, export_stamp
 from server.adapter_cache import SHARED_KEY
 from server.engine import EngineInput, EngineOutput, PreparedBatch, RunInThread, SpeechEngine, TextStream
 from server.metrics import Metrics
 from speechllm.decoding import RowTokens
 from speechllm.model import SpeechLLM
 from speechllm.prompt import eos_id
+
+logger = logging.getLogger("zipper_asr.vllm")
 
 
 @dataclass
@@ -72,15 +75,21 @@ class VLLMEngine(SpeechEngine):
 
     def _adapter_directories(self, model_dir: Path) -> dict[str, Path]:
         """Adapter key → PEFT directory: the model's shipped exports (model_dir/adapters/KEY), else
-        exported now from its Zipper weights."""
+        exported now from its Zipper weights. Exports stamped for another model or exporter are stale
+        and exported again (unstamped ones, trained or exported elsewhere, are served as they are)."""
         adapter = self.model.config.adapter
         if adapter is None:
             return {}
+        stamp = export_stamp(model_dir / "adapters")
+        stale = stamp is not None and stamp != export_fingerprint(model_dir)
+        if stale:
+            logger.warning("%s holds exports of another model or exporter: exporting again (scripts/setup.sh, "
+                           "or zipper-asr export-adapters --if-stale, refreshes them)", model_dir / "adapters")
         keys = sorted({self.adapter_key(code) for code in self.languages} | {SHARED_KEY})
         directories = {}
         for key in keys:
             shipped = model_dir / "adapters" / key
-            if not (shipped / "adapter_model.safetensors").exists():
+            if stale or not (shipped / "adapter_model.safetensors").exists():
                 index = None if key == SHARED_KEY else self.languages.index(key)
                 shipped = export_peft(self.model.llm, adapter, index, Path(self._exports.name) / key)
             directories[key] = shipped

@@ -302,7 +302,8 @@ def test_dockerignore_lets_through_what_the_dockerfile_copies() -> None:
                    "models/default/llm/model.safetensors", "deploy/docker/healthcheck.py"]:
         assert _dockerignore_allows(needed), needed
     for unwanted in [".venv/bin/python", "runs/stage1/model/config.json", "data/corpus/x.wav", ".git/HEAD",
-                     "server/__pycache__/app.cpython-311.pyc", "models/default/eval/test.json", "tests/test_deploy.py"]:
+                     "server/__pycache__/app.cpython-311.pyc", "models/default/eval/test.json", "tests/test_deploy.py",
+                     "models/default/adapters/en/adapter_model.safetensors"]:
         assert not _dockerignore_allows(unwanted), unwanted
 
 

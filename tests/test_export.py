@@ -1,6 +1,7 @@
 """Exported per-language adapters equal the Zipper layer for that language: loaded by `peft` onto
 the plain HF LLM, and folded into the base weights."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -66,22 +67,35 @@ def test_a_model_directory_exports_every_language_and_the_shared_subspace(tiny_t
 
 def test_the_shipped_models_exports_are_those_of_its_zipper_weights(tmp_path: Path) -> None:
     """scripts/setup.sh writes models/default/adapters; they must be current, not a previous model's."""
-    import hashlib
-
     from safetensors.torch import load_file
 
-    from adapters.export import SHARED_ADAPTER, export_model_adapters
+    from adapters.export import export_fingerprint, export_model_adapters, export_stamp
 
-    root = Path(__file__).resolve().parents[1]
-    model_dir = root / "models" / "default"
+    model_dir = Path(__file__).resolve().parents[1] / "models" / "default"
     shipped = model_dir / "adapters"
-    assert (shipped / ".exported-from").exists(), "run scripts/setup.sh: it writes models/default/adapters"
-    source = (model_dir / "adapter.safetensors").read_bytes() + (root / "adapters" / "export.py").read_bytes()
-    source_hash = hashlib.sha256(source).hexdigest()
-    assert (shipped / ".exported-from").read_text().strip() == source_hash
-    for fresh in export_model_adapters(model_dir, tmp_path):
-        assert fresh.name == SHARED_ADAPTER or (shipped / fresh.name).is_dir()
-        expected = load_file(fresh / "adapter_model.safetensors")
-        actual = load_file(shipped / fresh.name / "adapter_model.safetensors")
+    assert export_stamp(shipped) == export_fingerprint(model_dir), "stale or missing: rerun scripts/setup.sh"
+    fresh = export_model_adapters(model_dir, tmp_path)
+    assert sorted(p.name for p in shipped.iterdir() if p.is_dir()) == sorted(p.name for p in fresh)
+    for directory in fresh:
+        expected = load_file(directory / "adapter_model.safetensors")
+        actual = load_file(shipped / directory.name / "adapter_model.safetensors")
         assert expected.keys() == actual.keys()
         assert all(torch.equal(expected[key], actual[key]) for key in expected)
+        configs = [json.loads((d / "adapter_config.json").read_text()) for d in (directory, shipped / directory.name)]
+        for config in configs:
+            config.pop("base_model_name_or_path")  # the model directory as the exporter was given it
+        assert configs[0] == configs[1]
+
+
+def test_a_new_export_replaces_a_stale_one_whole(tiny_tokenizer, tmp_path: Path) -> None:
+    from adapters.export import export_fingerprint, export_model_adapters, export_stamp
+
+    model = _trained_looking(tiny_tokenizer, Variant.SOFT)
+    model.save(tmp_path / "m", dtype=torch.float16)
+    out = tmp_path / "m" / "adapters"
+    export_model_adapters(tmp_path / "m")
+    (out / "xx").mkdir()  # a language an older model had
+    (out / ".exported-from").write_text("an older model\n")
+    assert export_stamp(out) != export_fingerprint(tmp_path / "m")
+    export_model_adapters(tmp_path / "m")
+    assert not (out / "xx").exists() and export_stamp(out) == export_fingerprint(tmp_path / "m")
