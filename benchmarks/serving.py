@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import astuple, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import httpx
@@ -83,16 +83,29 @@ def start(command: list[str], env: dict, url: str) -> subprocess.Popen:
     raise RuntimeError(f"{command} did not become ready")
 
 
-def tree_cpu_seconds(pid: int) -> tuple[float, float]:
-    """CPU seconds used so far by a process (the server: engine, event loop) and by its live descendants (its
-    audio workers: upload decoding, VAD, features and, on a CPU, the encoder)."""
+EXITED_CHILDREN = -1  # cpu_seconds_by_process's entry for the children that have exited (a restarted pool's)
+
+
+def cpu_seconds_by_process(pid: int) -> dict[int, float]:
+    """CPU seconds used so far by a process and by each of its descendants, by pid."""
     root = psutil.Process(pid)
-    used = [0.0, 0.0]
+    used = {}
     for process in [root, *root.children(recursive=True)]:
         with contextlib.suppress(psutil.NoSuchProcess):
             times = process.cpu_times()
-            used[process.pid != pid] += times.user + times.system
-    return used[0], used[1]
+            used[process.pid] = times.user + times.system
+    times = root.cpu_times()
+    used[EXITED_CHILDREN] = times.children_user + times.children_system
+    return used
+
+
+def cpu_used_since(pid: int, before: dict[int, float]) -> tuple[float, float]:
+    """CPU seconds since `before` (cpu_seconds_by_process) of the process (the server: engine, event loop) and
+    of its descendants (its audio workers: upload decoding, VAD, features and, on a CPU, the encoder). A
+    descendant that exited meanwhile moved its seconds into EXITED_CHILDREN, so the descendants' sums compare."""
+    after = cpu_seconds_by_process(pid)
+    descendants = [sum(used for child, used in snapshot.items() if child != pid) for snapshot in (before, after)]
+    return after[pid] - before[pid], descendants[1] - descendants[0]
 
 
 async def batch_counters(client: httpx.AsyncClient, url: str) -> tuple[float, float]:
@@ -122,7 +135,7 @@ class Measured:
     batches: float = 0.0
 
     def __add__(self, other: Measured) -> Measured:
-        return Measured(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
+        return Measured(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
 
 
 async def drive(url: str, requests: list[tuple[str, bytes, float]], concurrency: int, server_pid: int) -> Measured:
@@ -144,16 +157,16 @@ async def drive(url: str, requests: list[tuple[str, bytes, float]], concurrency:
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency)) as client:
         await client.post(f"{url}/v1/audio/transcriptions", files={"file": ("a.wav", requests[0][1])},
                           data={"model": "whisper-1", "language": requests[0][0]})  # warm-up
-        batches_before = await batch_counters(client, url)
-        server_before, client_before = tree_cpu_seconds(server_pid), time.process_time()
+        rows_before, batches_before = await batch_counters(client, url)
+        server_before, client_before = cpu_seconds_by_process(server_pid), time.process_time()
         start = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
         wall = time.perf_counter() - start
-        server_after, client_after = tree_cpu_seconds(server_pid), time.process_time()
-        batches_after = await batch_counters(client, url)
-    return Measured(wall, latencies, server_after[0] - server_before[0], server_after[1] - server_before[1],
-                    client_after - client_before, batches_after[0] - batches_before[0],
-                    batches_after[1] - batches_before[1])
+        process_cpu, workers_cpu = cpu_used_since(server_pid, server_before)
+        client_cpu = time.process_time() - client_before
+        rows_after, batches_after = await batch_counters(client, url)
+    return Measured(wall=wall, latencies=latencies, process_cpu=process_cpu, workers_cpu=workers_cpu,
+                    client_cpu=client_cpu, rows=rows_after - rows_before, batches=batches_after - batches_before)
 
 
 def load(url: str, requests: list[tuple[str, bytes, float]], concurrency: int, server_pid: int) -> dict:
@@ -170,7 +183,7 @@ def summary(requests: list[tuple[str, bytes, float]], concurrency: int, measured
             "latency_p95_s": round(latencies[int(len(latencies) * 0.95) - 1], 3),
             "server_cpu_ms_per_audio_s": round(1000 * server_cpu / audio, 2),
             "server_cores_busy": round(server_cpu / wall, 2),
-            "of_which_audio_workers": round(measured.workers_cpu / wall, 2),
+            "of_which_child_processes": round(measured.workers_cpu / wall, 2),
             "client_cores_busy": round(measured.client_cpu / wall, 2),
             "rows_per_batch": round(measured.rows / measured.batches, 2) if measured.batches else None}
 
@@ -225,7 +238,7 @@ def main() -> None:
     args = parser.parse_args()
     pool = audio_pool()
     mixed = traffic(pool, list(LANGUAGE_CODES), args.per_language)
-    results: dict = {"machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    results: dict = {"machine": {"cpus": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
                                  "python": platform.python_version(), "torch": torch.__version__},
                      "model": str(args.model)}
 
@@ -267,13 +280,16 @@ def main() -> None:
     results["c16_over_c1_factors"] = {  # their product is c16_over_c1
         "cores_busy_c16_over_c1": round(c16["server_cores_busy"] / c1["server_cores_busy"], 2),
         "cpu_per_audio_s_c1_over_c16": round(c1["server_cpu_ms_per_audio_s"] / c16["server_cpu_ms_per_audio_s"], 2),
-        "cores_busy_bound_c16_over_c1": round(os.cpu_count() / c1["server_cores_busy"], 2),
+        # the machine's cores less what the client itself takes at concurrency 16
+        "cores_busy_bound_c16_over_c1": round((results["machine"]["cpus"] - c16["client_cores_busy"])
+                                              / c1["server_cores_busy"], 2),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.out}.json").write_text(json.dumps(results, indent=2) + "\n")
     lines = ["# Serving benchmark", "", f"Machine: {results['machine']}; model: `{args.model.name}`.", "",
              "| scenario | concurrency | requests | audio s | wall s | audio s / s | p50 s | p95 s "
-             "| server CPU ms / audio s | server cores busy | of which audio workers | client cores busy "
+             "| server CPU ms / audio s | server cores busy | of which child processes (audio workers) "
+             "| client cores busy "
              "| rows / batch |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
@@ -281,13 +297,14 @@ def main() -> None:
             lines.append(f"| {name} | {r['concurrency']} | {r['requests']} | {r['audio_seconds']} | "
                          f"{r['wall_seconds']} | {r['throughput_audio_s_per_s']} | {r['latency_p50_s']} | "
                          f"{r['latency_p95_s']} | {r['server_cpu_ms_per_audio_s']} | {r['server_cores_busy']} | "
-                         f"{r['of_which_audio_workers']} | {r['client_cores_busy']} | "
+                         f"{r['of_which_child_processes']} | {r['client_cores_busy']} | "
                          f"{r['rows_per_batch'] or '–'} |")
     lines += ["", "| ratio | measured |", "|---|---:|"] + [f"| {k} | {v} |" for k, v in results["ratios"].items()]
     factors = results["c16_over_c1_factors"]
     lines += ["", f"c16_over_c1 = {factors['cores_busy_c16_over_c1']} (cores busy, c16 / c1) × "
               f"{factors['cpu_per_audio_s_c1_over_c16']} (server CPU per audio second, c1 / c16). With "
-              f"{os.cpu_count()} cores and c1 keeping {c1['server_cores_busy']} busy, the first factor can be at most "
+              f"{results['machine']['cpus']} cores, {c16['client_cores_busy']} of them taken by the benchmark's "
+              f"client at c16, and c1 keeping {c1['server_cores_busy']} busy, the first factor can be at most "
               f"{factors['cores_busy_bound_c16_over_c1']}."]
     lines += ["", f"Adapter merge: {results['adapter_merge']}", ""]
     Path(f"{args.out}.md").write_text("\n".join(lines))
