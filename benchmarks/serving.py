@@ -89,13 +89,12 @@ EXITED_CHILDREN = -1  # cpu_seconds_by_process's entry for the children that hav
 def cpu_seconds_by_process(pid: int) -> dict[int, float]:
     """CPU seconds used so far by a process and by each of its descendants, by pid."""
     root = psutil.Process(pid)
-    used = {}
-    for process in [root, *root.children(recursive=True)]:
+    times = root.cpu_times()
+    used = {pid: times.user + times.system, EXITED_CHILDREN: times.children_user + times.children_system}
+    for process in root.children(recursive=True):
         with contextlib.suppress(psutil.NoSuchProcess):
             times = process.cpu_times()
             used[process.pid] = times.user + times.system
-    times = root.cpu_times()
-    used[EXITED_CHILDREN] = times.children_user + times.children_system
     return used
 
 

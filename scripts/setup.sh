@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up everything zipper-asr needs on a fresh machine with Python 3.11, pip and apt:
-# espeak-ng (corpus synthesis and tests), a virtual environment in .venv with the project, the deploy checks'
-# tools, and the shipped model's per-language PEFT adapters.
+# espeak-ng (corpus synthesis and tests), a virtual environment in .venv with the project, and the deploy checks'
+# tools.
 # Idempotent: a second run only checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -59,10 +59,4 @@ sudo_cmd=""
 deb_tool prometheus usr/bin/promtool
 deb_tool nginx usr/sbin/nginx
 # --------------------------------------------------------------------------------------------------------
-
-# The shipped model's per-language PEFT adapters (models/default/adapters/<language>/): derived from its Zipper
-# weights in seconds, so they are written here rather than committed (16 MB would take models/ over 30 MB).
-# Written again whenever what they derive from changes (the model or the exporter: adapters/export.py), so a pull
-# never leaves stale exports.
-HF_HUB_DISABLE_PROGRESS_BARS=1 .venv/bin/zipper-asr export-adapters --model models/default --if-stale >/dev/null
 echo "setup: done ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

@@ -83,8 +83,8 @@ class VLLMEngine(SpeechEngine):
         stamp = export_stamp(model_dir / "adapters")
         stale = stamp is not None and stamp != export_fingerprint(model_dir)
         if stale:
-            logger.warning("%s holds exports of another model or exporter: exporting again (scripts/setup.sh, "
-                           "or zipper-asr export-adapters --if-stale, refreshes them)", model_dir / "adapters")
+            logger.warning("%s holds exports of another model or exporter: exporting again "
+                           "(zipper-asr export-adapters refreshes them)", model_dir / "adapters")
         keys = sorted({self.adapter_key(code) for code in self.languages} | {SHARED_KEY})
         directories = {}
         for key in keys:

@@ -63,13 +63,9 @@ def cmd_train_adapters(args: argparse.Namespace) -> None:
 
 
 def cmd_export_adapters(args: argparse.Namespace) -> None:
-    from adapters.export import export_fingerprint, export_model_adapters, export_stamp
+    from adapters.export import export_model_adapters
 
-    out = args.out or args.model / "adapters"
-    if args.if_stale and export_stamp(out) == export_fingerprint(args.model):
-        print(f"{out}: current")
-        return
-    for directory in export_model_adapters(args.model, out):
+    for directory in export_model_adapters(args.model, args.out):
         print(directory)
 
 
@@ -172,8 +168,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export-adapters", help="write each language's B(l) as a PEFT LoRA (for vLLM and peft)")
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     p.add_argument("--out", type=Path, default=None, help="default MODEL/adapters")
-    p.add_argument("--if-stale", action="store_true",
-                   help="only if OUT's exports were written for another model or exporter")
     p.set_defaults(func=cmd_export_adapters)
 
     p = sub.add_parser("eval", help="per-language WER/CER, tier averages and LID accuracy on a split")
