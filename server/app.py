@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -215,9 +215,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if model not in {settings.model_name, *settings.model_aliases}:
             raise errors.model_not_found(model)
 
-    async def decode(service: TranscriptionService, data: bytes):
+    @contextmanager
+    def bad_audio_as_errors() -> Iterator[None]:
         try:
-            return await service.audio.decode(data)
+            yield
         except EmptyAudioError:
             raise errors.unsupported_audio("The audio file is empty.") from None
         except AudioDecodeError:
@@ -234,12 +235,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         request.state.language = params.language
         service = runtime().service
         try:
-            with service.batcher.expecting_rows() as expected:  # from here its rows are on their way
-                samples = await decode(service, data)
+            with service.batcher.expecting_rows() as expected, bad_audio_as_errors():  # its rows are on their way
                 if params.stream:
-                    return stream_response(await service.stream(samples, params.language, params.temperature,
+                    return stream_response(await service.stream(data, params.language, params.temperature,
                                                                 expected))
-                result = await service.transcribe(samples, params.language, params.temperature, expected)
+                result = await service.transcribe(data, params.language, params.temperature, expected)
         except QueueFull as full:
             metrics.rejected.labels("queue_full").inc()
             raise errors.overloaded(full.retry_after_s) from None
@@ -275,8 +275,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         authorize(request)
         _, data = await read_upload(request)
         rt = runtime()
-        samples = await decode(rt.service, data)
-        _, rows = await rt.service.audio.rows(samples)
+        with bad_audio_as_errors():
+            rows = (await rt.service.audio.prepare(data)).rows
         if not rows:
             raise errors.invalid_request("the audio contains no speech.", param="file", code="no_speech")
         first = EngineInput(rows[0].features, None, states=rows[0].states)  # the first window

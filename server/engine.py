@@ -19,17 +19,14 @@ from server.adapter_cache import SHARED_KEY, AdapterCache
 from server.metrics import Metrics
 from speechllm.decoder import decoder_for
 from speechllm.decoding import Hypothesis, TokenCallback, generate
-from speechllm.features import pad_features
 from speechllm.inference import choose_language, token_limits
 from speechllm.languages import BY_CODE
 from speechllm.model import SpeechLLM
-from speechllm.padding import length_groups
+from speechllm.padding import encode_each
 from speechllm.prompt import eos_id, target_ids
 
 TextCallback = Callable[[str], None]
 RunInThread = Callable[..., Awaitable]  # runs fn(*args) in the engine thread (Batcher.run_exclusive)
-ENCODER_CALL_FRAMES = 100  # one more encoder call costs about as much as encoding 100 more frames (CPU, measured)
-
 
 @dataclass
 class EngineInput:
@@ -116,18 +113,6 @@ class SpeechEngine:
         """Release the decoder."""
 
     # ---- language ID ---------------------------------------------------------------------------
-    def _encode_each(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Each row's encoder states (T_i, d). Rows of very different lengths are encoded in separate calls:
-        one 5 s clip among 2 s clips would otherwise more than double the encoder's work in padding (each
-        row's states do not depend on the padding)."""
-        encoded: list[torch.Tensor | None] = [None] * len(features)
-        for group in length_groups([x.shape[-1] for x in features], ENCODER_CALL_FRAMES):
-            batch, lengths = pad_features([features[row] for row in group])
-            states, state_lengths = self.model.encode(batch.to(self.device), lengths.to(self.device), chunk_size=0)
-            for position, row in enumerate(group):
-                encoded[row] = states[position, : state_lengths[position]]
-        return encoded
-
     def _with_language_posteriors(self, rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-row states → padded states (B, T, d), lengths and LID posteriors."""
         lengths = torch.tensor([len(row) for row in rows], device=self.device)
@@ -150,7 +135,8 @@ class SpeechEngine:
     def _encode_rows(self, batch: list[EngineInput]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Encoder states (B, T, d) of every row, their lengths and LID posteriors. Rows that bring their encoder
         states (encoded by an audio worker, or by a realtime stream's incremental encoder) skip the encoder."""
-        encoded = iter(self._encode_each([item.features for item in batch if item.states is None]))
+        encoded = iter(encode_each(self.model.encoder, [item.features for item in batch if item.states is None],
+                                   self.device))
         return self._with_language_posteriors(
             [item.states.to(self.device) if item.states is not None else next(encoded) for item in batch])
 

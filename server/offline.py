@@ -23,8 +23,7 @@ async def transcribe_files(settings: Settings, files: list[Path], language: str 
     bar = tqdm(total=len(files), desc="transcribe", unit="file", disable=len(files) < 2)
 
     async def one(path: Path) -> tuple[Path, str]:
-        samples = await runtime.service.audio.decode(await asyncio.to_thread(path.read_bytes))
-        result = await runtime.service.transcribe(samples, language)
+        result = await runtime.service.transcribe(await asyncio.to_thread(path.read_bytes), language)
         bar.update()
         return path, render(response_format, verbose_result(result))
 

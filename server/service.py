@@ -1,5 +1,5 @@
-"""Transcription as the gateway needs it, apart from HTTP: decoded audio in; its windows and features (from the
-audio workers: server/audio_workers.py), rows through the batcher, and the windows joined back with their
+"""Transcription as the gateway needs it, apart from HTTP: an upload (or decoded samples) in; its windows and rows
+(from the audio workers: server/audio_workers.py) through the batcher, and the windows joined back with their
 timestamps."""
 
 from __future__ import annotations
@@ -10,14 +10,11 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import numpy as np
-
-from server.audio_workers import AudioWorkers
+from server.audio_workers import Audio, AudioWorkers, PreparedAudio
 from server.batcher import Batcher, ExpectedRows
 from server.engine import EngineInput, EngineOutput
 from server.metrics import Metrics
 from server.settings import Settings
-from server.vad import Span
 from speechllm.audio import SAMPLE_RATE
 from speechllm.languages import BY_CODE
 
@@ -54,43 +51,44 @@ class TranscriptionService:
         self.audio = audio  # decoding, windows and features, off the event loop
         self.metrics = metrics
 
-    async def submit(self, samples: np.ndarray, language: str | None, temperature: float, streaming: bool = False,
+    async def submit(self, audio: Audio, language: str | None, temperature: float, streaming: bool = False,
                      expected: ExpectedRows | None = None
-                     ) -> tuple[list[Span], list[asyncio.Future], list[asyncio.Queue] | None]:
+                     ) -> tuple[PreparedAudio, list[asyncio.Future], list[asyncio.Queue] | None]:
         """Queue the request's windows (all or none: QueueFull). Streaming: one delta queue per window.
-        `expected`: the request is already announced to the batcher (Batcher.expecting_rows); else it is now."""
+        `expected`: the request is already announced to the batcher (Batcher.expecting_rows); else it is now.
+        Raises AudioDecodeError and AudioTooLong (an upload), NoSpeech, QueueFull."""
         announced = contextlib.nullcontext(expected) if expected else self.batcher.expecting_rows()
         with announced as expected:
-            spans, rows = await self.audio.rows(samples)
-            if not spans:
+            prepared = await self.audio.prepare(audio)
+            if not prepared.spans:
                 raise NoSpeech("the audio contains no speech")
             loop = asyncio.get_running_loop()
-            queues = [asyncio.Queue() for _ in spans] if streaming else None
+            queues = [asyncio.Queue() for _ in prepared.spans] if streaming else None
             items = []
-            for index, row in enumerate(rows):
+            for index, row in enumerate(prepared.rows):
                 callback = None
                 if queues is not None:
                     queue = queues[index]
                     callback = lambda delta, q=queue: loop.call_soon_threadsafe(q.put_nowait, delta)  # noqa: E731
                 items.append(EngineInput(row.features, language, temperature, callback, states=row.states))
-            return spans, self.batcher.submit(items, expected), queues
+            return prepared, self.batcher.submit(items, expected), queues
 
-    async def transcribe(self, samples: np.ndarray, language: str | None, temperature: float = 0.0,
+    async def transcribe(self, audio: Audio, language: str | None, temperature: float = 0.0,
                          expected: ExpectedRows | None = None) -> TranscriptionResult:
         start = time.monotonic()
-        spans, futures, _ = await self.submit(samples, language, temperature, expected=expected)
+        prepared, futures, _ = await self.submit(audio, language, temperature, expected=expected)
         outputs = await asyncio.wait_for(asyncio.shield(asyncio.gather(*futures)), self.settings.request_timeout_s)
-        return self.join(samples, spans, outputs, time.monotonic() - start)
+        return self.join(prepared, outputs, time.monotonic() - start)
 
-    async def stream(self, samples: np.ndarray, language: str | None, temperature: float = 0.0,
+    async def stream(self, audio: Audio, language: str | None, temperature: float = 0.0,
                      expected: ExpectedRows | None = None) -> AsyncIterator[str | TranscriptionResult]:
-        """Queue the request now (QueueFull and NoSpeech are raised here, before any response is sent), and
-        return its events: text deltas in order (window after window), then the final TranscriptionResult."""
+        """Queue the request now (bad audio, QueueFull and NoSpeech are raised here, before any response is sent),
+        and return its events: text deltas in order (window after window), then the final TranscriptionResult."""
         start = time.monotonic()
-        spans, futures, queues = await self.submit(samples, language, temperature, streaming=True, expected=expected)
-        return self._events(samples, spans, futures, queues, start)
+        prepared, futures, queues = await self.submit(audio, language, temperature, streaming=True, expected=expected)
+        return self._events(prepared, futures, queues, start)
 
-    async def _events(self, samples: np.ndarray, spans: list[Span], futures: list[asyncio.Future],
+    async def _events(self, prepared: PreparedAudio, futures: list[asyncio.Future],
                       queues: list[asyncio.Queue], start: float) -> AsyncIterator[str | TranscriptionResult]:
         for index, (future, queue) in enumerate(zip(futures, queues, strict=True)):
             if index > 0:
@@ -108,22 +106,21 @@ class TranscriptionService:
                     getter.cancel()
             future.result()  # re-raises an engine error
         outputs = [f.result() for f in futures]
-        yield self.join(samples, spans, outputs, time.monotonic() - start)
+        yield self.join(prepared, outputs, time.monotonic() - start)
 
     @staticmethod
     def _separator(previous: EngineOutput) -> str:
         unspaced = previous.language is not None and BY_CODE[previous.language].unspaced
         return "" if unspaced or not previous.text else " "
 
-    def join(self, samples: np.ndarray, spans: list[Span], outputs: list[EngineOutput],
-             seconds: float) -> TranscriptionResult:
+    def join(self, prepared: PreparedAudio, outputs: list[EngineOutput], seconds: float) -> TranscriptionResult:
         segments = [Segment(span.start / SAMPLE_RATE, span.end / SAMPLE_RATE, out.text, out.avg_logprob)
-                    for span, out in zip(spans, outputs, strict=True)]
+                    for span, out in zip(prepared.spans, outputs, strict=True)]
         text = ""
         for index, out in enumerate(outputs):
             text += (self._separator(outputs[index - 1]) if index else "") + out.text
         first = outputs[0]
-        duration = samples.size / SAMPLE_RATE
+        duration = prepared.duration
         self.metrics.audio_seconds.labels(first.language or "unknown").inc(duration)
         self.metrics.real_time_factor.observe(seconds / max(duration, 1e-6))
         return TranscriptionResult(text, first.language, first.language_source, first.language_probability,

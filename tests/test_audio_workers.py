@@ -1,5 +1,6 @@
-"""The audio workers (server/audio_workers.py): the same rows in a worker process as in a thread, errors that
-cross the process boundary intact, and a worker that dies taking no other request with it."""
+"""The audio workers (server/audio_workers.py): the same rows in a worker process as in a thread, uploads that
+wait together answered in one call, errors that cross the process boundary intact, and a worker that dies taking
+no other request with it."""
 
 from __future__ import annotations
 
@@ -11,13 +12,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from server.audio_workers import AudioTooLong, AudioWorkers
 from server.vad import SileroVAD
-from speechllm.audio import AudioDecodeError, EmptyAudioError
+from speechllm.audio import AudioDecodeError, EmptyAudioError, load_audio
 from speechllm.model import SpeechLLM
 
 
@@ -26,8 +26,11 @@ def _wav() -> bytes:
                           capture_output=True, check=True).stdout
 
 
-def _die(_: object) -> None:
-    os._exit(3)  # as a segfault in FFmpeg would end the worker
+class _KillsTheWorker:
+    """An upload that ends the worker process that unpacks it, as a segfault in FFmpeg would."""
+
+    def __reduce__(self) -> tuple:
+        return os._exit, (3,)
 
 
 @pytest.fixture(scope="module")
@@ -41,14 +44,31 @@ def test_a_worker_gives_the_rows_a_thread_gives(workers: AudioWorkers) -> None:
     threads = AudioWorkers(0, SileroVAD(), max_audio_seconds=60, max_window_seconds=2.0)
 
     async def both() -> tuple:
-        samples = await workers.decode(_wav())
-        assert np.array_equal(samples, await threads.decode(_wav()))
-        return await workers.rows(samples), await threads.rows(samples)
+        return await workers.prepare(_wav()), await threads.prepare(_wav())
 
-    (spans, features), (thread_spans, thread_features) = asyncio.run(both())
-    assert len(spans) >= 2 and spans == thread_spans  # 2 s windows: the 2.8 s phrase is cut at a pause
-    assert all(torch.equal(a.features, b.features) for a, b in zip(features, thread_features, strict=True))
-    assert all(row.states is None for row in features + thread_features)
+    prepared, in_thread = asyncio.run(both())
+    assert prepared.duration == in_thread.duration > 2.0
+    assert len(prepared.spans) >= 2 and prepared.spans == in_thread.spans  # 2 s windows: cut at a pause
+    assert all(torch.equal(a.features, b.features) for a, b in zip(prepared.rows, in_thread.rows, strict=True))
+    assert all(row.states is None for row in prepared.rows + in_thread.rows)
+
+
+def test_uploads_that_wait_together_are_answered_in_one_call(workers: AudioWorkers) -> None:
+    wav = _wav()
+
+    async def scenario() -> list:
+        # The first upload's call and the one queued behind it take one upload each; the rest wait and go together.
+        return await asyncio.gather(*(workers.prepare(wav) for _ in range(6)), workers.prepare(b""),
+                                    return_exceptions=True)
+
+    calls_before = workers.calls_made
+    *results, empty = asyncio.run(scenario())
+    assert workers.calls_made - calls_before <= 3  # 7 uploads
+    assert isinstance(empty, EmptyAudioError)  # an upload in a shared call answers its own error, no one else's
+    first = results[0]
+    for prepared in results:
+        assert prepared.spans == first.spans
+        assert all(torch.equal(a.features, b.features) for a, b in zip(prepared.rows, first.rows, strict=True))
 
 
 def test_workers_with_the_encoder_give_the_states_the_engine_would_compute() -> None:
@@ -57,16 +77,17 @@ def test_workers_with_the_encoder_give_the_states_the_engine_would_compute() -> 
     threads = AudioWorkers(0, SileroVAD(), max_audio_seconds=60, max_window_seconds=2.0)
 
     async def both() -> tuple:
-        samples = await threads.decode(_wav())
-        return await encoding.rows(samples), await threads.rows(samples)
+        samples = load_audio(_wav())  # decoded samples, as realtime streams hand them over
+        return await asyncio.gather(encoding.prepare(samples), encoding.prepare(_wav()), threads.prepare(samples))
 
     try:
-        (spans, rows), (thread_spans, thread_rows) = asyncio.run(both())
+        prepared, from_upload, in_thread = asyncio.run(both())
     finally:
         encoding.close()
-    assert len(spans) >= 2 and spans == thread_spans
+    assert len(prepared.spans) >= 2 and prepared.spans == in_thread.spans == from_upload.spans
     model = SpeechLLM.load(model_dir)
-    for row, thread_row in zip(rows, thread_rows, strict=True):
+    for row, upload_row, thread_row in zip(prepared.rows, from_upload.rows, in_thread.rows, strict=True):
+        assert torch.allclose(row.states, upload_row.states, atol=1e-5)  # encoded together, in one call
         assert row.features is None
         with torch.no_grad():
             states, _ = model.encode(thread_row.features[None], torch.tensor([thread_row.features.shape[-1]]),
@@ -78,25 +99,26 @@ def test_workers_with_the_encoder_give_the_states_the_engine_would_compute() -> 
 def test_errors_cross_the_process_boundary(workers: AudioWorkers) -> None:
     short = AudioWorkers(0, SileroVAD(), max_audio_seconds=0.5, max_window_seconds=30)
     with pytest.raises(EmptyAudioError):
-        asyncio.run(workers.decode(b""))
+        asyncio.run(workers.prepare(b""))
     with pytest.raises(AudioDecodeError):
-        asyncio.run(workers.decode(b"RIFF\x00\x00\x00\x00WAVEnot really"))
+        asyncio.run(workers.prepare(b"RIFF\x00\x00\x00\x00WAVEnot really"))
     with pytest.raises(AudioTooLong):
-        asyncio.run(short.decode(_wav()))
+        asyncio.run(short.prepare(_wav()))
 
 
 def test_a_dying_worker_takes_no_other_request_with_it(workers: AudioWorkers) -> None:
     wav = _wav()
 
-    async def scenario() -> tuple:
-        # The crash and two decodes in flight together: the pool breaks under all three.
-        return await asyncio.gather(workers._run(_die, None), workers.decode(wav), workers.decode(wav),
-                                    return_exceptions=True)
+    async def scenario() -> list:
+        # The crash and three uploads in flight together, two of them in the crash's call: the pool breaks under
+        # all four.
+        return await asyncio.gather(workers.prepare(wav), workers.prepare(_KillsTheWorker()), workers.prepare(wav),
+                                    workers.prepare(wav), return_exceptions=True)
 
-    crashed, first, second = asyncio.run(scenario())
-    assert isinstance(crashed, AudioDecodeError)  # retried once on a fresh pool, where it crashed again
-    assert isinstance(first, np.ndarray) and np.array_equal(first, second)
-    assert np.array_equal(asyncio.run(workers.decode(wav)), first)  # and the pool goes on serving
+    first, crashed, *others = asyncio.run(scenario())
+    assert isinstance(crashed, AudioDecodeError)  # retried alone on a fresh process, where it crashed again
+    for prepared in [*others, asyncio.run(workers.prepare(wav))]:  # and the pool goes on serving
+        assert prepared.spans == first.spans
 
 
 def _alive(pid: int) -> bool:
