@@ -1,0 +1,53 @@
+"""The benchmarks (benchmarks/) end to end at their smallest size: real servers, real traffic, every report
+written. Nothing here judges speed (that is what the benchmarks are for); it catches a benchmark that no longer
+runs (one broke silently when a function it shares with another changed) or that reports nonsense."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(module: str, out: Path, *args: str) -> None:
+    subprocess.run([sys.executable, "-m", module, "--out", str(out), *args], cwd=ROOT, check=True,
+                   capture_output=True, timeout=600)
+
+
+def _check_load(load: dict) -> None:
+    """A load's figures are measured, not left at zero: the server answered every request and used CPU."""
+    assert load["requests"] > 0 and load["throughput_audio_s_per_s"] > 0
+    assert 0 < load["latency_p50_s"] <= load["latency_p95_s"]
+    assert load["server_cpu_ms_per_audio_s"] > 0 and load["server_cores_busy"] > 0
+
+
+def test_serving_benchmark(tmp_path: Path) -> None:
+    _run("benchmarks.serving", tmp_path / "serving", "--per-language", "1")
+    results = json.loads((tmp_path / "serving.json").read_text())
+    for name in ("ours_mixed_c1", "ours_mixed_c16", "ours_single_language_runs_c16", "naive_peft_mixed_c16"):
+        _check_load(results[name])
+    assert results["ours_mixed_c16"]["rows_per_batch"] >= 1
+    assert all(math.isfinite(value) and value > 0 for value in results["ratios"].values())
+    assert (tmp_path / "serving.md").read_text().startswith("# Serving benchmark")
+
+
+def test_decoder_benchmark_decodes_what_hugging_face_decodes(tmp_path: Path) -> None:
+    _run("benchmarks.decoder", tmp_path, "--repeats", "1")
+    batches = json.loads((tmp_path / "decoder.json").read_text())["batches"]
+    assert batches and all(batch["same_tokens"] and batch["tokens"] > 0 for batch in batches.values())
+
+
+@pytest.mark.vllm
+def test_backends_benchmark(tmp_path: Path) -> None:
+    _run("benchmarks.backends", tmp_path / "backends", "--per-language", "1")
+    results = json.loads((tmp_path / "backends.json").read_text())
+    for backend in ("embedded", "vllm"):
+        for load in results[backend].values():
+            _check_load(load)
+    assert all(value > 0 for value in results["ratios_vllm_over_embedded"].values())
