@@ -99,7 +99,7 @@ def speech_windows(samples: np.ndarray, vad: SileroVAD, max_window_seconds: floa
     if samples.size < MIN_SAMPLES:
         return []
     if samples.size <= max_window_seconds * SAMPLE_RATE:
-        return [Span(0, samples.size)] if vad.speech_spans(samples) else []
+        return [Span(0, samples.size)] if vad.has_speech(samples) else []
     return split_long_audio(samples, vad, max_window_seconds)
 
 

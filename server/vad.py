@@ -31,6 +31,7 @@ WINDOW = 512  # samples per model step at 16 kHz (32 ms): one probability each
 CONTEXT = 64  # trailing samples of the previous window that the model sees in front of each window
 STATE_SHAPE = (1, 1, 128)  # LSTM hidden and cell state
 BLOCK_WINDOWS = 512  # windows per onnxruntime call (16 s): bounds the memory of one call on hour-long uploads
+FIRST_BLOCK_WINDOWS = 16  # has_speech's first look (0.5 s); each look after it is twice as long
 NEG_THRESHOLD_GAP = 0.15  # hysteresis: once in speech, a window is silence only below threshold - 0.15 (as Silero)
 
 
@@ -128,6 +129,23 @@ class SileroVAD:
         blocks = [state.step(padded[i:i + BLOCK_WINDOWS * WINDOW])
                   for i in range(0, padded.size, BLOCK_WINDOWS * WINDOW)]
         return np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.float32)
+
+    def has_speech(self, samples: np.ndarray) -> bool:
+        """`bool(self.speech_spans(samples))`, looking no further than the first speech span: in growing blocks
+        from the start, it stops at the first block that completes one. Exact, not an estimate: a span found in
+        the beginning of the audio is a span of the whole (one that has ended ends there too, and one still
+        running only grows), and a window's probability does not depend on the windows after it."""
+        samples = _as_mono(samples)
+        padded = np.zeros(-(-samples.size // WINDOW) * WINDOW, dtype=np.float32)
+        padded[:samples.size] = samples
+        state, probs, start, block = _ModelState(), [], 0, FIRST_BLOCK_WINDOWS
+        while start < padded.size:
+            end = min(start + block * WINDOW, padded.size)
+            probs.append(state.step(padded[start:end]))
+            if self.spans_from_probabilities(np.concatenate(probs), min(end, samples.size)):
+                return True
+            start, block = end, min(2 * block, BLOCK_WINDOWS)
+        return False
 
     def speech_spans(self, samples: np.ndarray) -> list[Span]:
         samples = _as_mono(samples)

@@ -15,7 +15,7 @@ from functools import cache
 import numpy as np
 import pytest
 
-from server.vad import WINDOW, SileroVAD, Span, StreamingVAD, split_long_audio
+from server.vad import WINDOW, SileroVAD, Span, StreamingVAD, _ModelState, split_long_audio
 from speechllm.audio import SAMPLE_RATE, load_audio
 
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng to synthesise speech")
@@ -128,6 +128,28 @@ def test_low_white_noise_is_not_speech(vad):
     noise = np.random.default_rng(0).normal(0.0, 0.01, 5 * SR).astype(np.float32)
     assert vad.speech_spans(noise) == []
     assert split_long_audio(noise, vad) == []
+
+
+def test_has_speech_stops_early_and_answers_what_the_spans_answer(vad):
+    phrase = say(PHRASES[3])
+    noise = np.random.default_rng(1).normal(0.0, 0.01, 3 * SR).astype(np.float32)
+    click = assemble([2.0, phrase[: round(0.05 * SR)], 0.5])[0]  # 50 ms of speech: shorter than min_speech
+    recordings = [phrase, assemble([0.2, phrase, 1.0])[0], assemble([9.0, phrase])[0], assemble([3.0, phrase[:SR]])[0],
+                  silence(3.0), noise, click, np.zeros(0, dtype=np.float32), phrase[: WINDOW + 7]]
+    for audio in recordings:
+        assert vad.has_speech(audio) == bool(vad.speech_spans(audio))
+    assert vad.has_speech(phrase) and not vad.has_speech(silence(3.0)) and not vad.has_speech(click)
+    looked_at = []
+    step = _ModelState.step
+
+    def counted_step(state: _ModelState, samples: np.ndarray) -> np.ndarray:
+        looked_at.append(samples.size)
+        return step(state, samples)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_ModelState, "step", counted_step)
+        assert vad.has_speech(assemble([0.1, phrase, 20.0])[0])
+    assert sum(looked_at) < 2 * SR  # 25 s of audio, speech from 0.1 s: it stopped within the first 2 s
 
 
 def test_one_phrase_between_silences_is_one_span(vad):
