@@ -291,6 +291,44 @@ def use_segments(model: nn.Module, segments: list[tuple[int, int, MergedAdapter]
             layer.rows = None
 
 
+def _per_row(rows: RowAdapters, count: int) -> RowAdapters:
+    """The same adapters with one matrix per row ((rows, in, r), (rows, r, out))."""
+    if rows.b.dim() == 3:
+        return rows
+    return RowAdapters(None if rows.a is None else rows.a.expand(count, -1, -1), rows.b.expand(count, -1, -1))
+
+
+@contextmanager
+def joining_rows(model: nn.Module, running: int, segments: list[tuple[int, int, MergedAdapter]]) -> Iterator[None]:
+    """Rows join a batch of `running` rows (continuous batching): inside, forward passes see only the joining
+    rows, with the adapters of `segments` (their prefill); afterwards the batch goes on with the joining rows after
+    the running ones. With no running rows this is `use_segments` without the clearing (`clear_rows` does that)."""
+    layers = [layer for _, layer in zipper_layers(model)]
+    saved = [layer.rows for layer in layers]
+    joining = [_row_adapters(layer.index, segments) for layer in layers]
+    for layer, rows in zip(layers, joining, strict=True):
+        layer.rows = rows
+    try:
+        yield
+    except BaseException:
+        for layer, rows in zip(layers, saved, strict=True):
+            layer.rows = rows
+        raise
+    if not running:
+        return
+    count = segments[-1][1]
+    for layer, old, new in zip(layers, saved, joining, strict=True):
+        old, new = _per_row(old, running), _per_row(new, count)
+        a = None if old.a is None else torch.cat([old.a, new.a])
+        layer.rows = RowAdapters(a, torch.cat([old.b, new.b]))
+
+
+def clear_rows(model: nn.Module) -> None:
+    """The batch set with `joining_rows` has ended."""
+    for _, layer in zipper_layers(model):
+        layer.rows = None
+
+
 def keep_rows(model: nn.Module, keep: torch.Tensor) -> None:
     """Rows of the batch set with `use_segments` or `use_languages` left it: only those at positions `keep`
     (in the batch as it was) stay."""

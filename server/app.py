@@ -110,7 +110,7 @@ def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         engine = VLLMEngine(model, settings.model_dir, metrics, options, settings.lid_threshold)
     else:
         engine = EmbeddedEngine(model, metrics, int(settings.adapter_cache_mb * 2**20), settings.lid_threshold,
-                                settings.pinned_languages)
+                                settings.pinned_languages, settings.max_batch_size)
         engine.preload(settings.preload_languages)
     batcher = Batcher(engine, metrics, settings.max_batch_size, settings.max_wait_ms / 1000, settings.max_queue,
                       settings.threads or DEFAULT_ENGINE_THREADS)

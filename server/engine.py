@@ -9,16 +9,25 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from adapters.zipper import MergedAdapter, Variant, keep_rows, merge_language, use_segments
+from adapters.zipper import (
+    MergedAdapter,
+    Variant,
+    clear_rows,
+    joining_rows,
+    keep_rows,
+    merge_language,
+    use_segments,
+)
 from server.adapter_cache import SHARED_KEY, AdapterCache
 from server.metrics import Metrics
 from speechllm.decoder import decoder_for
-from speechllm.decoding import Hypothesis, TokenCallback, generate
+from speechllm.decoding import Generation, Hypothesis, TokenCallback, generate
 from speechllm.inference import choose_language, token_limits
 from speechllm.languages import BY_CODE
 from speechllm.model import SpeechLLM
@@ -196,16 +205,42 @@ def continue_text(prefix: str, continuation: str, language: str | None) -> str:
     return prefix + ("" if unspaced else " ") + continuation
 
 
+TICK_S = 0.05  # longest run of decoding steps in the engine thread before the event loop looks in
+
+
+@dataclass(eq=False)
+class _Group:
+    """A batch handed to EmbeddedEngine.start, while it waits, joins and decodes."""
+
+    batch: list[EngineInput]
+    admitted: asyncio.Future  # set when it joins (the batcher may then begin the next batch)
+    done: asyncio.Future  # its outputs
+    prepared: PreparedBatch | None = None
+    streams: list[TextStream] = field(default_factory=list)  # per decoding position
+    rows: list[int] = field(default_factory=list)  # its rows' ids in the Generation, per decoding position
+    remaining: int = 0  # rows still decoding
+    started: float = 0.0
+    outputs: list[EngineOutput] | None = None
+    error: Exception | None = None
+
+
 class EmbeddedEngine(SpeechEngine):
     """The decoder in this process too: KV-cached batched decoding with Zipper adapters applied
     unmerged, each language's merged B(l) from an LRU adapter cache."""
 
     def __init__(self, model: SpeechLLM, metrics: Metrics, cache_bytes: int, lid_threshold: float = 0.5,
-                 pinned_languages: list[str] | None = None) -> None:
+                 pinned_languages: list[str] | None = None, max_rows: int = 16) -> None:
+        """`max_rows`: most rows decoding at once (`start`)."""
         super().__init__(model, metrics, lid_threshold)
         pinned = [self.adapter_key(code) for code in pinned_languages or []]
         self.cache = AdapterCache(self._merge, cache_bytes, metrics, pinned)
         self.decoder = decoder_for(model.llm)  # built once: it packs the projections' weights
+        self.max_rows = max_rows
+        # Continuous batching (start): the groups waiting to join, the rows decoding, and which group each is of.
+        self._waiting: deque[_Group] = deque()
+        self._generation = self._new_generation()
+        self._row_group: dict[int, tuple[_Group, int]] = {}  # row id → (its group, its position in the group)
+        self._driver: asyncio.Task | None = None
 
     def _merge(self, key: str) -> MergedAdapter:
         index = None if key == SHARED_KEY else self.languages.index(key)
@@ -222,9 +257,118 @@ class EmbeddedEngine(SpeechEngine):
 
     async def start(self, batch: list[EngineInput], run_in_thread: RunInThread
                     ) -> Awaitable[list[EngineOutput]]:
-        outputs = asyncio.get_running_loop().create_future()
-        outputs.set_result(await run_in_thread(self.run, batch))  # the next batch waits: one model user
-        return outputs
+        """The batch joins the rows decoding now at the next step (continuous batching) once they leave room for
+        it (`max_rows`); returns when it has joined."""
+        loop = asyncio.get_running_loop()
+        group = _Group(batch, loop.create_future(), loop.create_future())
+        self._waiting.append(group)
+        if self._driver is None or self._driver.done():
+            self._driver = asyncio.create_task(self._drive(run_in_thread))
+        await group.admitted
+        return group.done
+
+    async def _drive(self, run_in_thread: RunInThread) -> None:
+        """Runs the decoding in ticks of the engine thread, and between ticks lets waiting groups join and
+        answers the finished ones. A tick ends as soon as a group finishes or another waits to join (and at
+        TICK_S), so neither waits long; other work for the engine thread (language detection) runs between
+        ticks."""
+        joining: list[_Group] = []
+        try:
+            while self._waiting or self._row_group:
+                joining = []
+                while self._waiting and self._room_for(self._waiting[0], joining):
+                    joining.append(self._waiting.popleft())
+                    joining[-1].admitted.set_result(None)
+                for group in await run_in_thread(self._tick, joining):
+                    if group.error is not None:
+                        group.done.set_exception(group.error)
+                    else:
+                        group.done.set_result(group.outputs)
+        except BaseException as error:  # the engine thread is gone (shutdown), say: no group is left hanging
+            groups = {*joining, *self._waiting, *(group for group, _ in self._row_group.values())}
+            self._waiting.clear()
+            for group in groups:
+                if not group.admitted.done():
+                    group.admitted.set_result(None)
+                if not group.done.done():
+                    group.done.set_exception(error if isinstance(error, Exception) else RuntimeError("stopped"))
+            raise
+
+    def _room_for(self, group: _Group, joining: list[_Group]) -> bool:
+        rows = len(self._generation.alive) + sum(len(g.batch) for g in joining)
+        if rows == 0:
+            return True
+        return hasattr(self.decoder, "join") and rows + len(group.batch) <= self.max_rows
+
+    @torch.no_grad()
+    def _tick(self, joining: list[_Group]) -> list[_Group]:
+        """In the engine thread: the joining groups join, then decoding steps until a group finishes, another
+        waits, or TICK_S has passed. Returns the groups that finished (with their outputs, or their error: a
+        group that failed to join, or every group decoding when a step failed)."""
+        finished = [group for group in joining if not self._join(group)]
+        deadline = time.perf_counter() + TICK_S
+        try:
+            while self._generation.alive:
+                self.metrics.step_rows.observe(len(self._generation.alive))
+                emitted, ended = self._generation.step()
+                for row, token in emitted:
+                    group, position = self._row_group[row]
+                    group.streams[position].add(token)
+                for row in ended:
+                    group, _ = self._row_group.pop(row)
+                    group.remaining -= 1
+                    if group.remaining == 0:
+                        finished.append(self._finish(group))
+                if finished or self._waiting or time.perf_counter() > deadline:
+                    break
+        except Exception as error:
+            for group in {group for group, _ in self._row_group.values()}:
+                group.error = error
+                finished.append(group)
+            self._reset()
+        if not self._generation.alive:
+            self._reset()
+        return finished
+
+    def _join(self, group: _Group) -> bool:
+        """Prepare a group (the speech half) and add its rows to the decoding; False if it failed (its error is
+        kept for it)."""
+        try:
+            prepared = self.prepare(group.batch)
+            group.prepared, group.started = prepared, time.perf_counter()
+            group.streams = [TextStream(group.batch[row].on_text, self.model.tokenizer) for row in prepared.order]
+            with joining_rows(self.model.llm, len(self._generation.alive), self._segments(prepared.keys)):
+                rows = self._generation.join(prepared.prompts, prepared.limits,
+                                             [group.batch[row].temperature for row in prepared.order],
+                                             prepared.prefix_ids or None)
+        except Exception as error:
+            group.error = error
+            return False
+        group.rows, group.remaining = rows, len(rows)
+        for position, row in enumerate(rows):
+            self._row_group[row] = (group, position)
+        return True
+
+    def _finish(self, group: _Group) -> _Group:
+        prepared = group.prepared
+        self.metrics.decode_seconds.observe(time.perf_counter() - group.started)
+        hypotheses = [self._generation.hypothesis(row) for row in group.rows]
+        for position, hypothesis in enumerate(hypotheses):
+            if hypothesis.looped:
+                self.count_loop(prepared, group.batch[prepared.order[position]], position)
+        group.outputs = self.outputs(prepared, [s.finish() for s in group.streams],
+                                     [h.avg_logprob for h in hypotheses])
+        return group
+
+    def _reset(self) -> None:
+        """No rows decode any more: a fresh batch for whoever comes next."""
+        self._generation = self._new_generation()
+        self._row_group.clear()
+        clear_rows(self.model.llm)
+
+    def _new_generation(self) -> Generation:
+        return Generation(self.decoder, eos_id(self.model.tokenizer),
+                          on_rows_kept=lambda keep: keep_rows(self.model.llm, keep))
 
     @torch.no_grad()
     def run(self, batch: list[EngineInput]) -> list[EngineOutput]:

@@ -32,6 +32,8 @@ class Metrics:
                                           buckets=RTF_BUCKETS, registry=r)
         self.batch_size = Histogram("zasr_batch_size_rows", "Rows per engine batch", buckets=BATCH_BUCKETS,
                                     registry=r)
+        self.step_rows = Histogram("zasr_decode_step_rows", "Rows in each decoding step (embedded engine)",
+                                   buckets=BATCH_BUCKETS, registry=r)
         self.batch_languages = Histogram("zasr_batch_languages", "Distinct languages per engine batch",
                                          buckets=(1, 2, 3, 4, 6, 8, 12), registry=r)
         self.queue_depth = Gauge("zasr_queue_depth_rows", "Rows waiting for the engine", registry=r)

@@ -128,9 +128,35 @@ class KVCache:
     length: int = 0  # slots written
 
     def keep(self, rows: torch.Tensor) -> None:
-        self.keys = [k[rows] for k in self.keys]
-        self.values = [v[rows] for v in self.values]
-        self.valid, self.positions = self.valid[rows], self.positions[rows]
+        """Only `rows` stay; slots that none of them uses any more (before the oldest one's first) are dropped, so
+        that a batch that rows keep joining (KVCache.join) does not grow without end."""
+        first = int(self.valid[rows, : self.length].any(0).int().argmax()) if self.length else 0
+        self.keys = [k[rows, :, first:] for k in self.keys]
+        self.values = [v[rows, :, first:] for v in self.values]
+        self.valid, self.positions = self.valid[rows, first:], self.positions[rows]
+        self.length -= first
+
+    @staticmethod
+    def join(a: KVCache, b: KVCache) -> KVCache:
+        """The rows of `a` and then those of `b` as one batch: both right-aligned on the longer one's written
+        slots (the shorter one's rows get padding slots before theirs), with room for the longer of the two's
+        remaining steps."""
+        length = max(a.length, b.length)
+        capacity = length + max(a.valid.shape[1] - a.length, b.valid.shape[1] - b.length)
+        rows = len(a.positions) + len(b.positions)
+
+        def joined(x: torch.Tensor, y: torch.Tensor, slot_dim: int) -> torch.Tensor:
+            shape = list(x.shape)
+            shape[0], shape[slot_dim] = rows, capacity
+            out = x.new_zeros(shape)  # zeros, not empty: see LlamaDecoder.prefill
+            for start, source, written in ((0, x, a.length), (len(a.positions), y, b.length)):
+                target = out[start: start + len(source)].narrow(slot_dim, length - written, written)
+                target.copy_(source.narrow(slot_dim, 0, written))
+            return out
+
+        return KVCache([joined(x, y, 2) for x, y in zip(a.keys, b.keys, strict=True)],
+                       [joined(x, y, 2) for x, y in zip(a.values, b.values, strict=True)],
+                       joined(a.valid, b.valid, 1), torch.cat([a.positions, b.positions]), length)
 
 
 def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -196,6 +222,9 @@ class LlamaDecoder:
             logits[rows] = out
         cache.length = length
         return logits, cache
+
+    def join(self, a: KVCache, b: KVCache) -> KVCache:
+        return KVCache.join(a, b)
 
     def step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         cache.valid[:, cache.length] = True

@@ -11,11 +11,11 @@ read (Whisper re-decodes when the text compresses too well). It stops there and 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from speechllm.decoder import Decoder
+from speechllm.decoder import Decoder, DecoderState
 
 
 @dataclass
@@ -114,57 +114,123 @@ TokenCallback = Callable[[list[tuple[int, int]]], None]
 RowsCallback = Callable[[torch.Tensor], None]
 
 
+@dataclass
+class _Row:
+    tokens: RowTokens
+    limit: int  # most tokens
+    temperature: float  # 0: greedy
+    logprobs: list[float] = field(default_factory=list)  # of each token chosen, the end-of-text token's included
+    done: bool = False
+
+
+class Generation:
+    """Rows decoding together, one token each per step. Rows join between steps (`join`: their prompts are
+    prefilled and their state merged into the running batch's, when the decoder can merge: continuous batching)
+    and leave once finished: finished rows leave the batch (with their KV cache) once they are a quarter of it, so
+    that a long transcript does not keep finished rows computing. Whoever holds per-row state for the model's
+    layers (the Zipper adapters of a mixed batch) follows along through `on_rows_kept`.
+
+    A row also finishes when it falls into a repetition loop (`RowTokens`), unless `stop_loops` is False.
+    Rows are named by ids, in the order they joined, from 0."""
+
+    def __init__(self, decoder: Decoder, eos_id: int, generator: torch.Generator | None = None,
+                 stop_loops: bool = True, on_rows_kept: RowsCallback | None = None) -> None:
+        self.decoder = decoder
+        self.eos_id = eos_id
+        self.generator = generator
+        self.stop_loops = stop_loops
+        self.on_rows_kept = on_rows_kept
+        self.rows: dict[int, _Row] = {}
+        self.alive: list[int] = []  # the row of each position of the running batch (finished ones too)
+        self._state: DecoderState | None = None
+        self._logits: torch.Tensor | None = None  # (len(alive), vocab): each position's next token
+
+    @property
+    def running(self) -> int:
+        """Rows still decoding."""
+        return sum(not self.rows[row].done for row in self.alive)
+
+    @property
+    def can_join(self) -> bool:
+        """Whether rows can join now: always into an empty batch, into a running one if the decoder merges."""
+        return not self.alive or hasattr(self.decoder, "join")
+
+    def join(self, prompts: list[torch.Tensor], limits: list[int], temperatures: list[float],
+             contexts: list[list[int]] | None = None) -> list[int]:
+        """Prefill `prompts` (L_i, D) and add their rows to the batch; `contexts` are the tokens each prompt
+        ends with as if its row had written them (forced prefixes). Returns the new rows' ids."""
+        logits, state = self.decoder.prefill(*left_pad(prompts), max(limits))
+        ids = list(range(len(self.rows), len(self.rows) + len(prompts)))
+        for index, row in enumerate(ids):
+            context = contexts[index] if contexts else ()
+            self.rows[row] = _Row(RowTokens(self.stop_loops, context), limits[index], temperatures[index])
+        if self.alive:
+            self._state = self.decoder.join(self._state, state)
+            self._logits = torch.cat([self._logits, logits])
+        else:
+            self._state, self._logits = state, logits
+        self.alive += ids
+        return ids
+
+    def step(self) -> tuple[list[tuple[int, int]], list[int]]:
+        """Every running row's next token. Returns the tokens that became settled ((row, token): see
+        RowTokens.settled) and the rows that finished."""
+        logits = self._logits.float()
+        logprobs = logits.log_softmax(-1)
+        next_tokens = logprobs.argmax(-1)
+        temperatures = torch.tensor([self.rows[row].temperature for row in self.alive])
+        if (temperatures > 0).any():
+            sampled = (temperatures > 0).to(logits.device)
+            probs = (logits[sampled] / temperatures.to(logits.device)[sampled, None]).softmax(-1).cpu()
+            next_tokens[sampled] = torch.multinomial(probs, 1, generator=self.generator)[:, 0].to(logits.device)
+        chosen = logprobs.gather(1, next_tokens[:, None])[:, 0].tolist()
+        emitted, finished, running = [], [], []
+        for position, (row_id, token) in enumerate(zip(self.alive, next_tokens.tolist(), strict=True)):
+            row = self.rows[row_id]
+            if row.done:
+                continue
+            row.logprobs.append(chosen[position])
+            if token == self.eos_id:
+                row.done = True
+            else:
+                looped = row.tokens.add(token)
+                if looped:
+                    del row.logprobs[len(row.tokens):]
+                row.done = looped or len(row.tokens) >= row.limit
+            emitted += [(row_id, ready) for ready in row.tokens.settled(row.done)]
+            if row.done:
+                finished.append(row_id)
+            else:
+                running.append(position)
+        if not running:
+            self.alive, self._state, self._logits = [], None, None
+            return emitted, finished
+        if 4 * (len(self.alive) - len(running)) >= len(self.alive):
+            keep = torch.tensor(running, device=next_tokens.device)
+            self.alive = [self.alive[position] for position in running]
+            next_tokens = next_tokens[keep]
+            self._state.keep(keep)
+            if self.on_rows_kept is not None:
+                self.on_rows_kept(keep)
+        self._logits = self.decoder.step(next_tokens, self._state)
+        return emitted, finished
+
+    def hypothesis(self, row_id: int) -> Hypothesis:
+        row = self.rows[row_id]
+        return Hypothesis(row.tokens.tokens, sum(row.logprobs), row.tokens.looped)
+
+
 @torch.no_grad()
 def generate(decoder: Decoder, prompts: list[torch.Tensor], eos_id: int, max_new_tokens: list[int] | int,
              temperature: float = 0.0, generator: torch.Generator | None = None,
              on_tokens: TokenCallback | None = None, on_rows_kept: RowsCallback | None = None,
              stop_loops: bool = True, contexts: list[list[int]] | None = None) -> list[Hypothesis]:
-    """Rows that finish leave the batch (with their KV cache) once they are a quarter of it, so that a long
-    transcript does not keep the finished rows of its batch computing: whoever holds per-row state for the
-    model's layers (the Zipper adapters of a mixed batch) follows along through `on_rows_kept`.
-    A row also finishes when it falls into a repetition loop (`RowTokens`), unless `stop_loops` is False;
-    `contexts` are the tokens each row's prompt ends with as if it had written them (forced prefixes)."""
-    batch = len(prompts)
-    limits = [max_new_tokens] * batch if isinstance(max_new_tokens, int) else list(max_new_tokens)
-    logits, state = decoder.prefill(*left_pad(prompts), max(limits))
-    rows = [RowTokens(stop_loops, contexts[row] if contexts else ()) for row in range(batch)]
-    token_logprobs: list[list[float]] = [[] for _ in range(batch)]  # the end-of-text token's included
-    done = [False] * batch
-    alive = list(range(batch))  # the row of each position of the running batch
-    for _ in range(max(limits)):
-        logits = logits.float()
-        logprobs = logits.log_softmax(-1)
-        if temperature > 0:
-            probs = (logits / temperature).softmax(-1).cpu()
-            next_tokens = torch.multinomial(probs, 1, generator=generator)[:, 0].to(logits.device)
-        else:
-            next_tokens = logprobs.argmax(-1)
-        chosen = logprobs.gather(1, next_tokens[:, None])[:, 0].tolist()
-        emitted, running = [], []
-        for position, (row, token) in enumerate(zip(alive, next_tokens.tolist(), strict=True)):
-            if done[row]:
-                continue
-            token_logprobs[row].append(chosen[position])
-            if token == eos_id:
-                done[row] = True
-            else:
-                looped = rows[row].add(token)
-                if looped:
-                    del token_logprobs[row][len(rows[row]):]
-                done[row] = looped or len(rows[row]) >= limits[row]
-            emitted += [(row, ready) for ready in rows[row].settled(done[row])]
-            if not done[row]:
-                running.append(position)
+    """One batch decoded to its end (`Generation`, with no row joining later)."""
+    limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    generation = Generation(decoder, eos_id, generator, stop_loops, on_rows_kept)
+    rows = generation.join(prompts, limits, [temperature] * len(prompts), contexts)
+    while generation.alive:
+        emitted, _ = generation.step()
         if on_tokens is not None and emitted:
             on_tokens(emitted)
-        if not running:
-            break
-        if 4 * (len(alive) - len(running)) >= len(alive):
-            keep = torch.tensor(running, device=next_tokens.device)
-            alive = [alive[position] for position in running]
-            next_tokens = next_tokens[keep]
-            state.keep(keep)
-            if on_rows_kept is not None:
-                on_rows_kept(keep)
-        logits = decoder.step(next_tokens, state)
-    return [Hypothesis(r.tokens, sum(p), r.looped) for r, p in zip(rows, token_logprobs, strict=True)]
+    return [generation.hypothesis(row) for row in rows]

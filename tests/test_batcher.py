@@ -16,7 +16,7 @@ import torch
 
 from adapters.zipper import Variant, ZipperConfig
 from server.batcher import Batcher, QueueFull
-from server.engine import EmbeddedEngine, EngineInput, EngineOutput
+from server.engine import EmbeddedEngine, EngineInput, PreparedBatch
 from server.metrics import Metrics
 from speechllm.model import SpeechLLM
 from tests.conftest import tiny_speech_llm
@@ -29,8 +29,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class RecordingEngine(EmbeddedEngine):
-    """The real engine, recording which rows each batch held, when it ran, and in which thread.
-    (It only observes: every batch still runs through EmbeddedEngine.run.)"""
+    """The real engine, recording which rows each batch held (each group of rows that joined the decoding), when
+    the engine thread worked, and in which thread. (It only observes: everything still runs as it would.)"""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -38,13 +38,16 @@ class RecordingEngine(EmbeddedEngine):
         self.intervals: list[tuple[float, float]] = []
         self.threads: list[str] = []
 
-    def run(self, batch: list[EngineInput]) -> list[EngineOutput]:
-        start = time.monotonic()
+    def prepare(self, batch: list[EngineInput]) -> PreparedBatch:
+        self.batches.append(list(batch))
         self.threads.append(threading.current_thread().name)
+        return super().prepare(batch)
+
+    def _tick(self, joining: list) -> list:
+        start = time.monotonic()
         try:
-            return super().run(batch)
+            return super()._tick(joining)
         finally:
-            self.batches.append(list(batch))
             self.intervals.append((start, time.monotonic()))
 
 
@@ -92,7 +95,7 @@ def _batch_of(engine: RecordingEngine) -> dict[int, int]:
 
 # ---- ordering and batch sizes ------------------------------------------------------------------------------
 
-def test_results_reach_their_futures_in_order(model: SpeechLLM) -> None:
+def test_results_reach_their_futures(model: SpeechLLM) -> None:
     metrics = Metrics()
     engine = _engine(model, metrics)
     items = _items((MIXED * 2)[:20])
@@ -117,8 +120,8 @@ def test_results_reach_their_futures_in_order(model: SpeechLLM) -> None:
 
         for item, output, reference in zip(items, outputs, alone, strict=True):
             assert output.language == item.language
-            assert output.text == reference.text
-        assert completed == list(range(len(items)))  # futures resolve in arrival order
+            assert output.text == reference.text  # decoded beside others, each row as it decodes alone
+        assert sorted(completed) == list(range(len(items)))
 
     _run(scenario)
     assert len({o.text for o in alone}) > 1  # distinct texts: a mix-up between rows would show
@@ -216,13 +219,10 @@ def test_no_starvation_under_skewed_traffic(model: SpeechLLM) -> None:
         await batcher.stop()
 
         assert [o.language for o in outputs] == [item.language for item in items]
-        assert completed == list(range(len(items)))  # strict arrival order, whatever the language
-        first_after = len(english_before) + len(arabic)
-        for index in (30, 31):  # the Arabic rows
-            assert completed.index(index) < completed.index(first_after)
 
     _run(scenario)
-    # In batch terms: each Arabic row runs no later than the batch holding the row queued just before it.
+    # Rows join the decoding in arrival order, whatever the language: each Arabic row joins no later than the row
+    # queued just before it. (They finish when their transcripts end, which need not be in that order.)
     batch_of = _batch_of(engine)
     for row in arabic:
         assert batch_of[id(row)] <= batch_of[id(english_before[-1])]

@@ -1,9 +1,17 @@
 import pytest
 import torch
 
-from adapters.zipper import Variant, ZipperConfig, keep_rows, merge_language, use_segments
+from adapters.zipper import (
+    Variant,
+    ZipperConfig,
+    clear_rows,
+    joining_rows,
+    keep_rows,
+    merge_language,
+    use_segments,
+)
 from speechllm.decoder import PREFILL_CALL_TOKENS, HFDecoder, LlamaDecoder, decoder_for
-from speechllm.decoding import RowTokens, generate, left_pad
+from speechllm.decoding import Generation, RowTokens, generate, left_pad
 from speechllm.inference import transcribe_features
 from speechllm.padding import length_groups
 from tests.conftest import tiny_speech_llm
@@ -49,6 +57,43 @@ def test_our_decoder_decodes_as_hugging_face_with_mixed_language_adapters(tiny_t
     assert [len(h.tokens) for h in ours] == limits
     for a, b in zip(ours, theirs, strict=True):
         assert abs(a.sum_logprob - b.sum_logprob) < 1e-3
+
+
+@pytest.mark.parametrize("variant", [Variant.SOFT, Variant.INDEPENDENT])
+def test_rows_that_join_a_running_batch_decode_as_they_would_alone(tiny_tokenizer, variant) -> None:
+    model = tiny_speech_llm(tiny_tokenizer, adapter=ZipperConfig(variant=variant, rank=4))
+    _random_adapters(model)
+    torch.manual_seed(3)
+    dim = model.llm.config.hidden_size
+    adapters = {language: merge_language(model.llm, language) for language in (0, 2, 5)}
+    # (prompts, their languages, their token limits, steps the batch runs before the next group joins)
+    groups = [([torch.randn(7, dim), torch.randn(3, dim)], [0, 5], [15, 4], 3),
+              ([torch.randn(12, dim)], [5], [9], 5),  # joins after row 1 has left: the cache is compacted
+              ([torch.randn(4, dim), torch.randn(30, dim)], [2, 0], [12, 6], 0)]
+    decoder = LlamaDecoder(model.llm)
+    generation = Generation(decoder, eos_id=-1, on_rows_kept=lambda keep: keep_rows(model.llm, keep))
+    rows = []
+    for prompts, languages, limits, steps in groups:
+        segments = [(i, i + 1, adapters[language]) for i, language in enumerate(languages)]
+        with joining_rows(model.llm, len(generation.alive), segments):
+            rows += generation.join(prompts, limits, [0.0] * len(prompts))
+        for _ in range(steps):
+            generation.step()
+    batch_sizes = []
+    while generation.alive:
+        batch_sizes.append(len(generation.alive))
+        generation.step()
+    clear_rows(model.llm)
+    alone = []
+    for prompts, languages, limits, _ in groups:
+        for prompt, language, limit in zip(prompts, languages, limits, strict=True):
+            with use_segments(model.llm, [(0, 1, adapters[language])]):
+                alone.append(generate(decoder, [prompt], eos_id=-1, max_new_tokens=limit)[0])
+    assert [generation.hypothesis(row).tokens for row in rows] == [h.tokens for h in alone]
+    assert [len(generation.hypothesis(row).tokens) for row in rows] == [15, 4, 9, 12, 6]
+    for row, hypothesis in zip(rows, alone, strict=True):
+        assert abs(generation.hypothesis(row).sum_logprob - hypothesis.sum_logprob) < 1e-3
+    assert max(batch_sizes) == 4 and min(batch_sizes) < 4  # four rows decoded together, and rows left
 
 
 def test_prefill_by_length_group_decodes_as_one_batch(tiny_tokenizer) -> None:
