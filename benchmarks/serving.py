@@ -107,23 +107,23 @@ def cpu_used_since(pid: int, before: dict[int, float]) -> tuple[float, float]:
     return after[pid] - before[pid], descendants[1] - descendants[0]
 
 
-async def batch_counters(client: httpx.AsyncClient, url: str) -> tuple[float, float]:
-    """(rows, batches) the engine has run so far, from the server's Prometheus exposition; (0, 0) for a server
-    without one (the naive baseline)."""
+async def step_counters(client: httpx.AsyncClient, url: str) -> tuple[float, float]:
+    """(rows, decoding steps) the embedded engine has run so far, from the server's Prometheus exposition; (0, 0)
+    for a server without them (the naive baseline, vLLM)."""
     response = await client.get(f"{url}/metrics")
     if response.status_code != 200:
         return 0.0, 0.0
     for family in text_string_to_metric_families(response.text):
-        if family.name == "zasr_batch_size_rows":
+        if family.name == "zasr_decode_step_rows":
             samples = {sample.name: sample.value for sample in family.samples}
-            return samples["zasr_batch_size_rows_sum"], samples["zasr_batch_size_rows_count"]
+            return samples["zasr_decode_step_rows_sum"], samples["zasr_decode_step_rows_count"]
     return 0.0, 0.0
 
 
 @dataclass
 class Measured:
     """What one load took: wall time, latencies, CPU seconds (the server's process, its audio workers, this
-    client) and the engine's rows and batches."""
+    client) and the rows of the engine's decoding steps."""
 
     wall: float = 0.0
     latencies: list[float] = field(default_factory=list)
@@ -131,7 +131,7 @@ class Measured:
     workers_cpu: float = 0.0
     client_cpu: float = 0.0
     rows: float = 0.0
-    batches: float = 0.0
+    steps: float = 0.0
 
     def __add__(self, other: Measured) -> Measured:
         return Measured(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
@@ -156,16 +156,16 @@ async def drive(url: str, requests: list[tuple[str, bytes, float]], concurrency:
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency)) as client:
         await client.post(f"{url}/v1/audio/transcriptions", files={"file": ("a.wav", requests[0][1])},
                           data={"model": "whisper-1", "language": requests[0][0]})  # warm-up
-        rows_before, batches_before = await batch_counters(client, url)
+        rows_before, steps_before = await step_counters(client, url)
         server_before, client_before = cpu_seconds_by_process(server_pid), time.process_time()
         start = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
         wall = time.perf_counter() - start
         process_cpu, workers_cpu = cpu_used_since(server_pid, server_before)
         client_cpu = time.process_time() - client_before
-        rows_after, batches_after = await batch_counters(client, url)
+        rows_after, steps_after = await step_counters(client, url)
     return Measured(wall=wall, latencies=latencies, process_cpu=process_cpu, workers_cpu=workers_cpu,
-                    client_cpu=client_cpu, rows=rows_after - rows_before, batches=batches_after - batches_before)
+                    client_cpu=client_cpu, rows=rows_after - rows_before, steps=steps_after - steps_before)
 
 
 def load(url: str, requests: list[tuple[str, bytes, float]], concurrency: int, server_pid: int) -> dict:
@@ -184,7 +184,7 @@ def summary(requests: list[tuple[str, bytes, float]], concurrency: int, measured
             "server_cores_busy": round(server_cpu / wall, 2),
             "of_which_child_processes": round(measured.workers_cpu / wall, 2),
             "client_cores_busy": round(measured.client_cpu / wall, 2),
-            "rows_per_batch": round(measured.rows / measured.batches, 2) if measured.batches else None}
+            "rows_per_step": round(measured.rows / measured.steps, 2) if measured.steps else None}
 
 
 def load_one_language_at_a_time(url: str, requests: list[tuple[str, bytes, float]], concurrency: int,
@@ -195,6 +195,38 @@ def load_one_language_at_a_time(url: str, requests: list[tuple[str, bytes, float
         measured += asyncio.run(drive(url, [item for item in requests if item[0] == language], concurrency,
                                       server_pid))
     return summary(requests, concurrency, measured)
+
+
+async def short_behind_long(url: str, short: bytes, long: bytes, tries: int = 5) -> dict:
+    """Latency of a short request alone, and sent 0.25 s after a long one (a 20 s window decodes for about half a
+    second): how long a short request waits behind a long one (head-of-line blocking)."""
+
+    async def post(client: httpx.AsyncClient, wav: bytes) -> float:
+        start = time.perf_counter()
+        response = await client.post(f"{url}/v1/audio/transcriptions", files={"file": ("a.wav", wav)},
+                                     data={"model": "whisper-1", "language": "en"})
+        response.raise_for_status()
+        return time.perf_counter() - start
+
+    async with httpx.AsyncClient(timeout=600) as client:
+        await post(client, long)  # warm-up
+        alone = [await post(client, short) for _ in range(tries)]
+        long_alone = [await post(client, long) for _ in range(tries)]
+        behind = []
+        for _ in range(tries):
+            first = asyncio.create_task(post(client, long))
+            await asyncio.sleep(0.25)
+            behind.append(await post(client, short))
+            await first
+    return {"short_alone_p50_s": round(statistics.median(alone), 3),
+            "long_alone_p50_s": round(statistics.median(long_alone), 3),
+            "short_behind_long_p50_s": round(statistics.median(behind), 3)}
+
+
+def long_recording() -> bytes:
+    """About 20 s of English speech: one window (up to 30 s), decoded for about half a second."""
+    text = " ".join(["remember to water the garden before the sun goes down because the roses are thirsty"] * 4)
+    return subprocess.run(["espeak-ng", "-v", "en", "--stdout", "--", text], capture_output=True, check=True).stdout
 
 
 def traffic(pool: dict, languages: list[str], per_language: int) -> list[tuple[str, bytes, float]]:
@@ -249,6 +281,7 @@ def main() -> None:
         results["ours_mixed_c1"] = load(url, mixed[: 8 * len(LANGUAGE_CODES)], 1, ours.pid)  # 96 requests: ~12 s
         results["ours_mixed_c16"] = load(url, mixed, 16, ours.pid)
         results["ours_single_language_runs_c16"] = load_one_language_at_a_time(url, mixed, 16, ours.pid)
+        results["head_of_line"] = asyncio.run(short_behind_long(url, pool["en"][2][0], long_recording()))
     finally:
         ours.terminate()
         ours.wait(30)
@@ -289,7 +322,7 @@ def main() -> None:
              "| scenario | concurrency | requests | audio s | wall s | audio s / s | p50 s | p95 s "
              "| server CPU ms / audio s | server cores busy | of which child processes (audio workers) "
              "| client cores busy "
-             "| rows / batch |",
+             "| rows / decoding step |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
         if isinstance(r, dict) and "throughput_audio_s_per_s" in r:
@@ -297,7 +330,7 @@ def main() -> None:
                          f"{r['wall_seconds']} | {r['throughput_audio_s_per_s']} | {r['latency_p50_s']} | "
                          f"{r['latency_p95_s']} | {r['server_cpu_ms_per_audio_s']} | {r['server_cores_busy']} | "
                          f"{r['of_which_child_processes']} | {r['client_cores_busy']} | "
-                         f"{r['rows_per_batch'] or '–'} |")
+                         f"{r['rows_per_step'] or '–'} |")
     lines += ["", "| ratio | measured |", "|---|---:|"] + [f"| {k} | {v} |" for k, v in results["ratios"].items()]
     factors = results["c16_over_c1_factors"]
     lines += ["", f"c16_over_c1 = {factors['cores_busy_c16_over_c1']} (cores busy, c16 / c1) × "
@@ -306,6 +339,8 @@ def main() -> None:
               f"client at c16, and c1 keeping {c1['server_cores_busy']} busy, the first factor can be at most "
               f"{factors['cores_busy_bound_c16_over_c1']}."]
     lines += ["", f"Adapter merge: {results['adapter_merge']}", ""]
+    lines.insert(-1, f"A short request alone and sent 0.25 s after a long one (head-of-line blocking): "
+                     f"{results['head_of_line']}.")
     Path(f"{args.out}.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
