@@ -314,7 +314,7 @@ def joining_rows(model: nn.Module, running: int, segments: list[tuple[int, int, 
         for layer, rows in zip(layers, saved, strict=True):
             layer.rows = rows
         raise
-    if not running:
+    if not running or not segments:  # a model without adapters has nothing to append
         return
     count = segments[-1][1]
     for layer, old, new in zip(layers, saved, joining, strict=True):

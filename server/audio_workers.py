@@ -50,6 +50,7 @@ MIN_SAMPLES = SAMPLE_RATE // 10  # under 100 ms there is nothing to transcribe
 PARENT_CHECK_S = 0.5  # how often a worker checks that its server still runs
 MAX_UPLOADS_PER_CALL = 8  # uploads one worker call takes of those waiting
 RETRY_PROCESSES = 4  # after a crash, the uploads of the broken call run again alone, this many at a time
+LONE_UPLOAD_BYTES = 2 << 20  # a larger upload (over a minute of 16-bit PCM) gets a worker call of its own
 
 
 class AudioTooLong(ValueError):
@@ -76,7 +77,7 @@ class PreparedAudio:
 Audio = bytes | np.ndarray  # an upload in any container, or 16 kHz samples already decoded (realtime streams)
 # What a worker answers for one upload: the number of samples, the windows, and each window's features or encoder
 # states (as arrays: they cross a process boundary); or the error that upload raised.
-Prepared = tuple[int, list[Span], list[np.ndarray]] | AudioDecodeError | AudioTooLong
+Prepared = tuple[int, list[Span], list[np.ndarray]] | Exception
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -107,22 +108,37 @@ def prepare_all(uploads: list[Audio], vad: SileroVAD, max_audio_seconds: float, 
                 encoder: torch.nn.Module | None = None) -> list[Prepared]:
     """Each upload decoded, cut into windows and turned into features; with an encoder, the windows of all the
     uploads are then encoded together, in groups of similar length (in a batch, a window costs the encoder about
-    two thirds of what it costs alone). An upload that cannot be decoded answers its error, not the others'."""
-    prepared: list[tuple[int, list[Span], list[torch.Tensor]] | AudioDecodeError | AudioTooLong] = []
+    two thirds of what it costs alone). An upload that fails answers its own error, never the others'."""
+    prepared: list[tuple[int, list[Span], list[torch.Tensor]] | Exception] = []
     for audio in uploads:
         try:
             samples = decode_upload(audio, max_audio_seconds) if isinstance(audio, bytes) else audio
-        except (AudioDecodeError, AudioTooLong) as error:
+            spans = speech_windows(samples, vad, max_window_seconds)
+            prepared.append((samples.size, spans, [log_mel_spectrogram(samples[s.start: s.end]) for s in spans]))
+        except Exception as error:
             prepared.append(error)
-            continue
-        spans = speech_windows(samples, vad, max_window_seconds)
-        prepared.append((samples.size, spans, [log_mel_spectrogram(samples[s.start: s.end]) for s in spans]))
     if encoder is not None:
-        states = iter(encode_each(encoder, [f for item in prepared if isinstance(item, tuple) for f in item[2]]))
-        prepared = [(item[0], item[1], [next(states) for _ in item[2]]) if isinstance(item, tuple) else item
-                    for item in prepared]
+        prepared = _encoded(prepared, encoder)
     return [(item[0], item[1], [x.numpy() for x in item[2]]) if isinstance(item, tuple) else item
             for item in prepared]
+
+
+def _encoded(prepared: list, encoder: torch.nn.Module) -> list:
+    """The uploads' features replaced by their encoder states: all windows in one go, or, should that fail (out
+    of memory on many long windows, say), upload by upload, so that a failure stays with its upload."""
+    try:
+        states = iter(encode_each(encoder, [f for item in prepared if isinstance(item, tuple) for f in item[2]]))
+        return [(item[0], item[1], [next(states) for _ in item[2]]) if isinstance(item, tuple) else item
+                for item in prepared]
+    except Exception:
+        logger.exception("encoding %d uploads together failed; encoding them one by one", len(prepared))
+    alone = []
+    for item in prepared:
+        try:
+            alone.append((item[0], item[1], encode_each(encoder, item[2])) if isinstance(item, tuple) else item)
+        except Exception as error:
+            alone.append(error)
+    return alone
 
 
 _worker_vad: SileroVAD | None = None  # a worker process's own
@@ -215,48 +231,78 @@ class AudioWorkers:
 
     def _start_calls(self) -> None:
         while self._waiting and self._calls_in_flight < self.workers:
-            uploads = self._waiting[:MAX_UPLOADS_PER_CALL]
-            del self._waiting[:MAX_UPLOADS_PER_CALL]
+            uploads = self._next_call()
             self._calls_in_flight += 1
             self.calls_made += 1
             call = asyncio.create_task(self._call(uploads))
             self._calls.add(call)
             call.add_done_callback(self._calls.discard)
 
+    def _next_call(self) -> list[tuple[Audio, asyncio.Future]]:
+        """The uploads of the next call, in arrival order: up to MAX_UPLOADS_PER_CALL, but a large upload (long
+        audio) goes alone, so that short ones do not wait for it inside a call."""
+        uploads: list[tuple[Audio, asyncio.Future]] = []
+        while self._waiting and len(uploads) < MAX_UPLOADS_PER_CALL:
+            audio, future = self._waiting[0]
+            large = (len(audio) if isinstance(audio, bytes) else audio.nbytes) > LONE_UPLOAD_BYTES
+            if uploads and large:
+                break
+            del self._waiting[0]
+            if not future.done():  # its request was cancelled while it waited
+                uploads.append((audio, future))
+            if large:
+                break
+        return uploads
+
     async def _call(self, uploads: list[tuple[Audio, asyncio.Future]]) -> None:
-        results: list[Prepared | Exception] = [RuntimeError("the audio workers stopped")] * len(uploads)
+        results: list[Prepared | Exception] | None = [RuntimeError("the audio workers stopped")] * len(uploads)
+        slot_freed = False
         try:
-            results = await self._in_worker([audio for audio, _ in uploads])
+            results = await self._in_worker([audio for audio, _ in uploads]) if uploads else []
+            if results is None:  # the worker crashed: the call's uploads run again alone, off the pool
+                self._calls_in_flight -= 1
+                slot_freed = True
+                self._start_calls()
+                results = await self._retry_alone(uploads)
         except Exception as error:  # the pool could not be started again, say: every upload of the call fails
             results = [error] * len(uploads)
         finally:
-            self._calls_in_flight -= 1
+            if not slot_freed:
+                self._calls_in_flight -= 1
+            if results is None:  # cancelled while retrying
+                results = [RuntimeError("the audio workers stopped")] * len(uploads)
             for (_, future), result in zip(uploads, results, strict=True):
                 if not future.done():  # its request was cancelled
                     future.set_result(result)
             self._start_calls()
 
-    async def _in_worker(self, uploads: list[Audio]) -> list[Prepared]:
-        args = (self.max_audio_seconds, self.max_window_seconds)
+    async def _in_worker(self, uploads: list[Audio]) -> list[Prepared] | None:
+        """The uploads prepared by a worker; None when the worker died (the pool is started again)."""
         pool = self._pool
         try:
-            return await asyncio.get_running_loop().run_in_executor(pool, _worker_prepare_all, uploads, *args)
+            return await asyncio.get_running_loop().run_in_executor(
+                pool, _worker_prepare_all, uploads, self.max_audio_seconds, self.max_window_seconds)
         except BrokenProcessPool:
             await self._restart(pool)
-        # Which upload crashed the worker is unknown: each runs again in a process of its own, so that only that
-        # one fails (at the cost of process starts, after a crash only).
+            return None
+
+    async def _retry_alone(self, uploads: list[tuple[Audio, asyncio.Future]]) -> list[Prepared]:
+        """Which upload crashed the worker is unknown: each runs again in a process of its own, so that only that
+        one fails (at the cost of process starts, after a crash only)."""
         alone = asyncio.Semaphore(RETRY_PROCESSES)
 
-        async def retry(upload: Audio) -> Prepared:
+        async def retry(upload: Audio, future: asyncio.Future) -> Prepared:
+            if future.done():  # cancelled meanwhile: not worth a process
+                return AudioDecodeError("cancelled")
             async with alone:
                 try:
                     [prepared] = await asyncio.to_thread(_run_alone, self.encoder_model_dir, _worker_prepare_all,
-                                                         [upload], *args)
+                                                         [upload], self.max_audio_seconds, self.max_window_seconds)
                     return prepared
                 except BrokenProcessPool:
                     return AudioDecodeError("the audio crashed the decoder")
 
-        return list(await asyncio.gather(*(retry(upload) for upload in uploads)))
+        return list(await asyncio.gather(*(retry(upload, future) for upload, future in uploads)))
 
     async def _restart(self, broken: ProcessPoolExecutor) -> None:
         async with self._restarting:

@@ -8,6 +8,7 @@ batch and one B GEMM per language segment (adapters.zipper.use_segments).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -34,6 +35,7 @@ from speechllm.model import SpeechLLM
 from speechllm.padding import encode_each
 from speechllm.prompt import eos_id, target_ids
 
+logger = logging.getLogger("zipper_asr.engine")
 TextCallback = Callable[[str], None]
 RunInThread = Callable[..., Awaitable]  # runs fn(*args) in the engine thread (Batcher.run_exclusive)
 
@@ -292,10 +294,14 @@ class EmbeddedEngine(SpeechEngine):
                     group.admitted.set_result(None)
                 if not group.done.done():
                     group.done.set_exception(error if isinstance(error, Exception) else RuntimeError("stopped"))
-            raise
+            if isinstance(error, Exception):  # the tick is not running (it raised): its state can go
+                self._reset()
+                logger.exception("the embedded engine's decoding loop failed")
+            else:
+                raise
 
     def _room_for(self, group: _Group, joining: list[_Group]) -> bool:
-        rows = len(self._generation.alive) + sum(len(g.batch) for g in joining)
+        rows = self._generation.running + sum(len(g.batch) for g in joining)
         if rows == 0:
             return True
         return hasattr(self.decoder, "join") and rows + len(group.batch) <= self.max_rows
@@ -303,11 +309,17 @@ class EmbeddedEngine(SpeechEngine):
     @torch.no_grad()
     def _tick(self, joining: list[_Group]) -> list[_Group]:
         """In the engine thread: the joining groups join, then decoding steps until a group finishes, another
-        waits, or TICK_S has passed. Returns the groups that finished (with their outputs, or their error: a
-        group that failed to join, or every group decoding when a step failed)."""
-        finished = [group for group in joining if not self._join(group)]
-        deadline = time.perf_counter() + TICK_S
+        waiting one would fit, or TICK_S has passed. Returns the groups that are done: with their outputs, or with
+        their error (a group whose speech half failed; every group decoding, when joining or a step failed, since
+        the batch's state is then in doubt)."""
+        finished: list[_Group] = []
         try:
+            for group in joining:
+                if self._prepare(group):
+                    self._join(group)
+                else:
+                    finished.append(group)
+            deadline = time.perf_counter() + TICK_S
             while self._generation.alive:
                 self.metrics.step_rows.observe(len(self._generation.alive))
                 emitted, ended = self._generation.step()
@@ -319,10 +331,12 @@ class EmbeddedEngine(SpeechEngine):
                     group.remaining -= 1
                     if group.remaining == 0:
                         finished.append(self._finish(group))
-                if finished or self._waiting or time.perf_counter() > deadline:
+                waiting_fits = self._waiting and self._room_for(self._waiting[0], [])
+                if finished or waiting_fits or time.perf_counter() > deadline:
                     break
         except Exception as error:
-            for group in {group for group, _ in self._row_group.values()}:
+            in_doubt = {group for group, _ in self._row_group.values()} | set(joining)
+            for group in in_doubt - set(finished):
                 group.error = error
                 finished.append(group)
             self._reset()
@@ -330,34 +344,41 @@ class EmbeddedEngine(SpeechEngine):
             self._reset()
         return finished
 
-    def _join(self, group: _Group) -> bool:
-        """Prepare a group (the speech half) and add its rows to the decoding; False if it failed (its error is
-        kept for it)."""
+    def _prepare(self, group: _Group) -> bool:
+        """The speech half of a group (encoder, LID, projector): False if it failed, its error kept for it."""
         try:
-            prepared = self.prepare(group.batch)
-            group.prepared, group.started = prepared, time.perf_counter()
-            group.streams = [TextStream(group.batch[row].on_text, self.model.tokenizer) for row in prepared.order]
-            with joining_rows(self.model.llm, len(self._generation.alive), self._segments(prepared.keys)):
-                rows = self._generation.join(prepared.prompts, prepared.limits,
-                                             [group.batch[row].temperature for row in prepared.order],
-                                             prepared.prefix_ids or None)
+            group.prepared = self.prepare(group.batch)
         except Exception as error:
             group.error = error
             return False
+        group.streams = [TextStream(group.batch[row].on_text, self.model.tokenizer) for row in group.prepared.order]
+        return True
+
+    def _join(self, group: _Group) -> None:
+        """A prepared group's rows join the decoding (prefill, KV cache, adapters)."""
+        prepared = group.prepared
+        group.started = time.perf_counter()
+        with joining_rows(self.model.llm, len(self._generation.alive), self._segments(prepared.keys)):
+            rows = self._generation.join(prepared.prompts, prepared.limits,
+                                         [group.batch[row].temperature for row in prepared.order],
+                                         prepared.prefix_ids or None)
         group.rows, group.remaining = rows, len(rows)
         for position, row in enumerate(rows):
             self._row_group[row] = (group, position)
-        return True
 
     def _finish(self, group: _Group) -> _Group:
-        prepared = group.prepared
-        self.metrics.decode_seconds.observe(time.perf_counter() - group.started)
-        hypotheses = [self._generation.hypothesis(row) for row in group.rows]
-        for position, hypothesis in enumerate(hypotheses):
-            if hypothesis.looped:
-                self.count_loop(prepared, group.batch[prepared.order[position]], position)
-        group.outputs = self.outputs(prepared, [s.finish() for s in group.streams],
-                                     [h.avg_logprob for h in hypotheses])
+        """A group whose rows have all finished: its outputs (or the error making them raised)."""
+        try:
+            prepared = group.prepared
+            self.metrics.decode_seconds.observe(time.perf_counter() - group.started)
+            hypotheses = [self._generation.hypothesis(row, forget=True) for row in group.rows]
+            for position, hypothesis in enumerate(hypotheses):
+                if hypothesis.looped:
+                    self.count_loop(prepared, group.batch[prepared.order[position]], position)
+            group.outputs = self.outputs(prepared, [s.finish() for s in group.streams],
+                                         [h.avg_logprob for h in hypotheses])
+        except Exception as error:
+            group.error = error
         return group
 
     def _reset(self) -> None:

@@ -121,6 +121,7 @@ class _Row:
     temperature: float  # 0: greedy
     logprobs: list[float] = field(default_factory=list)  # of each token chosen, the end-of-text token's included
     done: bool = False
+    read: bool = False  # its hypothesis was taken for good (Generation.hypothesis(forget=True))
 
 
 class Generation:
@@ -131,7 +132,8 @@ class Generation:
     layers (the Zipper adapters of a mixed batch) follows along through `on_rows_kept`.
 
     A row also finishes when it falls into a repetition loop (`RowTokens`), unless `stop_loops` is False.
-    Rows are named by ids, in the order they joined, from 0."""
+    Rows are named by ids, in the order they joined, from 0. A batch that rows keep joining may never end, so a
+    row whose hypothesis was taken for good is forgotten once it has left the batch."""
 
     def __init__(self, decoder: Decoder, eos_id: int, generator: torch.Generator | None = None,
                  stop_loops: bool = True, on_rows_kept: RowsCallback | None = None) -> None:
@@ -141,6 +143,7 @@ class Generation:
         self.stop_loops = stop_loops
         self.on_rows_kept = on_rows_kept
         self.rows: dict[int, _Row] = {}
+        self._next_id = 0
         self.alive: list[int] = []  # the row of each position of the running batch (finished ones too)
         self._state: DecoderState | None = None
         self._logits: torch.Tensor | None = None  # (len(alive), vocab): each position's next token
@@ -150,17 +153,13 @@ class Generation:
         """Rows still decoding."""
         return sum(not self.rows[row].done for row in self.alive)
 
-    @property
-    def can_join(self) -> bool:
-        """Whether rows can join now: always into an empty batch, into a running one if the decoder merges."""
-        return not self.alive or hasattr(self.decoder, "join")
-
     def join(self, prompts: list[torch.Tensor], limits: list[int], temperatures: list[float],
              contexts: list[list[int]] | None = None) -> list[int]:
         """Prefill `prompts` (L_i, D) and add their rows to the batch; `contexts` are the tokens each prompt
         ends with as if its row had written them (forced prefixes). Returns the new rows' ids."""
         logits, state = self.decoder.prefill(*left_pad(prompts), max(limits))
-        ids = list(range(len(self.rows), len(self.rows) + len(prompts)))
+        ids = list(range(self._next_id, self._next_id + len(prompts)))
+        self._next_id += len(prompts)
         for index, row in enumerate(ids):
             context = contexts[index] if contexts else ()
             self.rows[row] = _Row(RowTokens(self.stop_loops, context), limits[index], temperatures[index])
@@ -203,11 +202,12 @@ class Generation:
             else:
                 running.append(position)
         if not running:
-            self.alive, self._state, self._logits = [], None, None
+            self._leave([])
+            self._state, self._logits = None, None
             return emitted, finished
         if 4 * (len(self.alive) - len(running)) >= len(self.alive):
             keep = torch.tensor(running, device=next_tokens.device)
-            self.alive = [self.alive[position] for position in running]
+            self._leave([self.alive[position] for position in running])
             next_tokens = next_tokens[keep]
             self._state.keep(keep)
             if self.on_rows_kept is not None:
@@ -215,9 +215,22 @@ class Generation:
         self._logits = self.decoder.step(next_tokens, self._state)
         return emitted, finished
 
-    def hypothesis(self, row_id: int) -> Hypothesis:
+    def hypothesis(self, row_id: int, forget: bool = False) -> Hypothesis:
+        """A row's tokens (final once it has finished); `forget`: taken for good, the row can be forgotten."""
         row = self.rows[row_id]
-        return Hypothesis(row.tokens.tokens, sum(row.logprobs), row.tokens.looped)
+        hypothesis = Hypothesis(row.tokens.tokens, sum(row.logprobs), row.tokens.looped)
+        if forget:
+            row.read = True
+            if row_id not in self.alive:
+                del self.rows[row_id]
+        return hypothesis
+
+    def _leave(self, alive: list[int]) -> None:
+        """Only the rows `alive` stay in the batch; those that left and were read are forgotten."""
+        for row_id in set(self.alive) - set(alive):
+            if self.rows[row_id].read:
+                del self.rows[row_id]
+        self.alive = alive
 
 
 @torch.no_grad()

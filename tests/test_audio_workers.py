@@ -26,7 +26,7 @@ def _wav() -> bytes:
                           capture_output=True, check=True).stdout
 
 
-class _KillsTheWorker:
+class _KillsTheWorker(bytes):
     """An upload that ends the worker process that unpacks it, as a segfault in FFmpeg would."""
 
     def __reduce__(self) -> tuple:

@@ -96,6 +96,29 @@ def test_rows_that_join_a_running_batch_decode_as_they_would_alone(tiny_tokenize
     assert max(batch_sizes) == 4 and min(batch_sizes) < 4  # four rows decoded together, and rows left
 
 
+def test_a_batch_that_rows_keep_joining_forgets_the_rows_it_answered(tiny_tokenizer) -> None:
+    model = tiny_speech_llm(tiny_tokenizer)  # no adapter: joining appends none
+    torch.manual_seed(4)
+    dim = model.llm.config.hidden_size
+    prompts = [torch.randn(n, dim) for n in (5, 9, 3, 7, 4, 6)]
+    decoder = LlamaDecoder(model.llm)
+    generation = Generation(decoder, eos_id=-1, on_rows_kept=lambda keep: keep_rows(model.llm, keep))
+    answers, held = {}, []
+    for prompt in prompts:  # a new row every other step: the batch never drains
+        with joining_rows(model.llm, len(generation.alive), []):
+            generation.join([prompt], [6], [0.0])
+        for _ in range(2):
+            for row in generation.step()[1]:
+                answers[row] = generation.hypothesis(row, forget=True).tokens
+            held.append(len(generation.rows))
+    while generation.alive:
+        for row in generation.step()[1]:
+            answers[row] = generation.hypothesis(row, forget=True).tokens
+    assert generation.rows == {} and max(held) <= 5  # at most the rows still in the batch (3) and those leaving
+    alone = [generate(decoder, [prompt], eos_id=-1, max_new_tokens=6)[0].tokens for prompt in prompts]
+    assert [answers[row] for row in range(len(prompts))] == alone
+
+
 def test_prefill_by_length_group_decodes_as_one_batch(tiny_tokenizer) -> None:
     model = tiny_speech_llm(tiny_tokenizer, adapter=ZipperConfig(variant=Variant.SOFT, rank=4))
     _random_adapters(model)
