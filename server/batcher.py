@@ -2,11 +2,12 @@
 
 Rows (one per audio window) wait in one FIFO queue; the scheduler takes up to `max_batch_size`
 of the oldest rows, waiting at most `max_wait` for more to arrive while other requests are preparing
-their audio (`expecting_rows`: with none on the way, waiting could only add latency), and runs them as one engine
-batch: the speech half always in the engine's own thread, the decoder there too (embedded) or in
-vLLM, which keeps decoding while the next batch starts. Batches may mix languages (the engine
-groups rows by adapter, which also keeps vLLM's LoRA slots from thrashing),
-and because rows leave in arrival order, no language starves however skewed the traffic.
+their audio (`expecting_rows`: with none on the way, waiting could only add latency), and hands them to the
+engine as one batch: the speech half always in the engine's own thread, the decoder there too (embedded) or in
+vLLM. Both decode continuously: the batch joins the rows already decoding, and the next batch may begin as soon
+as it has joined (the embedded engine lets it join once it leaves room for it: `max_rows`). Batches may mix
+languages (the engine groups rows by adapter, which also keeps vLLM's LoRA slots from thrashing), and because
+rows leave in arrival order, no language starves however skewed the traffic.
 The queue is bounded: a request that does not fit is refused whole (503 + Retry-After) before
 anything of it is accepted; an accepted row is always run and its future always resolved.
 """

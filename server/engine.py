@@ -1,8 +1,10 @@
-"""The embedded engine: the Speech-LLM in this process (PyTorch, CPU or CUDA), one batch at a time.
+"""The engines: the speech half of the Speech-LLM in this process (PyTorch, CPU or CUDA) and, for the embedded
+engine, the decoder too, with continuous batching (EmbeddedEngine.start: a batch joins the rows decoding now at
+the next step).
 
 It knows nothing of HTTP. A batch may mix languages: the encoder, LID and projector run once for
-all rows; rows are then ordered by adapter so that every Zipper layer computes A x once for the
-batch and one B GEMM per language segment (adapters.zipper.use_segments).
+all its rows; rows are then ordered by adapter so that every Zipper layer computes A x once for the
+batch and each row's B(l) step as one batched GEMM (adapters.zipper.use_segments, joining_rows).
 """
 
 from __future__ import annotations
