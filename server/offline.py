@@ -9,23 +9,32 @@ from pathlib import Path
 from tqdm import tqdm
 
 from server.app import load_runtime, verbose_result
+from server.audio_workers import AudioTooLong
 from server.formats import render
 from server.metrics import Metrics
 from server.protocol import check_language
+from server.service import NoSpeech
 from server.settings import Settings
+from speechllm.audio import AudioDecodeError
 
 
 async def transcribe_files(settings: Settings, files: list[Path], language: str | None,
-                           response_format: str) -> list[tuple[Path, str]]:
+                           response_format: str) -> list[tuple[Path, str | None, str | None]]:
+    """(path, rendered transcript, None) per file, or (path, None, why) for a file that could not be transcribed
+    (unreadable, undecodable, too long, no speech): one bad file does not stop the others."""
     language = check_language(language) if language else None
     runtime = await asyncio.to_thread(load_runtime, settings, Metrics())
     await runtime.batcher.start()
     bar = tqdm(total=len(files), desc="transcribe", unit="file", disable=len(files) < 2)
 
-    async def one(path: Path) -> tuple[Path, str]:
-        result = await runtime.service.transcribe(await asyncio.to_thread(path.read_bytes), language)
-        bar.update()
-        return path, render(response_format, verbose_result(result))
+    async def one(path: Path) -> tuple[Path, str | None, str | None]:
+        try:
+            result = await runtime.service.transcribe(await asyncio.to_thread(path.read_bytes), language)
+        except (OSError, AudioDecodeError, AudioTooLong, NoSpeech) as error:
+            return path, None, str(error) or type(error).__name__
+        finally:
+            bar.update()
+        return path, render(response_format, verbose_result(result)), None
 
     try:
         return await asyncio.gather(*(one(path) for path in files))

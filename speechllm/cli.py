@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -83,10 +84,17 @@ def cmd_transcribe(args: argparse.Namespace) -> None:
     from server.settings import Settings
 
     settings = Settings(model_dir=args.model) if args.model else Settings()
-    for path, rendered in asyncio.run(transcribe_files(settings, args.files, args.language, args.format)):
+    failed = 0
+    for path, rendered, error in asyncio.run(transcribe_files(settings, args.files, args.language, args.format)):
+        if error is not None:
+            failed += 1
+            print(f"zipper-asr transcribe: {path}: {error}", file=sys.stderr)
+            continue
         if len(args.files) > 1:
             print(f"==> {path}")
         print(rendered.rstrip("\n"))
+    if failed:
+        sys.exit(1)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
