@@ -212,8 +212,12 @@ class LlamaDecoder:
                         torch.zeros(batch, capacity, dtype=torch.bool, device=embeds.device), prompt_lengths - 1)
         cache.valid[:, :length] = mask.bool()
         lengths = prompt_lengths.tolist()
+        groups = length_groups(lengths, PREFILL_CALL_TOKENS)
+        if len(groups) == 1:  # one call for all rows: no rows to pick out of the batch, its cache or its adapters
+            cache.length = length
+            return self._forward(embeds, prompt_positions(mask), cache, None, 0), cache
         logits: torch.Tensor | None = None
-        for group in length_groups(lengths, PREFILL_CALL_TOKENS):
+        for group in groups:
             rows = torch.tensor(group, device=embeds.device)
             start = length - max(lengths[row] for row in group)
             with use_rows(self.llm, rows):
@@ -238,7 +242,8 @@ class LlamaDecoder:
                  start: int) -> torch.Tensor:
         """Inputs (b, T, D) at `positions` (b, T), written to the cache's slots [start, start + T) → the last
         input's logits. A prefill group (`rows`: which rows of the cache) attends only to its own slots, since
-        the slots before them are padding for its rows; a step (`rows` None: every row) to every slot so far."""
+        the slots before them are padding for its rows; every row (`rows` None: a step, or a prefill in one call) to
+        every slot so far."""
         end = start + x.shape[1]
         first = 0 if rows is None else start
         cos, sin = (t[:, None] for t in self.llm.model.rotary_emb(x, positions))
