@@ -17,6 +17,7 @@ stream, from one thread at a time.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -92,6 +93,19 @@ class _ModelState:
         return probs
 
 
+def _probability_blocks(samples: np.ndarray, first_windows: int = BLOCK_WINDOWS) -> Iterator[tuple[int, np.ndarray]]:
+    """Mono samples' speech probabilities block by block, from the start: (samples covered so far, the block's
+    probabilities). Blocks double from `first_windows` windows up to BLOCK_WINDOWS; the last window is
+    zero-padded. One LSTM state runs through them all, so the blocks' sizes change no probability."""
+    padded = np.zeros(-(-samples.size // WINDOW) * WINDOW, dtype=np.float32)
+    padded[:samples.size] = samples
+    state, start, windows = _ModelState(), 0, first_windows
+    while start < padded.size:
+        end = min(start + windows * WINDOW, padded.size)
+        yield min(end, samples.size), state.step(padded[start:end])
+        start, windows = end, min(2 * windows, BLOCK_WINDOWS)
+
+
 def _as_mono(samples: np.ndarray) -> np.ndarray:
     samples = np.asarray(samples)
     if not np.issubdtype(samples.dtype, np.floating):  # int16 PCM would pass as ±32768 and read as loud noise
@@ -121,13 +135,7 @@ class SileroVAD:
 
     def speech_probabilities(self, samples: np.ndarray) -> np.ndarray:
         """One speech probability per 512-sample (32 ms) window; the last window is zero-padded."""
-        samples = _as_mono(samples)
-        num_windows = -(-samples.size // WINDOW)
-        padded = np.zeros(num_windows * WINDOW, dtype=np.float32)
-        padded[:samples.size] = samples
-        state = _ModelState()
-        blocks = [state.step(padded[i:i + BLOCK_WINDOWS * WINDOW])
-                  for i in range(0, padded.size, BLOCK_WINDOWS * WINDOW)]
+        blocks = [probs for _, probs in _probability_blocks(_as_mono(samples))]
         return np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.float32)
 
     def has_speech(self, samples: np.ndarray) -> bool:
@@ -136,15 +144,11 @@ class SileroVAD:
         the beginning of the audio is a span of the whole (one that has ended ends there too, and one still
         running only grows), and a window's probability does not depend on the windows after it."""
         samples = _as_mono(samples)
-        padded = np.zeros(-(-samples.size // WINDOW) * WINDOW, dtype=np.float32)
-        padded[:samples.size] = samples
-        state, probs, start, block = _ModelState(), [], 0, FIRST_BLOCK_WINDOWS
-        while start < padded.size:
-            end = min(start + block * WINDOW, padded.size)
-            probs.append(state.step(padded[start:end]))
-            if self.spans_from_probabilities(np.concatenate(probs), min(end, samples.size)):
+        probs = []
+        for covered, block in _probability_blocks(samples, FIRST_BLOCK_WINDOWS):
+            probs.append(block)
+            if self.spans_from_probabilities(np.concatenate(probs), covered):
                 return True
-            start, block = end, min(2 * block, BLOCK_WINDOWS)
         return False
 
     def speech_spans(self, samples: np.ndarray) -> list[Span]:
