@@ -371,14 +371,9 @@ class EmbeddedEngine(SpeechEngine):
     def _finish(self, group: _Group) -> _Group:
         """A group whose rows have all finished: its outputs (or the error making them raised)."""
         try:
-            prepared = group.prepared
             self.metrics.decode_seconds.observe(time.perf_counter() - group.started)
             hypotheses = [self._generation.hypothesis(row, forget=True) for row in group.rows]
-            for position, hypothesis in enumerate(hypotheses):
-                if hypothesis.looped:
-                    self.count_loop(prepared, group.batch[prepared.order[position]], position)
-            group.outputs = self.outputs(prepared, [s.finish() for s in group.streams],
-                                         [h.avg_logprob for h in hypotheses])
+            group.outputs = self._answers(group.batch, group.prepared, group.streams, hypotheses)
         except Exception as error:
             group.error = error
         return group
@@ -402,6 +397,11 @@ class EmbeddedEngine(SpeechEngine):
         hypotheses = self.decode(prepared, temperature,
                                  on_tokens=lambda emitted: [streams[row].add(token) for row, token in emitted])
         self.metrics.decode_seconds.observe(time.perf_counter() - start)
+        return self._answers(batch, prepared, streams, hypotheses)
+
+    def _answers(self, batch: list[EngineInput], prepared: PreparedBatch, streams: list[TextStream],
+                 hypotheses: list[Hypothesis]) -> list[EngineOutput]:
+        """A decoded batch's outputs, per batch row (the streams' last deltas sent, loops counted)."""
         for position, hypothesis in enumerate(hypotheses):
             if hypothesis.looped:
                 self.count_loop(prepared, batch[prepared.order[position]], position)
