@@ -255,26 +255,21 @@ class AudioWorkers:
         return uploads
 
     async def _call(self, uploads: list[tuple[Audio, asyncio.Future]]) -> None:
-        results: list[Prepared | Exception] | None = [RuntimeError("the audio workers stopped")] * len(uploads)
-        slot_freed = False
+        results: list[Prepared] | None = None
         try:
-            results = await self._in_worker([audio for audio, _ in uploads]) if uploads else []
-            if results is None:  # the worker crashed: the call's uploads run again alone, off the pool
+            try:
+                results = await self._in_worker([audio for audio, _ in uploads]) if uploads else []
+            finally:  # the worker's slot is free before any retry: the restarted pool serves others meanwhile
                 self._calls_in_flight -= 1
-                slot_freed = True
                 self._start_calls()
+            if results is None:  # the worker crashed: the call's uploads run again alone, off the pool
                 results = await self._retry_alone(uploads)
         except Exception as error:  # the pool could not be started again, say: every upload of the call fails
             results = [error] * len(uploads)
         finally:
-            if not slot_freed:
-                self._calls_in_flight -= 1
-            if results is None:  # cancelled while retrying
-                results = [RuntimeError("the audio workers stopped")] * len(uploads)
-            for (_, future), result in zip(uploads, results, strict=True):
+            for index, (_, future) in enumerate(uploads):
                 if not future.done():  # its request was cancelled
-                    future.set_result(result)
-            self._start_calls()
+                    future.set_result(results[index] if results else RuntimeError("the audio workers stopped"))
 
     async def _in_worker(self, uploads: list[Audio]) -> list[Prepared] | None:
         """The uploads prepared by a worker; None when the worker died (the pool is started again)."""
