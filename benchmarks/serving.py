@@ -137,6 +137,15 @@ class Measured:
         return Measured(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
 
 
+async def timed_transcription(client: httpx.AsyncClient, url: str, wav: bytes, language: str) -> float:
+    """Seconds one transcription request takes, answered with 200."""
+    start = time.perf_counter()
+    response = await client.post(f"{url}/v1/audio/transcriptions", files={"file": ("a.wav", wav)},
+                                 data={"model": "whisper-1", "language": language})
+    response.raise_for_status()
+    return time.perf_counter() - start
+
+
 async def drive(url: str, requests: list[tuple[str, bytes, float]], concurrency: int, server_pid: int) -> Measured:
     """`concurrency` clients, each sending its next request as soon as the last is answered."""
     queue: asyncio.Queue = asyncio.Queue()
@@ -147,15 +156,10 @@ async def drive(url: str, requests: list[tuple[str, bytes, float]], concurrency:
     async def worker(client: httpx.AsyncClient) -> None:
         while not queue.empty():
             language, wav, _ = queue.get_nowait()
-            start = time.perf_counter()
-            response = await client.post(f"{url}/v1/audio/transcriptions", files={"file": ("a.wav", wav)},
-                                         data={"model": "whisper-1", "language": language})
-            response.raise_for_status()
-            latencies.append(time.perf_counter() - start)
+            latencies.append(await timed_transcription(client, url, wav, language))
 
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency)) as client:
-        await client.post(f"{url}/v1/audio/transcriptions", files={"file": ("a.wav", requests[0][1])},
-                          data={"model": "whisper-1", "language": requests[0][0]})  # warm-up
+        await timed_transcription(client, url, requests[0][1], requests[0][0])  # warm-up
         rows_before, steps_before = await step_counters(client, url)
         server_before, client_before = cpu_seconds_by_process(server_pid), time.process_time()
         start = time.perf_counter()
@@ -200,23 +204,15 @@ def load_one_language_at_a_time(url: str, requests: list[tuple[str, bytes, float
 async def short_behind_long(url: str, short: bytes, long: bytes, tries: int = 5) -> dict:
     """Latency of a short request alone, and sent 0.25 s after a long one (a 20 s window decodes for about half a
     second): how long a short request waits behind a long one (head-of-line blocking)."""
-
-    async def post(client: httpx.AsyncClient, wav: bytes) -> float:
-        start = time.perf_counter()
-        response = await client.post(f"{url}/v1/audio/transcriptions", files={"file": ("a.wav", wav)},
-                                     data={"model": "whisper-1", "language": "en"})
-        response.raise_for_status()
-        return time.perf_counter() - start
-
     async with httpx.AsyncClient(timeout=600) as client:
-        await post(client, long)  # warm-up
-        alone = [await post(client, short) for _ in range(tries)]
-        long_alone = [await post(client, long) for _ in range(tries)]
+        await timed_transcription(client, url, long, "en")  # warm-up
+        alone = [await timed_transcription(client, url, short, "en") for _ in range(tries)]
+        long_alone = [await timed_transcription(client, url, long, "en") for _ in range(tries)]
         behind = []
         for _ in range(tries):
-            first = asyncio.create_task(post(client, long))
+            first = asyncio.create_task(timed_transcription(client, url, long, "en"))
             await asyncio.sleep(0.25)
-            behind.append(await post(client, short))
+            behind.append(await timed_transcription(client, url, short, "en"))
             await first
     return {"short_alone_p50_s": round(statistics.median(alone), 3),
             "long_alone_p50_s": round(statistics.median(long_alone), 3),
