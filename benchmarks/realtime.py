@@ -26,7 +26,6 @@ import json
 import math
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,7 @@ import numpy as np
 import torch
 from websockets.asyncio.client import connect
 
+from benchmarks import serving
 from speechllm.audio import SAMPLE_RATE, load_audio
 from speechllm.features import log_mel_spectrogram
 from speechllm.model import SpeechLLM
@@ -60,12 +60,6 @@ PHRASES = {
     "fr": ["la maison est très petite et l'eau est froide", "elle a dit qu'ils viendraient demain",
            "appelle moi quand tu rentres", "où est la gare la plus proche"],
 }
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _speech(text: str, voice: str, rate: int = RATE) -> np.ndarray:
@@ -215,21 +209,12 @@ async def sequential(url: str, items: list[tuple[str, bytes]], delay: str | None
 
 
 def start_server(model: Path, threads: int, early_final: bool = True) -> tuple[subprocess.Popen, str]:
-    port = _port()
-    env = os.environ | {"ZASR_MODEL_DIR": str(model), "ZASR_PORT": str(port), "ZASR_THREADS": str(threads),
-                        "ZASR_REALTIME_EARLY_FINAL": str(early_final).lower()}
-    process = subprocess.Popen([sys.executable, "-m", "speechllm.cli", "serve"], env=env, cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    port = serving.free_port()
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    process.kill()
-    raise RuntimeError("the server did not become ready")
+    settings = {"ZASR_MODEL_DIR": str(model), "ZASR_PORT": str(port), "ZASR_THREADS": str(threads),
+                "ZASR_REALTIME_EARLY_FINAL": str(early_final).lower()}
+    process = serving.start([sys.executable, "-m", "speechllm.cli", "serve"], settings, url)
+    return process, url
 
 
 def server_counters(url: str) -> dict:
@@ -311,8 +296,7 @@ def main() -> None:
                 sequential(ws_url, items[: args.recordings], delay))
         results["server_counters"] = server_counters(url)
     finally:
-        process.terminate()
-        process.wait(30)
+        serving.stop(process)
     # The same single-stream runs on a server that starts no early finals, for the ratio.
     process, url = start_server(args.model, args.threads, early_final=False)
     ws_url = url.replace("http://", "ws://") + "/v1/realtime"
@@ -322,8 +306,7 @@ def main() -> None:
             results[f"one_stream_silence_{silence_ms}ms_no_early_final"] = asyncio.run(
                 sequential(ws_url, items[: args.recordings], silence_ms=silence_ms))
     finally:
-        process.terminate()
-        process.wait(30)
+        serving.stop(process)
     results["encoder_work"] = encoder_work(args.model, [2.56, 5.12, 10.24, 20.48])
     write(results, args)
 

@@ -52,7 +52,7 @@ PHRASES = ["one two three four five", "the weather is nice today", "please call 
 VOICES = ("m5", "f4")
 
 
-def _port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -68,19 +68,36 @@ def audio_pool() -> dict[str, list[tuple[bytes, float]]]:
     return pool
 
 
-def start(command: list[str], env: dict, url: str) -> subprocess.Popen:
-    log = tempfile.NamedTemporaryFile("w", prefix="zasr-bench-", suffix=".log", delete=False)  # noqa: SIM115
+def start(command: list[str], env: dict, url: str, ready_within_s: float = 120) -> subprocess.Popen:
+    """The server `command` started with `env`, once its /ready answers 200. Its log goes to a file; when the
+    server exits or is not ready in time, the error carries the log's end (a benchmark run in CI shows why)."""
+    log = tempfile.NamedTemporaryFile("w+", prefix="zasr-bench-", suffix=".log", delete=False)  # noqa: SIM115
     process = subprocess.Popen(command, env=os.environ | env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
     print(f"{command[-1]}: server log in {log.name}", file=sys.stderr)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
+    deadline = time.monotonic() + ready_within_s
+    while process.poll() is None and time.monotonic() < deadline:
         try:
             if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
                 return process
         except httpx.HTTPError:
-            time.sleep(0.3)
+            pass
+        time.sleep(0.3)
+    why = f"exited with {process.returncode}" if process.poll() is not None else f"not ready in {ready_within_s} s"
     process.kill()
-    raise RuntimeError(f"{command} did not become ready")
+    log.seek(0)
+    raise RuntimeError(f"{command} {why}; the end of its log:\n{log.read()[-3000:]}")
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Terminate a server; one that has not exited after 30 s (vLLM's engine process can hang on shutdown) is
+    killed, so a finished benchmark never fails on its way out."""
+    process.terminate()
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        print(f"server {process.pid} ignored SIGTERM for 30 s; killed", file=sys.stderr)
+        process.kill()
+        process.wait()
 
 
 EXITED_CHILDREN = -1  # cpu_seconds_by_process's entry for the children that have exited (a restarted pool's)
@@ -269,7 +286,7 @@ def main() -> None:
                                  "python": platform.python_version(), "torch": torch.__version__},
                      "model": str(args.model)}
 
-    port = _port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     ours = start([sys.executable, "-m", "speechllm.cli", "serve"],
                  {"ZASR_MODEL_DIR": str(args.model), "ZASR_PORT": str(port), "ZASR_MAX_QUEUE": "4096"}, url)
@@ -279,20 +296,18 @@ def main() -> None:
         results["ours_single_language_runs_c16"] = load_one_language_at_a_time(url, mixed, 16, ours.pid)
         results["head_of_line"] = asyncio.run(short_behind_long(url, pool["en"][2][0], long_recording()))
     finally:
-        ours.terminate()
-        ours.wait(30)
+        stop(ours)
 
     with tempfile.TemporaryDirectory() as adapters:
         export_language_adapters(args.model, Path(adapters))
-        port = _port()
+        port = free_port()
         url = f"http://127.0.0.1:{port}"
         naive = start([sys.executable, "-m", "benchmarks.naive_peft_server", "--model", str(args.model),
                        "--adapters", adapters, "--port", str(port)], {}, url)
         try:
             results["naive_peft_mixed_c16"] = load(url, mixed, 16, naive.pid)
         finally:
-            naive.terminate()
-            naive.wait(30)
+            stop(naive)
 
     results["adapter_merge"] = adapter_merge_costs(args.model)
     throughput = {k: v["throughput_audio_s_per_s"] for k, v in results.items() if "throughput_audio_s_per_s" in str(v)}

@@ -16,8 +16,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _run(module: str, out: Path, *args: str) -> None:
-    subprocess.run([sys.executable, "-m", module, "--out", str(out), *args], cwd=ROOT, check=True,
-                   capture_output=True, timeout=600)
+    finished = subprocess.run([sys.executable, "-m", module, "--out", str(out), *args], cwd=ROOT,
+                              capture_output=True, text=True, timeout=600)
+    if finished.returncode != 0:
+        pytest.fail(f"{module} exited with {finished.returncode}:\n{finished.stderr[-4000:]}")
 
 
 def _check_load(load: dict) -> None:
