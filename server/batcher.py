@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
@@ -27,6 +28,10 @@ from server.metrics import Metrics
 from server.threads import engine_executor
 
 T = TypeVar("T")
+# Retry-After divides the rows ahead by the rate rows were answered at over this many seconds. (Batches decode
+# together, so the time one batch takes says little about how fast the queue drains.)
+DRAIN_WINDOW_S = 30.0
+SECONDS_PER_BATCH_UNMEASURED = 1.0  # before any row was answered
 
 
 class QueueFull(Exception):
@@ -66,7 +71,7 @@ class Batcher:
         self._arrived = asyncio.Event()
         self._executor = engine_executor(threads)  # one model user, the only thread with an OpenMP team
         self._task: asyncio.Task | None = None
-        self._batch_seconds = 1.0  # running estimate, for Retry-After
+        self._answered: deque[tuple[float, int]] = deque()  # (when, rows) of the batches answered lately
         self._in_flight = 0  # batches started and not yet answered
         self._on_the_way = 0  # requests preparing their rows (expecting_rows)
         self._finishing: set[asyncio.Future] = set()
@@ -97,8 +102,8 @@ class Batcher:
         if self._closed:
             raise QueueFull(retry_after_s=5)  # shutting down: another replica, or this one restarted, will answer
         if len(self._queue) + len(items) > self.max_queue:
-            batches_ahead = (len(self._queue) + self.max_batch_size - 1) // self.max_batch_size
-            raise QueueFull(max(1, round(batches_ahead * self._batch_seconds)))
+            # Retry once enough rows have left the queue for this request to fit.
+            raise QueueFull(max(1, math.ceil(self.drain_seconds(len(self._queue) + len(items) - self.max_queue))))
         loop = asyncio.get_running_loop()
         futures = []
         for item in items:
@@ -126,6 +131,17 @@ class Batcher:
         self._on_the_way -= 1
         self._arrived.set()  # a batch that waits for these rows looks again
 
+    def drain_seconds(self, rows: int, now: float | None = None) -> float:
+        """About how long until `rows` more rows have been answered: at the rate of the last DRAIN_WINDOW_S (a
+        stalled engine's rate falls as the window passes without answers)."""
+        now = time.monotonic() if now is None else now
+        while self._answered and self._answered[0][0] < now - DRAIN_WINDOW_S:
+            self._answered.popleft()
+        if not self._answered:
+            return SECONDS_PER_BATCH_UNMEASURED * -(-rows // self.max_batch_size)
+        answered = sum(count for _, count in self._answered)
+        return rows * max(now - self._answered[0][0], 1e-3) / answered
+
     async def run_exclusive(self, fn: Callable[..., T], *args) -> T:
         """Run other model work (language detection) in the engine thread, between batches."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -137,24 +153,23 @@ class Batcher:
             now = time.monotonic()
             for pending in batch:
                 self.metrics.queue_seconds.observe(now - pending.item.enqueued_at)
-            started = time.monotonic()
             try:
                 outputs = await self.engine.start([p.item for p in batch], self.run_exclusive)
             except Exception as error:
                 self._answer(batch, error=error)
                 continue
-            # The embedded engine's batch is done here; vLLM's decodes on while the next batch begins.
-            task = asyncio.ensure_future(self._finish(batch, outputs, started))
+            # The batch has joined the decoding (both engines): it decodes on while the next batch begins.
+            task = asyncio.ensure_future(self._finish(batch, outputs))
             self._finishing.add(task)
             task.add_done_callback(self._finishing.discard)
 
-    async def _finish(self, batch: list[_Pending], outputs: Awaitable[list[EngineOutput]], started: float) -> None:
+    async def _finish(self, batch: list[_Pending], outputs: Awaitable[list[EngineOutput]]) -> None:
         try:
             results = await outputs
         except Exception as error:
             self._answer(batch, error=error)
         else:
-            self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (time.monotonic() - started)
+            self._answered.append((time.monotonic(), len(batch)))
             self._answer(batch, results)
 
     def _answer(self, batch: list[_Pending], results: list[EngineOutput] | None = None,

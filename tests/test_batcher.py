@@ -193,6 +193,32 @@ def test_queue_full_refuses_the_whole_request(model: SpeechLLM) -> None:
     _run(scenario)
 
 
+def test_retry_after_follows_the_rate_rows_are_answered_at(model: SpeechLLM) -> None:
+    """Retry-After is the time until enough rows have left the queue for the refused request to fit, at the rate
+    rows were answered lately: a busy engine that answers fast asks for a short wait, a stalled one for a longer
+    wait the longer it stalls."""
+    metrics = Metrics()
+    engine = _engine(model, metrics)
+
+    async def scenario() -> None:
+        batcher = Batcher(engine, metrics, max_batch_size=2, max_wait_s=0.01, max_queue=3)
+        assert batcher.drain_seconds(4) == 2.0  # nothing answered yet: a second per batch of 2
+        await batcher.start()
+        await asyncio.gather(*batcher.submit(_items(["en", "ja", "de"])))
+        await asyncio.gather(*batcher.submit(_items(["ko", "ar"], seed=1)))
+        await batcher.stop()
+        # 5 rows answered within the last moments: faster than the unmeasured guess of 3 batches × 1 s
+        assert 0 < batcher.drain_seconds(5) < 3.0
+
+    _run(scenario)
+    batcher = Batcher(engine, metrics, max_batch_size=2, max_wait_s=0.01, max_queue=3)
+    now = 1000.0
+    batcher._answered.extend([(now - 10.0, 20), (now - 5.0, 30), (now - 1.0, 50)])  # 100 rows in 10 s
+    assert batcher.drain_seconds(50, now) == pytest.approx(5.0)
+    assert batcher.drain_seconds(50, now + 10) == pytest.approx(10.0)  # no answers since: the rate falls
+    assert batcher.drain_seconds(50, now + 60) == 25.0  # all out of the window: back to a second per batch
+
+
 # ---- fairness ------------------------------------------------------------------------------------------------
 
 def test_no_starvation_under_skewed_traffic(model: SpeechLLM) -> None:
