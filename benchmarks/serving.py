@@ -25,6 +25,7 @@ import contextlib
 import json
 import os
 import platform
+import signal
 import socket
 import statistics
 import subprocess
@@ -69,10 +70,12 @@ def audio_pool() -> dict[str, list[tuple[bytes, float]]]:
 
 
 def start(command: list[str], env: dict, url: str, ready_within_s: float = 120) -> subprocess.Popen:
-    """The server `command` started with `env`, once its /ready answers 200. Its log goes to a file; when the
-    server exits or is not ready in time, the error carries the log's end (a benchmark run in CI shows why)."""
-    log = tempfile.NamedTemporaryFile("w+", prefix="zasr-bench-", suffix=".log", delete=False)  # noqa: SIM115
-    process = subprocess.Popen(command, env=os.environ | env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
+    """The server `command` started with `env` in a process group of its own, once its /ready answers 200. Its log
+    goes to a file; when the server exits or is not ready in time, the error carries the log's end (a benchmark run
+    in CI shows why)."""
+    with tempfile.NamedTemporaryFile("w", prefix="zasr-bench-", suffix=".log", delete=False) as log:
+        process = subprocess.Popen(command, env=os.environ | env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log,
+                                   start_new_session=True)
     print(f"{command[-1]}: server log in {log.name}", file=sys.stderr)
     deadline = time.monotonic() + ready_within_s
     while process.poll() is None and time.monotonic() < deadline:
@@ -83,21 +86,26 @@ def start(command: list[str], env: dict, url: str, ready_within_s: float = 120) 
             pass
         time.sleep(0.3)
     why = f"exited with {process.returncode}" if process.poll() is not None else f"not ready in {ready_within_s} s"
-    process.kill()
-    log.seek(0)
-    raise RuntimeError(f"{command} {why}; the end of its log:\n{log.read()[-3000:]}")
+    _kill_group(process)
+    raise RuntimeError(f"{command} {why}; the end of its log:\n{Path(log.name).read_text(errors='replace')[-3000:]}")
 
 
 def stop(process: subprocess.Popen) -> None:
     """Terminate a server; one that has not exited after 30 s (vLLM's engine process can hang on shutdown) is
-    killed, so a finished benchmark never fails on its way out."""
+    killed with every process of its group (its audio workers, vLLM's engine), so a finished benchmark neither
+    fails on its way out nor leaves processes that would take the CPU from the next one."""
     process.terminate()
     try:
         process.wait(30)
     except subprocess.TimeoutExpired:
         print(f"server {process.pid} ignored SIGTERM for 30 s; killed", file=sys.stderr)
-        process.kill()
-        process.wait()
+        _kill_group(process)
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
 
 
 EXITED_CHILDREN = -1  # cpu_seconds_by_process's entry for the children that have exited (a restarted pool's)

@@ -28,10 +28,12 @@ from server.metrics import Metrics
 from server.threads import engine_executor
 
 T = TypeVar("T")
-# Retry-After divides the rows ahead by the rate rows were answered at over this many seconds. (Batches decode
-# together, so the time one batch takes says little about how fast the queue drains.)
+# Retry-After divides the rows ahead by the rate rows were answered at while the batcher had work, over at most
+# this many seconds. (Batches decode together, so the time one batch takes says little about how fast the queue
+# drains.)
 DRAIN_WINDOW_S = 30.0
-SECONDS_PER_BATCH_UNMEASURED = 1.0  # before any row was answered
+DRAIN_MEASURED_AFTER_S = 1.0  # a rate measured over less than this is not trusted yet
+SECONDS_PER_BATCH_UNMEASURED = 1.0  # until then
 
 
 class QueueFull(Exception):
@@ -71,7 +73,11 @@ class Batcher:
         self._arrived = asyncio.Event()
         self._executor = engine_executor(threads)  # one model user, the only thread with an OpenMP team
         self._task: asyncio.Task | None = None
-        self._answered: deque[tuple[float, int]] = deque()  # (when, rows) of the batches answered lately
+        # For Retry-After: (when, rows) of the batches answered since the batcher last had work after none, within
+        # DRAIN_WINDOW_S, their rows in all, and when that busy period began.
+        self._answered: deque[tuple[float, int]] = deque()
+        self._answered_rows = 0
+        self._busy_since = time.monotonic()
         self._in_flight = 0  # batches started and not yet answered
         self._on_the_way = 0  # requests preparing their rows (expecting_rows)
         self._finishing: set[asyncio.Future] = set()
@@ -102,8 +108,12 @@ class Batcher:
         if self._closed:
             raise QueueFull(retry_after_s=5)  # shutting down: another replica, or this one restarted, will answer
         if len(self._queue) + len(items) > self.max_queue:
-            # Retry once enough rows have left the queue for this request to fit.
-            raise QueueFull(max(1, math.ceil(self.drain_seconds(len(self._queue) + len(items) - self.max_queue))))
+            # Retry once the rows queued now have left (the first rows to leave make room for others too).
+            raise QueueFull(max(1, math.ceil(self.drain_seconds(len(self._queue)))))
+        if not self._queue and not self._in_flight:  # work after none: a new busy period, a new rate
+            self._busy_since = time.monotonic()
+            self._answered.clear()
+            self._answered_rows = 0
         loop = asyncio.get_running_loop()
         futures = []
         for item in items:
@@ -132,15 +142,20 @@ class Batcher:
         self._arrived.set()  # a batch that waits for these rows looks again
 
     def drain_seconds(self, rows: int, now: float | None = None) -> float:
-        """About how long until `rows` more rows have been answered: at the rate of the last DRAIN_WINDOW_S (a
-        stalled engine's rate falls as the window passes without answers)."""
+        """About how long until `rows` more rows have been answered, at the rate rows were answered at since the
+        batcher had work (at most DRAIN_WINDOW_S back). Until that rate is measured: a second per batch, or as long
+        as the batcher has already waited for its first answer, if longer (a stalled engine asks for longer waits
+        the longer it stalls)."""
         now = time.monotonic() if now is None else now
-        while self._answered and self._answered[0][0] < now - DRAIN_WINDOW_S:
-            self._answered.popleft()
-        if not self._answered:
-            return SECONDS_PER_BATCH_UNMEASURED * -(-rows // self.max_batch_size)
-        answered = sum(count for _, count in self._answered)
-        return rows * max(now - self._answered[0][0], 1e-3) / answered
+        self._forget_answers_before(now - DRAIN_WINDOW_S)
+        measured_for = now - max(self._busy_since, now - DRAIN_WINDOW_S)
+        if self._answered_rows and measured_for >= DRAIN_MEASURED_AFTER_S:
+            return rows * measured_for / self._answered_rows
+        return max(SECONDS_PER_BATCH_UNMEASURED * -(-rows // self.max_batch_size), measured_for)
+
+    def _forget_answers_before(self, when: float) -> None:
+        while self._answered and self._answered[0][0] < when:
+            self._answered_rows -= self._answered.popleft()[1]
 
     async def run_exclusive(self, fn: Callable[..., T], *args) -> T:
         """Run other model work (language detection) in the engine thread, between batches."""
@@ -169,7 +184,10 @@ class Batcher:
         except Exception as error:
             self._answer(batch, error=error)
         else:
-            self._answered.append((time.monotonic(), len(batch)))
+            now = time.monotonic()
+            self._answered.append((now, len(batch)))
+            self._answered_rows += len(batch)
+            self._forget_answers_before(now - DRAIN_WINDOW_S)
             self._answer(batch, results)
 
     def _answer(self, batch: list[_Pending], results: list[EngineOutput] | None = None,

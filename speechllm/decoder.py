@@ -171,6 +171,10 @@ class RotaryTable:
     Hugging Face's rotate_half takes seven (slices, a negation, a concatenation), and bit for bit the same result.
     Together that was a fifth of a decoding step."""
 
+    # Rotary types whose cos and sin of a position do not depend on the other positions of the call (dynamic and
+    # longrope rescale by the longest one): only these can be tabulated; models with others go to HFDecoder.
+    TABULAR = ("default", "linear", "llama3", "yarn")
+
     def __init__(self, rotary: nn.Module, head_dim: int, like: torch.Tensor, positions: int) -> None:
         self.rotary, self.half = rotary, head_dim // 2
         self.sign = torch.cat([-like.new_ones(self.half), like.new_ones(head_dim - self.half)])
@@ -221,7 +225,8 @@ class LlamaDecoder:
     def supports(cls, llm: PreTrainedModel) -> bool:
         config = llm.config
         return (config.model_type in cls.ARCHITECTURES and config.hidden_act == "silu"
-                and not getattr(config, "use_sliding_window", False))
+                and not getattr(config, "use_sliding_window", False)
+                and getattr(llm.model.rotary_emb, "rope_type", "default") in RotaryTable.TABULAR)
 
     def prefill(self, embeds: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> tuple[torch.Tensor, KVCache]:
         """Rows of similar length are prefilled together (speechllm.padding): one long prompt in a batch would

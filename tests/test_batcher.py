@@ -194,29 +194,35 @@ def test_queue_full_refuses_the_whole_request(model: SpeechLLM) -> None:
 
 
 def test_retry_after_follows_the_rate_rows_are_answered_at(model: SpeechLLM) -> None:
-    """Retry-After is the time until enough rows have left the queue for the refused request to fit, at the rate
-    rows were answered lately: a busy engine that answers fast asks for a short wait, a stalled one for a longer
-    wait the longer it stalls."""
+    """Retry-After is the time until the rows queued now have left, at the rate rows were answered at since the
+    batcher had work: a busy engine that answers fast asks for a short wait, a stalled one for a longer wait the
+    longer it stalls, and before any rate is measured, a second per batch."""
     metrics = Metrics()
     engine = _engine(model, metrics)
 
     async def scenario() -> None:
-        batcher = Batcher(engine, metrics, max_batch_size=2, max_wait_s=0.01, max_queue=3)
-        assert batcher.drain_seconds(4) == 2.0  # nothing answered yet: a second per batch of 2
+        batcher = Batcher(engine, metrics, max_batch_size=2, max_wait_s=0.01, max_queue=8)
         await batcher.start()
-        await asyncio.gather(*batcher.submit(_items(["en", "ja", "de"])))
-        await asyncio.gather(*batcher.submit(_items(["ko", "ar"], seed=1)))
+        first = batcher.submit(_items(["en", "ja", "de"]))
+        await asyncio.gather(*first, *batcher.submit(_items(["ko", "ar"], seed=1)))
+        assert batcher._answered_rows == 5  # every row answered in this busy period counts toward the rate
+        await asyncio.gather(*batcher.submit(_items(["th"], seed=2)))
+        assert batcher._answered_rows == 1  # work after none: a new busy period, a new rate
         await batcher.stop()
-        # 5 rows answered within the last moments: faster than the unmeasured guess of 3 batches × 1 s
-        assert 0 < batcher.drain_seconds(5) < 3.0
 
     _run(scenario)
     batcher = Batcher(engine, metrics, max_batch_size=2, max_wait_s=0.01, max_queue=3)
-    now = 1000.0
-    batcher._answered.extend([(now - 10.0, 20), (now - 5.0, 30), (now - 1.0, 50)])  # 100 rows in 10 s
-    assert batcher.drain_seconds(50, now) == pytest.approx(5.0)
-    assert batcher.drain_seconds(50, now + 10) == pytest.approx(10.0)  # no answers since: the rate falls
-    assert batcher.drain_seconds(50, now + 60) == 25.0  # all out of the window: back to a second per batch
+    start = batcher._busy_since
+    assert batcher.drain_seconds(4, start + 0.5) == 2.0  # not measured yet: a second per batch of 2
+    assert batcher.drain_seconds(4, start + 5.0) == 5.0  # no answer for 5 s: at least as long again
+    batcher._answered.extend([(start + 2.0, 20), (start + 6.0, 30), (start + 9.0, 50)])
+    batcher._answered_rows = 100
+    assert batcher.drain_seconds(50, start + 10.0) == pytest.approx(5.0)  # 100 rows in 10 s
+    assert batcher.drain_seconds(50, start + 20.0) == pytest.approx(10.0)  # no answers since: the rate halves
+    assert batcher.drain_seconds(50, start + 40.0) == pytest.approx(30.0)  # 50 rows in the last 30 s
+    assert batcher.drain_seconds(50, start + 60.0) == pytest.approx(30.0)  # none in the window: stalled 30 s
+    executor = batcher._executor
+    executor.shutdown()
 
 
 # ---- fairness ------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _run(module: str, out: Path, *args: str) -> None:
     finished = subprocess.run([sys.executable, "-m", module, "--out", str(out), *args], cwd=ROOT,
-                              capture_output=True, text=True, timeout=600)
+                              capture_output=True, text=True, errors="replace", timeout=600)
     if finished.returncode != 0:
         pytest.fail(f"{module} exited with {finished.returncode}:\n{finished.stderr[-4000:]}")
 
