@@ -134,7 +134,7 @@ def verbose_result(result: TranscriptionResult) -> TranscriptionVerbose:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    use_one_thread()  # the event loop and request threads compute features; only the engine thread gets a team
+    use_one_thread()  # until the engine sets the process's count (ZASR_THREADS: server/threads.py)
     metrics = Metrics()
     holder: dict[str, Runtime] = {}
     realtime_hub = RealtimeHub(settings, metrics)  # WebSocket sessions (/v1/realtime)

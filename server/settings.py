@@ -34,8 +34,9 @@ class Settings(BaseSettings):
     encoder_in_workers: bool | None = Field(
         None, description="the audio workers also run the speech encoder, beside the engine (default: when the "
                           "engine runs on a CPU; server/audio_workers.py)")
-    threads: int = Field(0, description="torch intra-op threads of the engine thread (0: torch's default); every "
-                                        "other thread runs torch single-threaded (server/threads.py)")
+    threads: int = Field(1, ge=0, description="torch intra-op threads of the server's process, the engine's (0: "
+                                              "torch's default, all cores); 1 is measured best while the audio "
+                                              "workers use the other cores (server/threads.py)")
     lid_threshold: float = Field(LID_CONFIDENCE_THRESHOLD,
                                  description="below this LID probability an untagged request is decoded with "
                                              "the shared subspace alone")

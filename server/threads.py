@@ -1,13 +1,13 @@
-"""Which threads of the server run torch, and with how many OpenMP threads each.
+"""How many threads torch uses in the server, and why one.
 
-torch's CPU kernels fork and join an OpenMP (libgomp) team for every op. libgomp keeps its idle
-threads spinning, ready for the next op, only while all the threads it manages fit on the cores;
-as soon as a second OS thread owns a team of its own (the event loop after computing features, the
-thread that loaded the model), every fork and join goes through the kernel instead. The decoder runs
-thousands of tiny ops per second, and on this 2-core machine that made the engine thread 2.5× slower
-than the same code on the main thread (45 vs 113 µs for one 16 × 256 × 768 linear; 48 vs 127 ms per
-request). So the engine's thread is the only one with a team; every other thread that touches torch
-runs it single-threaded.
+torch's thread count is process-wide in this build (torch 2.13, libgomp, MKL): after another thread called
+`torch.set_num_threads(1)`, the main thread's own `torch.get_num_threads()` said 1 and its GEMVs slowed from 95 to
+113 µs. Until stop 17 the gateway set its own count to 1 after giving the engine thread `ZASR_THREADS` (2 by
+default here), so the engine ran single-threaded whatever the setting (it reported 1 thread at every tick). Made
+to run with two threads, it answered a lone request faster (concurrency 1: 35.1 and 36.6 against 31.1 and 30.4
+audio s/s) and served concurrency 16 far slower (66.3 and 66.2 against 93.4 and 91.9): each of the decoder's many
+small ops then waits for a second core that the audio worker is using. So the engine runs `ZASR_THREADS` threads,
+1 by default, and that count is the whole process's.
 """
 
 from __future__ import annotations
@@ -20,17 +20,12 @@ DEFAULT_ENGINE_THREADS = torch.get_num_threads()  # torch's own default (physica
 
 
 def use_one_thread() -> None:
-    """Torch ops from the calling thread, and from threads started after this call, run single-threaded.
-    (torch.set_num_threads sets the calling thread's OpenMP team size and the default of new threads;
-    threads that already ran torch keep theirs.)"""
+    """Torch ops of this process run single-threaded (the audio workers' processes: the engine's process keeps
+    the cores)."""
     torch.set_num_threads(1)
 
 
 def engine_executor(threads: int = 0) -> ThreadPoolExecutor:
-    """The one thread that runs the model, with `threads` OpenMP threads (0: as many as the calling thread)."""
-    caller_threads = torch.get_num_threads()
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine", initializer=torch.set_num_threads,
-                                  initargs=(threads or caller_threads,))
-    executor.submit(int).result()  # the engine thread takes its team size now...
-    torch.set_num_threads(caller_threads)  # ...and threads started later get the caller's again
-    return executor
+    """The one thread that runs the model; the process runs torch with `threads` threads (0: torch's default)."""
+    torch.set_num_threads(threads or DEFAULT_ENGINE_THREADS)
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")

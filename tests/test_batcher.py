@@ -225,6 +225,22 @@ def test_retry_after_follows_the_rate_rows_are_answered_at(model: SpeechLLM) -> 
     executor.shutdown()
 
 
+def test_the_engine_runs_with_the_configured_threads(model: SpeechLLM) -> None:
+    """torch's thread count is process-wide: the engine thread must see ZASR_THREADS, not the count of whoever
+    created it (server/threads.py; until stop 17 it always saw 1)."""
+    metrics = Metrics()
+    engine = _engine(model, metrics)
+
+    async def scenario() -> None:
+        batcher = Batcher(engine, metrics, max_batch_size=2, max_wait_s=0.01, max_queue=8, threads=2)
+        try:
+            assert await batcher.run_exclusive(torch.get_num_threads) == 2
+        finally:
+            await batcher.stop()
+
+    _run(scenario)
+
+
 # ---- fairness ------------------------------------------------------------------------------------------------
 
 def test_no_starvation_under_skewed_traffic(model: SpeechLLM) -> None:
