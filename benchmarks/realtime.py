@@ -271,7 +271,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=ROOT / "models" / "default")
     parser.add_argument("--streams", type=int, default=8)
     parser.add_argument("--recordings", type=int, default=4, help="recordings (3 turns each) per single-stream run")
-    parser.add_argument("--threads", type=int, default=0, help="ZASR_THREADS of the server (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=1, help="ZASR_THREADS of the server (1: its default)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "realtime")
     args = parser.parse_args()
     torch.set_num_threads(1)  # the in-process encoder measurement; the server has its own threads
