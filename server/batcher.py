@@ -71,7 +71,7 @@ class Batcher:
         self.max_queue = max_queue
         self._queue: deque[_Pending] = deque()
         self._arrived = asyncio.Event()
-        self._executor = engine_executor(threads)  # one model user, the only thread with an OpenMP team
+        self._executor = engine_executor(threads)  # the one thread that runs the model
         self._task: asyncio.Task | None = None
         # For Retry-After: (when, rows) of the batches answered since the batcher last had work after none, within
         # DRAIN_WINDOW_S, their rows in all, and when that busy period began.

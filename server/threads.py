@@ -26,6 +26,8 @@ def use_one_thread() -> None:
 
 
 def engine_executor(threads: int = 0) -> ThreadPoolExecutor:
-    """The one thread that runs the model; the process runs torch with `threads` threads (0: torch's default)."""
-    torch.set_num_threads(threads or DEFAULT_ENGINE_THREADS)
+    """The one thread that runs the model; the process then runs torch with `threads` threads (0: the count it
+    has)."""
+    if threads:
+        torch.set_num_threads(threads)
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")

@@ -169,7 +169,7 @@ class RotaryTable:
     computed once, by the model's own rotary module (so they are the values it computes), and looked up by each
     forward pass. The sin table carries rotate_half's signs, so a rotation is x·cos + roll(x)·sin: four ops where
     Hugging Face's rotate_half takes seven (slices, a negation, a concatenation), and bit for bit the same result.
-    Together that was a fifth of a decoding step."""
+    Together they were about a sixth of a decoding step (0.35 of 2.26 ms for 5 rows)."""
 
     # Rotary types whose cos and sin of a position do not depend on the other positions of the call (dynamic and
     # longrope rescale by the longest one): only these can be tabulated; models with others go to HFDecoder.
