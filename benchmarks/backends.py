@@ -12,12 +12,11 @@ import argparse
 import json
 import os
 import platform
-import sys
 from pathlib import Path
 
 import torch
 
-from benchmarks.serving import ROOT, audio_pool, free_port, load, start, stop, traffic
+from benchmarks.serving import ROOT, audio_pool, load, serve, stop, traffic
 from speechllm.languages import LANGUAGE_CODES
 
 BACKENDS = ("embedded", "vllm")
@@ -26,11 +25,8 @@ READY_WITHIN_S = {"embedded": 120, "vllm": 300}
 
 
 def measure(backend: str, model: Path, requests: list, concurrencies: tuple[int, ...]) -> dict:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = start([sys.executable, "-m", "speechllm.cli", "serve"],
-                   {"ZASR_MODEL_DIR": str(model), "ZASR_PORT": str(port), "ZASR_MAX_QUEUE": "4096",
-                    "ZASR_BACKEND": backend}, url, ready_within_s=READY_WITHIN_S[backend])
+    server, url = serve({"ZASR_MODEL_DIR": str(model), "ZASR_MAX_QUEUE": "4096", "ZASR_BACKEND": backend},
+                        READY_WITHIN_S[backend])
     try:
         return {f"c{c}": load(url, requests if c > 1 else requests[: max(len(requests) // 4, 12)], c, server.pid)
                 for c in concurrencies}

@@ -28,7 +28,6 @@ import os
 import platform
 import statistics
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,12 +208,8 @@ async def sequential(url: str, items: list[tuple[str, bytes]], delay: str | None
 
 
 def start_server(model: Path, threads: int, early_final: bool = True) -> tuple[subprocess.Popen, str]:
-    port = serving.free_port()
-    url = f"http://127.0.0.1:{port}"
-    settings = {"ZASR_MODEL_DIR": str(model), "ZASR_PORT": str(port), "ZASR_THREADS": str(threads),
-                "ZASR_REALTIME_EARLY_FINAL": str(early_final).lower()}
-    process = serving.start([sys.executable, "-m", "speechllm.cli", "serve"], settings, url)
-    return process, url
+    return serving.serve({"ZASR_MODEL_DIR": str(model), "ZASR_THREADS": str(threads),
+                          "ZASR_REALTIME_EARLY_FINAL": str(early_final).lower()})
 
 
 def server_counters(url: str) -> dict:

@@ -90,6 +90,14 @@ def start(command: list[str], env: dict, url: str, ready_within_s: float = 120) 
     raise RuntimeError(f"{command} {why}; the end of its log:\n{Path(log.name).read_text(errors='replace')[-3000:]}")
 
 
+def serve(settings: dict[str, str], ready_within_s: float = 120) -> tuple[subprocess.Popen, str]:
+    """`zipper-asr serve` with these ZASR_* settings on a free port, once ready: the process and its URL."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "speechllm.cli", "serve"]
+    return start(command, settings | {"ZASR_PORT": str(port)}, url, ready_within_s), url
+
+
 def stop(process: subprocess.Popen) -> None:
     """Terminate a server; one that has not exited after 30 s (vLLM's engine process can hang on shutdown) is
     killed with every process of its group (its audio workers, vLLM's engine), so a finished benchmark neither
@@ -294,10 +302,7 @@ def main() -> None:
                                  "python": platform.python_version(), "torch": torch.__version__},
                      "model": str(args.model)}
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    ours = start([sys.executable, "-m", "speechllm.cli", "serve"],
-                 {"ZASR_MODEL_DIR": str(args.model), "ZASR_PORT": str(port), "ZASR_MAX_QUEUE": "4096"}, url)
+    ours, url = serve({"ZASR_MODEL_DIR": str(args.model), "ZASR_MAX_QUEUE": "4096"})
     try:
         results["ours_mixed_c1"] = load(url, mixed[: 8 * len(LANGUAGE_CODES)], 1, ours.pid)  # 96 requests: ~12 s
         results["ours_mixed_c16"] = load(url, mixed, 16, ours.pid)
@@ -357,9 +362,9 @@ def main() -> None:
               f"{results['machine']['cpus']} cores, {c16['client_cores_busy']} of them taken by the benchmark's "
               f"client at c16, and c1 keeping {c1['server_cores_busy']} busy, the first factor can be at most "
               f"{factors['cores_busy_bound_c16_over_c1']}."]
-    lines += ["", f"Adapter merge: {results['adapter_merge']}", ""]
-    lines.insert(-1, f"A short request alone and sent 0.25 s after a long one (head-of-line blocking): "
-                     f"{results['head_of_line']}.")
+    lines += ["", f"Adapter merge: {results['adapter_merge']}",
+              f"A short request alone and sent 0.25 s after a long one (head-of-line blocking): "
+              f"{results['head_of_line']}.", ""]
     Path(f"{args.out}.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
