@@ -386,7 +386,7 @@ class EmbeddedEngine(SpeechEngine):
 
     def _new_generation(self) -> Generation:
         return Generation(self.decoder, eos_id(self.model.tokenizer),
-                          on_rows_kept=lambda keep: keep_rows(self.model.llm, keep))
+                          on_rows_kept=self._keep_adapter_rows)
 
     @torch.no_grad()
     def run(self, batch: list[EngineInput]) -> list[EngineOutput]:
@@ -413,8 +413,12 @@ class EmbeddedEngine(SpeechEngine):
         """The decoder half of a prepared batch, each row with its language's merged adapter."""
         with use_segments(self.model.llm, self._segments(prepared.keys)):
             return generate(self.decoder, prepared.prompts, eos_id(self.model.tokenizer), prepared.limits,
-                            temperature, on_tokens=on_tokens, on_rows_kept=lambda keep: keep_rows(self.model.llm, keep),
+                            temperature, on_tokens=on_tokens, on_rows_kept=self._keep_adapter_rows,
                             contexts=prepared.prefix_ids or None)
+
+    def _keep_adapter_rows(self, keep: torch.Tensor) -> None:
+        """Generation's on_rows_kept: the Zipper layers' per-row adapters follow the rows that stay."""
+        keep_rows(self.model.llm, keep)
 
     def _segments(self, keys: list[str]) -> list[tuple[int, int, MergedAdapter]]:
         if self.model.config.adapter is None:
