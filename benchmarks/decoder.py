@@ -1,8 +1,10 @@
 """Decoder benchmark: our decoding loop (speechllm/decoder.py: LlamaDecoder) against Hugging Face's forward
 (HFDecoder) on the same prompts, in one run, as the engine runs them: real speech prompts (espeak-ng clips of
 the 12 languages through the shipped model's encoder and projector), rows grouped by language with their merged
-adapters (adapters.zipper.use_segments), greedy, until every row's end of text. Each configuration alternates
-the two decoders and reports the median wall time per batch, and checks that both decoded the same tokens.
+adapters (adapters.zipper.use_segments), greedy, until every row's end of text. Our loop runs twice: as it
+ships, its linear layers through oneDNN (speechllm/cpu_linear.py), and with torch's F.linear (MKL's sgemm on a
+CPU) instead. Each configuration alternates the three and reports the median wall time per batch, and checks that
+all decoded the same tokens.
 
     .venv/bin/python -m benchmarks.decoder [--model models/default] [--repeats 7]
 """
@@ -21,6 +23,7 @@ import torch
 from benchmarks.serving import audio_pool
 from server.engine import EmbeddedEngine, EngineInput
 from server.metrics import Metrics
+from speechllm import cpu_linear
 from speechllm.audio import load_audio
 from speechllm.decoder import Decoder, HFDecoder, LlamaDecoder
 from speechllm.decoding import Hypothesis
@@ -41,16 +44,20 @@ def batches(engine: EmbeddedEngine) -> dict[str, list[EngineInput]]:
     return {"1 row": inputs["en"][:1], "16 rows, 12 languages": mixed}
 
 
-def decode(engine: EmbeddedEngine, decoder: Decoder, batch: list[EngineInput]) -> tuple[float, list[Hypothesis]]:
-    """The engine's decoding of `batch` with `decoder` in place of its own, timed (the speech half is not)."""
+def decode(engine: EmbeddedEngine, decoder: Decoder, batch: list[EngineInput], onednn: bool = True
+           ) -> tuple[float, list[Hypothesis]]:
+    """The engine's decoding of `batch` with `decoder` in place of its own, timed (the speech half is not);
+    `onednn` False: linear layers through F.linear."""
     prepared = engine.prepare(batch)
     own_decoder, engine.decoder = engine.decoder, decoder
+    uses_onednn, cpu_linear.ONEDNN = cpu_linear.ONEDNN, cpu_linear.ONEDNN and onednn
     try:
         start = time.perf_counter()
         hypotheses = engine.decode(prepared)
         return time.perf_counter() - start, hypotheses
     finally:
         engine.decoder = own_decoder
+        cpu_linear.ONEDNN = uses_onednn
 
 
 def main() -> None:
@@ -61,34 +68,37 @@ def main() -> None:
     args = parser.parse_args()
     model = SpeechLLM.load(args.model)
     engine = EmbeddedEngine(model, Metrics(), cache_bytes=256 << 20)
-    decoders = {"hugging_face": HFDecoder(model.llm), "ours": LlamaDecoder(model.llm)}
+    ours = LlamaDecoder(model.llm)
+    decoders = {"hugging_face": (HFDecoder(model.llm), True), "ours_f_linear": (ours, False), "ours": (ours, True)}
     results = {}
     with torch.no_grad():
         for name, batch in batches(engine).items():
             times: dict[str, list[float]] = {key: [] for key in decoders}
             tokens: dict[str, list[list[int]]] = {}
             for _ in range(args.repeats + 1):  # the first round warms up and is not counted
-                for key, decoder in decoders.items():
-                    seconds, hypotheses = decode(engine, decoder, batch)
+                for key, (decoder, onednn) in decoders.items():
+                    seconds, hypotheses = decode(engine, decoder, batch, onednn)
                     times[key].append(seconds)
                     tokens[key] = [h.tokens for h in hypotheses]
             median = {key: statistics.median(t[1:]) for key, t in times.items()}
             results[name] = {"rows": len(batch), "tokens": sum(len(t) for t in tokens["ours"]),
-                             "same_tokens": tokens["ours"] == tokens["hugging_face"],
+                             "same_tokens": tokens["ours"] == tokens["hugging_face"] == tokens["ours_f_linear"],
                              "seconds": {key: {"min": min(t[1:]), "median": median[key], "max": max(t[1:])}
                                          for key, t in times.items()},
-                             "hugging_face_over_ours": median["hugging_face"] / median["ours"]}
+                             "hugging_face_over_ours": median["hugging_face"] / median["ours"],
+                             "f_linear_over_onednn": median["ours_f_linear"] / median["ours"]}
     report = {"machine": platform.processor() or platform.machine(), "repeats": args.repeats, "batches": results}
     lines = ["# Decoder: our loop vs Hugging Face's forward", "",
              "`python -m benchmarks.decoder`: the shipped model, real speech prompts, adapters as the engine sets "
              f"them, greedy to the end of text; median (min–max) of {args.repeats} alternating runs.", "",
-             "| batch | tokens | Hugging Face | ours | Hugging Face / ours | same tokens |",
-             "|---|---:|---:|---:|---:|---|"]
+             "| batch | tokens | Hugging Face | ours, F.linear | ours | Hugging Face / ours | ours: F.linear / oneDNN "
+             "| same tokens |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
     for name, r in results.items():
         cells = [f"{1000 * r['seconds'][k]['median']:.1f} ms ({1000 * r['seconds'][k]['min']:.1f}–"
-                 f"{1000 * r['seconds'][k]['max']:.1f})" for k in ("hugging_face", "ours")]
-        lines.append(f"| {name} | {r['tokens']} | {cells[0]} | {cells[1]} | {r['hugging_face_over_ours']:.2f}× | "
-                     f"{'yes' if r['same_tokens'] else 'NO'} |")
+                 f"{1000 * r['seconds'][k]['max']:.1f})" for k in ("hugging_face", "ours_f_linear", "ours")]
+        lines.append(f"| {name} | {r['tokens']} | {' | '.join(cells)} | {r['hugging_face_over_ours']:.2f}× | "
+                     f"{r['f_linear_over_onednn']:.2f}× | {'yes' if r['same_tokens'] else 'NO'} |")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "decoder.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "decoder.md").write_text("\n".join(lines) + "\n")

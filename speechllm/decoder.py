@@ -25,6 +25,7 @@ from torch import nn
 from transformers import Cache, PreTrainedModel
 
 from adapters.zipper import ZipperLinear, use_rows
+from speechllm.cpu_linear import OneDNNLinear
 from speechllm.padding import length_groups
 
 
@@ -85,9 +86,10 @@ class PackedLinear:
     When they are Zipper layers serving a batch with a shared A (adapters.zipper.use_segments), each layer's
     A is stacked below the base weights too, so the same GEMM gives W0 x and A x, and only each layer's
     per-row B step remains. Otherwise (training's per-row languages, the independent baseline) each layer runs
-    as its own module. The weights are packed once, at construction, and each module's weight becomes a view into
-    the packed tensor: changes made in place (an optimizer step, load_state_dict) reach both, while a module given
-    a new tensor (moved to another device, say) needs a new PackedLinear."""
+    as its own module. The GEMM runs through oneDNN on a CPU (speechllm.cpu_linear). The weights are packed once,
+    at construction, and each module's weight becomes a view into the packed tensor: changes made in place (an
+    optimizer step, load_state_dict) reach both, while a module given a new tensor (moved to another device, say)
+    needs a new PackedLinear."""
 
     def __init__(self, layers: list[nn.Module]) -> None:
         self.layers = layers
@@ -102,6 +104,8 @@ class PackedLinear:
         self.weight = torch.cat(weights).detach()
         self.bias = torch.cat(biases).detach()
         self.sizes = [len(w) for w in weights]
+        self.linear = OneDNNLinear(self.weight, self.bias,
+                                   sources=[t for t in weights + biases if isinstance(t, nn.Parameter)])
         for tensors, packed in ((weights, self.weight), (biases, self.bias)):
             for tensor, view in zip(tensors, packed.split(self.sizes), strict=True):
                 # not the zeros standing in for a missing bias, nor a tensor torch.cat had to convert
@@ -111,7 +115,7 @@ class PackedLinear:
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         if self.zipper and not (self.shared_a and all(layer.rows is not None for layer in self.layers)):
             return [layer(x) for layer in self.layers]
-        parts = F.linear(x, self.weight, self.bias).split(self.sizes, -1)
+        parts = self.linear(x).split(self.sizes, -1)
         if not self.zipper:
             return list(parts)
         n = len(self.layers)
@@ -218,6 +222,7 @@ class LlamaDecoder:
         self.o = [PackedLinear([layer.self_attn.o_proj]) for layer in self.layers]
         self.gate_up = [PackedLinear([layer.mlp.gate_proj, layer.mlp.up_proj]) for layer in self.layers]
         self.down = [PackedLinear([layer.mlp.down_proj]) for layer in self.layers]
+        self.lm_head = OneDNNLinear(llm.lm_head.weight, llm.lm_head.bias)
         self.rotary = RotaryTable(llm.model.rotary_emb, self.head_dim, llm.get_input_embeddings().weight,
                                   config.max_position_embeddings)
 
@@ -288,7 +293,7 @@ class LlamaDecoder:
             hidden = _rms_norm(layer.post_attention_layernorm, x)
             gate, up = self.gate_up[index](hidden)
             x = x + self.down[index](F.silu(gate) * up)[0]
-        return self.llm.lm_head(_rms_norm(self.llm.model.norm, x[:, -1]))
+        return self.lm_head(_rms_norm(self.llm.model.norm, x[:, -1]))
 
     def _attention(self, index: int, layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    attend: torch.Tensor, cache: KVCache, rows: torch.Tensor | None, start: int) -> torch.Tensor:

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from speechllm.cpu_linear import Linear
+
 SUBSAMPLING = 4  # feature frames (10 ms) per encoder frame (40 ms)
 
 
@@ -80,11 +82,11 @@ class EncoderLayer(nn.Module):
         d = config.d_model
         self.n_heads = config.n_heads
         self.attn_norm = nn.LayerNorm(d)
-        self.qkv = nn.Linear(d, 3 * d)
-        self.out = nn.Linear(d, d)
+        self.qkv = Linear(d, 3 * d)
+        self.out = Linear(d, d)
         self.ff_norm = nn.LayerNorm(d)
-        self.ff = nn.Sequential(nn.Linear(d, config.ff_mult * d), nn.GELU(), nn.Dropout(config.dropout),
-                                nn.Linear(config.ff_mult * d, d))
+        self.ff = nn.Sequential(Linear(d, config.ff_mult * d), nn.GELU(), nn.Dropout(config.dropout),
+                                Linear(config.ff_mult * d, d))
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,

@@ -21,6 +21,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from adapters.zipper import Variant, ZipperConfig, adapter_state_dict, inject, is_adapter_tensor
+from speechllm.cpu_linear import Linear
 from speechllm.encoder import EncoderConfig, SpeechEncoder
 from speechllm.hf_encoder import HFWhisperEncoder
 from speechllm.languages import LANGUAGE_CODES
@@ -75,7 +76,7 @@ class Projector(nn.Module):
     def __init__(self, encoder_dim: int, llm_dim: int, stack: int, n_symbols: int = 0) -> None:
         super().__init__()
         self.stack = stack
-        self.net = nn.Sequential(nn.Linear(encoder_dim * stack, llm_dim), nn.GELU(), nn.Linear(llm_dim, llm_dim))
+        self.net = nn.Sequential(Linear(encoder_dim * stack, llm_dim), nn.GELU(), Linear(llm_dim, llm_dim))
         self.symbol_embeddings = nn.Embedding(n_symbols, llm_dim) if n_symbols else None
 
     def forward(self, states: torch.Tensor, lengths: torch.Tensor, symbol_logits: torch.Tensor | None = None
@@ -126,7 +127,7 @@ class LIDHead(nn.Module):
 
     def __init__(self, encoder_dim: int, n_languages: int) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(encoder_dim, encoder_dim), nn.GELU(), nn.Linear(encoder_dim, n_languages))
+        self.net = nn.Sequential(Linear(encoder_dim, encoder_dim), nn.GELU(), Linear(encoder_dim, n_languages))
 
     def forward(self, states: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         valid = (torch.arange(states.shape[1], device=states.device)[None, :] < lengths[:, None]).to(states.dtype)
@@ -144,7 +145,7 @@ class SpeechLLM(nn.Module):
         stack = 1 if config.ctc_symbols else config.stack_frames
         self.projector = Projector(self.encoder.output_dim, llm_dim, stack,
                                    config.ctc_symbols if config.soft_spelling else 0)
-        self.ctc_head = nn.Linear(self.encoder.output_dim, config.ctc_symbols) if config.ctc_symbols else None
+        self.ctc_head = Linear(self.encoder.output_dim, config.ctc_symbols) if config.ctc_symbols else None
         self.lid_head = LIDHead(self.encoder.output_dim, len(config.languages))
         ensure_special_tokens(tokenizer, llm)
         self.llm = llm
