@@ -6,7 +6,7 @@ ships, its linear layers through oneDNN (speechllm/cpu_linear.py), and with torc
 CPU) instead. Each configuration alternates the three and reports the median wall time per batch, and checks that
 all decoded the same tokens.
 
-    .venv/bin/python -m benchmarks.decoder [--model models/default] [--repeats 7]
+    .venv/bin/python -m benchmarks.decoder [--model models/default] [--repeats 7] [--threads 1]
 """
 
 from __future__ import annotations
@@ -64,8 +64,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", type=Path, default=ROOT / "models" / "default")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (the server runs 1: ZASR_THREADS)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     model = SpeechLLM.load(args.model)
     engine = EmbeddedEngine(model, Metrics(), cache_bytes=256 << 20)
     ours = LlamaDecoder(model.llm)
@@ -87,10 +89,12 @@ def main() -> None:
                                          for key, t in times.items()},
                              "hugging_face_over_ours": median["hugging_face"] / median["ours"],
                              "f_linear_over_onednn": median["ours_f_linear"] / median["ours"]}
-    report = {"machine": platform.processor() or platform.machine(), "repeats": args.repeats, "batches": results}
+    report = {"machine": platform.processor() or platform.machine(), "threads": args.threads, "repeats": args.repeats,
+              "batches": results}
     lines = ["# Decoder: our loop vs Hugging Face's forward", "",
              "`python -m benchmarks.decoder`: the shipped model, real speech prompts, adapters as the engine sets "
-             f"them, greedy to the end of text; median (min–max) of {args.repeats} alternating runs.", "",
+             f"them, greedy to the end of text, {args.threads} torch thread(s); median (min–max) of {args.repeats} "
+             "alternating runs.", "",
              "| batch | tokens | Hugging Face | ours, F.linear | ours | Hugging Face / ours | ours: F.linear / oneDNN "
              "| same tokens |",
              "|---|---:|---:|---:|---:|---:|---:|---|"]
