@@ -7,9 +7,12 @@ kernels, which are compiled for the CPU they run on (docs/serving.md, *oneDNN li
 projections 102 against 51 µs. Both compute in float32; only the order of the additions differs.
 
 oneDNN reads the weight in a blocked layout of its own (`mkldnn::_reorder_linear_weight`); reordering it at every
-call would cost more than the GEMM, so it is done once, and again whenever one of the weight's sources has changed
-(in place, as an optimizer step or load_state_dict do: their version counters; or given new memory). Elsewhere
-(a GPU, another dtype, a call that records gradients, a torch built without oneDNN) it is `F.linear`.
+call would cost more than the GEMM, so it is done once and kept beside the weight (twice the weights' memory), and
+done again whenever one of the weight's sources has changed: in place, as load_state_dict, nn.init and torch's
+default optimizers do (their version counters), or given new memory. Writes that bump no version counter (through
+`.data`, or a fused optimizer) need `reset()`. Elsewhere it is `F.linear`: a GPU, another dtype, autocast (which
+does not reach oneDNN's op), a call that records gradients, inference tensors, `torch.backends.mkldnn` turned off
+or a torch built without it.
 """
 
 from __future__ import annotations
@@ -23,34 +26,50 @@ ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_li
 
 
 class OneDNNLinear:
-    """x Wᵀ + b. `sources`: the tensors `weight` was built from (itself by default), whose in-place changes make
-    the laid-out copy stale."""
+    """x Wᵀ + b. `sources`: the tensors `weight` was built from (itself by default), whose changes make the
+    laid-out copy stale."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
                  sources: list[torch.Tensor] | None = None) -> None:
         self.weight, self.bias = weight, bias
         self.sources = sources if sources is not None else [weight]
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the laid-out weight: the next call lays it out again."""
         self._laid_out: torch.Tensor | None = None
-        self._laid_out_from: list[tuple[int, int]] = []  # the sources' memory and versions it was laid out from
+        # The sources it was laid out from, with their versions; holding them keeps their memory from being reused
+        # by a new tensor at the same address.
+        self._laid_out_from: list[tuple[torch.Tensor, int]] = []
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self._runs_on_onednn(x):
             return F.linear(x, self.weight, self.bias)
-        sources = [(source.data_ptr(), source._version) for source in self.sources]
-        if self._laid_out is None or sources != self._laid_out_from:
+        if self._laid_out is None or not self._up_to_date():
             self._laid_out = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach())
-            self._laid_out_from = sources
+            self._laid_out_from = [(source.detach(), source._version) for source in self.sources]
         return torch.ops.mkldnn._linear_pointwise(x, self._laid_out, self.bias, "none", [], "")
+
+    def _up_to_date(self) -> bool:
+        return len(self._laid_out_from) == len(self.sources) and all(
+            source.data_ptr() == seen.data_ptr() and source._version == version
+            for source, (seen, version) in zip(self.sources, self._laid_out_from, strict=True))
 
     def _runs_on_onednn(self, x: torch.Tensor) -> bool:
         tensors = [t for t in (x, self.weight, self.bias) if t is not None]
-        return (ONEDNN and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+        return (ONEDNN and torch.backends.mkldnn.enabled and not torch.is_autocast_enabled("cpu")
+                and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+                and not any(source.is_inference() for source in self.sources)
                 and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave the laid-out weight behind (an opaque oneDNN tensor cannot be copied)."""
+        return {**self.__dict__, "_laid_out": None, "_laid_out_from": []}
 
 
 class Linear(nn.Linear):
     """`nn.Linear` (the same parameters and state dict) whose calls that record no gradients run through
-    OneDNNLinear on a CPU: for the models' inference (the speech encoder, the projector, the LID head)."""
+    OneDNNLinear on a CPU: for the models' inference (our speech encoder, the projector, the LID and CTC heads)."""
 
     _onednn: OneDNNLinear | None = None
 

@@ -222,6 +222,7 @@ class LlamaDecoder:
         self.o = [PackedLinear([layer.self_attn.o_proj]) for layer in self.layers]
         self.gate_up = [PackedLinear([layer.mlp.gate_proj, layer.mlp.up_proj]) for layer in self.layers]
         self.down = [PackedLinear([layer.mlp.down_proj]) for layer in self.layers]
+        # Bound to the lm_head's weight now, as the packed layers are: a model given new weights needs a new decoder.
         self.lm_head = OneDNNLinear(llm.lm_head.weight, llm.lm_head.bias)
         self.rotary = RotaryTable(llm.model.rotary_emb, self.head_dim, llm.get_input_embeddings().weight,
                                   config.max_position_embeddings)

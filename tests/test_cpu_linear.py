@@ -1,7 +1,10 @@
 """speechllm/cpu_linear.py: linear layers through oneDNN give F.linear's results, follow their weights' changes and
-leave training's gradients to F.linear."""
+leave training (gradients, autocast) to F.linear."""
 
 from __future__ import annotations
+
+import copy
+import pickle
 
 import pytest
 import torch
@@ -23,17 +26,51 @@ def test_it_runs_on_onednn_and_gives_f_linear_s_results() -> None:
     assert linear._laid_out is not None and linear._laid_out.is_mkldnn  # it did not fall back to F.linear
 
 
+ON_ONEDNN = pytest.mark.skipif(not cpu_linear.ONEDNN, reason="this torch has no oneDNN")
+
+
+@ON_ONEDNN
 def test_the_laid_out_weight_follows_changes_to_its_sources() -> None:
     layer = Linear(16, 8)
     x = torch.randn(4, 16)
     with torch.no_grad():
         layer(x)  # lays the weight out
+        assert layer._onednn._laid_out is not None
         layer.weight.add_(1.0)  # in place, as an optimizer step
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
         layer.load_state_dict({"weight": torch.randn(8, 16), "bias": torch.randn(8)})
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
-        layer.weight.data = torch.randn(8, 16)  # new memory, same version
+        for _ in range(20):  # new memory, the same version; twice, so that the old address could come back
+            layer.weight.data = torch.randn(8, 16)
+            layer.weight.data = torch.randn(8, 16)
+            torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+        layer.weight.data.mul_(2.0)  # no version counter sees this write: reset() says so
+        layer._onednn.reset()
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+
+
+@ON_ONEDNN
+def test_autocast_and_inference_tensors_go_to_f_linear() -> None:
+    """Training runs its frozen encoder under bf16 autocast, which does not reach oneDNN's op; a model made under
+    inference_mode has no version counters."""
+    layer = Linear(16, 8).requires_grad_(False)
+    x = torch.randn(4, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x).dtype == torch.bfloat16
+    with torch.inference_mode():
+        made_there = Linear(16, 8)
+        torch.testing.assert_close(made_there(x), F.linear(x, made_there.weight, made_there.bias))
+    assert made_there._onednn._laid_out is None
+
+
+@ON_ONEDNN
+def test_a_layer_that_ran_on_onednn_can_be_copied_and_pickled() -> None:
+    layer = Linear(16, 8)
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        expected = layer(x)
+        for copied in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+            torch.testing.assert_close(copied(x), expected)
 
 
 def test_training_gets_gradients() -> None:
@@ -48,6 +85,7 @@ def test_training_gets_gradients() -> None:
     torch.testing.assert_close(x.grad, x_reference.grad)
 
 
+@ON_ONEDNN
 def test_the_decoder_s_packed_gemm_follows_its_modules_weights(tiny_tokenizer) -> None:
     """The decoder lays its packed q/k/v weights out once: an in-place change to one module's weight after that
     must still reach the logits."""
@@ -62,3 +100,4 @@ def test_the_decoder_s_packed_gemm_follows_its_modules_weights(tiny_tokenizer) -
         expected = model.llm(inputs_embeds=embeds, attention_mask=mask).logits[:, -1]
     assert not torch.allclose(before, after)
     torch.testing.assert_close(after, expected, atol=1e-5, rtol=1e-5)
+    assert decoder.qkv[0].linear._laid_out is not None and decoder.lm_head._laid_out is not None
