@@ -30,8 +30,10 @@ def _check_load(load: dict) -> None:
 
 
 def test_serving_benchmark(tmp_path: Path) -> None:
-    _run("benchmarks.serving", tmp_path / "serving", "--per-language", "1")
+    _run("benchmarks.serving", tmp_path / "serving", "--per-language", "1", "--rounds", "2")
     results = json.loads((tmp_path / "serving.json").read_text())
+    assert len(results["loads_each_round"]) == 2
+    assert all(len(values) == 2 for values in results["ratios_each_round"].values())
     for name in ("ours_mixed_c1", "ours_mixed_c16", "ours_single_language_runs_c16", "naive_peft_mixed_c16"):
         _check_load(results[name])
     assert results["ours_mixed_c16"]["rows_per_step"] >= 1
