@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -73,14 +74,12 @@ class Batcher:
         self._arrived = asyncio.Event()
         self._executor = engine_executor(threads)  # the one thread that runs the model
         self._task: asyncio.Task | None = None
-        # For Retry-After: (when, rows) of the batches answered since the batcher last had work after none, within
-        # DRAIN_WINDOW_S, their rows in all, and when that busy period began.
-        self._answered: deque[tuple[float, int]] = deque()
-        self._answered_rows = 0
+        # For Retry-After: when each row was answered since the batcher last had work after none, within
+        # DRAIN_WINDOW_S, and when that busy period began.
+        self._answered: deque[float] = deque()
         self._busy_since = time.monotonic()
-        self._in_flight = 0  # batches started and not yet answered
+        self._in_flight = 0  # rows handed to the engine and not yet answered
         self._on_the_way = 0  # requests preparing their rows (expecting_rows)
-        self._finishing: set[asyncio.Future] = set()
         self._closed = False
 
     async def start(self) -> None:
@@ -113,7 +112,6 @@ class Batcher:
         if not self._queue and not self._in_flight:  # work after none: a new busy period, a new rate
             self._busy_since = time.monotonic()
             self._answered.clear()
-            self._answered_rows = 0
         loop = asyncio.get_running_loop()
         futures = []
         for item in items:
@@ -149,13 +147,13 @@ class Batcher:
         now = time.monotonic() if now is None else now
         self._forget_answers_before(now - DRAIN_WINDOW_S)
         measured_for = now - max(self._busy_since, now - DRAIN_WINDOW_S)
-        if self._answered_rows and measured_for >= DRAIN_MEASURED_AFTER_S:
-            return rows * measured_for / self._answered_rows
+        if self._answered and measured_for >= DRAIN_MEASURED_AFTER_S:
+            return rows * measured_for / len(self._answered)
         return max(SECONDS_PER_BATCH_UNMEASURED * -(-rows // self.max_batch_size), measured_for)
 
     def _forget_answers_before(self, when: float) -> None:
-        while self._answered and self._answered[0][0] < when:
-            self._answered_rows -= self._answered.popleft()[1]
+        while self._answered and self._answered[0] < when:
+            self._answered.popleft()
 
     async def run_exclusive(self, fn: Callable[..., T], *args) -> T:
         """Run other model work (language detection) in the engine thread, between batches."""
@@ -164,43 +162,41 @@ class Batcher:
     async def _loop(self) -> None:
         while True:
             batch = await self._next_batch()
-            self._in_flight += 1
+            self._in_flight += len(batch)
             now = time.monotonic()
             for pending in batch:
                 self.metrics.queue_seconds.observe(now - pending.item.enqueued_at)
             try:
                 outputs = await self.engine.start([p.item for p in batch], self.run_exclusive)
             except Exception as error:
-                self._answer(batch, error=error)
+                for pending in batch:
+                    self._answer(pending, error=error)
                 continue
-            # The batch has joined the decoding (both engines): it decodes on while the next batch begins.
-            task = asyncio.ensure_future(self._finish(batch, outputs))
-            self._finishing.add(task)
-            task.add_done_callback(self._finishing.discard)
+            # The batch has joined the decoding (both engines): it decodes on while the next batch begins, and
+            # each row is answered as soon as the engine has decoded it.
+            for pending, output in zip(batch, outputs, strict=True):
+                output.add_done_callback(functools.partial(self._answer_from, pending))
 
-    async def _finish(self, batch: list[_Pending], outputs: Awaitable[list[EngineOutput]]) -> None:
-        try:
-            results = await outputs
-        except Exception as error:
-            self._answer(batch, error=error)
+    def _answer_from(self, pending: _Pending, output: asyncio.Future[EngineOutput]) -> None:
+        if output.cancelled():
+            self._answer(pending, error=RuntimeError("the engine stopped before decoding this row"))
+        elif output.exception() is not None:
+            self._answer(pending, error=output.exception())
         else:
             now = time.monotonic()
-            self._answered.append((now, len(batch)))
-            self._answered_rows += len(batch)
+            self._answered.append(now)
             self._forget_answers_before(now - DRAIN_WINDOW_S)
-            self._answer(batch, results)
+            self._answer(pending, output.result())
 
-    def _answer(self, batch: list[_Pending], results: list[EngineOutput] | None = None,
-                error: Exception | None = None) -> None:
-        """Resolve every row's future: with its output, or with the error (rows are never dropped)."""
+    def _answer(self, pending: _Pending, result: EngineOutput | None = None, error: Exception | None = None) -> None:
+        """Resolve a row's future: with its output, or with the error (rows are never dropped)."""
         self._in_flight -= 1
-        for index, pending in enumerate(batch):
-            if pending.future.done():
-                continue
-            if error is not None:
-                pending.future.set_exception(error)
-            else:
-                pending.future.set_result(results[index])
+        if pending.future.done():
+            return
+        if error is not None:
+            pending.future.set_exception(error)
+        else:
+            pending.future.set_result(result)
 
     async def _next_batch(self) -> list[_Pending]:
         while not self._queue:

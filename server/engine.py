@@ -117,9 +117,10 @@ class SpeechEngine:
     def pinned_adapters(self) -> list[str]:
         return []
 
-    async def start(self, batch: list[EngineInput], run_in_thread: RunInThread
-                    ) -> Awaitable[list[EngineOutput]]:
-        """Begin a batch. Returns once the next batch may begin; the awaitable gives the outputs."""
+    async def start(self, batch: list[EngineInput], run_in_thread: RunInThread) -> list[asyncio.Future[EngineOutput]]:
+        """Begin a batch. Returns once the next batch may begin, with one future per row of the batch: each is
+        resolved as soon as its row is decoded, not when the whole batch is (a row would otherwise wait for the
+        batch's longest one)."""
         raise NotImplementedError
 
     async def close(self) -> None:
@@ -183,17 +184,20 @@ class SpeechEngine:
         """Per batch row, from the decoder's per-position texts."""
         outputs: list[EngineOutput | None] = [None] * len(prepared.order)
         for position, row in enumerate(prepared.order):
-            language, source = prepared.choices[row]
-            guess = prepared.guesses[row]
-            probability = (float(prepared.probabilities[row, self.languages.index(language)]) if language
-                           else guess.probability)
-            adapter = prepared.keys[position] if self.model.config.adapter else "none"
-            text = texts[position]
-            if prepared.prefixes and prepared.prefixes[position]:
-                text = continue_text(prepared.prefixes[position], text, language)
-            outputs[row] = EngineOutput(text, language, source, probability, guess.candidates, adapter,
-                                        avg_logprobs[position])
+            outputs[row] = self.output(prepared, position, texts[position], avg_logprobs[position])
         return outputs
+
+    def output(self, prepared: PreparedBatch, position: int, text: str, avg_logprob: float) -> EngineOutput:
+        """The output of the row at a decoding position, from its decoded text."""
+        row = prepared.order[position]
+        language, source = prepared.choices[row]
+        guess = prepared.guesses[row]
+        probability = (float(prepared.probabilities[row, self.languages.index(language)]) if language
+                       else guess.probability)
+        adapter = prepared.keys[position] if self.model.config.adapter else "none"
+        if prepared.prefixes and prepared.prefixes[position]:
+            text = continue_text(prepared.prefixes[position], text, language)
+        return EngineOutput(text, language, source, probability, guess.candidates, adapter, avg_logprob)
 
     def count_loop(self, prepared: PreparedBatch, item: EngineInput, position: int) -> None:
         self.metrics.decoding_loops.labels(prepared.keys[position], "partial" if item.partial else "final").inc()
@@ -218,14 +222,10 @@ class _Group:
 
     batch: list[EngineInput]
     admitted: asyncio.Future  # set when it joins (the batcher may then begin the next batch)
-    done: asyncio.Future  # its outputs
+    outputs: list[asyncio.Future]  # per batch row, resolved as soon as that row is decoded
     prepared: PreparedBatch | None = None
     streams: list[TextStream] = field(default_factory=list)  # per decoding position
-    rows: list[int] = field(default_factory=list)  # its rows' ids in the Generation, per decoding position
-    remaining: int = 0  # rows still decoding
     started: float = 0.0
-    outputs: list[EngineOutput] | None = None
-    error: Exception | None = None
 
 
 class EmbeddedEngine(SpeechEngine):
@@ -245,6 +245,7 @@ class EmbeddedEngine(SpeechEngine):
         self._generation = self._new_generation()
         self._row_group: dict[int, tuple[_Group, int]] = {}  # row id → (its group, its position in the group)
         self._driver: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the event loop rows are answered in (start)
 
     def _merge(self, key: str) -> MergedAdapter:
         index = None if key == SHARED_KEY else self.languages.index(key)
@@ -259,23 +260,22 @@ class EmbeddedEngine(SpeechEngine):
     def preload(self, languages: list[str]) -> None:
         self.cache.preload([self.adapter_key(code) for code in languages])
 
-    async def start(self, batch: list[EngineInput], run_in_thread: RunInThread
-                    ) -> Awaitable[list[EngineOutput]]:
+    async def start(self, batch: list[EngineInput], run_in_thread: RunInThread) -> list[asyncio.Future[EngineOutput]]:
         """The batch joins the rows decoding now at the next step (continuous batching) once they leave room for
         it (`max_rows`); returns when it has joined."""
-        loop = asyncio.get_running_loop()
-        group = _Group(batch, loop.create_future(), loop.create_future())
+        self._loop = loop = asyncio.get_running_loop()
+        group = _Group(batch, loop.create_future(), [loop.create_future() for _ in batch])
         self._waiting.append(group)
         if self._driver is None or self._driver.done():
             self._driver = asyncio.create_task(self._drive(run_in_thread))
         await group.admitted
-        return group.done
+        return group.outputs
 
     async def _drive(self, run_in_thread: RunInThread) -> None:
-        """Runs the decoding in ticks of the engine thread, and between ticks lets waiting groups join and
-        answers the finished ones. A tick ends as soon as a group finishes or another waits to join (and at
-        TICK_S), so neither waits long; other work for the engine thread (language detection) runs between
-        ticks."""
+        """Runs the decoding in ticks of the engine thread, and between ticks lets waiting groups join. A tick
+        ends as soon as another group waits to join and fits (and at TICK_S), so that it does not wait long;
+        other work for the engine thread (language detection) runs between ticks. Rows are answered from inside
+        the ticks, as each is decoded (`_answer`)."""
         joining: list[_Group] = []
         try:
             while self._waiting or self._row_group:
@@ -283,19 +283,15 @@ class EmbeddedEngine(SpeechEngine):
                 while self._waiting and self._room_for(self._waiting[0], joining):
                     joining.append(self._waiting.popleft())
                     joining[-1].admitted.set_result(None)
-                for group in await run_in_thread(self._tick, joining):
-                    if group.error is not None:
-                        group.done.set_exception(group.error)
-                    else:
-                        group.done.set_result(group.outputs)
-        except BaseException as error:  # the engine thread is gone (shutdown), say: no group is left hanging
+                await run_in_thread(self._tick, joining)
+        except BaseException as error:  # the engine thread is gone (shutdown), say: no row is left hanging
             groups = {*joining, *self._waiting, *(group for group, _ in self._row_group.values())}
             self._waiting.clear()
             for group in groups:
                 if not group.admitted.done():
                     group.admitted.set_result(None)
-                if not group.done.done():
-                    group.done.set_exception(error if isinstance(error, Exception) else RuntimeError("stopped"))
+                for output in group.outputs:
+                    _settle(output, None, error if isinstance(error, Exception) else RuntimeError("stopped"))
             if isinstance(error, Exception):  # the tick is not running (it raised): its state can go
                 self._reset()
                 logger.exception("the embedded engine's decoding loop failed")
@@ -309,18 +305,19 @@ class EmbeddedEngine(SpeechEngine):
         return hasattr(self.decoder, "join") and rows + len(group.batch) <= self.max_rows
 
     @torch.no_grad()
-    def _tick(self, joining: list[_Group]) -> list[_Group]:
-        """In the engine thread: the joining groups join, then decoding steps until a group finishes, another
-        waiting one would fit, or TICK_S has passed. Returns the groups that are done: with their outputs, or with
-        their error (a group whose speech half failed; every group decoding, when joining or a step failed, since
-        the batch's state is then in doubt)."""
-        finished: list[_Group] = []
+    def _tick(self, joining: list[_Group]) -> None:
+        """In the engine thread: the joining groups join, then decoding steps until another waiting group would
+        fit or TICK_S has passed. Each row is answered as soon as it is decoded; with an error: a group whose
+        speech half failed, and every row decoding when joining or a step failed, since the batch's state is then
+        in doubt."""
         try:
             for group in joining:
-                if self._prepare(group):
-                    self._join(group)
-                else:
-                    finished.append(group)
+                try:
+                    self._prepare(group)
+                except Exception as error:
+                    self._answer_all(group, error)
+                    continue
+                self._join(group)
             deadline = time.perf_counter() + TICK_S
             while self._generation.alive:
                 self.metrics.step_rows.observe(len(self._generation.alive))
@@ -329,32 +326,22 @@ class EmbeddedEngine(SpeechEngine):
                     group, position = self._row_group[row]
                     group.streams[position].add(token)
                 for row in ended:
-                    group, _ = self._row_group.pop(row)
-                    group.remaining -= 1
-                    if group.remaining == 0:
-                        finished.append(self._finish(group))
+                    group, position = self._row_group.pop(row)
+                    self._answer_row(group, position, row)
                 waiting_fits = self._waiting and self._room_for(self._waiting[0], [])
-                if finished or waiting_fits or time.perf_counter() > deadline:
+                if waiting_fits or time.perf_counter() > deadline:
                     break
         except Exception as error:
-            in_doubt = {group for group, _ in self._row_group.values()} | set(joining)
-            for group in in_doubt - set(finished):
-                group.error = error
-                finished.append(group)
+            for group in {group for group, _ in self._row_group.values()} | set(joining):
+                self._answer_all(group, error)  # rows already answered keep their outputs
             self._reset()
         if not self._generation.alive:
             self._reset()
-        return finished
 
-    def _prepare(self, group: _Group) -> bool:
-        """The speech half of a group (encoder, LID, projector): False if it failed, its error kept for it."""
-        try:
-            group.prepared = self.prepare(group.batch)
-        except Exception as error:
-            group.error = error
-            return False
+    def _prepare(self, group: _Group) -> None:
+        """The speech half of a group (encoder, LID, projector)."""
+        group.prepared = self.prepare(group.batch)
         group.streams = [TextStream(group.batch[row].on_text, self.model.tokenizer) for row in group.prepared.order]
-        return True
 
     def _join(self, group: _Group) -> None:
         """A prepared group's rows join the decoding (prefill, KV cache, adapters)."""
@@ -364,19 +351,32 @@ class EmbeddedEngine(SpeechEngine):
             rows = self._generation.join(prepared.prompts, prepared.limits,
                                          [group.batch[row].temperature for row in prepared.order],
                                          prepared.prefix_ids or None)
-        group.rows, group.remaining = rows, len(rows)
         for position, row in enumerate(rows):
             self._row_group[row] = (group, position)
 
-    def _finish(self, group: _Group) -> _Group:
-        """A group whose rows have all finished: its outputs (or the error making them raised)."""
+    def _answer_row(self, group: _Group, position: int, row: int) -> None:
+        """A row that finished decoding: its output (or the error making it raised) to its future."""
+        prepared = group.prepared
         try:
+            hypothesis = self._generation.hypothesis(row, forget=True)
+            if hypothesis.looped:
+                self.count_loop(prepared, group.batch[prepared.order[position]], position)
+            # The stream's last delta goes out first: the event loop runs these callbacks in order.
+            text = group.streams[position].finish()
+            output, error = self.output(prepared, position, text, hypothesis.avg_logprob), None
             self.metrics.decode_seconds.observe(time.perf_counter() - group.started)
-            hypotheses = [self._generation.hypothesis(row, forget=True) for row in group.rows]
-            group.outputs = self._answers(group.batch, group.prepared, group.streams, hypotheses)
-        except Exception as error:
-            group.error = error
-        return group
+        except Exception as failure:
+            output, error = None, failure
+        self._answer(group.outputs[prepared.order[position]], output, error)
+
+    def _answer_all(self, group: _Group, error: Exception) -> None:
+        """Every row of a group not answered yet gets the error."""
+        for output in group.outputs:
+            self._answer(output, None, error)
+
+    def _answer(self, future: asyncio.Future, output: EngineOutput | None, error: Exception | None) -> None:
+        """From the engine thread: the future is resolved in the event loop."""
+        self._loop.call_soon_threadsafe(_settle, future, output, error)
 
     def _reset(self) -> None:
         """No rows decode any more: a fresh batch for whoever comes next."""
@@ -429,6 +429,16 @@ class EmbeddedEngine(SpeechEngine):
                 segments.append((start, row, self.cache.get(keys[start])))
                 start = row
         return segments
+
+
+def _settle(future: asyncio.Future, output: EngineOutput | None, error: Exception | None) -> None:
+    """Resolve a row's future, unless it was already (answered, failed or cancelled: the first word stands)."""
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(output)
 
 
 class TextStream:

@@ -24,7 +24,8 @@ class Metrics:
                                        buckets=LATENCY_BUCKETS, registry=r)
         self.encode_seconds = Histogram("zasr_encode_duration_seconds", "Encoder + LID + projector time per batch",
                                         buckets=LATENCY_BUCKETS, registry=r)
-        self.decode_seconds = Histogram("zasr_decode_duration_seconds", "LLM decoding time per batch",
+        self.decode_seconds = Histogram("zasr_decode_duration_seconds",
+                                        "LLM decoding time per row, from joining the decoding to its last token",
                                         buckets=LATENCY_BUCKETS, registry=r)
         self.audio_seconds = Counter("zasr_audio_seconds_total", "Seconds of audio transcribed", ["language"],
                                      registry=r)

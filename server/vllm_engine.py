@@ -24,7 +24,6 @@ import logging
 import tempfile
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,17 +114,19 @@ class VLLMEngine(SpeechEngine):
     def cached_adapters(self) -> list[str]:
         return list(self._slots)
 
-    async def start(self, batch: list[EngineInput], run_in_thread: RunInThread) -> Awaitable[list[EngineOutput]]:
+    async def start(self, batch: list[EngineInput], run_in_thread: RunInThread) -> list[asyncio.Future[EngineOutput]]:
         prepared = await run_in_thread(self.prepare, batch)
-        rows = [asyncio.ensure_future(self._decode(prepared, position, batch[row]))
-                for position, row in enumerate(prepared.order)]  # submitted in adapter order
-        return asyncio.ensure_future(self._gather(prepared, rows, time.perf_counter()))
+        started = time.perf_counter()
+        outputs: list[asyncio.Future[EngineOutput] | None] = [None] * len(batch)
+        for position, row in enumerate(prepared.order):  # submitted in adapter order
+            outputs[row] = asyncio.ensure_future(self._output(prepared, position, batch[row], started))
+        return outputs
 
-    async def _gather(self, prepared: PreparedBatch, rows: list[asyncio.Future], started: float
-                      ) -> list[EngineOutput]:
-        decoded = await asyncio.gather(*rows)
+    async def _output(self, prepared: PreparedBatch, position: int, item: EngineInput, started: float
+                      ) -> EngineOutput:
+        text, avg_logprob = await self._decode(prepared, position, item)
         self.metrics.decode_seconds.observe(time.perf_counter() - started)
-        return self.outputs(prepared, [text for text, _ in decoded], [logprob for _, logprob in decoded])
+        return self.output(prepared, position, text, avg_logprob)
 
     async def _decode(self, prepared: PreparedBatch, position: int, item: EngineInput) -> tuple[str, float]:
         from vllm import SamplingParams

@@ -85,7 +85,7 @@ def _run_vllm(engine, loop: asyncio.AbstractEventLoop, items: list[EngineInput])
         async def in_thread(fn, *args):
             return await asyncio.to_thread(fn, *args)
 
-        return await (await engine.start(items, in_thread))
+        return list(await asyncio.gather(*await engine.start(items, in_thread)))
 
     return loop.run_until_complete(run())
 
