@@ -243,8 +243,8 @@ async def short_behind_long(url: str, short: bytes, long: bytes, tries: int = 5)
     """Latency of a short request alone; sent 0.25 s after a long one (a 20 s window decodes for about half a
     second), so that it joins the long one's decoding: how long a short request waits behind a long one
     (head-of-line blocking); and sent together with a long one while the audio worker is busy, so that the two
-    are prepared in one worker call and reach the engine as one batch (before stop 19 the short one was answered
-    only when the long one was)."""
+    are prepared in one worker call and reach the engine as one batch, as they do with the one audio worker the
+    benchmark's server runs (before stop 19 the short one was answered only when the long one was)."""
     async with httpx.AsyncClient(timeout=600) as client:
         await timed_transcription(client, url, long, "en")  # warm-up
         alone = [await timed_transcription(client, url, short, "en") for _ in range(tries)]

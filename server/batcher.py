@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import math
 import time
 from collections import deque
@@ -27,6 +28,8 @@ from typing import TypeVar
 from server.engine import EngineInput, EngineOutput, SpeechEngine
 from server.metrics import Metrics
 from server.threads import engine_executor
+
+logger = logging.getLogger("zipper_asr.batcher")
 
 T = TypeVar("T")
 # Retry-After divides the rows ahead by the rate rows were answered at while the batcher had work, over at most
@@ -174,8 +177,15 @@ class Batcher:
                 continue
             # The batch has joined the decoding (both engines): it decodes on while the next batch begins, and
             # each row is answered as soon as the engine has decoded it.
-            for pending, output in zip(batch, outputs, strict=True):
-                output.add_done_callback(functools.partial(self._answer_from, pending))
+            chained = 0
+            try:
+                for pending, output in zip(batch, outputs, strict=True):
+                    output.add_done_callback(functools.partial(self._answer_from, pending))
+                    chained += 1
+            except Exception as error:  # an engine that broke its contract: its other rows are answered all the same
+                logger.exception("the engine's outputs do not match its batch")
+                for pending in batch[chained:]:
+                    self._answer(pending, error=error)
 
     def _answer_from(self, pending: _Pending, output: asyncio.Future[EngineOutput]) -> None:
         if output.cancelled():

@@ -245,7 +245,6 @@ class EmbeddedEngine(SpeechEngine):
         self._generation = self._new_generation()
         self._row_group: dict[int, tuple[_Group, int]] = {}  # row id → (its group, its position in the group)
         self._driver: asyncio.Task | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None  # the event loop rows are answered in (start)
 
     def _merge(self, key: str) -> MergedAdapter:
         index = None if key == SHARED_KEY else self.languages.index(key)
@@ -263,7 +262,7 @@ class EmbeddedEngine(SpeechEngine):
     async def start(self, batch: list[EngineInput], run_in_thread: RunInThread) -> list[asyncio.Future[EngineOutput]]:
         """The batch joins the rows decoding now at the next step (continuous batching) once they leave room for
         it (`max_rows`); returns when it has joined."""
-        self._loop = loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
         group = _Group(batch, loop.create_future(), [loop.create_future() for _ in batch])
         self._waiting.append(group)
         if self._driver is None or self._driver.done():
@@ -285,7 +284,7 @@ class EmbeddedEngine(SpeechEngine):
                     joining[-1].admitted.set_result(None)
                 await run_in_thread(self._tick, joining)
         except BaseException as error:  # the engine thread is gone (shutdown), say: no row is left hanging
-            groups = {*joining, *self._waiting, *(group for group, _ in self._row_group.values())}
+            groups = {*joining, *list(self._waiting), *(group for group, _ in list(self._row_group.values()))}
             self._waiting.clear()
             for group in groups:
                 if not group.admitted.done():
@@ -375,8 +374,11 @@ class EmbeddedEngine(SpeechEngine):
             self._answer(output, None, error)
 
     def _answer(self, future: asyncio.Future, output: EngineOutput | None, error: Exception | None) -> None:
-        """From the engine thread: the future is resolved in the event loop."""
-        self._loop.call_soon_threadsafe(_settle, future, output, error)
+        """From the engine thread: the future is resolved in its event loop (unless that loop is gone: shutdown)."""
+        try:
+            future.get_loop().call_soon_threadsafe(_settle, future, output, error)
+        except RuntimeError:
+            logger.warning("a row was decoded after its event loop closed")
 
     def _reset(self) -> None:
         """No rows decode any more: a fresh batch for whoever comes next."""
@@ -396,7 +398,8 @@ class EmbeddedEngine(SpeechEngine):
         temperature = max(item.temperature for item in batch)  # rows of a batch share one temperature
         hypotheses = self.decode(prepared, temperature,
                                  on_tokens=lambda emitted: [streams[row].add(token) for row, token in emitted])
-        self.metrics.decode_seconds.observe(time.perf_counter() - start)
+        for _ in hypotheses:  # per row, as in continuous decoding (here every row ends with the batch)
+            self.metrics.decode_seconds.observe(time.perf_counter() - start)
         return self._answers(batch, prepared, streams, hypotheses)
 
     def _answers(self, batch: list[EngineInput], prepared: PreparedBatch, streams: list[TextStream],

@@ -71,6 +71,7 @@ class VLLMEngine(SpeechEngine):
         self.llm = AsyncLLM.from_engine_args(args)
         self._slots: OrderedDict[str, None] = OrderedDict()  # the adapters vLLM holds in its slots, LRU order
         self._request_ids = itertools.count()
+        self._rows: set[asyncio.Task] = set()  # rows decoding (the event loop keeps only weak references to tasks)
 
     def _adapter_directories(self, model_dir: Path) -> dict[str, Path]:
         """Adapter key → PEFT directory: the model's shipped exports (model_dir/adapters/KEY), else
@@ -119,7 +120,10 @@ class VLLMEngine(SpeechEngine):
         started = time.perf_counter()
         outputs: list[asyncio.Future[EngineOutput] | None] = [None] * len(batch)
         for position, row in enumerate(prepared.order):  # submitted in adapter order
-            outputs[row] = asyncio.ensure_future(self._output(prepared, position, batch[row], started))
+            task = asyncio.ensure_future(self._output(prepared, position, batch[row], started))
+            self._rows.add(task)
+            task.add_done_callback(self._rows.discard)
+            outputs[row] = task
         return outputs
 
     async def _output(self, prepared: PreparedBatch, position: int, item: EngineInput, started: float

@@ -43,10 +43,10 @@ class RecordingEngine(EmbeddedEngine):
         self.threads.append(threading.current_thread().name)
         return super().prepare(batch)
 
-    def _tick(self, joining: list) -> list:
+    def _tick(self, joining: list) -> None:
         start = time.monotonic()
         try:
-            return super()._tick(joining)
+            super()._tick(joining)
         finally:
             self.intervals.append((start, time.monotonic()))
 
@@ -179,8 +179,10 @@ class PausingEngine(RecordingEngine):
 
 
 def test_a_row_is_answered_when_it_is_decoded_not_when_its_batch_is(model: SpeechLLM) -> None:
-    """Before stop 19 a batch's rows were answered together, so a short request waited for the longest one it was
-    batched with (48 ms a row on average at concurrency 16 in the serving benchmark)."""
+    """Two rows of one batch: the first to finish decoding is answered while the other is not (the engine thread
+    is held right after that first answer). Before stop 19 a batch's rows were answered together, so a short
+    request waited for the longest one it was batched with (48 ms a row on average at concurrency 16 in the
+    serving benchmark)."""
     engine = PausingEngine(model, Metrics(), cache_bytes=1 << 30, lid_threshold=1.01)
 
     async def scenario() -> None:
@@ -226,6 +228,39 @@ def test_queue_full_refuses_the_whole_request(model: SpeechLLM) -> None:
         third = batcher.submit(_items(["de", "ar"], seed=2))  # once drained, the refused request fits
         assert [o.language for o in await asyncio.gather(*third)] == ["de", "ar"]
         await batcher.stop()
+
+    _run(scenario)
+
+
+class FailingAfterFirstAnswer(RecordingEngine):
+    """Its first decoding step after a row has been answered raises."""
+
+    def _answer_row(self, *args) -> None:
+        super()._answer_row(*args)
+
+        def fail() -> None:
+            raise RuntimeError("step failed")
+
+        self._generation.step = fail  # this Generation only: the engine starts a fresh one after the failure
+
+
+def test_a_failed_step_fails_only_the_rows_not_yet_answered(model: SpeechLLM) -> None:
+    """A step that fails leaves the batch's state in doubt: the rows still decoding get the error, the rows already
+    answered keep their outputs, and every accepted row is answered (stop returns)."""
+    engine = FailingAfterFirstAnswer(model, Metrics(), cache_bytes=1 << 30, lid_threshold=1.01)
+
+    async def scenario() -> None:
+        batcher = Batcher(engine, Metrics(), max_batch_size=8, max_wait_s=0.01, max_queue=16)
+        await batcher.start()
+        futures = [future for seed, frames in enumerate((8, 60, 120))
+                   for future in batcher.submit(_items(["en"], seed=seed, frames=frames))]
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        await batcher.stop()
+        failed = [result for result in results if isinstance(result, Exception)]
+        assert 0 < len(failed) < len(results)
+        assert all(str(error) == "step failed" for error in failed)
+        assert batcher._in_flight == 0
+        assert [len(batch) for batch in engine.batches] == [3]
 
     _run(scenario)
 
