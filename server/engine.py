@@ -180,13 +180,6 @@ class SpeechEngine:
         return PreparedBatch(order, [keys[row] for row in order], languages, prompts, limits,
                              choices, [self._guess(p) for p in probabilities], probabilities, prefixes, prefix_ids)
 
-    def outputs(self, prepared: PreparedBatch, texts: list[str], avg_logprobs: list[float]) -> list[EngineOutput]:
-        """Per batch row, from the decoder's per-position texts."""
-        outputs: list[EngineOutput | None] = [None] * len(prepared.order)
-        for position, row in enumerate(prepared.order):
-            outputs[row] = self.output(prepared, position, texts[position], avg_logprobs[position])
-        return outputs
-
     def output(self, prepared: PreparedBatch, position: int, text: str, avg_logprob: float) -> EngineOutput:
         """The output of the row at a decoding position, from its decoded text."""
         row = prepared.order[position]
@@ -357,12 +350,10 @@ class EmbeddedEngine(SpeechEngine):
         """A row that finished decoding: its output (or the error making it raised) to its future."""
         prepared = group.prepared
         try:
-            hypothesis = self._generation.hypothesis(row, forget=True)
-            if hypothesis.looped:
-                self.count_loop(prepared, group.batch[prepared.order[position]], position)
             # The stream's last delta goes out first: the event loop runs these callbacks in order.
-            text = group.streams[position].finish()
-            output, error = self.output(prepared, position, text, hypothesis.avg_logprob), None
+            output = self._row_output(group.batch, prepared, position, group.streams[position],
+                                      self._generation.hypothesis(row, forget=True))
+            error = None
             self.metrics.decode_seconds.observe(time.perf_counter() - group.started)
         except Exception as failure:
             output, error = None, failure
@@ -404,11 +395,18 @@ class EmbeddedEngine(SpeechEngine):
 
     def _answers(self, batch: list[EngineInput], prepared: PreparedBatch, streams: list[TextStream],
                  hypotheses: list[Hypothesis]) -> list[EngineOutput]:
-        """A decoded batch's outputs, per batch row (the streams' last deltas sent, loops counted)."""
-        for position, hypothesis in enumerate(hypotheses):
-            if hypothesis.looped:
-                self.count_loop(prepared, batch[prepared.order[position]], position)
-        return self.outputs(prepared, [s.finish() for s in streams], [h.avg_logprob for h in hypotheses])
+        """A decoded batch's outputs, per batch row."""
+        outputs: list[EngineOutput | None] = [None] * len(batch)
+        for position, (stream, hypothesis) in enumerate(zip(streams, hypotheses, strict=True)):
+            outputs[prepared.order[position]] = self._row_output(batch, prepared, position, stream, hypothesis)
+        return outputs
+
+    def _row_output(self, batch: list[EngineInput], prepared: PreparedBatch, position: int, stream: TextStream,
+                    hypothesis: Hypothesis) -> EngineOutput:
+        """A decoded row's output (its stream's last delta sent, a loop counted)."""
+        if hypothesis.looped:
+            self.count_loop(prepared, batch[prepared.order[position]], position)
+        return self.output(prepared, position, stream.finish(), hypothesis.avg_logprob)
 
     @torch.no_grad()
     def decode(self, prepared: PreparedBatch, temperature: float = 0.0,
