@@ -312,7 +312,7 @@ class EmbeddedEngine(SpeechEngine):
                 self._join(group)
             deadline = time.perf_counter() + TICK_S
             while self._generation.alive:
-                self.metrics.step_rows.observe(len(self._generation.alive))
+                self.metrics.step_rows.observe(len(self._generation.alive) - len(self._generation.pending))
                 emitted, ended = self._generation.step()
                 for row, token in emitted:
                     group, position = self._row_group[row]

@@ -43,6 +43,9 @@ class Decoder(Protocol):
     def step(self, tokens: torch.Tensor, state: DecoderState) -> torch.Tensor:
         """Each row's next token (B,) → the logits of the token after it (B, V)."""
 
+    # LlamaDecoder also merges two batches' states (`join`: continuous batching) and runs a step and a prefill in
+    # one forward pass (`can_mix`, `step_and_prefill`); speechllm.decoding.Generation uses them when they are there.
+
 
 def prompt_positions(mask: torch.Tensor) -> torch.Tensor:
     """Each input's position, counted from its row's first real input: left padding changes nothing."""
@@ -112,15 +115,30 @@ class PackedLinear:
                 if isinstance(tensor, nn.Parameter) and (tensor.dtype, tensor.device) == (view.dtype, view.device):
                     tensor.data = view
 
-    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        if self.zipper and not (self.shared_a and all(layer.rows is not None for layer in self.layers)):
+    @property
+    def one_gemm(self) -> bool:
+        """Whether the layers run as one GEMM now (otherwise each runs as its own module)."""
+        return not self.zipper or (self.shared_a and all(layer.rows is not None for layer in self.layers))
+
+    def __call__(self, x: torch.Tensor, parts: list[Part] | None = None) -> list[torch.Tensor]:
+        """Each layer's output for x: (b, T, in); or, for a pass over several `parts`, their inputs one after the
+        other (N, in)."""
+        if not self.one_gemm:
+            if parts is not None and len(parts) > 1:
+                raise ValueError("a pass over several parts needs the layers as one GEMM (LlamaDecoder.can_mix)")
             return [layer(x) for layer in self.layers]
-        parts = self.linear(x).split(self.sizes, -1)
+        outputs = self.linear(x).split(self.sizes, -1)
         if not self.zipper:
-            return list(parts)
+            return list(outputs)
         n = len(self.layers)
-        return [layer.rows.add_update(y, ax, layer.config.scaling)
-                for layer, y, ax in zip(self.layers, parts[:n], parts[n:], strict=True)]
+        if parts is None or len(parts) == 1:
+            return [layer.rows.add_update(y, ax, layer.config.scaling)
+                    for layer, y, ax in zip(self.layers, outputs[:n], outputs[n:], strict=True)]
+        # each part's rows of the GEMM's output with their own adapters
+        return [torch.cat([layer.rows.select(part.adapter_rows).add_update(part.of(y), part.of(ax),
+                                                                             layer.config.scaling).flatten(0, 1)
+                           for part in parts])
+                for layer, y, ax in zip(self.layers, outputs[:n], outputs[n:], strict=True)]
 
 
 @dataclass
@@ -152,15 +170,65 @@ class KVCache:
         def joined(x: torch.Tensor, y: torch.Tensor, slot_dim: int) -> torch.Tensor:
             shape = list(x.shape)
             shape[0], shape[slot_dim] = rows, capacity
-            out = x.new_zeros(shape)  # zeros, not empty: see LlamaDecoder.prefill
+            out = empty_slots(x, shape, slot_dim, 0)
             for start, source, written in ((0, x, a.length), (len(a.positions), y, b.length)):
-                target = out[start: start + len(source)].narrow(slot_dim, length - written, written)
-                target.copy_(source.narrow(slot_dim, 0, written))
+                rows_of_source = out[start: start + len(source)]
+                rows_of_source.narrow(slot_dim, 0, length - written).zero_()  # padding before its written slots
+                rows_of_source.narrow(slot_dim, length - written, written).copy_(source.narrow(slot_dim, 0, written))
             return out
 
         return KVCache([joined(x, y, 2) for x, y in zip(a.keys, b.keys, strict=True)],
                        [joined(x, y, 2) for x, y in zip(a.values, b.values, strict=True)],
                        joined(a.valid, b.valid, 1), torch.cat([a.positions, b.positions]), length)
+
+
+@dataclass
+class Part:
+    """Rows of a forward pass with as many inputs each: a decoding step's rows (one input each) or a group of
+    prompts prefilled together. A pass over several parts (LlamaDecoder.step_and_prefill) reads the weights once
+    for all of them: the parts' inputs go through the linear layers as one (N, D) matrix, one after the other,
+    and each part attends to its own cache slots with its own rows' adapters."""
+
+    x: torch.Tensor  # (b, T, D)
+    positions: torch.Tensor  # (b, T)
+    cache: KVCache
+    rows: torch.Tensor | None  # which of the cache's rows (None: all of them)
+    start: int  # the inputs are written to the cache's slots [start, start + T)
+    adapter_rows: torch.Tensor | slice | None = None  # which rows of the Zipper layers' batch (None: all)
+    offset: int = 0  # where its inputs begin in a pass over several parts
+
+    def of(self, flat: torch.Tensor) -> torch.Tensor:
+        """This part's rows of a pass's (N, ...) tensor, as (b, T, ...)."""
+        batch, length = self.x.shape[:2]
+        return flat[self.offset: self.offset + batch * length].unflatten(0, (batch, length))
+
+    def attention_mask(self) -> torch.Tensor:
+        """Which cache slots each input attends to (b, 1, T, keys). A prefill group (`rows` given) attends only
+        to its own slots, since the slots before them are padding for its rows; every row of the batch (`rows`
+        None: a step, or a prefill in one call) to every slot so far."""
+        length = self.x.shape[1]
+        end = self.start + length
+        first = 0 if self.rows is None else self.start
+        valid = self.cache.valid if self.rows is None else self.cache.valid[self.rows]
+        attend = valid[:, None, None, first:end]  # (b, 1, 1, keys)
+        if length > 1:  # causal, and every query sees itself so that a padding row is never empty
+            keys = torch.arange(first, end, device=valid.device)
+            queries = torch.arange(self.start, end, device=valid.device)[:, None]
+            attend = (attend & (keys <= queries)) | (keys == queries)
+        return attend
+
+
+def empty_slots(like: torch.Tensor, shape: list[int], slot_dim: int, zeroed: int) -> torch.Tensor:
+    """A cache tensor with slots [0, zeroed) set to zero and the later ones unset, for keys and values (masks are
+    all False): a slot is read only once a step or prefill wrote it, or as padding before a row's first slot,
+    which must be zero, not unset, since a masked slot still enters attention's arithmetic and NaN there (0 × NaN)
+    would spoil the row. Filling the whole cache with zeros at every join was 5 % of the engine thread's time at
+    concurrency 16 (py-spy), most of it the first touch of freshly allocated pages."""
+    if like.dtype == torch.bool:
+        return like.new_zeros(shape)
+    out = like.new_empty(shape)
+    out.narrow(slot_dim, 0, zeroed).zero_()
+    return out
 
 
 def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -238,73 +306,126 @@ class LlamaDecoder:
         """Rows of similar length are prefilled together (speechllm.padding): one long prompt in a batch would
         otherwise make every row compute its length. Each group writes its last slots of the cache, so that
         the batch continues as one, left-padded to the longest prompt."""
+        cache, groups = self._prefill_parts(embeds, mask, max_new_tokens)
+        if len(groups) == 1:  # one call for all rows: no rows to pick out of the batch, its cache or its adapters
+            return self._forward([groups[0]]), cache
+        logits = None
+        for group in groups:
+            with use_rows(self.llm, group.rows):
+                out = self._forward([group])
+            logits = out.new_empty(len(embeds), out.shape[-1]) if logits is None else logits
+            logits[group.rows] = out
+        return logits, cache
+
+    def _prefill_parts(self, embeds: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,
+                       first_adapter_row: int = 0) -> tuple[KVCache, list[Part]]:
+        """A cache for left-padded prompts, with room for `max_new_tokens` more, and their length groups as the
+        parts of a forward pass; their adapters are the Zipper batch's rows from `first_adapter_row` on."""
         batch, length, _ = embeds.shape
         capacity = length + max_new_tokens
-        shape = (batch, self.n_kv_heads, capacity, self.head_dim)
+        shape = [batch, self.n_kv_heads, capacity, self.head_dim]
         prompt_lengths = mask.sum(-1)
-        # Zeros, not empty: a masked slot still enters attention's arithmetic, and NaN there (0 × NaN) spoils the row.
-        cache = KVCache([embeds.new_zeros(shape) for _ in self.layers], [embeds.new_zeros(shape) for _ in self.layers],
-                        torch.zeros(batch, capacity, dtype=torch.bool, device=embeds.device), prompt_lengths - 1)
+        cache = KVCache([empty_slots(embeds, shape, 2, length) for _ in self.layers],
+                        [empty_slots(embeds, shape, 2, length) for _ in self.layers],
+                        torch.zeros(batch, capacity, dtype=torch.bool, device=embeds.device), prompt_lengths - 1,
+                        length)
         cache.valid[:, :length] = mask.bool()
         lengths = prompt_lengths.tolist()
         groups = length_groups(lengths, PREFILL_CALL_TOKENS)
-        if len(groups) == 1:  # one call for all rows: no rows to pick out of the batch, its cache or its adapters
-            cache.length = length
-            return self._forward(embeds, prompt_positions(mask), cache, None, 0), cache
-        logits: torch.Tensor | None = None
+        if len(groups) == 1:
+            return cache, [Part(embeds, prompt_positions(mask), cache, None, 0,
+                                slice(first_adapter_row, first_adapter_row + batch))]
+        parts = []
         for group in groups:
             rows = torch.tensor(group, device=embeds.device)
             start = length - max(lengths[row] for row in group)
-            with use_rows(self.llm, rows):
-                out = self._forward(embeds[rows, start:], prompt_positions(mask[rows, start:]), cache, rows, start)
-            logits = out.new_empty(batch, out.shape[-1]) if logits is None else logits
-            logits[rows] = out
-        cache.length = length
-        return logits, cache
+            parts.append(Part(embeds[rows, start:], prompt_positions(mask[rows, start:]), cache, rows, start,
+                              rows + first_adapter_row))
+        return cache, parts
 
     def join(self, a: KVCache, b: KVCache) -> KVCache:
         return KVCache.join(a, b)
 
     def step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        cache.valid[:, cache.length] = True
-        cache.positions = cache.positions + 1
-        logits = self._forward(self.llm.get_input_embeddings()(tokens[:, None]), cache.positions[:, None], cache,
-                               None, cache.length)
+        logits = self._forward([self._step_part(tokens, cache)])
         cache.length += 1
         return logits
 
-    def _forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, rows: torch.Tensor | None,
-                 start: int) -> torch.Tensor:
-        """Inputs (b, T, D) at `positions` (b, T), written to the cache's slots [start, start + T) → the last
-        input's logits. A prefill group (`rows`: which rows of the cache) attends only to its own slots, since
-        the slots before them are padding for its rows; every row (`rows` None: a step, or a prefill in one call) to
-        every slot so far."""
-        end = start + x.shape[1]
-        first = 0 if rows is None else start
-        self.rotary.reserve(end, x)  # a row's positions never pass its slot in the cache
-        cos, sin = self.rotary.lookup(positions)
-        valid = cache.valid if rows is None else cache.valid[rows]
-        attend = valid[:, None, None, first:end]  # (b, 1, 1, keys)
-        if x.shape[1] > 1:  # causal, and every query sees itself so that a padding row is never empty
-            keys = torch.arange(first, end, device=x.device)
-            queries = torch.arange(start, end, device=x.device)[:, None]
-            attend = (attend & (keys <= queries)) | (keys == queries)
-        for index, layer in enumerate(self.layers):
-            x = x + self._attention(index, layer, x, cos, sin, attend, cache, rows, start)
-            hidden = _rms_norm(layer.post_attention_layernorm, x)
-            gate, up = self.gate_up[index](hidden)
-            x = x + self.down[index](F.silu(gate) * up)[0]
-        return self.lm_head(_rms_norm(self.llm.model.norm, x[:, -1]))
+    def _step_part(self, tokens: torch.Tensor, cache: KVCache) -> Part:
+        cache.valid[:, cache.length] = True
+        cache.positions = cache.positions + 1
+        return Part(self.llm.get_input_embeddings()(tokens[:, None]), cache.positions[:, None], cache, None,
+                    cache.length, slice(0, len(tokens)))
 
-    def _attention(self, index: int, layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   attend: torch.Tensor, cache: KVCache, rows: torch.Tensor | None, start: int) -> torch.Tensor:
-        batch, length, _ = x.shape
-        end = start + length
-        q, k, v = self.qkv[index](_rms_norm(layer.input_layernorm, x))
+    def can_mix(self) -> bool:
+        """Whether `step_and_prefill` can run now: every packed projection is one GEMM (not so with per-language
+        A matrices, the independent baseline, nor with adapters set per language index rather than per row)."""
+        return all(packed.one_gemm for packed in self.qkv + self.o + self.gate_up + self.down)
+
+    def step_and_prefill(self, tokens: torch.Tensor, cache: KVCache, embeds: torch.Tensor, mask: torch.Tensor,
+                         max_new_tokens: int) -> tuple[torch.Tensor, KVCache]:
+        """A step of the running rows (`tokens`, `cache`) and the prefill of rows joining them (left-padded
+        prompts), in one forward pass: vLLM's mixed prefill and decode batches. Apart, each would read every
+        weight once, and a decoder this small costs about as much to read as to compute with (a step of 10 rows
+        reads 17 MB of weights and computes with them for 10 inputs). Returns the logits of the running rows and
+        then of the joining rows, and the cache of them all (running rows first). The Zipper layers' batch holds
+        the adapters of the running rows and then of the joining rows (adapters.zipper.joining_rows)."""
+        step = self._step_part(tokens, cache)
+        joining, groups = self._prefill_parts(embeds, mask, max_new_tokens, first_adapter_row=len(tokens))
+        offset = 0
+        for part in (step, *groups):
+            part.offset = offset
+            offset += part.x.shape[0] * part.x.shape[1]
+        out = self._forward([step, *groups])
+        cache.length += 1
+        logits = out.new_empty(len(tokens) + len(embeds), out.shape[-1])
+        logits[: len(tokens)] = out[: len(tokens)]
+        row = len(tokens)
+        for group in groups:
+            rows = slice(None) if group.rows is None else group.rows
+            logits[len(tokens):][rows] = out[row: row + len(group.x)]
+            row += len(group.x)
+        return logits, KVCache.join(cache, joining)
+
+    def _forward(self, parts: list[Part]) -> torch.Tensor:
+        """Inputs of one or more parts (see Part) → the logits of each part's rows' last input, part after part.
+        One part keeps its (b, T, D) shape throughout; several go through the linear layers as one (N, D)
+        matrix."""
+        for part in parts:  # a row's positions never pass its slot in the cache
+            self.rotary.reserve(part.start + part.x.shape[1], part.x)
+        rotations = [self.rotary.lookup(part.positions) for part in parts]
+        masks = [part.attention_mask() for part in parts]
+        several = parts if len(parts) > 1 else None
+        x = torch.cat([part.x.flatten(0, 1) for part in parts]) if several else parts[0].x
+        for index, layer in enumerate(self.layers):
+            x = x + self._attention(index, layer, x, parts, rotations, masks)
+            hidden = _rms_norm(layer.post_attention_layernorm, x)
+            gate, up = self.gate_up[index](hidden, several)
+            x = x + self.down[index](F.silu(gate) * up, several)[0]
+        last = torch.cat([part.of(x)[:, -1] for part in parts]) if several else x[:, -1]
+        return self.lm_head(_rms_norm(self.llm.model.norm, last))
+
+    def _attention(self, index: int, layer: nn.Module, x: torch.Tensor, parts: list[Part],
+                   rotations: list[tuple[torch.Tensor, torch.Tensor]], masks: list[torch.Tensor]) -> torch.Tensor:
+        several = parts if len(parts) > 1 else None
+        q, k, v = self.qkv[index](_rms_norm(layer.input_layernorm, x), several)
+        if several is None:
+            out = self._attend(index, parts[0], q, k, v, *rotations[0], masks[0])
+        else:
+            out = torch.cat([self._attend(index, part, part.of(q), part.of(k), part.of(v), cos, sin, mask).flatten(0, 1)
+                             for part, (cos, sin), mask in zip(parts, rotations, masks, strict=True)])
+        return self.o[index](out, several)[0]
+
+    def _attend(self, index: int, part: Part, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor, attend: torch.Tensor) -> torch.Tensor:
+        """One part's attention: its projections (b, T, ·) → its output (b, T, heads × head_dim), its keys and
+        values written to its cache."""
+        batch, length = part.x.shape[:2]
+        start, end, rows = part.start, part.start + length, part.rows
         q = self.rotary.rotate(q.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
         k = self.rotary.rotate(k.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2), cos, sin)
         v = v.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        keys, values = cache.keys[index], cache.values[index]
+        keys, values = part.cache.keys[index], part.cache.values[index]
         if rows is None:
             keys[:, :, start:end], values[:, :, start:end] = k, v
             keys, values = keys[:, :, :end], values[:, :, :end]
@@ -312,7 +433,7 @@ class LlamaDecoder:
             keys[rows, :, start:end], values[rows, :, start:end] = k, v
             keys, values = k, v
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=attend, enable_gqa=True)
-        return self.o[index](out.transpose(1, 2).reshape(batch, length, -1))[0]
+        return out.transpose(1, 2).reshape(batch, length, -1)
 
 
 def decoder_for(llm: PreTrainedModel) -> LlamaDecoder | HFDecoder:

@@ -126,10 +126,12 @@ class _Row:
 
 class Generation:
     """Rows decoding together, one token each per step. Rows join between steps (`join`: their prompts are
-    prefilled and their state merged into the running batch's, when the decoder can merge: continuous batching)
-    and leave once finished: finished rows leave the batch (with their KV cache) once they are a quarter of it, so
-    that a long transcript does not keep finished rows computing. Whoever holds per-row state for the model's
-    layers (the Zipper adapters of a mixed batch) follows along through `on_rows_kept`.
+    prefilled and their state merged into the running batch's, when the decoder can merge: continuous batching;
+    when it can also mix, the next step prefills them in the same forward pass as it decodes the running rows,
+    as vLLM's mixed batches do) and leave once finished: finished rows leave the batch (with their KV cache) once
+    they are a quarter of it, so that a long transcript does not keep finished rows computing. Whoever holds
+    per-row state for the model's layers (the Zipper adapters of a mixed batch) follows along through
+    `on_rows_kept`.
 
     A row also finishes when it falls into a repetition loop (`RowTokens`), unless `stop_loops` is False.
     Rows are named by ids, in the order they joined, from 0. A batch that rows keep joining may never end, so a
@@ -144,9 +146,13 @@ class Generation:
         self.on_rows_kept = on_rows_kept
         self.rows: dict[int, _Row] = {}
         self._next_id = 0
-        self.alive: list[int] = []  # the row of each position of the running batch (finished ones too)
+        # The row of each position of the running batch: rows decoding (finished ones too), then rows joining at
+        # the next step (`pending`).
+        self.alive: list[int] = []
+        self.pending: list[int] = []  # rows whose prompts the next step prefills (`join`)
+        self._prompts: dict[int, torch.Tensor] = {}  # their prompts
         self._state: DecoderState | None = None
-        self._logits: torch.Tensor | None = None  # (len(alive), vocab): each position's next token
+        self._logits: torch.Tensor | None = None  # (len(alive) - len(pending), vocab): each position's next token
 
     @property
     def running(self) -> int:
@@ -155,14 +161,21 @@ class Generation:
 
     def join(self, prompts: list[torch.Tensor], limits: list[int], temperatures: list[float],
              contexts: list[list[int]] | None = None) -> list[int]:
-        """Prefill `prompts` (L_i, D) and add their rows to the batch; `contexts` are the tokens each prompt
-        ends with as if its row had written them (forced prefixes). Returns the new rows' ids."""
-        logits, state = self.decoder.prefill(*left_pad(prompts), max(limits))
+        """Add rows for `prompts` (L_i, D) to the batch; `contexts` are the tokens each prompt ends with as if its
+        row had written them (forced prefixes). Returns the new rows' ids. With rows decoding, and a decoder that
+        can, the prompts are prefilled by the next step, in the same forward pass as the running rows' tokens
+        (`pending`); otherwise here."""
         ids = list(range(self._next_id, self._next_id + len(prompts)))
         self._next_id += len(prompts)
         for index, row in enumerate(ids):
             context = contexts[index] if contexts else ()
             self.rows[row] = _Row(RowTokens(self.stop_loops, context), limits[index], temperatures[index])
+        if self.pending or (self.alive and getattr(self.decoder, "can_mix", lambda: False)()):
+            self.pending += ids
+            self._prompts.update(zip(ids, prompts, strict=True))
+            self.alive += ids
+            return ids
+        logits, state = self.decoder.prefill(*left_pad(prompts), max(limits))
         if self.alive:
             self._state = self.decoder.join(self._state, state)
             self._logits = torch.cat([self._logits, logits])
@@ -172,19 +185,20 @@ class Generation:
         return ids
 
     def step(self) -> tuple[list[tuple[int, int]], list[int]]:
-        """Every running row's next token. Returns the tokens that became settled ((row, token): see
-        RowTokens.settled) and the rows that finished."""
+        """Every running row's next token, and the prompts of the rows joining (`pending`) prefilled. Returns the
+        tokens that became settled ((row, token): see RowTokens.settled) and the rows that finished."""
+        decoding = self.alive[: len(self.alive) - len(self.pending)]
         logits = self._logits.float()
         logprobs = logits.log_softmax(-1)
         next_tokens = logprobs.argmax(-1)
-        temperatures = torch.tensor([self.rows[row].temperature for row in self.alive])
+        temperatures = torch.tensor([self.rows[row].temperature for row in decoding])
         if (temperatures > 0).any():
             sampled = (temperatures > 0).to(logits.device)
             probs = (logits[sampled] / temperatures.to(logits.device)[sampled, None]).softmax(-1).cpu()
             next_tokens[sampled] = torch.multinomial(probs, 1, generator=self.generator)[:, 0].to(logits.device)
         chosen = logprobs.gather(1, next_tokens[:, None])[:, 0].tolist()
         emitted, finished, running = [], [], []
-        for position, (row_id, token) in enumerate(zip(self.alive, next_tokens.tolist(), strict=True)):
+        for position, (row_id, token) in enumerate(zip(decoding, next_tokens.tolist(), strict=True)):
             row = self.rows[row_id]
             if row.done:
                 continue
@@ -201,19 +215,37 @@ class Generation:
                 finished.append(row_id)
             else:
                 running.append(position)
-        if not running:
+        if not running and not self.pending:
             self._leave([])
             self._state, self._logits = None, None
             return emitted, finished
-        if 4 * (len(self.alive) - len(running)) >= len(self.alive):
-            keep = torch.tensor(running, device=next_tokens.device)
-            self._leave([self.alive[position] for position in running])
+        if not running or 4 * (len(decoding) - len(running)) >= len(decoding):
+            joining = list(range(len(decoding), len(self.alive)))  # positions of the pending rows
+            keep = torch.tensor(running, dtype=torch.long, device=next_tokens.device)
+            self._leave([self.alive[position] for position in running + joining])
             next_tokens = next_tokens[keep]
-            self._state.keep(keep)
+            if running:
+                self._state.keep(keep)
             if self.on_rows_kept is not None:
-                self.on_rows_kept(keep)
-        self._logits = self.decoder.step(next_tokens, self._state)
+                self.on_rows_kept(torch.tensor(running + joining, dtype=torch.long, device=next_tokens.device))
+        if not running:
+            self._prefill_pending(None)
+        elif self.pending:
+            self._prefill_pending(next_tokens)
+        else:
+            self._logits = self.decoder.step(next_tokens, self._state)
         return emitted, finished
+
+    def _prefill_pending(self, next_tokens: torch.Tensor | None) -> None:
+        """The pending rows' prompts prefilled, in the running rows' step (their `next_tokens`) if there are any."""
+        prompts = [self._prompts.pop(row) for row in self.pending]
+        limit = max(self.rows[row].limit for row in self.pending)
+        if next_tokens is None:
+            self._logits, self._state = self.decoder.prefill(*left_pad(prompts), limit)
+        else:
+            self._logits, self._state = self.decoder.step_and_prefill(next_tokens, self._state, *left_pad(prompts),
+                                                                      limit)
+        self.pending = []
 
     def hypothesis(self, row_id: int, forget: bool = False) -> Hypothesis:
         """A row's tokens (final once it has finished); `forget`: taken for good, the row can be forgotten."""

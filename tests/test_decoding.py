@@ -10,7 +10,7 @@ from adapters.zipper import (
     merge_language,
     use_segments,
 )
-from speechllm.decoder import PREFILL_CALL_TOKENS, HFDecoder, LlamaDecoder, decoder_for
+from speechllm.decoder import PREFILL_CALL_TOKENS, HFDecoder, KVCache, LlamaDecoder, decoder_for
 from speechllm.decoding import Generation, RowTokens, generate, left_pad
 from speechllm.inference import transcribe_features
 from speechllm.padding import length_groups
@@ -59,8 +59,18 @@ def test_our_decoder_decodes_as_hugging_face_with_mixed_language_adapters(tiny_t
         assert abs(a.sum_logprob - b.sum_logprob) < 1e-3
 
 
+def _unset_memory_is_nan(monkeypatch) -> None:
+    """Tensors allocated without a value (the KV cache's slots not written yet) hold NaN, as freed memory may:
+    a decoding that reads such a slot then gives NaN logits."""
+    new_empty = torch.Tensor.new_empty
+    monkeypatch.setattr(torch.Tensor, "new_empty",
+                        lambda self, *size, **kw: new_empty(self, *size, **kw).fill_(float("nan"))
+                        if self.is_floating_point() else new_empty(self, *size, **kw))
+
+
 @pytest.mark.parametrize("variant", [Variant.SOFT, Variant.INDEPENDENT])
-def test_rows_that_join_a_running_batch_decode_as_they_would_alone(tiny_tokenizer, variant) -> None:
+def test_rows_that_join_a_running_batch_decode_as_they_would_alone(tiny_tokenizer, variant, monkeypatch) -> None:
+    _unset_memory_is_nan(monkeypatch)  # no slot is read before it is written or set to zero
     model = tiny_speech_llm(tiny_tokenizer, adapter=ZipperConfig(variant=variant, rank=4))
     _random_adapters(model)
     torch.manual_seed(3)
@@ -94,6 +104,31 @@ def test_rows_that_join_a_running_batch_decode_as_they_would_alone(tiny_tokenize
     for row, hypothesis in zip(rows, alone, strict=True):
         assert abs(generation.hypothesis(row).sum_logprob - hypothesis.sum_logprob) < 1e-3
     assert max(batch_sizes) == 4 and min(batch_sizes) < 4  # four rows decoded together, and rows left
+
+
+def test_rows_that_join_as_every_running_row_finishes_are_prefilled_alone(tiny_tokenizer) -> None:
+    model = tiny_speech_llm(tiny_tokenizer, adapter=ZipperConfig(variant=Variant.SOFT, rank=4))
+    _random_adapters(model)
+    torch.manual_seed(6)
+    dim = model.llm.config.hidden_size
+    first, joining = [torch.randn(5, dim)], [torch.randn(8, dim), torch.randn(3, dim)]
+    adapters = [merge_language(model.llm, language) for language in (1, 4, 6)]
+    decoder = LlamaDecoder(model.llm)
+    generation = Generation(decoder, eos_id=-1, on_rows_kept=lambda keep: keep_rows(model.llm, keep))
+    with joining_rows(model.llm, 0, [(0, 1, adapters[0])]):
+        rows = generation.join(first, [1], [0.0])  # its first token is its last
+    with joining_rows(model.llm, 1, [(0, 1, adapters[1]), (1, 2, adapters[2])]):
+        rows += generation.join(joining, [5, 4], [0.0, 0.0])
+    assert generation.pending == rows[1:]  # prefilled by the next step, in which the running row finishes
+    assert generation.step()[1] == rows[:1] and generation.alive == rows[1:] and not generation.pending
+    while generation.alive:
+        generation.step()
+    clear_rows(model.llm)
+    alone = []
+    for prompt, adapter, limit in zip(first + joining, adapters, [1, 5, 4], strict=True):
+        with use_segments(model.llm, [(0, 1, adapter)]):
+            alone.append(generate(decoder, [prompt], eos_id=-1, max_new_tokens=limit)[0].tokens)
+    assert [generation.hypothesis(row).tokens for row in rows] == alone
 
 
 def test_a_batch_that_rows_keep_joining_forgets_the_rows_it_answered(tiny_tokenizer) -> None:
@@ -134,6 +169,34 @@ def test_prefill_by_length_group_decodes_as_one_batch(tiny_tokenizer) -> None:
         results = [generate(decoder, prompts, eos_id=-1, max_new_tokens=12)
                    for decoder in (LlamaDecoder(model.llm), HFDecoder(model.llm))]
     assert [h.tokens for h in results[0]] == [h.tokens for h in results[1]]
+
+
+def test_a_step_and_a_prefill_in_one_pass_give_what_they_give_apart(tiny_tokenizer) -> None:
+    model = tiny_speech_llm(tiny_tokenizer, adapter=ZipperConfig(variant=Variant.SOFT, rank=4))
+    _random_adapters(model)
+    torch.manual_seed(5)
+    dim = model.llm.config.hidden_size
+    running, joining = [torch.randn(n, dim) for n in (6, 9)], [torch.randn(n, dim) for n in (5, 80, 7)]
+    assert len(length_groups([5, 80, 7], PREFILL_CALL_TOKENS)) == 2  # the joining rows are two parts of the pass
+    running_segments = [(0, 1, merge_language(model.llm, 0)), (1, 2, merge_language(model.llm, 3))]
+    joining_segments = [(0, 1, merge_language(model.llm, 3)), (1, 3, merge_language(model.llm, 5))]
+    decoder = LlamaDecoder(model.llm)
+    with use_segments(model.llm, running_segments):
+        first, cache = decoder.prefill(*left_pad(running), max_new_tokens=3)
+        tokens = first.argmax(-1)
+        step_apart = decoder.step(tokens, cache)
+        with joining_rows(model.llm, 0, joining_segments):
+            prefill_apart, joining_cache = decoder.prefill(*left_pad(joining), max_new_tokens=3)
+        cache = KVCache.join(cache, joining_cache)
+    with use_segments(model.llm, running_segments):
+        _, mixed_cache = decoder.prefill(*left_pad(running), max_new_tokens=3)
+        with joining_rows(model.llm, 2, joining_segments):  # the batch: the running rows' adapters, then these
+            assert decoder.can_mix()
+        together, mixed_cache = decoder.step_and_prefill(tokens, mixed_cache, *left_pad(joining), max_new_tokens=3)
+        torch.testing.assert_close(together, torch.cat([step_apart, prefill_apart]), atol=1e-5, rtol=1e-5)
+        next_tokens = together.argmax(-1)  # and the batch decodes on from either cache alike
+        torch.testing.assert_close(decoder.step(next_tokens, mixed_cache), decoder.step(next_tokens, cache),
+                                   atol=1e-5, rtol=1e-5)
 
 
 def test_decoder_for_picks_hugging_face_for_other_architectures(tiny_tokenizer) -> None:

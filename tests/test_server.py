@@ -13,6 +13,7 @@ import av
 import httpx
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from adapters.evaluate import error_rates
 from speechllm.audio import SAMPLE_RATE, load_audio, write_wav
@@ -170,6 +171,34 @@ def test_bad_input_gets_an_openai_error(server: str, data, fields: dict, status:
 def test_too_large_upload_is_413(server: str) -> None:
     response = _post(server, b"\0" * (UPLOAD_LIMIT_MB * 2**20 + 200_000))
     assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+
+
+def _requests_counted(server: str, endpoint: str, status: str, language: str) -> float:
+    """zasr_requests_total for these labels, from the server's Prometheus exposition."""
+    for family in text_string_to_metric_families(httpx.get(f"{server}/metrics").text):
+        if family.name == "zasr_requests":
+            return sum(sample.value for sample in family.samples if sample.name == "zasr_requests_total"
+                       and sample.labels == {"endpoint": endpoint, "status": status, "language": language})
+    return 0.0
+
+
+def test_requests_are_counted_by_endpoint_status_and_language(server: str) -> None:
+    endpoint = "/v1/audio/transcriptions"
+    labels = [(endpoint, "200", "en"), (endpoint, "413", "none"), (endpoint, "401", "none"),
+              ("unmatched", "404", "none")]
+    before = [_requests_counted(server, *label) for label in labels]
+    assert _post(server, _encode(_speech(REFERENCE), "wav", "pcm_s16le", 16000), language="en").status_code == 200
+    boundary = "zasr-test"  # an upload past the limit with no Content-Length: the body is cut off as it arrives
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\r\n".encode()
+            + b"\0" * (UPLOAD_LIMIT_MB * 2**20 + 200_000) + f"\r\n--{boundary}--\r\n".encode())
+    chunked = httpx.post(f"{server}{endpoint}", content=iter([body[i: i + 65536] for i in range(0, len(body), 65536)]),
+                         headers={"Authorization": f"Bearer {API_KEY}",
+                                  "Content-Type": f"multipart/form-data; boundary={boundary}"}, timeout=60)
+    assert chunked.status_code == 413 and "content-length" not in chunked.request.headers
+    assert _post(server, b"x", key=None).status_code == 401
+    assert httpx.get(f"{server}/v1/nope").status_code == 404
+    after = [_requests_counted(server, *label) for label in labels]
+    assert [a - b for a, b in zip(after, before, strict=True)] == [1, 1, 1, 1]
 
 
 def test_missing_file_and_bad_keys(server: str) -> None:
