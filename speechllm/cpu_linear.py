@@ -38,29 +38,41 @@ class OneDNNLinear:
     def reset(self) -> None:
         """Forget the laid-out weight: the next call lays it out again."""
         self._laid_out: torch.Tensor | None = None
-        # The sources it was laid out from, with their versions; holding them keeps their memory from being reused
-        # by a new tensor at the same address.
-        self._laid_out_from: list[tuple[torch.Tensor, int]] = []
+        # The sources it was laid out from, with their addresses and versions; holding them keeps their memory from
+        # being reused by a new tensor at the same address.
+        self._laid_out_from: list[tuple[torch.Tensor, int, int]] = []
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._runs_on_onednn(x):
-            return F.linear(x, self.weight, self.bias)
+        if self._onednn_for(x):
+            return torch.ops.mkldnn._linear_pointwise(x, self._laid_out, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+    def _onednn_for(self, x: torch.Tensor) -> bool:
+        """Whether this call runs on oneDNN, with the weight laid out for it (again, if a source changed). What
+        concerns only the weights is checked when they are laid out, not at every call: a decoding step makes 17
+        calls, and checking each of a packed layer's dozen sources every time was 2 % of the engine thread's time
+        at concurrency 16 (py-spy)."""
+        if not (ONEDNN and torch.backends.mkldnn.enabled and x.device.type == "cpu" and x.dtype == torch.float32
+                and not torch.is_autocast_enabled("cpu")):
+            return False
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, self.weight, self.bias)):
+            return False
         if self._laid_out is None or not self._up_to_date():
+            if not self._weights_fit():
+                return False
             self._laid_out = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach())
-            self._laid_out_from = [(source.detach(), source._version) for source in self.sources]
-        return torch.ops.mkldnn._linear_pointwise(x, self._laid_out, self.bias, "none", [], "")
+            self._laid_out_from = [(source.detach(), source.data_ptr(), source._version) for source in self.sources]
+        return True
 
     def _up_to_date(self) -> bool:
         return len(self._laid_out_from) == len(self.sources) and all(
-            source.data_ptr() == seen.data_ptr() and source._version == version
-            for source, (seen, version) in zip(self.sources, self._laid_out_from, strict=True))
+            source.data_ptr() == address and source._version == version
+            for source, (_, address, version) in zip(self.sources, self._laid_out_from, strict=True))
 
-    def _runs_on_onednn(self, x: torch.Tensor) -> bool:
-        tensors = [t for t in (x, self.weight, self.bias) if t is not None]
-        return (ONEDNN and torch.backends.mkldnn.enabled and not torch.is_autocast_enabled("cpu")
-                and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
-                and not any(source.is_inference() for source in self.sources)
-                and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
+    def _weights_fit(self) -> bool:
+        weights = [t for t in (self.weight, self.bias) if t is not None]
+        return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in weights)
+                and not any(source.is_inference() for source in self.sources))
 
     def __getstate__(self) -> dict:
         """Copies and pickles leave the laid-out weight behind (an opaque oneDNN tensor cannot be copied)."""
