@@ -123,16 +123,20 @@ class RequestMetrics:
 
         try:
             await self.app(scope, receive, send_noting_status)
-        except UploadTooLarge:
+        except UploadTooLarge:  # from a route that reads the body itself (the upload routes answer it themselves)
             if status is not None:
                 raise
             await errors.too_large(self.max_upload_bytes).to_response()(scope, receive, send_noting_status)
-        finally:  # an error nothing answered yet is answered 500 by Starlette's outermost middleware
-            route = scope.get("route")
-            endpoint = route.path if route is not None else "unmatched"
-            language = scope.get("state", {}).get("language") or "none"
-            self.metrics.requests.labels(endpoint, str(status or 500), language).inc()
-            self.metrics.request_seconds.labels(endpoint, language).observe(time.monotonic() - start)
+        except Exception:
+            status = status or 500  # what Starlette's outermost middleware answers
+            raise
+        finally:  # a request cancelled before any answer (its client left) is not counted
+            if status is not None:
+                route = scope.get("route")
+                endpoint = route.path if route is not None else "unmatched"
+                language = scope.get("state", {}).get("language") or "none"
+                self.metrics.requests.labels(endpoint, str(status), language).inc()
+                self.metrics.request_seconds.labels(endpoint, language).observe(time.monotonic() - start)
 
 
 def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:

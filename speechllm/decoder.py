@@ -192,7 +192,7 @@ class Part:
     x: torch.Tensor  # (b, T, D)
     positions: torch.Tensor  # (b, T)
     cache: KVCache
-    rows: torch.Tensor | None  # which of the cache's rows (None: all of them)
+    cache_rows: torch.Tensor | None  # which of the cache's rows (None: all of them)
     start: int  # the inputs are written to the cache's slots [start, start + T)
     adapter_rows: torch.Tensor | slice | None = None  # which rows of the Zipper layers' batch (None: all)
     offset: int = 0  # where its inputs begin in a pass over several parts
@@ -203,13 +203,13 @@ class Part:
         return flat[self.offset: self.offset + batch * length].unflatten(0, (batch, length))
 
     def attention_mask(self) -> torch.Tensor:
-        """Which cache slots each input attends to (b, 1, T, keys). A prefill group (`rows` given) attends only
-        to its own slots, since the slots before them are padding for its rows; every row of the batch (`rows`
-        None: a step, or a prefill in one call) to every slot so far."""
+        """Which cache slots each input attends to (b, 1, T, keys). A prefill group (`cache_rows` given) attends
+        only to its own slots, since the slots before them are padding for its rows; every row of the batch
+        (`cache_rows` None: a step, or a prefill in one call) to every slot so far."""
         length = self.x.shape[1]
         end = self.start + length
-        first = 0 if self.rows is None else self.start
-        valid = self.cache.valid if self.rows is None else self.cache.valid[self.rows]
+        first = 0 if self.cache_rows is None else self.start
+        valid = self.cache.valid if self.cache_rows is None else self.cache.valid[self.cache_rows]
         attend = valid[:, None, None, first:end]  # (b, 1, 1, keys)
         if length > 1:  # causal, and every query sees itself so that a padding row is never empty
             keys = torch.arange(first, end, device=valid.device)
@@ -308,13 +308,13 @@ class LlamaDecoder:
         the batch continues as one, left-padded to the longest prompt."""
         cache, groups = self._prefill_parts(embeds, mask, max_new_tokens)
         if len(groups) == 1:  # one call for all rows: no rows to pick out of the batch, its cache or its adapters
-            return self._forward([groups[0]]), cache
+            return self._forward(groups), cache
         logits = None
         for group in groups:
-            with use_rows(self.llm, group.rows):
+            with use_rows(self.llm, group.cache_rows):
                 out = self._forward([group])
             logits = out.new_empty(len(embeds), out.shape[-1]) if logits is None else logits
-            logits[group.rows] = out
+            logits[group.cache_rows] = out
         return logits, cache
 
     def _prefill_parts(self, embeds: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,
@@ -325,13 +325,15 @@ class LlamaDecoder:
         capacity = length + max_new_tokens
         shape = [batch, self.n_kv_heads, capacity, self.head_dim]
         prompt_lengths = mask.sum(-1)
-        cache = KVCache([empty_slots(embeds, shape, 2, length) for _ in self.layers],
-                        [empty_slots(embeds, shape, 2, length) for _ in self.layers],
+        lengths = prompt_lengths.tolist()
+        groups = length_groups(lengths, PREFILL_CALL_TOKENS)
+        # One group writes every slot of [0, length); several leave padding before each group's first slot.
+        zeroed = 0 if len(groups) == 1 else length
+        cache = KVCache([empty_slots(embeds, shape, 2, zeroed) for _ in self.layers],
+                        [empty_slots(embeds, shape, 2, zeroed) for _ in self.layers],
                         torch.zeros(batch, capacity, dtype=torch.bool, device=embeds.device), prompt_lengths - 1,
                         length)
         cache.valid[:, :length] = mask.bool()
-        lengths = prompt_lengths.tolist()
-        groups = length_groups(lengths, PREFILL_CALL_TOKENS)
         if len(groups) == 1:
             return cache, [Part(embeds, prompt_positions(mask), cache, None, 0,
                                 slice(first_adapter_row, first_adapter_row + batch))]
@@ -372,18 +374,14 @@ class LlamaDecoder:
         the adapters of the running rows and then of the joining rows (adapters.zipper.joining_rows)."""
         step = self._step_part(tokens, cache)
         joining, groups = self._prefill_parts(embeds, mask, max_new_tokens, first_adapter_row=len(tokens))
-        offset = 0
-        for part in (step, *groups):
-            part.offset = offset
-            offset += part.x.shape[0] * part.x.shape[1]
         out = self._forward([step, *groups])
         cache.length += 1
         logits = out.new_empty(len(tokens) + len(embeds), out.shape[-1])
         logits[: len(tokens)] = out[: len(tokens)]
-        row = len(tokens)
+        row = len(tokens)  # the groups' logits follow the step's, group after group
         for group in groups:
-            rows = slice(None) if group.rows is None else group.rows
-            logits[len(tokens):][rows] = out[row: row + len(group.x)]
+            rows = slice(len(tokens), None) if group.cache_rows is None else group.cache_rows + len(tokens)
+            logits[rows] = out[row: row + len(group.x)]
             row += len(group.x)
         return logits, KVCache.join(cache, joining)
 
@@ -391,8 +389,11 @@ class LlamaDecoder:
         """Inputs of one or more parts (see Part) → the logits of each part's rows' last input, part after part.
         One part keeps its (b, T, D) shape throughout; several go through the linear layers as one (N, D)
         matrix."""
-        for part in parts:  # a row's positions never pass its slot in the cache
-            self.rotary.reserve(part.start + part.x.shape[1], part.x)
+        offset = 0
+        for part in parts:
+            self.rotary.reserve(part.start + part.x.shape[1], part.x)  # a row's positions never pass its slot
+            part.offset = offset
+            offset += part.x.shape[0] * part.x.shape[1]
         rotations = [self.rotary.lookup(part.positions) for part in parts]
         masks = [part.attention_mask() for part in parts]
         several = parts if len(parts) > 1 else None
@@ -407,7 +408,7 @@ class LlamaDecoder:
 
     def _attention(self, index: int, layer: nn.Module, x: torch.Tensor, parts: list[Part],
                    rotations: list[tuple[torch.Tensor, torch.Tensor]], masks: list[torch.Tensor]) -> torch.Tensor:
-        several = parts if len(parts) > 1 else None
+        several = parts if len(parts) > 1 else None  # (None keeps the one part's (b, T, D) shape throughout)
         q, k, v = self.qkv[index](_rms_norm(layer.input_layernorm, x), several)
         if several is None:
             out = self._attend(index, parts[0], q, k, v, *rotations[0], masks[0])
@@ -421,7 +422,7 @@ class LlamaDecoder:
         """One part's attention: its projections (b, T, ·) → its output (b, T, heads × head_dim), its keys and
         values written to its cache."""
         batch, length = part.x.shape[:2]
-        start, end, rows = part.start, part.start + length, part.rows
+        start, end, rows = part.start, part.start + length, part.cache_rows
         q = self.rotary.rotate(q.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
         k = self.rotary.rotate(k.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2), cos, sin)
         v = v.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)

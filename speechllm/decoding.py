@@ -170,6 +170,8 @@ class Generation:
         for index, row in enumerate(ids):
             context = contexts[index] if contexts else ()
             self.rows[row] = _Row(RowTokens(self.stop_loops, context), limits[index], temperatures[index])
+        # Whether the decoder can mix depends on the model's adapters (a shared A) and on their being set per row
+        # for serving: the same for every join of a batch, so once one is pending the next ones are too.
         if self.pending or (self.alive and getattr(self.decoder, "can_mix", lambda: False)()):
             self.pending += ids
             self._prompts.update(zip(ids, prompts, strict=True))

@@ -10,7 +10,7 @@ import importlib
 import json
 
 import pytest
-from fastapi import FastAPI, Form, Request
+from fastapi import FastAPI, Form, Request, WebSocket
 from fastapi.responses import Response, StreamingResponse
 from fastapi.testclient import TestClient
 from starlette.datastructures import FormData
@@ -489,3 +489,48 @@ def test_sdk_errors(sdk) -> None:
     assert caught.value.body["message"] == errors.NOT_AUDIO and caught.value.param == "file"
     with pytest.raises(openai.APIError, match="timed out"):
         list(sdk.audio.transcriptions.create(model="zipper-asr", file=AUDIO, stream=True, prompt="fail"))
+
+
+def test_request_metrics_count_answers_errors_and_pass_websockets_through() -> None:
+    from server.app import RequestMetrics
+    from server.metrics import Metrics
+
+    metrics = Metrics()
+    app = FastAPI()
+    install_error_handlers(app)
+    app.add_middleware(RequestMetrics, metrics=metrics, max_upload_bytes=10)
+
+    @app.get("/ok/{name}")
+    def ok(name: str, request: Request) -> dict:
+        request.state.language = "fr"
+        return {"name": name}
+
+    @app.get("/crash")
+    def crash() -> None:
+        raise RuntimeError("boom")
+
+    @app.websocket("/ws")
+    async def echo(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.send_text(await websocket.receive_text())
+        await websocket.close()
+
+    client = TestClient(app, raise_server_exceptions=False)
+    assert client.get("/ok/a").status_code == 200 and client.get("/ok/b").status_code == 200
+    assert client.get("/crash").status_code == 500
+    assert client.get("/nope").status_code == 404
+    with client.websocket_connect("/ws") as websocket:
+        websocket.send_text("hi")
+        assert websocket.receive_text() == "hi"
+
+    def counted(endpoint: str, status: str, language: str) -> float | None:
+        return metrics.registry.get_sample_value("zasr_requests_total", {"endpoint": endpoint, "status": status,
+                                                                         "language": language})
+
+    assert counted("/ok/{name}", "200", "fr") == 2
+    assert counted("/crash", "500", "none") == 1
+    assert counted("unmatched", "404", "none") == 1
+    assert metrics.registry.get_sample_value("zasr_request_duration_seconds_count",
+                                             {"endpoint": "/ok/{name}", "language": "fr"}) == 2
+    assert sum(sample.value for family in metrics.registry.collect() if family.name == "zasr_requests"
+               for sample in family.samples if sample.name == "zasr_requests_total") == 4  # not the websocket
