@@ -367,11 +367,11 @@ class LlamaDecoder:
     def step_and_prefill(self, tokens: torch.Tensor, cache: KVCache, embeds: torch.Tensor, mask: torch.Tensor,
                          max_new_tokens: int) -> tuple[torch.Tensor, KVCache]:
         """A step of the running rows (`tokens`, `cache`) and the prefill of rows joining them (left-padded
-        prompts), in one forward pass: vLLM's mixed prefill and decode batches. Apart, each would read every
-        weight once, and a decoder this small costs about as much to read as to compute with (a step of 10 rows
-        reads 17 MB of weights and computes with them for 10 inputs). Returns the logits of the running rows and
-        then of the joining rows, and the cache of them all (running rows first). The Zipper layers' batch holds
-        the adapters of the running rows and then of the joining rows (adapters.zipper.joining_rows)."""
+        prompts), in one forward pass: vLLM's mixed prefill and decode batches. Apart, the prefill would be a pass
+        of its own, reading every weight and running every op once more, and at this decoder's size an op's fixed
+        cost is most of a small step's time (docs/serving.md, *Mixed batches*). Returns the logits of the running
+        rows and then of the joining rows, and the cache of them all (running rows first). The Zipper layers' batch
+        holds the adapters of the running rows and then of the joining rows (adapters.zipper.joining_rows)."""
         step = self._step_part(tokens, cache)
         joining, groups = self._prefill_parts(embeds, mask, max_new_tokens, first_adapter_row=len(tokens))
         out = self._forward([step, *groups])

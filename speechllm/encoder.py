@@ -42,12 +42,20 @@ def chunk_attention_mask(length: int, chunk_size: int, left_chunks: int, device:
     return allowed
 
 
-def rotary(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Apply rotary position embedding to (B, H, T, Dh) given absolute positions (T,)."""
-    half = x.shape[-1] // 2
-    freqs = 10000.0 ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+def rotary_angles(positions: torch.Tensor, head_dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary position embedding's angles at absolute positions (T,): (T, head_dim / 2) each.
+    Computed once per forward pass and shared by every layer's queries and keys (computing them in each was a
+    twentieth of the audio worker's time at concurrency 16, py-spy)."""
+    half = head_dim // 2
+    freqs = 10000.0 ** (-torch.arange(half, device=positions.device, dtype=torch.float32) / half)
     angles = positions.float()[:, None] * freqs[None, :]
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotary(x: torch.Tensor, angles: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Apply rotary position embedding to (B, H, T, Dh), given `rotary_angles` of its positions."""
+    cos, sin = angles
+    half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
@@ -89,12 +97,13 @@ class EncoderLayer(nn.Module):
                                 Linear(config.ff_mult * d, d))
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
+    def forward(self, x: torch.Tensor, angles: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
                 past_kv: tuple[torch.Tensor, torch.Tensor] | None = None
                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """`angles`: rotary_angles of the inputs' positions."""
         batch, length, d = x.shape
         q, k, v = self.qkv(self.attn_norm(x)).view(batch, length, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k = rotary(q, positions), rotary(k, positions)
+        q, k = rotary(q, angles), rotary(k, angles)
         if past_kv is not None:
             k, v = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)
         attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -124,6 +133,10 @@ class SpeechEncoder(nn.Module):
     def output_dim(self) -> int:
         return self.config.d_model
 
+    @property
+    def head_dim(self) -> int:
+        return self.config.d_model // self.config.n_heads
+
     def forward(self, features: torch.Tensor, feature_lengths: torch.Tensor,
                 chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """features (B, n_mels, T) → states (B, T', d_model) and their lengths (B,), T' = ceil(T / 4).
@@ -134,9 +147,9 @@ class SpeechEncoder(nn.Module):
         x, _ = self.subsampling(features)
         lengths = torch.div(feature_lengths + SUBSAMPLING - 1, SUBSAMPLING, rounding_mode="floor")
         mask = self._attention_mask(x.shape[1], lengths, chunk_size)
-        positions = torch.arange(x.shape[1], device=x.device)
+        angles = rotary_angles(torch.arange(x.shape[1], device=x.device), self.head_dim, x.dtype)
         for layer in self.layers:
-            x, _ = layer(x, positions, mask)
+            x, _ = layer(x, angles, mask)
         return self.final_norm(x), lengths
 
     def _attention_mask(self, length: int, lengths: torch.Tensor, chunk_size: int | None) -> torch.Tensor:
@@ -157,13 +170,14 @@ class SpeechEncoder(nn.Module):
         config = self.config
         x, conv_cache = self.subsampling(features, state.conv_cache)
         length = x.shape[1]
-        positions = torch.arange(state.frames_done, state.frames_done + length, device=x.device)
+        angles = rotary_angles(torch.arange(state.frames_done, state.frames_done + length, device=x.device),
+                               self.head_dim, x.dtype)
         # The next chunk may see `left_chunks` chunks back, this one included: keep that many frames.
         keep = None if config.left_chunks < 0 else config.left_chunks * config.chunk_size
         kv_cache = []
         for i, layer in enumerate(self.layers):
             past = state.kv_cache[i] if state.kv_cache else None
-            x, (k, v) = layer(x, positions, None, past)  # a chunk sees itself and its cached past
+            x, (k, v) = layer(x, angles, None, past)  # a chunk sees itself and its cached past
             if keep is not None:
                 k, v = k[:, :, k.shape[2] - keep:], v[:, :, v.shape[2] - keep:]
             kv_cache.append((k, v))
