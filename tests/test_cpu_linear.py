@@ -50,6 +50,21 @@ def test_the_laid_out_weight_follows_changes_to_its_sources() -> None:
 
 
 @ON_ONEDNN
+def test_a_weight_that_becomes_unfit_after_it_was_laid_out_goes_to_f_linear() -> None:
+    """What concerns only the weights is checked when they are laid out: a weight given other memory (here an
+    inference tensor, which has no version counter) is checked again before it is used, not run stale."""
+    layer = Linear(16, 8).requires_grad_(False)
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        layer(x)
+        assert layer._onednn._laid_out is not None
+        with torch.inference_mode():
+            weight = torch.randn(8, 16)
+        layer.weight.data = weight
+        torch.testing.assert_close(layer(x), F.linear(x, weight, layer.bias))
+
+
+@ON_ONEDNN
 def test_autocast_and_inference_tensors_go_to_f_linear() -> None:
     """Training runs its frozen encoder under bf16 autocast, which does not reach oneDNN's op; a model made under
     inference_mode has no version counters."""
