@@ -131,6 +131,26 @@ def test_rows_that_join_as_every_running_row_finishes_are_prefilled_alone(tiny_t
     assert [generation.hypothesis(row).tokens for row in rows] == alone
 
 
+def test_sampled_rows_join_and_decode_while_others_are_pending(tiny_tokenizer) -> None:
+    model = tiny_speech_llm(tiny_tokenizer, adapter=ZipperConfig(variant=Variant.SOFT, rank=4))
+    _random_adapters(model)
+    torch.manual_seed(7)
+    dim = model.llm.config.hidden_size
+    adapter = merge_language(model.llm, 2)
+    generation = Generation(LlamaDecoder(model.llm), eos_id=-1, generator=torch.Generator().manual_seed(0),
+                            on_rows_kept=lambda keep: keep_rows(model.llm, keep))
+    rows = []
+    for limit, temperature in ((7, 0.8), (5, 0.0), (6, 1.2)):  # each joins while the rows before it decode
+        with joining_rows(model.llm, len(generation.alive), [(0, 1, adapter)]):
+            rows += generation.join([torch.randn(5, dim)], [limit], [temperature])
+        assert generation.pending == rows[1:][-1:]  # only the first row was prefilled as it joined
+        generation.step()
+    while generation.alive:
+        generation.step()
+    clear_rows(model.llm)
+    assert [len(generation.hypothesis(row).tokens) for row in rows] == [7, 5, 6]
+
+
 def test_a_batch_that_rows_keep_joining_forgets_the_rows_it_answered(tiny_tokenizer) -> None:
     model = tiny_speech_llm(tiny_tokenizer)  # no adapter: joining appends none
     torch.manual_seed(4)
