@@ -309,13 +309,11 @@ class LlamaDecoder:
         cache, groups = self._prefill_parts(embeds, mask, max_new_tokens)
         if len(groups) == 1:  # one call for all rows: no rows to pick out of the batch, its cache or its adapters
             return self._forward(groups), cache
-        logits = None
+        logits = []
         for group in groups:
             with use_rows(self.llm, group.cache_rows):
-                out = self._forward([group])
-            logits = out.new_empty(len(embeds), out.shape[-1]) if logits is None else logits
-            logits[group.cache_rows] = out
-        return logits, cache
+                logits.append(self._forward([group]))
+        return _in_row_order(groups, logits), cache
 
     def _prefill_parts(self, embeds: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,
                        first_adapter_row: int = 0) -> tuple[KVCache, list[Part]]:
@@ -376,14 +374,8 @@ class LlamaDecoder:
         joining, groups = self._prefill_parts(embeds, mask, max_new_tokens, first_adapter_row=len(tokens))
         out = self._forward([step, *groups])
         cache.length += 1
-        logits = out.new_empty(len(tokens) + len(embeds), out.shape[-1])
-        logits[: len(tokens)] = out[: len(tokens)]
-        row = len(tokens)  # the groups' logits follow the step's, group after group
-        for group in groups:
-            rows = slice(len(tokens), None) if group.cache_rows is None else group.cache_rows + len(tokens)
-            logits[rows] = out[row: row + len(group.x)]
-            row += len(group.x)
-        return logits, KVCache.join(cache, joining)
+        joining_logits = _in_row_order(groups, list(out[len(tokens):].split([len(group.x) for group in groups])))
+        return torch.cat([out[: len(tokens)], joining_logits]), KVCache.join(cache, joining)
 
     def _forward(self, parts: list[Part]) -> torch.Tensor:
         """Inputs of one or more parts (see Part) → the logits of each part's rows' last input, part after part.
@@ -435,6 +427,17 @@ class LlamaDecoder:
             keys, values = k, v
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=attend, enable_gqa=True)
         return out.transpose(1, 2).reshape(batch, length, -1)
+
+
+def _in_row_order(groups: list[Part], logits: list[torch.Tensor]) -> torch.Tensor:
+    """The logits of a prefill's length groups (LlamaDecoder._prefill_parts), each in its rows' order, as one
+    tensor in the batch's row order."""
+    if len(groups) == 1:  # the one group is every row, in order
+        return logits[0]
+    out = logits[0].new_empty(sum(len(group.x) for group in groups), logits[0].shape[-1])
+    for group, group_logits in zip(groups, logits, strict=True):
+        out[group.cache_rows] = group_logits
+    return out
 
 
 def decoder_for(llm: PreTrainedModel) -> LlamaDecoder | HFDecoder:
