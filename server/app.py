@@ -24,6 +24,7 @@ from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server import errors
+from server.allocator import keep_freed_memory
 from server.audio_workers import AudioTooLong, AudioWorkers
 from server.batcher import Batcher, QueueFull
 from server.engine import EmbeddedEngine, EngineInput, SpeechEngine
@@ -176,6 +177,7 @@ def verbose_result(result: TranscriptionResult) -> TranscriptionVerbose:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
+    keep_freed_memory()
     use_one_thread()  # until the engine sets the process's count (ZASR_THREADS: server/threads.py)
     metrics = Metrics()
     holder: dict[str, Runtime] = {}

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from server.allocator import keep_freed_memory
 from server.threads import use_one_thread
 from server.vad import SileroVAD, Span, split_long_audio
 from speechllm.audio import SAMPLE_RATE, AudioDecodeError, load_audio
@@ -151,6 +152,7 @@ _worker_encoder: torch.nn.Module | None = None
 def _start_worker(server_pid: int, model_dir: Path | None) -> None:
     global _worker_vad, _worker_encoder
     use_one_thread()  # the engine's OpenMP threads keep the cores
+    keep_freed_memory()
     _worker_vad = SileroVAD()
     _worker_encoder = load_encoder(model_dir) if model_dir is not None else None
     threading.Thread(target=_exit_with_server, args=(server_pid,), daemon=True).start()
