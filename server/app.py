@@ -9,11 +9,13 @@ WebSocket /v1/realtime (OpenAI Realtime transcription sessions: server/realtime.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 from fastapi import FastAPI, Request, WebSocket
@@ -59,6 +61,7 @@ from speechllm.languages import BY_CODE
 from speechllm.model import SpeechLLM
 
 logger = logging.getLogger("zipper_asr")
+T = TypeVar("T")
 STARTED = int(time.time())
 
 
@@ -138,6 +141,39 @@ class RequestMetrics:
                 language = scope.get("state", {}).get("language") or "none"
                 self.metrics.requests.labels(endpoint, str(status), language).inc()
                 self.metrics.request_seconds.labels(endpoint, language).observe(time.monotonic() - start)
+
+
+# nginx's status for a request whose client went away before its answer: counted in the metrics, sent to no one
+CLIENT_CLOSED_REQUEST = 499
+
+
+class ClientLeft(Exception):
+    pass
+
+
+async def unless_client_leaves(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """`work` for a request whose body has been read, cancelled if its client goes away first (ClientLeft): a
+    transcription nobody waits for any more then leaves the batcher and the engine (TranscriptionService:
+    abandoned rows) instead of decoding to its end, as vLLM's OpenAI server does for its requests."""
+    task = asyncio.ensure_future(work)
+    left = asyncio.ensure_future(_client_left(request))
+    try:
+        await asyncio.wait({task, left}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        left.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    if task.cancelled():
+        raise ClientLeft
+    return task.result()
+
+
+async def _client_left(request: Request) -> None:
+    # Once the body is read, the server's next message is the disconnect (or comes when the response is sent).
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
@@ -270,7 +306,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 if params.stream:
                     return stream_response(await service.stream(data, params.language, params.temperature,
                                                                 expected))
-                result = await service.transcribe(data, params.language, params.temperature, expected)
+                result = await unless_client_leaves(
+                    request, service.transcribe(data, params.language, params.temperature, expected))
+        except ClientLeft:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
         except QueueFull as full:
             metrics.rejected.labels("queue_full").inc()
             raise errors.overloaded(full.retry_after_s) from None

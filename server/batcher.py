@@ -63,6 +63,7 @@ class ExpectedRows:
 class _Pending:
     item: EngineInput
     future: asyncio.Future
+    output: asyncio.Future | None = None  # the engine's, once the row has joined it
 
 
 class Batcher:
@@ -120,6 +121,7 @@ class Batcher:
         for item in items:
             item.enqueued_at = time.monotonic()
             pending = _Pending(item, loop.create_future())
+            pending.future.add_done_callback(functools.partial(self._abandon_if_cancelled, pending))
             self._queue.append(pending)
             futures.append(pending.future)
         self.metrics.queue_depth.set(len(self._queue))
@@ -180,12 +182,32 @@ class Batcher:
             chained = 0
             try:
                 for pending, output in zip(batch, outputs, strict=True):
+                    pending.output = output
                     output.add_done_callback(functools.partial(self._answer_from, pending))
                     chained += 1
+                    if pending.future.cancelled():  # abandoned while its batch was joining
+                        self._abandon(pending)
             except Exception as error:  # an engine that broke its contract: its other rows are answered all the same
                 logger.exception("the engine's outputs do not match its batch")
                 for pending in batch[chained:]:
                     self._answer(pending, error=error)
+
+    def _abandon_if_cancelled(self, pending: _Pending, future: asyncio.Future) -> None:
+        """A row's future cancelled by whoever waits for it means its request gave up (it timed out, its client
+        went away, a realtime partial was superseded): the row leaves the queue, or the engine stops decoding it,
+        rather than taking a place in the batch that others wait for."""
+        if future.cancelled():
+            self._abandon(pending)
+
+    def _abandon(self, pending: _Pending) -> None:
+        if pending.output is not None:
+            self.engine.abandon(pending.output)
+            self.metrics.abandoned_rows.labels("decoding").inc()
+        elif pending in self._queue:
+            self._queue.remove(pending)
+            self.metrics.queue_depth.set(len(self._queue))
+            self.metrics.abandoned_rows.labels("queued").inc()
+        # else: its batch is joining the engine; chaining its output abandons it there
 
     def _answer_from(self, pending: _Pending, output: asyncio.Future[EngineOutput]) -> None:
         if output.cancelled():

@@ -123,6 +123,12 @@ class SpeechEngine:
         batch's longest one)."""
         raise NotImplementedError
 
+    def abandon(self, output: asyncio.Future[EngineOutput]) -> None:
+        """A row whose request gave up (timed out, its client gone, a realtime partial superseded): its output, a
+        future `start` returned, is cancelled, and the engine stops decoding the row if it can (vLLM aborts the
+        request when its task is cancelled; the embedded engine drops the row at its next step)."""
+        output.cancel()
+
     async def close(self) -> None:
         """Release the decoder."""
 
@@ -238,6 +244,7 @@ class EmbeddedEngine(SpeechEngine):
         self._generation = self._new_generation()
         self._row_group: dict[int, tuple[_Group, int]] = {}  # row id → (its group, its position in the group)
         self._driver: asyncio.Task | None = None
+        self._abandoned = False  # set by the event loop (abandon), cleared by the engine thread (_drop_abandoned)
 
     def _merge(self, key: str) -> MergedAdapter:
         index = None if key == SHARED_KEY else self.languages.index(key)
@@ -251,6 +258,10 @@ class EmbeddedEngine(SpeechEngine):
 
     def preload(self, languages: list[str]) -> None:
         self.cache.preload([self.adapter_key(code) for code in languages])
+
+    def abandon(self, output: asyncio.Future[EngineOutput]) -> None:
+        output.cancel()
+        self._abandoned = True
 
     async def start(self, batch: list[EngineInput], run_in_thread: RunInThread) -> list[asyncio.Future[EngineOutput]]:
         """The batch joins the rows decoding now at the next step (continuous batching) once they leave room for
@@ -310,8 +321,12 @@ class EmbeddedEngine(SpeechEngine):
                     self._answer_all(group, error)
                     continue
                 self._join(group)
+            if joining:  # rows may have been abandoned while their group waited
+                self._abandoned = True
             deadline = time.perf_counter() + TICK_S
             while self._generation.alive:
+                if self._abandoned:
+                    self._drop_abandoned()
                 self.metrics.step_rows.observe(len(self._generation.alive) - len(self._generation.pending))
                 emitted, ended = self._generation.step()
                 for row, token in emitted:
@@ -329,6 +344,14 @@ class EmbeddedEngine(SpeechEngine):
             self._reset()
         if not self._generation.alive:
             self._reset()
+
+    def _drop_abandoned(self) -> None:
+        """Rows whose outputs were cancelled (abandon) stop decoding."""
+        self._abandoned = False
+        for row, (group, position) in list(self._row_group.items()):
+            if group.outputs[group.prepared.order[position]].cancelled():
+                del self._row_group[row]
+                self._generation.drop(row)
 
     def _prepare(self, group: _Group) -> None:
         """The speech half of a group (encoder, LID, projector)."""

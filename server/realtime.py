@@ -85,7 +85,7 @@ from server.realtime_protocol import (
     new_id,
     parse_client_event,
 )
-from server.service import NoSpeech
+from server.service import NoSpeech, abandoned_unless_answered
 from server.settings import Settings
 from server.vad import WINDOW, StreamingVAD
 from speechllm.audio import SAMPLE_RATE
@@ -227,7 +227,7 @@ class FinalDecode:
     def cancel(self) -> None:
         self.offline.cancel()
         if self.continued is not None:
-            self.continued.cancel()  # (its row still runs in the engine; nobody waits for it)
+            self.continued.cancel()  # (and with it its row: Batcher, abandoned rows)
 
 
 @dataclass
@@ -345,8 +345,8 @@ class RealtimeSession:
             self._main.cancel()
 
     async def _abandon(self) -> None:
-        """Teardown: cancel this connection's decodes and drop its audio (rows already in the batcher still run,
-        nobody waits for them)."""
+        """Teardown: cancel this connection's decodes, whose rows then leave the batcher and the engine (Batcher:
+        abandoned rows), and drop its audio."""
         if self.turn is not None:
             self.turn.closed = True
             self.turn = None
@@ -724,7 +724,8 @@ class RealtimeSession:
 
     async def _decode(self, item: EngineInput) -> EngineOutput:
         future = self.runtime.batcher.submit([item])[0]
-        return await asyncio.wait_for(asyncio.shield(future), self.settings.request_timeout_s)
+        with abandoned_unless_answered([future]):
+            return await asyncio.wait_for(asyncio.shield(future), self.settings.request_timeout_s)
 
     async def _retry(self, attempt: Callable[[], Awaitable[T]]) -> T:
         """A committed turn is never dropped for a full queue: try again until the request timeout."""

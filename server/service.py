@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 from server.audio_workers import Audio, AudioWorkers, PreparedAudio
@@ -44,6 +44,19 @@ class TranscriptionResult:
     processing_seconds: float
 
 
+@contextlib.contextmanager
+def abandoned_unless_answered(futures: list[asyncio.Future]) -> Iterator[None]:
+    """Around waiting for a request's rows: if the wait ends without them (a timeout, an engine error in another
+    window, the request cancelled because its client went away), the rows not answered yet are cancelled, which
+    takes them out of the batcher's queue or the engine's batch (Batcher: abandoned rows)."""
+    try:
+        yield
+    except BaseException:
+        for future in futures:
+            future.cancel()
+        raise
+
+
 class TranscriptionService:
     def __init__(self, settings: Settings, batcher: Batcher, audio: AudioWorkers, metrics: Metrics) -> None:
         self.settings = settings
@@ -77,7 +90,8 @@ class TranscriptionService:
                          expected: ExpectedRows | None = None) -> TranscriptionResult:
         start = time.monotonic()
         prepared, futures, _ = await self.submit(audio, language, temperature, expected=expected)
-        outputs = await asyncio.wait_for(asyncio.shield(asyncio.gather(*futures)), self.settings.request_timeout_s)
+        with abandoned_unless_answered(futures):
+            outputs = await asyncio.wait_for(asyncio.shield(asyncio.gather(*futures)), self.settings.request_timeout_s)
         return self.join(prepared, outputs, time.monotonic() - start)
 
     async def stream(self, audio: Audio, language: str | None, temperature: float = 0.0,
@@ -90,22 +104,23 @@ class TranscriptionService:
 
     async def _events(self, prepared: PreparedAudio, futures: list[asyncio.Future],
                       queues: list[asyncio.Queue], start: float) -> AsyncIterator[str | TranscriptionResult]:
-        for index, (future, queue) in enumerate(zip(futures, queues, strict=True)):
-            if index > 0:
-                yield self._separator(futures[index - 1].result())
-            while not (future.done() and queue.empty()):
-                getter = asyncio.ensure_future(queue.get())
-                done, _ = await asyncio.wait({getter, future}, timeout=self.settings.request_timeout_s,
-                                             return_when=asyncio.FIRST_COMPLETED)
-                if not done:
-                    getter.cancel()
-                    raise TimeoutError
-                if getter in done:
-                    yield getter.result()
-                else:
-                    getter.cancel()
-            future.result()  # re-raises an engine error
-        outputs = [f.result() for f in futures]
+        with abandoned_unless_answered(futures):  # also when the response stops early (its client went away)
+            for index, (future, queue) in enumerate(zip(futures, queues, strict=True)):
+                if index > 0:
+                    yield self._separator(futures[index - 1].result())
+                while not (future.done() and queue.empty()):
+                    getter = asyncio.ensure_future(queue.get())
+                    done, _ = await asyncio.wait({getter, future}, timeout=self.settings.request_timeout_s,
+                                                 return_when=asyncio.FIRST_COMPLETED)
+                    if not done:
+                        getter.cancel()
+                        raise TimeoutError
+                    if getter in done:
+                        yield getter.result()
+                    else:
+                        getter.cancel()
+                future.result()  # re-raises an engine error
+            outputs = [f.result() for f in futures]
         yield self.join(prepared, outputs, time.monotonic() - start)
 
     @staticmethod

@@ -249,6 +249,13 @@ class Generation:
                                                                       limit)
         self.pending = []
 
+    def drop(self, row_id: int) -> None:
+        """A row nobody waits for any more (its request gave up): it decodes no further, leaves the batch with
+        the next rows that finish, and is then forgotten. A row still pending is prefilled with the others all the
+        same (taking it out would mean taking its adapters out of the batch too)."""
+        row = self.rows[row_id]
+        row.done = row.read = True
+
     def hypothesis(self, row_id: int, forget: bool = False) -> Hypothesis:
         """A row's tokens (final once it has finished); `forget`: taken for good, the row can be forgotten."""
         row = self.rows[row_id]

@@ -18,6 +18,7 @@ from adapters.zipper import Variant, ZipperConfig
 from server.batcher import Batcher, QueueFull
 from server.engine import EmbeddedEngine, EngineInput, PreparedBatch
 from server.metrics import Metrics
+from server.service import abandoned_unless_answered
 from speechllm.model import SpeechLLM
 from tests.conftest import tiny_speech_llm
 
@@ -230,6 +231,96 @@ def test_queue_full_refuses_the_whole_request(model: SpeechLLM) -> None:
         await batcher.stop()
 
     _run(scenario)
+
+
+# ---- abandoned rows (their request gave up) ----------------------------------------------------------------
+
+def test_a_cancelled_row_leaves_the_queue(model: SpeechLLM) -> None:
+    """Rows whose futures are cancelled while they wait (their request timed out, or its client went away) leave
+    the queue: the engine never sees them, and the other rows run as usual."""
+    metrics = Metrics()
+    engine = _engine(model, metrics)
+
+    async def scenario() -> None:
+        batcher = Batcher(engine, metrics, max_batch_size=4, max_wait_s=0.01, max_queue=8)
+        given_up = batcher.submit(_items(["en", "ja"]))  # not started: the rows wait
+        kept = batcher.submit(_items(["de"], seed=1))
+        for future in given_up:
+            future.cancel()
+        await asyncio.sleep(0)  # (done callbacks run on the loop)
+        assert batcher.depth == 1 and _sample(metrics, "zasr_queue_depth_rows") == 1
+        await batcher.start()
+        assert (await kept[0]).language == "de"
+        await batcher.stop()
+        assert [[item.language for item in batch] for batch in engine.batches] == [["de"]]
+
+    _run(scenario)
+    assert _sample(metrics, "zasr_abandoned_rows_total", {"stage": "queued"}) == 2
+
+
+def test_a_request_that_times_out_abandons_the_rows_not_answered() -> None:
+    """TranscriptionService waits for a request's rows inside `abandoned_unless_answered`: a wait that ends without
+    them (here a timeout) cancels those not answered yet, which is what takes them out of the batcher and the
+    engine; a wait that ends with them cancels nothing."""
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        answered, waiting = loop.create_future(), loop.create_future()
+        answered.set_result("text")
+        with pytest.raises(TimeoutError), abandoned_unless_answered([answered, waiting]):
+            await asyncio.wait_for(asyncio.shield(asyncio.gather(answered, waiting)), 0.01)
+        assert waiting.cancelled() and answered.result() == "text"
+        both = [loop.create_future(), loop.create_future()]
+        for future in both:
+            future.set_result("text")
+        with abandoned_unless_answered(both):
+            await asyncio.gather(*both)
+        assert not any(future.cancelled() for future in both)
+
+    _run(scenario)
+
+
+def _decoded_alone(model: SpeechLLM, items: list[EngineInput]) -> tuple[list[str], float]:
+    """Texts of rows decoded alone through a batcher, and the decoding steps that took."""
+    metrics = Metrics()
+    engine = _engine(model, metrics)
+
+    async def scenario() -> list[str]:
+        batcher = Batcher(engine, metrics, max_batch_size=8, max_wait_s=0.01, max_queue=16)
+        await batcher.start()
+        outputs = await asyncio.gather(*batcher.submit(items))
+        await batcher.stop()
+        return [output.text for output in outputs]
+
+    return asyncio.run(asyncio.wait_for(scenario(), TIMEOUT_S)), _sample(metrics, "zasr_decode_step_rows_count")
+
+
+def test_a_cancelled_row_stops_decoding(model: SpeechLLM) -> None:
+    """A row cancelled while it decodes leaves the engine's batch at its next step instead of decoding to its end;
+    the row beside it keeps its own output, and the batcher's books balance (stop returns)."""
+    long_frames, short_frames = 200, 8
+    _, steps_to_its_end = _decoded_alone(model, _items(["de"], seed=1, frames=long_frames))
+    (short_text,), _ = _decoded_alone(model, _items(["en"], frames=short_frames))
+    metrics = Metrics()
+    engine = PausingEngine(model, metrics, cache_bytes=1 << 30, lid_threshold=1.01)
+
+    async def scenario() -> None:
+        batcher = Batcher(engine, metrics, max_batch_size=8, max_wait_s=0.01, max_queue=16)
+        await batcher.start()
+        short = batcher.submit(_items(["en"], frames=short_frames))
+        long = batcher.submit(_items(["de"], seed=1, frames=long_frames))
+        assert (await short[0]).text == short_text  # the engine thread now waits for `seen`
+        long[0].cancel()
+        await asyncio.sleep(0)
+        engine.seen.set()
+        await batcher.stop()
+        assert batcher._in_flight == 0 and not engine._row_group
+        assert [len(batch) for batch in engine.batches] == [2]  # the two rows decoded together
+
+    _run(scenario)
+    assert steps_to_its_end > 20  # a long row, so that stopping early shows
+    assert _sample(metrics, "zasr_decode_step_rows_count") < steps_to_its_end / 2
+    assert _sample(metrics, "zasr_abandoned_rows_total", {"stage": "decoding"}) == 1
 
 
 class FailingAfterFirstAnswer(RecordingEngine):

@@ -174,6 +174,42 @@ def test_a_batch_that_rows_keep_joining_forgets_the_rows_it_answered(tiny_tokeni
     assert [answers[row] for row in range(len(prompts))] == alone
 
 
+def test_dropped_rows_leave_and_the_others_decode_as_they_would_alone(tiny_tokenizer, monkeypatch) -> None:
+    """A request that gave up: its rows are dropped (Generation.drop), one decoding and one still pending, and the
+    rows beside them decode as alone, with their adapters and cache rows still matched after the dropped rows
+    leave; the dropped rows are forgotten once they have left."""
+    _unset_memory_is_nan(monkeypatch)
+    model = tiny_speech_llm(tiny_tokenizer, adapter=ZipperConfig(variant=Variant.SOFT, rank=4))
+    _random_adapters(model)
+    torch.manual_seed(8)
+    dim = model.llm.config.hidden_size
+    adapters = [merge_language(model.llm, language) for language in (0, 3, 5, 7)]
+    prompts = [torch.randn(n, dim) for n in (6, 9, 4, 7)]
+    limits = [12, 14, 10, 9]
+    decoder = LlamaDecoder(model.llm)
+    generation = Generation(decoder, eos_id=-1, on_rows_kept=lambda keep: keep_rows(model.llm, keep))
+    with joining_rows(model.llm, 0, [(i, i + 1, adapters[i]) for i in range(3)]):
+        rows = generation.join(prompts[:3], limits[:3], [0.0] * 3)
+    generation.step()
+    with joining_rows(model.llm, 3, [(0, 1, adapters[3])]):
+        rows += generation.join(prompts[3:], limits[3:], [0.0])
+    generation.drop(rows[1])  # decoding
+    generation.drop(rows[3])  # pending: prefilled by the next step all the same
+    steps = 0
+    while generation.alive:
+        emitted, finished = generation.step()
+        assert rows[1] not in finished + [row for row, _ in emitted] and rows[3] not in finished
+        steps += 1
+        if steps == 3:
+            assert rows[1] not in generation.alive and rows[3] not in generation.alive  # they left
+    clear_rows(model.llm)
+    assert rows[1] not in generation.rows and rows[3] not in generation.rows  # and were forgotten
+    for row in (0, 2):
+        with use_segments(model.llm, [(0, 1, adapters[row])]):
+            alone = generate(decoder, [prompts[row]], eos_id=-1, max_new_tokens=limits[row])[0]
+        assert generation.hypothesis(rows[row]).tokens == alone.tokens
+
+
 def test_prefill_by_length_group_decodes_as_one_batch(tiny_tokenizer) -> None:
     model = tiny_speech_llm(tiny_tokenizer, adapter=ZipperConfig(variant=Variant.SOFT, rank=4))
     _random_adapters(model)

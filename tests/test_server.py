@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import io
 import os
+import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -199,6 +201,47 @@ def test_requests_are_counted_by_endpoint_status_and_language(server: str) -> No
     assert httpx.get(f"{server}/v1/nope").status_code == 404
     after = [_requests_counted(server, *label) for label in labels]
     assert [a - b for a, b in zip(after, before, strict=True)] == [1, 1, 1, 1]
+
+
+def _metric(server: str, name: str) -> float:
+    """A metric's samples summed over their labels, from the server's Prometheus exposition."""
+    return sum(sample.value for family in text_string_to_metric_families(httpx.get(f"{server}/metrics").text)
+               for sample in family.samples if sample.name == name)
+
+
+def _wait_for(condition, within_s: float) -> bool:
+    deadline = time.monotonic() + within_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_a_client_that_leaves_abandons_its_rows(server: str) -> None:
+    """A client that hangs up while its request decodes: the request's rows leave the engine (vLLM aborts them)
+    instead of decoding to their end, the request is counted as 499, and the server answers the next one."""
+    phrases = ["the house is very small", "where is the water", "she said that they would come"] * 4
+    pause = np.zeros(int(1.2 * SAMPLE_RATE), dtype=np.float32)
+    samples = np.concatenate([part for text in phrases for part in (_speech(text), pause)] * 2)  # ≈ 50 s
+    request = httpx.Request("POST", f"{server}/v1/audio/transcriptions", headers={"Authorization": f"Bearer {API_KEY}"},
+                            files={"file": ("long.flac", _encode(samples, "flac", "flac", 16000))},
+                            data={"model": "whisper-1", "language": "en"})
+    body = request.read()
+    head = "".join(f"{name}: {value}\r\n" for name, value in request.headers.items())
+    endpoint = "/v1/audio/transcriptions"
+    rows_before, abandoned_before = _metric(server, "zasr_batch_size_rows_sum"), _metric(
+        server, "zasr_abandoned_rows_total")
+    hung_up_before = _requests_counted(server, endpoint, "499", "en")
+    url = httpx.URL(server)
+    with socket.create_connection((url.host, url.port)) as connection:
+        connection.sendall(f"POST {endpoint} HTTP/1.1\r\n{head}\r\n".encode() + body)
+        # hang up once its rows have reached the engine (a 50 s upload decodes for seconds)
+        assert _wait_for(lambda: _metric(server, "zasr_batch_size_rows_sum") >= rows_before + 2, 30)
+        connection.shutdown(socket.SHUT_RDWR)
+    assert _wait_for(lambda: _metric(server, "zasr_abandoned_rows_total") > abandoned_before, 10)
+    assert _wait_for(lambda: _requests_counted(server, endpoint, "499", "en") == hung_up_before + 1, 10)
+    assert _post(server, _encode(_speech(REFERENCE), "wav", "pcm_s16le", 16000), language="en").status_code == 200
 
 
 def test_missing_file_and_bad_keys(server: str) -> None:
