@@ -52,7 +52,7 @@ from server.protocol import (
     sse_error,
 )
 from server.realtime import RealtimeHub
-from server.service import NoSpeech, TranscriptionResult, TranscriptionService
+from server.service import NoSpeech, TranscriptionResult, TranscriptionService, cancel_unanswered
 from server.settings import Settings
 from server.threads import DEFAULT_ENGINE_THREADS, use_one_thread
 from server.vad import SileroVAD
@@ -160,7 +160,8 @@ async def unless_client_leaves(request: Request, work: Coroutine[Any, Any, T]) -
     try:
         await asyncio.wait({task, left}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        left.cancel()
+        if not left.cancel() and not left.cancelled():
+            left.exception()  # a receive that failed (the connection broke) is a client gone too: seen, not logged
         if not task.done():
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -174,6 +175,21 @@ async def _client_left(request: Request) -> None:
     # Once the body is read, the server's next message is the disconnect (or comes when the response is sent).
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+class StreamedTranscription(StreamingResponse):
+    """Server-sent events of a transcription whose rows are abandoned if the response ends without them: its
+    client went away while it streamed (Starlette then stops sending) or even before the first event."""
+
+    def __init__(self, content: AsyncIterator[str], rows: list[asyncio.Future]) -> None:
+        super().__init__(content, media_type="text/event-stream")
+        self.rows = rows
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            cancel_unanswered(self.rows)
 
 
 def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
@@ -304,8 +320,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             with service.batcher.expecting_rows() as expected, bad_audio_as_errors():  # its rows are on their way
                 if params.stream:
-                    return stream_response(await service.stream(data, params.language, params.temperature,
-                                                                expected))
+                    return stream_response(*await service.stream(data, params.language, params.temperature,
+                                                                 expected))
                 result = await unless_client_leaves(
                     request, service.transcribe(data, params.language, params.temperature, expected))
         except ClientLeft:
@@ -321,7 +337,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         verbose = verbose_result(result)
         return Response(render(params.response_format, verbose), media_type=media_type(params.response_format))
 
-    def stream_response(events: AsyncIterator[str | TranscriptionResult]) -> Response:
+    def stream_response(events: AsyncIterator[str | TranscriptionResult], rows: list[asyncio.Future]) -> Response:
         async def body() -> AsyncIterator[str]:
             try:
                 async for item in events:
@@ -338,7 +354,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 logger.exception("streaming transcription failed")
                 yield sse_error(errors.internal_error())
 
-        return StreamingResponse(body(), media_type="text/event-stream")
+        return StreamedTranscription(body(), rows)
 
     @app.post("/v1/audio/language")
     async def detect_language(request: Request) -> LanguageDetection:

@@ -9,7 +9,8 @@ as it has joined (the embedded engine lets it join once it leaves room for it: `
 languages (the engine groups rows by adapter, which also keeps vLLM's LoRA slots from thrashing), and because
 rows leave in arrival order, no language starves however skewed the traffic.
 The queue is bounded: a request that does not fit is refused whole (503 + Retry-After) before
-anything of it is accepted; an accepted row is always run and its future always resolved.
+anything of it is accepted; an accepted row is always run and its future always resolved, unless whoever waits
+for it cancels the future (its request gave up): the row is then abandoned, out of the queue or the engine.
 """
 
 from __future__ import annotations
@@ -59,11 +60,12 @@ class ExpectedRows:
             on_arrival()
 
 
-@dataclass
+@dataclass(eq=False)  # rows are told apart by identity (the queue's remove), never by their tensors
 class _Pending:
     item: EngineInput
     future: asyncio.Future
     output: asyncio.Future | None = None  # the engine's, once the row has joined it
+    abandoned: bool = False
 
 
 class Batcher:
@@ -167,6 +169,8 @@ class Batcher:
     async def _loop(self) -> None:
         while True:
             batch = await self._next_batch()
+            if not batch:  # its rows were abandoned while it waited for more
+                continue
             self._in_flight += len(batch)
             now = time.monotonic()
             for pending in batch:
@@ -200,14 +204,19 @@ class Batcher:
             self._abandon(pending)
 
     def _abandon(self, pending: _Pending) -> None:
+        if pending.abandoned:
+            return
         if pending.output is not None:
-            self.engine.abandon(pending.output)
-            self.metrics.abandoned_rows.labels("decoding").inc()
+            pending.abandoned = True
+            if not pending.output.done():  # (else it was answered just before)
+                self.engine.abandon(pending.output)
+                self.metrics.abandoned_rows.labels("decoding").inc()
         elif pending in self._queue:
+            pending.abandoned = True
             self._queue.remove(pending)
             self.metrics.queue_depth.set(len(self._queue))
             self.metrics.abandoned_rows.labels("queued").inc()
-        # else: its batch is joining the engine; chaining its output abandons it there
+        # else: its batch is being handed to the engine, and chaining its output abandons it there
 
     def _answer_from(self, pending: _Pending, output: asyncio.Future[EngineOutput]) -> None:
         if output.cancelled():
@@ -221,7 +230,7 @@ class Batcher:
             self._answer(pending, output.result())
 
     def _answer(self, pending: _Pending, result: EngineOutput | None = None, error: Exception | None = None) -> None:
-        """Resolve a row's future: with its output, or with the error (rows are never dropped)."""
+        """Resolve a row's future: with its output, or with the error (unless it was cancelled: abandoned)."""
         self._in_flight -= 1
         if pending.future.done():
             return

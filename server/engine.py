@@ -281,7 +281,7 @@ class EmbeddedEngine(SpeechEngine):
         the ticks, as each is decoded (`_answer`)."""
         joining: list[_Group] = []
         try:
-            while self._waiting or self._row_group:
+            while self._waiting or self._row_group or self._generation.alive:  # (alive: abandoned rows leaving)
                 joining = []
                 while self._waiting and self._room_for(self._waiting[0], joining):
                     joining.append(self._waiting.popleft())
@@ -321,7 +321,7 @@ class EmbeddedEngine(SpeechEngine):
                     self._answer_all(group, error)
                     continue
                 self._join(group)
-            if joining:  # rows may have been abandoned while their group waited
+            if joining:  # an output cancelled before its row joined was missed by the scans until now
                 self._abandoned = True
             deadline = time.perf_counter() + TICK_S
             while self._generation.alive:

@@ -52,9 +52,14 @@ def abandoned_unless_answered(futures: list[asyncio.Future]) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        for future in futures:
-            future.cancel()
+        cancel_unanswered(futures)
         raise
+
+
+def cancel_unanswered(futures: list[asyncio.Future]) -> None:
+    """Rows nobody will wait for: each not answered yet is cancelled, which abandons it (a no-op for the others)."""
+    for future in futures:
+        future.cancel()
 
 
 class TranscriptionService:
@@ -95,32 +100,34 @@ class TranscriptionService:
         return self.join(prepared, outputs, time.monotonic() - start)
 
     async def stream(self, audio: Audio, language: str | None, temperature: float = 0.0,
-                     expected: ExpectedRows | None = None) -> AsyncIterator[str | TranscriptionResult]:
+                     expected: ExpectedRows | None = None
+                     ) -> tuple[AsyncIterator[str | TranscriptionResult], list[asyncio.Future]]:
         """Queue the request now (bad audio, QueueFull and NoSpeech are raised here, before any response is sent),
-        and return its events: text deltas in order (window after window), then the final TranscriptionResult."""
+        and return its events (text deltas in order, window after window, then the final TranscriptionResult) and
+        its rows' futures. Whoever stops reading the events early, or never starts, cancels the rows
+        (`cancel_unanswered`): a generator that never started runs no code of its own to do it."""
         start = time.monotonic()
         prepared, futures, queues = await self.submit(audio, language, temperature, streaming=True, expected=expected)
-        return self._events(prepared, futures, queues, start)
+        return self._events(prepared, futures, queues, start), futures
 
     async def _events(self, prepared: PreparedAudio, futures: list[asyncio.Future],
                       queues: list[asyncio.Queue], start: float) -> AsyncIterator[str | TranscriptionResult]:
-        with abandoned_unless_answered(futures):  # also when the response stops early (its client went away)
-            for index, (future, queue) in enumerate(zip(futures, queues, strict=True)):
-                if index > 0:
-                    yield self._separator(futures[index - 1].result())
-                while not (future.done() and queue.empty()):
-                    getter = asyncio.ensure_future(queue.get())
-                    done, _ = await asyncio.wait({getter, future}, timeout=self.settings.request_timeout_s,
-                                                 return_when=asyncio.FIRST_COMPLETED)
-                    if not done:
-                        getter.cancel()
-                        raise TimeoutError
-                    if getter in done:
-                        yield getter.result()
-                    else:
-                        getter.cancel()
-                future.result()  # re-raises an engine error
-            outputs = [f.result() for f in futures]
+        for index, (future, queue) in enumerate(zip(futures, queues, strict=True)):
+            if index > 0:
+                yield self._separator(futures[index - 1].result())
+            while not (future.done() and queue.empty()):
+                getter = asyncio.ensure_future(queue.get())
+                done, _ = await asyncio.wait({getter, future}, timeout=self.settings.request_timeout_s,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    getter.cancel()
+                    raise TimeoutError
+                if getter in done:
+                    yield getter.result()
+                else:
+                    getter.cancel()
+            future.result()  # re-raises an engine error
+        outputs = [f.result() for f in futures]
         yield self.join(prepared, outputs, time.monotonic() - start)
 
     @staticmethod

@@ -243,16 +243,17 @@ def test_a_cancelled_row_leaves_the_queue(model: SpeechLLM) -> None:
 
     async def scenario() -> None:
         batcher = Batcher(engine, metrics, max_batch_size=4, max_wait_s=0.01, max_queue=8)
-        given_up = batcher.submit(_items(["en", "ja"]))  # not started: the rows wait
-        kept = batcher.submit(_items(["de"], seed=1))
+        first = batcher.submit(_items(["de"], seed=1))  # not started: the rows wait
+        given_up = batcher.submit(_items(["en", "ja"]))  # behind a row, and one behind the other
+        last = batcher.submit(_items(["ko"], seed=2))
         for future in given_up:
             future.cancel()
         await asyncio.sleep(0)  # (done callbacks run on the loop)
-        assert batcher.depth == 1 and _sample(metrics, "zasr_queue_depth_rows") == 1
+        assert batcher.depth == 2 and _sample(metrics, "zasr_queue_depth_rows") == 2
         await batcher.start()
-        assert (await kept[0]).language == "de"
+        assert [(await future).language for future in first + last] == ["de", "ko"]
         await batcher.stop()
-        assert [[item.language for item in batch] for batch in engine.batches] == [["de"]]
+        assert [item.language for batch in engine.batches for item in batch] == ["de", "ko"]
 
     _run(scenario)
     assert _sample(metrics, "zasr_abandoned_rows_total", {"stage": "queued"}) == 2

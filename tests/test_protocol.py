@@ -6,6 +6,7 @@ through a mock transport, so both directions are checked: what the SDK sends, an
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import json
 
@@ -534,3 +535,32 @@ def test_request_metrics_count_answers_errors_and_pass_websockets_through() -> N
                                              {"endpoint": "/ok/{name}", "language": "fr"}) == 2
     assert sum(sample.value for family in metrics.registry.collect() if family.name == "zasr_requests"
                for sample in family.samples if sample.name == "zasr_requests_total") == 4  # not the websocket
+
+
+def test_a_streamed_transcription_abandons_its_rows_when_its_client_leaves_before_the_first_event() -> None:
+    """The client is gone before the stream starts: its event generator never runs (so no code of its own could
+    cancel anything), and the response cancels the rows not answered yet, which abandons them (Batcher)."""
+    from server.app import StreamedTranscription
+
+    started = []
+
+    async def events():
+        started.append(True)
+        yield "data: never\n\n"
+
+    async def scenario() -> tuple[bool, bool]:
+        loop = asyncio.get_running_loop()
+        waiting, answered = loop.create_future(), loop.create_future()
+        answered.set_result("text")
+
+        async def receive() -> dict:
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            await asyncio.sleep(0.05)  # the disconnect is seen first
+
+        response = StreamedTranscription(events(), [waiting, answered])
+        await response({"type": "http", "asgi": {"spec_version": "2.3"}}, receive, send)
+        return waiting.cancelled(), answered.cancelled()
+
+    assert asyncio.run(scenario()) == (True, False) and not started

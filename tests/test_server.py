@@ -224,15 +224,20 @@ def test_a_client_that_leaves_abandons_its_rows(server: str) -> None:
     phrases = ["the house is very small", "where is the water", "she said that they would come"] * 4
     pause = np.zeros(int(1.2 * SAMPLE_RATE), dtype=np.float32)
     samples = np.concatenate([part for text in phrases for part in (_speech(text), pause)] * 2)  # ≈ 50 s
+    upload = _encode(samples, "flac", "flac", 16000)
+    steps = "zasr_decode_step_rows_count"  # the embedded engine's decoding steps (vLLM counts none)
+    steps_before = _metric(server, steps)
+    assert _post(server, upload, "long.flac", language="en").status_code == 200
+    steps_to_its_end = _metric(server, steps) - steps_before
     request = httpx.Request("POST", f"{server}/v1/audio/transcriptions", headers={"Authorization": f"Bearer {API_KEY}"},
-                            files={"file": ("long.flac", _encode(samples, "flac", "flac", 16000))},
-                            data={"model": "whisper-1", "language": "en"})
+                            files={"file": ("long.flac", upload)}, data={"model": "whisper-1", "language": "en"})
     body = request.read()
     head = "".join(f"{name}: {value}\r\n" for name, value in request.headers.items())
     endpoint = "/v1/audio/transcriptions"
     rows_before, abandoned_before = _metric(server, "zasr_batch_size_rows_sum"), _metric(
         server, "zasr_abandoned_rows_total")
     hung_up_before = _requests_counted(server, endpoint, "499", "en")
+    steps_before = _metric(server, steps)
     url = httpx.URL(server)
     with socket.create_connection((url.host, url.port)) as connection:
         connection.sendall(f"POST {endpoint} HTTP/1.1\r\n{head}\r\n".encode() + body)
@@ -241,6 +246,8 @@ def test_a_client_that_leaves_abandons_its_rows(server: str) -> None:
         connection.shutdown(socket.SHUT_RDWR)
     assert _wait_for(lambda: _metric(server, "zasr_abandoned_rows_total") > abandoned_before, 10)
     assert _wait_for(lambda: _requests_counted(server, endpoint, "499", "en") == hung_up_before + 1, 10)
+    time.sleep(0.2)
+    assert _metric(server, steps) - steps_before <= steps_to_its_end / 2  # it stopped decoding
     assert _post(server, _encode(_speech(REFERENCE), "wav", "pcm_s16le", 16000), language="en").status_code == 200
 
 
