@@ -198,7 +198,7 @@ class Batcher:
 
     def _abandon_if_cancelled(self, pending: _Pending, future: asyncio.Future) -> None:
         """A row's future cancelled by whoever waits for it means its request gave up (it timed out, its client
-        went away, a realtime partial was superseded): the row leaves the queue, or the engine stops decoding it,
+        went away, a realtime decode is no longer wanted): the row leaves the queue, or the engine stops decoding it,
         rather than taking a place in the batch that others wait for."""
         if future.cancelled():
             self._abandon(pending)

@@ -124,7 +124,7 @@ class SpeechEngine:
         raise NotImplementedError
 
     def abandon(self, output: asyncio.Future[EngineOutput]) -> None:
-        """A row whose request gave up (timed out, its client gone, a realtime partial superseded): its output, a
+        """A row whose request gave up (timed out, its client gone, a realtime decode no longer wanted): its output, a
         future `start` returned, is cancelled, and the engine stops decoding the row if it can (vLLM aborts the
         request when its task is cancelled; the embedded engine drops the row at its next step)."""
         output.cancel()

@@ -39,7 +39,7 @@ class Metrics:
                                          buckets=(1, 2, 3, 4, 6, 8, 12), registry=r)
         self.queue_depth = Gauge("zasr_queue_depth_rows", "Rows waiting for the engine", registry=r)
         self.abandoned_rows = Counter("zasr_abandoned_rows_total", "Rows dropped because their request gave up "
-                                      "(timed out, client gone, realtime partial superseded), by where they were",
+                                      "(timed out, client gone, realtime decode no longer wanted), by where they were",
                                       ["stage"], registry=r)
         self.cache_hits = Counter("zasr_adapter_cache_hits_total", "Adapter cache hits", registry=r)
         self.cache_misses = Counter("zasr_adapter_cache_misses_total", "Adapter cache misses (merges)", registry=r)
