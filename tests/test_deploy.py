@@ -437,6 +437,7 @@ def test_dashboard_covers_the_service() -> None:
         "adapter cache hit rate": {"zasr_adapter_cache_hits_total", "zasr_adapter_cache_misses_total"},
         "adapter cache bytes": {"zasr_adapter_cache_bytes"},
         "errors": {"zasr_rejected_requests_total"},
+        "abandoned rows": {"zasr_abandoned_rows_total"},
     }
     for topic, metrics in wanted.items():
         assert metrics <= used, f"the dashboard lacks {topic}: {metrics - used}"
