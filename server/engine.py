@@ -281,7 +281,7 @@ class EmbeddedEngine(SpeechEngine):
         the ticks, as each is decoded (`_answer`)."""
         joining: list[_Group] = []
         try:
-            while self._waiting or self._row_group or self._generation.alive:  # (alive: abandoned rows leaving)
+            while self._waiting or self._generation.alive:  # (alive: rows decoding, and abandoned rows leaving)
                 joining = []
                 while self._waiting and self._room_for(self._waiting[0], joining):
                     joining.append(self._waiting.popleft())

@@ -85,7 +85,7 @@ from server.realtime_protocol import (
     new_id,
     parse_client_event,
 )
-from server.service import NoSpeech, abandoned_unless_answered
+from server.service import NoSpeech
 from server.settings import Settings
 from server.vad import WINDOW, StreamingVAD
 from speechllm.audio import SAMPLE_RATE
@@ -724,8 +724,8 @@ class RealtimeSession:
 
     async def _decode(self, item: EngineInput) -> EngineOutput:
         future = self.runtime.batcher.submit([item])[0]
-        with abandoned_unless_answered([future]):
-            return await asyncio.wait_for(asyncio.shield(future), self.settings.request_timeout_s)
+        # timed out or cancelled, wait_for cancels the row's future, which abandons the row (Batcher)
+        return await asyncio.wait_for(future, self.settings.request_timeout_s)
 
     async def _retry(self, attempt: Callable[[], Awaitable[T]]) -> T:
         """A committed turn is never dropped for a full queue: try again until the request timeout."""

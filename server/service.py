@@ -96,7 +96,7 @@ class TranscriptionService:
         start = time.monotonic()
         prepared, futures, _ = await self.submit(audio, language, temperature, expected=expected)
         with abandoned_unless_answered(futures):
-            outputs = await asyncio.wait_for(asyncio.shield(asyncio.gather(*futures)), self.settings.request_timeout_s)
+            outputs = await asyncio.wait_for(asyncio.gather(*futures), self.settings.request_timeout_s)
         return self.join(prepared, outputs, time.monotonic() - start)
 
     async def stream(self, audio: Audio, language: str | None, temperature: float = 0.0,

@@ -10,6 +10,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from server.service import abandoned_unless_answered
 from speechllm.model import SpeechLLM
 from tests.conftest import tiny_speech_llm
 
+T = TypeVar("T")
 TIMEOUT_S = 15.0  # a broken batcher must fail a test, never hang the suite
 MIXED = ["en", "ja", "de", "ar", "ja", "en", "th", "de", "ko", "en"]
 
@@ -85,8 +87,8 @@ def _record_completion(futures: list[asyncio.Future], order: list[int], first_in
         future.add_done_callback(lambda _, index=first_index + offset: order.append(index))
 
 
-def _run(scenario: Callable[[], Awaitable[None]]) -> None:
-    asyncio.run(asyncio.wait_for(scenario(), TIMEOUT_S))
+def _run(scenario: Callable[[], Awaitable[T]]) -> T:
+    return asyncio.run(asyncio.wait_for(scenario(), TIMEOUT_S))
 
 
 def _batch_of(engine: RecordingEngine) -> dict[int, int]:
@@ -293,7 +295,7 @@ def _decoded_alone(model: SpeechLLM, items: list[EngineInput]) -> tuple[list[str
         await batcher.stop()
         return [output.text for output in outputs]
 
-    return asyncio.run(asyncio.wait_for(scenario(), TIMEOUT_S)), _sample(metrics, "zasr_decode_step_rows_count")
+    return _run(scenario), _sample(metrics, "zasr_decode_step_rows_count")
 
 
 def test_a_cancelled_row_stops_decoding(model: SpeechLLM) -> None:
