@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
+from dataclasses import dataclass
 from pathlib import Path
 
 import jiwer
@@ -19,7 +20,7 @@ from tqdm import tqdm
 from whisper_normalizer.basic import BasicTextNormalizer
 
 from speechllm.data import FeatureSet
-from speechllm.decoder import decoder_for
+from speechllm.decoder import Decoder, decoder_for
 from speechllm.inference import transcribe_features
 from speechllm.languages import BY_CODE, Tier
 from speechllm.model import SpeechLLM
@@ -36,36 +37,54 @@ def normalize(text: str, language: str) -> str:
     return _basic(text).strip()
 
 
+def scored_form(text: str, language: str) -> str:
+    """A text as the error rates compare it."""
+    text = normalize(text, language)
+    return text.replace(" ", "") if BY_CODE[language].unspaced else text  # unspaced: characters are the only units
+
+
 def error_rates(references: list[str], hypotheses: list[str], language: str) -> dict[str, float]:
-    refs = [normalize(r, language) for r in references]
-    hyps = [normalize(h, language) for h in hypotheses]
-    if BY_CODE[language].unspaced:  # written without spaces: characters are the only units
-        refs, hyps = [r.replace(" ", "") for r in refs], [h.replace(" ", "") for h in hyps]
+    refs = [scored_form(r, language) for r in references]
+    hyps = [scored_form(h, language) for h in hypotheses]
     cer = jiwer.cer(refs, hyps)
     wer = jiwer.wer(refs, hyps) if language not in CER_PRIMARY else None
     return {"cer": cer, "wer": wer, "primary": cer if language in CER_PRIMARY else wer}
 
 
-@torch.no_grad()
 def evaluate_features(model: SpeechLLM, data: FeatureSet, chunk_size: int | None = None, batch_size: int = 32,
                       min_lid_seconds: float = 2.0, progress: bool = False) -> dict:
+    split = transcribe_split(model, data, chunk_size, batch_size, progress)
+    return summarize(data.entries, split.hypotheses, split.lid_correct, min_lid_seconds, split.looped)
+
+
+@dataclass
+class SplitTranscripts:
+    """A split's transcripts by utterance index, whether LID found each one's language, and which loops stopped."""
+
+    hypotheses: dict[int, str]
+    lid_correct: dict[int, bool]
+    looped: set[int]
+
+
+@torch.no_grad()
+def transcribe_split(model: SpeechLLM, data: FeatureSet, chunk_size: int | None = None, batch_size: int = 32,
+                     progress: bool = False, decoder: Decoder | None = None) -> SplitTranscripts:
+    """`decoder`: the model's decoder (speechllm.decoder.decoder_for), when the caller keeps one."""
     model.eval()
     order = sorted(range(len(data)), key=lambda i: int(data.lengths()[i]))
-    hypotheses: dict[int, str] = {}
-    lid_correct: dict[int, bool] = {}
-    looped: set[int] = set()
+    out = SplitTranscripts({}, {}, set())
     batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
-    decoder = decoder_for(model.llm)
+    decoder = decoder or decoder_for(model.llm)
     for batch in tqdm(batches, desc="evaluate", unit="batch", disable=not progress):
         features, lengths = data.batch(batch)
         given = [data.entries[i]["language"] for i in batch]
         results = transcribe_features(model, features, lengths, given, chunk_size, decoder)
         for index, result in zip(batch, results, strict=True):
-            hypotheses[index] = result.text
-            lid_correct[index] = result.lid_language == data.entries[index]["language"]
+            out.hypotheses[index] = result.text
+            out.lid_correct[index] = result.lid_language == data.entries[index]["language"]
             if result.looped:
-                looped.add(index)
-    return summarize(data.entries, hypotheses, lid_correct, min_lid_seconds, looped)
+                out.looped.add(index)
+    return out
 
 
 def summarize(entries: list[dict], hypotheses: dict[int, str], lid_correct: dict[int, bool],
@@ -128,14 +147,17 @@ def markdown_table(report: dict, title: str) -> str:
 
 
 def evaluate_model_dir(model_dir: Path, corpus_dir: Path, split: str, out_prefix: Path,
-                       chunk_size: int | None = None) -> dict:
+                       chunk_size: int | None = None, encoder_gemm_dtype: str = "float32") -> dict:
+    from speechllm.cpu_linear import resolve_gemm_dtype
     from speechllm.data import load_features
 
-    model = SpeechLLM.load(model_dir)
+    gemm_dtype = resolve_gemm_dtype(encoder_gemm_dtype)
+    model = SpeechLLM.load(model_dir, encoder_gemm_dtype=gemm_dtype)
     report = evaluate_features(model, load_features(corpus_dir, split), chunk_size, progress=True)
     report["split"] = split
     report["model"] = str(model_dir)
     report["chunk_size"] = chunk_size
+    report["encoder_gemm_dtype"] = str(gemm_dtype).removeprefix("torch.")
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{out_prefix}.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     Path(f"{out_prefix}.md").write_text(markdown_table(report, f"{model_dir.name}: {split} split"))

@@ -1,5 +1,6 @@
 """The baseline for benchmarks/serving.py: a multi-adapter ASR server built the way most people would
-first build it. Same model, same frontend and encoder; the LLM is a `peft.PeftModel` holding one
+first build it. Same model, same frontend and encoder (`--encoder-gemm-dtype` as our ZASR_ENCODER_GEMM_DTYPE, the
+same default); the LLM is a `peft.PeftModel` holding one
 LoRA adapter per language, and each request, one at a time, switches to its language's adapter
 with `set_adapter` and runs `generate` alone. No batching, no grouping by language. It stops a repetition
 loop as our decoder does (speechllm.decoding.RowTokens), so that both write the same text. It runs torch in
@@ -23,6 +24,7 @@ from transformers import AutoModelForCausalLM, StoppingCriteria, StoppingCriteri
 
 from server.threads import engine_executor, use_one_thread
 from speechllm.audio import load_audio
+from speechllm.cpu_linear import resolve_gemm_dtype
 from speechllm.decoding import RowTokens
 from speechllm.features import log_mel_spectrogram
 from speechllm.inference import token_limits
@@ -43,10 +45,10 @@ class StopLoop(StoppingCriteria):
         return torch.tensor([looped], device=input_ids.device)
 
 
-def build_app(model_dir: Path, adapters_dir: Path) -> FastAPI:
+def build_app(model_dir: Path, adapters_dir: Path, encoder_gemm_dtype: str = "float32") -> FastAPI:
     model_thread = engine_executor()
     use_one_thread()
-    speech = SpeechLLM.load(model_dir)
+    speech = SpeechLLM.load(model_dir, encoder_gemm_dtype=resolve_gemm_dtype(encoder_gemm_dtype))
     base = AutoModelForCausalLM.from_pretrained(model_dir / "llm", dtype=torch.float32)
     languages = sorted(p.name for p in adapters_dir.iterdir() if p.is_dir())
     llm = PeftModel.from_pretrained(base, adapters_dir / languages[0], adapter_name=languages[0])
@@ -90,8 +92,10 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--adapters", type=Path, required=True, help="one PEFT adapter directory per language")
     parser.add_argument("--port", type=int, default=8001)
+    parser.add_argument("--encoder-gemm-dtype", default="float32", choices=["float32", "bfloat16", "auto"])
     args = parser.parse_args()
-    uvicorn.run(build_app(args.model, args.adapters), host="127.0.0.1", port=args.port, log_level="warning")
+    uvicorn.run(build_app(args.model, args.adapters, args.encoder_gemm_dtype), host="127.0.0.1", port=args.port,
+                log_level="warning")
 
 
 if __name__ == "__main__":

@@ -57,6 +57,7 @@ from server.settings import Settings
 from server.threads import DEFAULT_ENGINE_THREADS, use_one_thread
 from server.vad import SileroVAD
 from speechllm.audio import AudioDecodeError, EmptyAudioError
+from speechllm.cpu_linear import resolve_gemm_dtype
 from speechllm.languages import BY_CODE
 from speechllm.model import SpeechLLM
 
@@ -194,7 +195,8 @@ class StreamedTranscription(StreamingResponse):
 
 def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     device = settings.device if settings.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    model = SpeechLLM.load(settings.model_dir, device=device)
+    encoder_gemm_dtype = resolve_gemm_dtype(settings.encoder_gemm_dtype)
+    model = SpeechLLM.load(settings.model_dir, device=device, encoder_gemm_dtype=encoder_gemm_dtype)
     engine: SpeechEngine
     if settings.backend == "vllm":
         from server.vllm_engine import VLLMEngine, VLLMOptions
@@ -213,7 +215,7 @@ def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     if encoder_in_workers is None:
         encoder_in_workers = device == "cpu"
     audio = AudioWorkers(settings.audio_workers, SileroVAD(), settings.max_audio_seconds, settings.max_window_seconds,
-                         settings.model_dir if encoder_in_workers else None)
+                         settings.model_dir if encoder_in_workers else None, encoder_gemm_dtype)
     service = TranscriptionService(settings, batcher, audio, metrics)
     return Runtime(engine, batcher, service)
 

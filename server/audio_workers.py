@@ -149,12 +149,12 @@ _worker_vad: SileroVAD | None = None  # a worker process's own
 _worker_encoder: torch.nn.Module | None = None
 
 
-def _start_worker(server_pid: int, model_dir: Path | None) -> None:
+def _start_worker(server_pid: int, model_dir: Path | None, gemm_dtype: torch.dtype) -> None:
     global _worker_vad, _worker_encoder
     use_one_thread()  # the engine's OpenMP threads keep the cores
     keep_freed_memory()
     _worker_vad = SileroVAD()
-    _worker_encoder = load_encoder(model_dir) if model_dir is not None else None
+    _worker_encoder = load_encoder(model_dir, gemm_dtype) if model_dir is not None else None
     threading.Thread(target=_exit_with_server, args=(server_pid,), daemon=True).start()
 
 
@@ -171,14 +171,14 @@ def _worker_prepare_all(uploads: list[Audio], max_audio_seconds: float, max_wind
     return prepare_all(uploads, _worker_vad, max_audio_seconds, max_window_seconds, _worker_encoder)
 
 
-def _worker_pool(workers: int, model_dir: Path | None) -> ProcessPoolExecutor:
+def _worker_pool(workers: int, model_dir: Path | None, gemm_dtype: torch.dtype) -> ProcessPoolExecutor:
     # spawn, not fork: the gateway has threads (and torch's OpenMP state) that a forked child must not inherit.
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
-                               initargs=(os.getpid(), model_dir))
+                               initargs=(os.getpid(), model_dir, gemm_dtype))
 
 
-def _run_alone(model_dir: Path | None, function: Any, *args: Any) -> Any:
-    with _worker_pool(1, model_dir) as pool:
+def _run_alone(model_dir: Path | None, gemm_dtype: torch.dtype, function: Any, *args: Any) -> Any:
+    with _worker_pool(1, model_dir, gemm_dtype) as pool:
         return pool.submit(function, *args).result()
 
 
@@ -196,13 +196,15 @@ class AudioWorkers:
     each: 108–111 against 111–115 audio s/s)."""
 
     def __init__(self, workers: int, vad: SileroVAD, max_audio_seconds: float, max_window_seconds: float,
-                 encoder_model_dir: Path | None = None) -> None:
-        """`encoder_model_dir`: the workers also run the speech encoder of this model (ignored without workers)."""
+                 encoder_model_dir: Path | None = None, encoder_gemm_dtype: torch.dtype = torch.float32) -> None:
+        """`encoder_model_dir`: the workers also run the speech encoder of this model (ignored without workers),
+        with its GEMMs in `encoder_gemm_dtype` (speechllm.cpu_linear)."""
         self.workers = workers
         self.vad = vad  # for threads (workers == 0)
         self.max_audio_seconds = max_audio_seconds
         self.max_window_seconds = max_window_seconds
         self.encoder_model_dir = encoder_model_dir if workers else None
+        self.encoder_gemm_dtype = encoder_gemm_dtype
         self._pool: ProcessPoolExecutor | None = self._new_pool() if workers else None
         self._restarting = asyncio.Lock()
         self._waiting: list[tuple[Audio, asyncio.Future]] = []
@@ -211,7 +213,7 @@ class AudioWorkers:
         self._calls: set[asyncio.Task] = set()  # the event loop keeps only weak references to tasks
 
     def _new_pool(self) -> ProcessPoolExecutor:
-        pool = _worker_pool(self.workers, self.encoder_model_dir)
+        pool = _worker_pool(self.workers, self.encoder_model_dir, self.encoder_gemm_dtype)
         for started in [pool.submit(int) for _ in range(self.workers)]:
             started.result()  # start them now (imports, VAD model), not on the first request
         return pool
@@ -296,8 +298,9 @@ class AudioWorkers:
                 return AudioDecodeError("cancelled")
             async with alone:
                 try:
-                    [prepared] = await asyncio.to_thread(_run_alone, self.encoder_model_dir, _worker_prepare_all,
-                                                         [upload], self.max_audio_seconds, self.max_window_seconds)
+                    [prepared] = await asyncio.to_thread(_run_alone, self.encoder_model_dir, self.encoder_gemm_dtype,
+                                                         _worker_prepare_all, [upload], self.max_audio_seconds,
+                                                         self.max_window_seconds)
                     return prepared
                 except BrokenProcessPool:
                     return AudioDecodeError("the audio crashed the decoder")

@@ -73,7 +73,8 @@ def cmd_export_adapters(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from adapters.evaluate import evaluate_model_dir, markdown_table
 
-    report = evaluate_model_dir(args.model, args.corpus, args.split, args.out, chunk_size=args.chunk_size)
+    report = evaluate_model_dir(args.model, args.corpus, args.split, args.out, chunk_size=args.chunk_size,
+                                encoder_gemm_dtype=args.encoder_gemm_dtype)
     print(markdown_table(report, f"{args.model.name}: {args.split}"))
 
 
@@ -183,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
     p.add_argument("--split", default="test", choices=["dev", "test"])
     p.add_argument("--chunk-size", type=int, default=None, help="0: full attention; N: chunked encoder")
+    p.add_argument("--encoder-gemm-dtype", default="float32", choices=["auto", "float32", "bfloat16"],
+                   help="the speech encoder's matrix products (the server's default is auto: bfloat16 on CPUs with "
+                        "bf16 instructions)")
     p.add_argument("--out", type=Path, default=Path("runs/eval/test"))
     p.set_defaults(func=cmd_eval)
 

@@ -295,6 +295,13 @@ class LlamaDecoder:
         self.rotary = RotaryTable(llm.model.rotary_emb, self.head_dim, llm.get_input_embeddings().weight,
                                   config.max_position_embeddings)
 
+    def set_gemm_dtype(self, dtype: torch.dtype) -> None:
+        """The packed layers' and the lm_head's GEMMs in `dtype` (speechllm.cpu_linear; a packed layer that runs as
+        its own modules stays as they are)."""
+        for packed in self.qkv + self.o + self.gate_up + self.down:
+            packed.linear.gemm_dtype = dtype
+        self.lm_head.gemm_dtype = dtype
+
     @classmethod
     def supports(cls, llm: PreTrainedModel) -> bool:
         config = llm.config

@@ -21,7 +21,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from adapters.zipper import Variant, ZipperConfig, adapter_state_dict, inject, is_adapter_tensor
-from speechllm.cpu_linear import Linear
+from speechllm.cpu_linear import Linear, set_gemm_dtype
 from speechllm.encoder import EncoderConfig, SpeechEncoder
 from speechllm.hf_encoder import HFWhisperEncoder
 from speechllm.languages import LANGUAGE_CODES
@@ -218,9 +218,10 @@ class SpeechLLM(nn.Module):
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device = "cpu",
-             adapter: ZipperConfig | None = None) -> SpeechLLM:
+             adapter: ZipperConfig | None = None, encoder_gemm_dtype: torch.dtype = torch.float32) -> SpeechLLM:
         """Load a model directory. `adapter` replaces the saved adapter with a new, untrained one of that
-        configuration (stage-2 training warm-starts it from the saved one)."""
+        configuration (stage-2 training warm-starts it from the saved one). `encoder_gemm_dtype`: the speech
+        encoder's GEMMs on a CPU (speechllm.cpu_linear; the weights stay float32)."""
         directory = Path(directory)
         config = SpeechLLMConfig.from_json(json.loads((directory / "config.json").read_text()))
         saved_adapter = config.adapter is not None and adapter is None
@@ -240,20 +241,23 @@ class SpeechLLM(nn.Module):
                 raise ValueError(f"{directory}/adapter.safetensors does not match the adapter in config.json")
             model.llm.load_state_dict(_float(tensors), strict=False)
         _check_loaded(model, speech, directory)
+        set_gemm_dtype(model.encoder, encoder_gemm_dtype)
         return model.to(device).eval()
 
 
-def load_encoder(directory: str | Path) -> nn.Module:
-    """Only the speech encoder of a model directory (for processes that encode audio and nothing else), in
-    float32 as `SpeechLLM.load` gives it."""
+def load_encoder(directory: str | Path, gemm_dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Only the speech encoder of a model directory (for processes that encode audio and nothing else), as
+    `SpeechLLM.load` gives it."""
     directory = Path(directory)
     config = SpeechLLMConfig.from_json(json.loads((directory / "config.json").read_text()))
     if config.encoder_kind == "hf-whisper":
-        return HFWhisperEncoder.from_directory(directory / str(config.encoder_path)).eval()
-    encoder = SpeechEncoder(config.encoder)
-    speech = load_file(directory / "speech.safetensors")
-    encoder.load_state_dict({k.removeprefix("encoder."): v.float() for k, v in speech.items()
-                             if k.startswith("encoder.")})
+        encoder = HFWhisperEncoder.from_directory(directory / str(config.encoder_path))
+    else:
+        encoder = SpeechEncoder(config.encoder)
+        speech = load_file(directory / "speech.safetensors")
+        encoder.load_state_dict({k.removeprefix("encoder."): v.float() for k, v in speech.items()
+                                 if k.startswith("encoder.")})
+    set_gemm_dtype(encoder, gemm_dtype)
     return encoder.eval()
 
 

@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import copy
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from speechllm import cpu_linear
-from speechllm.cpu_linear import Linear, OneDNNLinear
+from speechllm.cpu_linear import Linear, OneDNNLinear, resolve_gemm_dtype, set_gemm_dtype
 from speechllm.decoder import LlamaDecoder
+from speechllm.model import SpeechLLM, load_encoder
 from tests.conftest import tiny_speech_llm
+
+MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "default"
 
 
 @pytest.mark.skipif(not cpu_linear.ONEDNN, reason="this torch has no oneDNN")
@@ -116,3 +120,45 @@ def test_the_decoder_s_packed_gemm_follows_its_modules_weights(tiny_tokenizer) -
     assert not torch.allclose(before, after)
     torch.testing.assert_close(after, expected, atol=1e-5, rtol=1e-5)
     assert decoder.qkv[0].linear._laid_out is not None and decoder.lm_head._laid_out is not None
+
+
+@ON_ONEDNN
+def test_bf16_gemms_round_the_inputs_and_weights_and_switch_back_to_exact_float32() -> None:
+    """In bf16 a layer gives what float32 gives on bf16-rounded inputs and weights (accumulated in float32, then
+    rounded to bf16), and a layer set back to float32 lays its weight out again and is exact."""
+    layer = Linear(64, 48)
+    x = torch.randn(6, 64)
+    with torch.no_grad():
+        exact = F.linear(x, layer.weight, layer.bias)
+        set_gemm_dtype(layer, torch.bfloat16)
+        rounded = layer(x)
+        assert layer._onednn._laid_out_dtype is torch.bfloat16 and rounded.dtype == torch.float32
+        of_rounded = F.linear(x.bfloat16().float(), layer.weight.bfloat16().float(), layer.bias)
+        torch.testing.assert_close(rounded, of_rounded, atol=0, rtol=2 ** -8)  # only the output's rounding
+        assert not torch.equal(rounded, exact)
+        set_gemm_dtype(layer, torch.float32)
+        torch.testing.assert_close(layer(x), exact, atol=1e-5, rtol=1e-5)
+        assert layer._onednn._laid_out_dtype is torch.float32
+
+
+def test_auto_is_bf16_only_where_the_cpu_computes_it() -> None:
+    assert resolve_gemm_dtype("auto") is (torch.bfloat16 if cpu_linear.native_bf16() else torch.float32)
+    assert resolve_gemm_dtype("float32") is torch.float32 and resolve_gemm_dtype("bfloat16") is torch.bfloat16
+    with pytest.raises(ValueError, match="unknown GEMM dtype"):
+        resolve_gemm_dtype("float16")
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        set_gemm_dtype(Linear(4, 4), torch.float16)
+
+
+def test_a_loaded_model_s_encoder_alone_gets_bf16_gemms() -> None:
+    """`SpeechLLM.load(encoder_gemm_dtype=...)` and `load_encoder` set the speech encoder's layers only: the
+    projector, the LID and CTC heads stay float32 (the decoder's layers are its own: LlamaDecoder.set_gemm_dtype)."""
+    model = SpeechLLM.load(MODEL_DIR, encoder_gemm_dtype=torch.bfloat16)
+    in_encoder = {id(m) for m in model.encoder.modules()}
+    layers = [m for m in model.modules() if isinstance(m, Linear)]
+    assert any(id(m) in in_encoder for m in layers) and any(id(m) not in in_encoder for m in layers)
+    for layer in layers:
+        assert layer.gemm_dtype is (torch.bfloat16 if id(layer) in in_encoder else torch.float32)
+    encoder = load_encoder(MODEL_DIR, torch.bfloat16)
+    assert {m.gemm_dtype for m in encoder.modules() if isinstance(m, Linear)} == {torch.bfloat16}
+    assert {m.gemm_dtype for m in SpeechLLM.load(MODEL_DIR).modules() if isinstance(m, Linear)} == {torch.float32}
