@@ -29,7 +29,7 @@ from server import errors
 from server.allocator import keep_freed_memory
 from server.audio_workers import AudioTooLong, AudioWorkers
 from server.batcher import Batcher, QueueFull
-from server.engine import EmbeddedEngine, EngineInput, SpeechEngine
+from server.engine import EmbeddedEngine, EngineInput, LanguageGuess, SpeechEngine
 from server.formats import media_type, render
 from server.metrics import Metrics
 from server.protocol import (
@@ -358,17 +358,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
         return StreamedTranscription(body(), rows)
 
-    @app.post("/v1/audio/language")
-    async def detect_language(request: Request) -> LanguageDetection:
-        authorize(request)
-        _, data = await read_upload(request)
+    async def first_window_language(data: bytes) -> LanguageGuess:
         rt = runtime()
         with bad_audio_as_errors():
             rows = (await rt.service.audio.prepare(data)).rows
         if not rows:
             raise errors.invalid_request("the audio contains no speech.", param="file", code="no_speech")
-        first = EngineInput(rows[0].features, None, states=rows[0].states)  # the first window
-        guess = (await rt.batcher.run_exclusive(rt.engine.detect, [first]))[0]
+        first = EngineInput(rows[0].features, None, states=rows[0].states)
+        return (await rt.batcher.run_exclusive(rt.engine.detect, [first]))[0]
+
+    @app.post("/v1/audio/language", response_model=LanguageDetection)
+    async def detect_language(request: Request) -> LanguageDetection | Response:
+        authorize(request)
+        _, data = await read_upload(request)
+        try:
+            guess = await unless_client_leaves(request, first_window_language(data))
+        except ClientLeft:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
         request.state.language = guess.language
         return LanguageDetection(language=guess.language, probability=round(guess.probability, 4),
                                  candidates=[LanguageCandidate(language=c, probability=round(p, 4))

@@ -3,6 +3,8 @@ curl-style requests (httpx) and by the official `openai` client."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import io
 import os
 import socket
@@ -218,29 +220,41 @@ def _wait_for(condition, within_s: float) -> bool:
     return True
 
 
-def test_a_client_that_leaves_abandons_its_rows(server: str) -> None:
-    """A client that hangs up while its request decodes: the request's rows leave the engine (vLLM aborts them)
-    instead of decoding to their end, the request is counted as 499, and the server answers the next one."""
+@functools.cache
+def _long_upload() -> bytes:
     phrases = ["the house is very small", "where is the water", "she said that they would come"] * 4
     pause = np.zeros(int(1.2 * SAMPLE_RATE), dtype=np.float32)
     samples = np.concatenate([part for text in phrases for part in (_speech(text), pause)] * 2)  # ≈ 50 s
-    upload = _encode(samples, "flac", "flac", 16000)
+    return _encode(samples, "flac", "flac", 16000)
+
+
+@contextlib.contextmanager
+def _sent(server: str, endpoint: str, upload: bytes, fields: dict[str, str]) -> Iterator[socket.socket]:
+    """A connection that has sent a whole upload request and not read its answer (to hang up on)."""
+    request = httpx.Request("POST", f"{server}{endpoint}", headers={"Authorization": f"Bearer {API_KEY}"},
+                            files={"file": ("long.flac", upload)}, data=fields)
+    body = request.read()
+    head = "".join(f"{name}: {value}\r\n" for name, value in request.headers.items())
+    url = httpx.URL(server)
+    with socket.create_connection((url.host, url.port)) as connection:
+        connection.sendall(f"POST {endpoint} HTTP/1.1\r\n{head}\r\n".encode() + body)
+        yield connection
+
+
+def test_a_client_that_leaves_abandons_its_rows(server: str) -> None:
+    """A client that hangs up while its request decodes: the request's rows leave the engine (vLLM aborts them)
+    instead of decoding to their end, the request is counted as 499, and the server answers the next one."""
+    upload = _long_upload()
     steps = "zasr_decode_step_rows_count"  # the embedded engine's decoding steps (vLLM counts none)
     steps_before = _metric(server, steps)
     assert _post(server, upload, "long.flac", language="en").status_code == 200
     steps_to_its_end = _metric(server, steps) - steps_before
-    request = httpx.Request("POST", f"{server}/v1/audio/transcriptions", headers={"Authorization": f"Bearer {API_KEY}"},
-                            files={"file": ("long.flac", upload)}, data={"model": "whisper-1", "language": "en"})
-    body = request.read()
-    head = "".join(f"{name}: {value}\r\n" for name, value in request.headers.items())
     endpoint = "/v1/audio/transcriptions"
     rows_before, abandoned_before = _metric(server, "zasr_batch_size_rows_sum"), _metric(
         server, "zasr_abandoned_rows_total")
     hung_up_before = _requests_counted(server, endpoint, "499", "en")
     steps_before = _metric(server, steps)
-    url = httpx.URL(server)
-    with socket.create_connection((url.host, url.port)) as connection:
-        connection.sendall(f"POST {endpoint} HTTP/1.1\r\n{head}\r\n".encode() + body)
+    with _sent(server, endpoint, upload, {"model": "whisper-1", "language": "en"}) as connection:
         # hang up once its rows have reached the engine (a 50 s upload decodes for seconds)
         assert _wait_for(lambda: _metric(server, "zasr_batch_size_rows_sum") >= rows_before + 2, 30)
         connection.shutdown(socket.SHUT_RDWR)
@@ -249,6 +263,19 @@ def test_a_client_that_leaves_abandons_its_rows(server: str) -> None:
     time.sleep(0.2)
     assert _metric(server, steps) - steps_before <= steps_to_its_end / 2  # it stopped decoding
     assert _post(server, _encode(_speech(REFERENCE), "wav", "pcm_s16le", 16000), language="en").status_code == 200
+
+
+def test_a_client_that_leaves_language_detection_is_counted_and_the_server_goes_on(server: str) -> None:
+    """The detection of a 50 s upload takes its windows' encoding; a client that hangs up right after sending it is
+    not answered (499, as a transcription's), and the next detection is."""
+    endpoint = "/v1/audio/language"
+    hung_up_before = _requests_counted(server, endpoint, "499", "none")
+    with _sent(server, endpoint, _long_upload(), {}) as connection:
+        connection.shutdown(socket.SHUT_RDWR)
+    assert _wait_for(lambda: _requests_counted(server, endpoint, "499", "none") == hung_up_before + 1, 30)
+    detection = httpx.post(f"{server}{endpoint}", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30,
+                           files={"file": ("a.wav", _encode(_speech(REFERENCE), "wav", "pcm_s16le", 16000))})
+    assert detection.status_code == 200 and detection.json()["language"] == "en"
 
 
 def test_missing_file_and_bad_keys(server: str) -> None:
