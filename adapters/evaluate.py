@@ -74,7 +74,7 @@ def transcribe_split(model: SpeechLLM, data: FeatureSet, chunk_size: int | None 
     order = sorted(range(len(data)), key=lambda i: int(data.lengths()[i]))
     out = SplitTranscripts({}, {}, set())
     batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
-    decoder = decoder or decoder_for(model.llm)
+    decoder = decoder if decoder is not None else decoder_for(model.llm)
     for batch in tqdm(batches, desc="evaluate", unit="batch", disable=not progress):
         features, lengths = data.batch(batch)
         given = [data.entries[i]["language"] for i in batch]

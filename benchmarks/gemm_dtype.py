@@ -5,7 +5,7 @@ evaluation runs. Each bf16 configuration's difference in average CER from float3
 a paired bootstrap over utterances (resampled within each language, as the average is a mean of the languages'
 CERs). The dev split is for this decision; the test split is never read here.
 
-    .venv/bin/python -m benchmarks.gemm_dtype [--model models/default] [--corpus data/corpus] [--rounds 2]
+    .venv/bin/python -m benchmarks.gemm_dtype [--model models/default] [--corpus data/corpus] [--rounds 3]
 
 Needs the corpus (`zipper-asr corpus`, about 3.5 min) and a CPU with bf16 instructions to say anything about speed.
 """
@@ -82,13 +82,14 @@ def run(model_dir: Path, corpus: Path, rounds: int) -> dict:
     data = load_features(corpus, "dev")
     transcripts: dict[str, SplitTranscripts] = {}
     seconds: dict[str, list[float]] = {name: [] for name in CONFIGURATIONS}
-    for _ in range(rounds):  # alternating, so that the machine's drift falls on all of them
-        for name in CONFIGURATIONS:
+    transcribe_split(model, data, decoder=decoder)  # warm-up: first calls, allocations, page faults
+    for round_index in range(rounds):  # alternating, each round in another order: drift falls on all of them
+        order = CONFIGURATIONS[round_index % len(CONFIGURATIONS):] + CONFIGURATIONS[: round_index % len(CONFIGURATIONS)]
+        for name in order:
             configure(model, decoder, name)
             start = time.perf_counter()
             transcripts[name] = transcribe_split(model, data, decoder=decoder)
             seconds[name].append(time.perf_counter() - start)
-    configure(model, decoder, "float32")
     by_language: dict[str, list[int]] = {}
     for index, entry in enumerate(data.entries):
         by_language.setdefault(entry["language"], []).append(index)
@@ -162,7 +163,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=ROOT / "models" / "default")
     parser.add_argument("--corpus", type=Path, default=ROOT / "data" / "corpus")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gemm_dtype")
     args = parser.parse_args()
     result = run(args.model, args.corpus, args.rounds)

@@ -1,11 +1,10 @@
 """The baseline for benchmarks/serving.py: a multi-adapter ASR server built the way most people would
-first build it. Same model, same frontend and encoder (`--encoder-gemm-dtype` as our ZASR_ENCODER_GEMM_DTYPE, the
-same default); the LLM is a `peft.PeftModel` holding one
-LoRA adapter per language, and each request, one at a time, switches to its language's adapter
-with `set_adapter` and runs `generate` alone. No batching, no grouping by language. It stops a repetition
-loop as our decoder does (speechllm.decoding.RowTokens), so that both write the same text. It runs torch in
-one dedicated thread under the same thread policy as our server (server/threads.py), so that the
-comparison measures batching and adapter handling, not OpenMP contention.
+first build it. Same model, same frontend and encoder (its GEMMs in ZASR_ENCODER_GEMM_DTYPE, as ours); the
+LLM is a `peft.PeftModel` holding one LoRA adapter per language, and each request, one at a time, switches to
+its language's adapter with `set_adapter` and runs `generate` alone. No batching, no grouping by language. It
+stops a repetition loop as our decoder does (speechllm.decoding.RowTokens), so that both write the same text.
+It runs torch in one dedicated thread under the same thread policy as our server (server/threads.py), so that
+the comparison measures batching and adapter handling, not OpenMP contention.
 
     python -m benchmarks.naive_peft_server --model models/default --adapters DIR --port 8001
 """
@@ -22,6 +21,7 @@ from fastapi import FastAPI, Form, UploadFile
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, StoppingCriteria, StoppingCriteriaList
 
+from server.settings import Settings
 from server.threads import engine_executor, use_one_thread
 from speechllm.audio import load_audio
 from speechllm.cpu_linear import resolve_gemm_dtype
@@ -92,7 +92,8 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--adapters", type=Path, required=True, help="one PEFT adapter directory per language")
     parser.add_argument("--port", type=int, default=8001)
-    parser.add_argument("--encoder-gemm-dtype", default="float32", choices=["float32", "bfloat16", "auto"])
+    parser.add_argument("--encoder-gemm-dtype", default=Settings().encoder_gemm_dtype,
+                        choices=["float32", "bfloat16", "auto"], help="default: ZASR_ENCODER_GEMM_DTYPE, as ours")
     args = parser.parse_args()
     uvicorn.run(build_app(args.model, args.adapters, args.encoder_gemm_dtype), host="127.0.0.1", port=args.port,
                 log_level="warning")

@@ -57,7 +57,7 @@ from server.settings import Settings
 from server.threads import DEFAULT_ENGINE_THREADS, use_one_thread
 from server.vad import SileroVAD
 from speechllm.audio import AudioDecodeError, EmptyAudioError
-from speechllm.cpu_linear import resolve_gemm_dtype
+from speechllm.cpu_linear import Linear, resolve_gemm_dtype
 from speechllm.languages import BY_CODE
 from speechllm.model import SpeechLLM
 
@@ -153,9 +153,10 @@ class ClientLeft(Exception):
 
 
 async def unless_client_leaves(request: Request, work: Coroutine[Any, Any, T]) -> T:
-    """`work` for a request whose body has been read, cancelled if its client goes away first (ClientLeft): a
-    transcription nobody waits for any more then leaves the batcher and the engine (TranscriptionService:
-    abandoned rows) instead of decoding to its end, as vLLM's OpenAI server does for its requests."""
+    """`work` for a request whose body has been read (a transcription, a language detection), cancelled if its
+    client goes away first (ClientLeft): a transcription nobody waits for any more then leaves the batcher and the
+    engine (TranscriptionService: abandoned rows) instead of decoding to its end, as vLLM's OpenAI server does for
+    its requests."""
     task = asyncio.ensure_future(work)
     left = asyncio.ensure_future(_client_left(request))
     try:
@@ -197,6 +198,10 @@ def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     device = settings.device if settings.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     encoder_gemm_dtype = resolve_gemm_dtype(settings.encoder_gemm_dtype)
     model = SpeechLLM.load(settings.model_dir, device=device, encoder_gemm_dtype=encoder_gemm_dtype)
+    if settings.encoder_gemm_dtype == "bfloat16" and device != "cpu":
+        logger.warning("ZASR_ENCODER_GEMM_DTYPE=bfloat16 has no effect on %s (only on oneDNN, on a CPU)", device)
+    elif settings.encoder_gemm_dtype == "bfloat16" and not any(isinstance(m, Linear) for m in model.encoder.modules()):
+        logger.warning("ZASR_ENCODER_GEMM_DTYPE=bfloat16 has no effect: this encoder's linear layers are not ours")
     engine: SpeechEngine
     if settings.backend == "vllm":
         from server.vllm_engine import VLLMEngine, VLLMOptions

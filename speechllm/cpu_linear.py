@@ -33,26 +33,34 @@ GEMM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def native_bf16() -> bool:
-    """Whether this CPU computes bf16 in its own instructions (otherwise oneDNN would emulate it, slowly)."""
-    return ONEDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX); elsewhere oneDNN emulates bf16, slowly and for
+    nothing (torch's `_is_mkldnn_bf16_supported` says yes to any AVX-512 CPU)."""
+    return ONEDNN and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def resolve_gemm_dtype(name: str) -> torch.dtype:
-    """`auto` → bfloat16 where the CPU computes it natively, else float32; or a name of GEMM_DTYPES."""
+    """A name of GEMM_DTYPES, or `auto`: bfloat16 where the CPU has bf16 instructions, else float32."""
     if name == "auto":
         return torch.bfloat16 if native_bf16() else torch.float32
     if name not in GEMM_DTYPES:
-        raise ValueError(f"unknown GEMM dtype {name!r}: auto, {', '.join(GEMM_DTYPES)}")
+        raise ValueError(f"unknown GEMM dtype {name!r}: {', '.join(GEMM_DTYPES)} or auto")
     return GEMM_DTYPES[name]
 
 
-def set_gemm_dtype(module: nn.Module, dtype: torch.dtype) -> None:
-    """The GEMMs of every `Linear` in `module` run in `dtype` (float32 or bfloat16) from their next call on."""
+def checked_gemm_dtype(dtype: torch.dtype) -> torch.dtype:
     if dtype not in GEMM_DTYPES.values():
         raise ValueError(f"GEMMs run in float32 or bfloat16, not {dtype}")
-    for layer in module.modules():
-        if isinstance(layer, Linear):
-            layer.gemm_dtype = dtype
+    return dtype
+
+
+def set_gemm_dtype(module: nn.Module, dtype: torch.dtype) -> int:
+    """The GEMMs of every `Linear` in `module` run in `dtype` (float32 or bfloat16) from their next call on.
+    Returns how many layers that is (none for modules of other linear layers, a Hugging Face encoder's)."""
+    checked_gemm_dtype(dtype)
+    layers = [layer for layer in module.modules() if isinstance(layer, Linear)]
+    for layer in layers:
+        layer.gemm_dtype = dtype
+    return len(layers)
 
 
 class OneDNNLinear:
@@ -62,43 +70,43 @@ class OneDNNLinear:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
                  sources: list[torch.Tensor] | None = None, gemm_dtype: torch.dtype = torch.float32) -> None:
         self.weight, self.bias = weight, bias
-        self.gemm_dtype = gemm_dtype
+        self.gemm_dtype = checked_gemm_dtype(gemm_dtype)  # set again only through checked_gemm_dtype
         self.sources = sources if sources is not None else [weight]
         self.reset()
 
     def reset(self) -> None:
         """Forget the laid-out weight: the next call lays it out again."""
         self._laid_out: torch.Tensor | None = None
-        self._laid_out_dtype = torch.float32
         # The sources it was laid out from, with their addresses and versions; holding them keeps their memory from
         # being reused by a new tensor at the same address.
         self._laid_out_from: list[tuple[torch.Tensor, int, int]] = []
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._onednn_for(x):
+        laid_out = self._laid_out_for(x)
+        if laid_out is None:
             return F.linear(x, self.weight, self.bias)
-        if self._laid_out_dtype is torch.float32:
-            return torch.ops.mkldnn._linear_pointwise(x, self._laid_out, self.bias, "none", [], "")
-        return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), self._laid_out, self.bias, "none", [],
-                                                  "").float()
+        if laid_out.dtype is torch.float32:
+            return torch.ops.mkldnn._linear_pointwise(x, laid_out, self.bias, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise(x.to(laid_out.dtype), laid_out, self.bias, "none", [], "").float()
 
-    def _onednn_for(self, x: torch.Tensor) -> bool:
-        """Whether this call runs on oneDNN, with the weight laid out for it (again, if a source changed). What
-        concerns only the weights is checked when they are laid out, not at every call: a decoding step makes 17
-        calls, and checking each of a packed layer's dozen sources every time was 2 % of the engine thread's time
-        at concurrency 16 (py-spy)."""
+    def _laid_out_for(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The weight laid out for oneDNN in `gemm_dtype` (again, if a source changed), or None where this call
+        runs F.linear. What concerns only the weights is checked when they are laid out, not at every call: a
+        decoding step makes 17 calls, and checking each of a packed layer's dozen sources every time was 2 % of the
+        engine thread's time at concurrency 16 (py-spy)."""
         if not (ONEDNN and torch.backends.mkldnn.enabled and x.device.type == "cpu" and x.dtype == torch.float32
                 and not torch.is_autocast_enabled("cpu")):
-            return False
+            return None
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, self.weight, self.bias)):
-            return False
-        if self._laid_out is None or self._laid_out_dtype is not self.gemm_dtype or not self._up_to_date():
+            return None
+        laid_out = self._laid_out
+        if laid_out is None or laid_out.dtype is not self.gemm_dtype or not self._up_to_date():
             if not self._weights_fit():
-                return False
-            self._laid_out = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach().to(self.gemm_dtype))
-            self._laid_out_dtype = self.gemm_dtype
+                return None
+            laid_out = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach().to(self.gemm_dtype))
+            self._laid_out = laid_out
             self._laid_out_from = [(source.detach(), source.data_ptr(), source._version) for source in self.sources]
-        return True
+        return laid_out
 
     def _up_to_date(self) -> bool:
         return len(self._laid_out_from) == len(self.sources) and all(

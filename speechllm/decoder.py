@@ -25,7 +25,7 @@ from torch import nn
 from transformers import Cache, PreTrainedModel
 
 from adapters.zipper import ZipperLinear, use_rows
-from speechllm.cpu_linear import OneDNNLinear
+from speechllm.cpu_linear import OneDNNLinear, checked_gemm_dtype
 from speechllm.padding import length_groups
 
 
@@ -298,6 +298,7 @@ class LlamaDecoder:
     def set_gemm_dtype(self, dtype: torch.dtype) -> None:
         """The packed layers' and the lm_head's GEMMs in `dtype` (speechllm.cpu_linear; a packed layer that runs as
         its own modules stays as they are)."""
+        checked_gemm_dtype(dtype)
         for packed in self.qkv + self.o + self.gate_up + self.down:
             packed.linear.gemm_dtype = dtype
         self.lm_head.gemm_dtype = dtype

@@ -122,32 +122,59 @@ def test_the_decoder_s_packed_gemm_follows_its_modules_weights(tiny_tokenizer) -
     assert decoder.qkv[0].linear._laid_out is not None and decoder.lm_head._laid_out is not None
 
 
-@ON_ONEDNN
+BF16 = pytest.mark.skipif(not cpu_linear.native_bf16(), reason="this CPU has no bf16 instructions")
+
+
+@BF16
 def test_bf16_gemms_round_the_inputs_and_weights_and_switch_back_to_exact_float32() -> None:
     """In bf16 a layer gives what float32 gives on bf16-rounded inputs and weights (accumulated in float32, then
     rounded to bf16), and a layer set back to float32 lays its weight out again and is exact."""
+    torch.manual_seed(0)
     layer = Linear(64, 48)
     x = torch.randn(6, 64)
     with torch.no_grad():
         exact = F.linear(x, layer.weight, layer.bias)
         set_gemm_dtype(layer, torch.bfloat16)
         rounded = layer(x)
-        assert layer._onednn._laid_out_dtype is torch.bfloat16 and rounded.dtype == torch.float32
+        assert layer._onednn._laid_out.dtype is torch.bfloat16 and rounded.dtype == torch.float32
         of_rounded = F.linear(x.bfloat16().float(), layer.weight.bfloat16().float(), layer.bias)
-        torch.testing.assert_close(rounded, of_rounded, atol=0, rtol=2 ** -8)  # only the output's rounding
-        assert not torch.equal(rounded, exact)
+        torch.testing.assert_close(rounded, of_rounded, atol=1e-6, rtol=2 ** -7)  # the output's rounding, no more
+        assert not torch.allclose(rounded, exact, atol=1e-5, rtol=1e-5)
         set_gemm_dtype(layer, torch.float32)
         torch.testing.assert_close(layer(x), exact, atol=1e-5, rtol=1e-5)
-        assert layer._onednn._laid_out_dtype is torch.float32
+        assert layer._onednn._laid_out.dtype is torch.float32
 
 
-def test_auto_is_bf16_only_where_the_cpu_computes_it() -> None:
-    assert resolve_gemm_dtype("auto") is (torch.bfloat16 if cpu_linear.native_bf16() else torch.float32)
+@BF16
+def test_the_decoder_s_layers_take_a_gemm_dtype(tiny_tokenizer) -> None:
+    model = tiny_speech_llm(tiny_tokenizer)
+    decoder = LlamaDecoder(model.llm)
+    embeds = torch.randn(2, 5, model.llm.config.hidden_size)
+    mask = torch.ones(2, 5, dtype=torch.long)
+    with torch.no_grad():
+        exact, _ = decoder.prefill(embeds, mask, max_new_tokens=1)
+        decoder.set_gemm_dtype(torch.bfloat16)
+        rounded, _ = decoder.prefill(embeds, mask, max_new_tokens=1)
+        assert decoder.qkv[0].linear._laid_out.dtype is torch.bfloat16
+        assert decoder.lm_head._laid_out.dtype is torch.bfloat16
+        assert not torch.allclose(rounded, exact, atol=1e-5) and float((rounded - exact).norm() / exact.norm()) < 0.05
+        decoder.set_gemm_dtype(torch.float32)
+        torch.testing.assert_close(decoder.prefill(embeds, mask, max_new_tokens=1)[0], exact)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        decoder.set_gemm_dtype(torch.float16)
+
+
+def test_auto_is_bf16_only_where_the_cpu_has_bf16_instructions(monkeypatch: pytest.MonkeyPatch) -> None:
+    for native, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(cpu_linear, "native_bf16", lambda native=native: native)
+        assert resolve_gemm_dtype("auto") is expected
     assert resolve_gemm_dtype("float32") is torch.float32 and resolve_gemm_dtype("bfloat16") is torch.bfloat16
     with pytest.raises(ValueError, match="unknown GEMM dtype"):
         resolve_gemm_dtype("float16")
     with pytest.raises(ValueError, match="float32 or bfloat16"):
         set_gemm_dtype(Linear(4, 4), torch.float16)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        OneDNNLinear(torch.randn(4, 4), gemm_dtype=torch.float16)
 
 
 def test_a_loaded_model_s_encoder_alone_gets_bf16_gemms() -> None:
