@@ -104,14 +104,18 @@ def test_training_gets_gradients() -> None:
     torch.testing.assert_close(x.grad, x_reference.grad)
 
 
+def _tiny_decoder_and_prompts(tokenizer) -> tuple:
+    """A tiny Speech-LLM, its LlamaDecoder, and two prompts of 5 embeddings with their mask."""
+    model = tiny_speech_llm(tokenizer)
+    return (model, LlamaDecoder(model.llm), torch.randn(2, 5, model.llm.config.hidden_size),
+            torch.ones(2, 5, dtype=torch.long))
+
+
 @ON_ONEDNN
 def test_the_decoder_s_packed_gemm_follows_its_modules_weights(tiny_tokenizer) -> None:
     """The decoder lays its packed q/k/v weights out once: an in-place change to one module's weight after that
     must still reach the logits."""
-    model = tiny_speech_llm(tiny_tokenizer)
-    decoder = LlamaDecoder(model.llm)
-    embeds = torch.randn(2, 5, model.llm.config.hidden_size)
-    mask = torch.ones(2, 5, dtype=torch.long)
+    model, decoder, embeds, mask = _tiny_decoder_and_prompts(tiny_tokenizer)
     with torch.no_grad():
         before, _ = decoder.prefill(embeds, mask, max_new_tokens=1)
         model.llm.model.layers[0].self_attn.v_proj.weight.mul_(3.0)
@@ -147,10 +151,7 @@ def test_bf16_gemms_round_the_inputs_and_weights_and_switch_back_to_exact_float3
 
 @BF16
 def test_the_decoder_s_layers_take_a_gemm_dtype(tiny_tokenizer) -> None:
-    model = tiny_speech_llm(tiny_tokenizer)
-    decoder = LlamaDecoder(model.llm)
-    embeds = torch.randn(2, 5, model.llm.config.hidden_size)
-    mask = torch.ones(2, 5, dtype=torch.long)
+    _, decoder, embeds, mask = _tiny_decoder_and_prompts(tiny_tokenizer)
     with torch.no_grad():
         exact, _ = decoder.prefill(embeds, mask, max_new_tokens=1)
         decoder.set_gemm_dtype(torch.bfloat16)
