@@ -144,19 +144,11 @@ class RequestMetrics:
                 self.metrics.request_seconds.labels(endpoint, language).observe(time.monotonic() - start)
 
 
-# nginx's status for a request whose client went away before its answer: counted in the metrics, sent to no one
-CLIENT_CLOSED_REQUEST = 499
-
-
-class ClientLeft(Exception):
-    pass
-
-
 async def unless_client_leaves(request: Request, work: Coroutine[Any, Any, T]) -> T:
     """`work` for a request whose body has been read (a transcription, a language detection), cancelled if its
-    client goes away first (ClientLeft): a transcription nobody waits for any more then leaves the batcher and the
-    engine (TranscriptionService: abandoned rows) instead of decoding to its end, as vLLM's OpenAI server does for
-    its requests."""
+    client goes away first (errors.ClientLeft, answered 499): a transcription nobody waits for any more then leaves
+    the batcher and the engine (TranscriptionService: abandoned rows) instead of decoding to its end, as vLLM's
+    OpenAI server does for its requests."""
     task = asyncio.ensure_future(work)
     left = asyncio.ensure_future(_client_left(request))
     try:
@@ -169,7 +161,7 @@ async def unless_client_leaves(request: Request, work: Coroutine[Any, Any, T]) -
             with contextlib.suppress(asyncio.CancelledError):
                 await task
     if task.cancelled():
-        raise ClientLeft
+        raise errors.ClientLeft
     return task.result()
 
 
@@ -331,8 +323,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                                                  expected))
                 result = await unless_client_leaves(
                     request, service.transcribe(data, params.language, params.temperature, expected))
-        except ClientLeft:
-            return Response(status_code=CLIENT_CLOSED_REQUEST)
         except QueueFull as full:
             metrics.rejected.labels("queue_full").inc()
             raise errors.overloaded(full.retry_after_s) from None
@@ -372,14 +362,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         first = EngineInput(rows[0].features, None, states=rows[0].states)
         return (await rt.batcher.run_exclusive(rt.engine.detect, [first]))[0]
 
-    @app.post("/v1/audio/language", response_model=LanguageDetection)
-    async def detect_language(request: Request) -> LanguageDetection | Response:
+    @app.post("/v1/audio/language")
+    async def detect_language(request: Request) -> LanguageDetection:
         authorize(request)
         _, data = await read_upload(request)
-        try:
-            guess = await unless_client_leaves(request, first_window_language(data))
-        except ClientLeft:
-            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        guess = await unless_client_leaves(request, first_window_language(data))
         request.state.language = guess.language
         return LanguageDetection(language=guess.language, probability=round(guess.probability, 4),
                                  candidates=[LanguageCandidate(language=c, probability=round(p, 4))

@@ -19,6 +19,7 @@ from fastapi.utils import is_body_allowed_for_status_code
 from pydantic import BaseModel
 from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 logger = logging.getLogger(__name__)
 
@@ -231,8 +232,24 @@ async def _on_unexpected(request: Request, exc: Exception) -> Response:
     return internal_error().to_response()
 
 
+class ClientLeft(Exception):
+    """The client of a request went away before its answer (server.app.unless_client_leaves)."""
+
+
+# nginx's status for a request whose client went away before its answer: counted in the metrics, sent to no one
+CLIENT_CLOSED_REQUEST = 499
+
+
+async def _on_client_gone(request: Request, exc: Exception) -> Response:
+    # Also a client that hangs up while its upload is being read (Starlette's ClientDisconnect): its own doing, not
+    # a server error, so no 500 in the metrics (the 5xx alerts) and no traceback in the log.
+    return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Make every error the app sends look like OpenAI's."""
+    app.add_exception_handler(ClientLeft, _on_client_gone)
+    app.add_exception_handler(ClientDisconnect, _on_client_gone)
     app.add_exception_handler(APIError, _on_api_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     # Starlette's class, not FastAPI's subclass, so routing's own 404/405 are caught too.

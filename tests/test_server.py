@@ -278,6 +278,24 @@ def test_a_client_that_leaves_language_detection_is_counted_and_the_server_goes_
     assert detection.status_code == 200 and detection.json()["language"] == "en"
 
 
+def test_a_client_that_hangs_up_during_its_upload_is_not_a_server_error(server: str) -> None:
+    """The body stops halfway through what its Content-Length promised: counted as 499 (not as a 500, which the 5xx
+    alerts would count), and the server answers the next request."""
+    endpoint = "/v1/audio/transcriptions"
+    before = {status: _requests_counted(server, endpoint, status, "none") for status in ("499", "500")}
+    boundary = "zasr-test"
+    part = f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\r\n".encode()
+    head = (f"POST {endpoint} HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {API_KEY}\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {2**20}\r\n\r\n")
+    url = httpx.URL(server)
+    with socket.create_connection((url.host, url.port)) as connection:
+        connection.sendall(head.encode() + part + b"\0" * 2**19)
+        connection.shutdown(socket.SHUT_RDWR)
+    assert _wait_for(lambda: _requests_counted(server, endpoint, "499", "none") == before["499"] + 1, 10)
+    assert _requests_counted(server, endpoint, "500", "none") == before["500"]
+    assert _post(server, _encode(_speech(REFERENCE), "wav", "pcm_s16le", 16000), language="en").status_code == 200
+
+
 def test_missing_file_and_bad_keys(server: str) -> None:
     response = httpx.post(f"{server}/v1/audio/transcriptions", headers={"Authorization": f"Bearer {API_KEY}"},
                           data={"model": "whisper-1"})
