@@ -27,7 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server import errors
 from server.allocator import keep_freed_memory
-from server.audio_workers import AudioTooLong, AudioWorkers
+from server.audio_workers import AudioWorkers
 from server.batcher import Batcher, QueueFull
 from server.engine import EmbeddedEngine, EngineInput, LanguageGuess, SpeechEngine
 from server.formats import media_type, render
@@ -56,7 +56,7 @@ from server.service import NoSpeech, TranscriptionResult, TranscriptionService, 
 from server.settings import Settings
 from server.threads import DEFAULT_ENGINE_THREADS, use_one_thread
 from server.vad import SileroVAD
-from speechllm.audio import AudioDecodeError, EmptyAudioError
+from speechllm.audio import AudioDecodeError, AudioTooLong, EmptyAudioError
 from speechllm.cpu_linear import Linear, resolve_gemm_dtype
 from speechllm.languages import BY_CODE
 from speechllm.model import SpeechLLM

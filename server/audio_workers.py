@@ -57,10 +57,6 @@ RETRY_PROCESSES = 4  # after a crash, the uploads of the broken call run again a
 LONE_UPLOAD_BYTES = 2 << 20  # a larger upload (over a minute of 16-bit PCM) gets a worker call of its own
 
 
-class AudioTooLong(ValueError):
-    pass
-
-
 @dataclass
 class Row:
     """One window for the engine: its log-mel features, or its encoder states when a worker encoded it."""
@@ -91,11 +87,7 @@ Prepared = tuple[int, list[Span], list[np.ndarray]] | Exception
 
 def decode_upload(audio: bytes, max_audio_seconds: float) -> np.ndarray:
     """Bytes of any container → 16 kHz samples; raises AudioDecodeError (EmptyAudioError), AudioTooLong."""
-    samples = load_audio(audio)
-    duration = samples.size / SAMPLE_RATE
-    if duration > max_audio_seconds:
-        raise AudioTooLong(f"the audio is {duration:.0f} s long; the limit is {max_audio_seconds:.0f} s")
-    return samples
+    return load_audio(audio, max_seconds=max_audio_seconds)
 
 
 def speech_windows(samples: np.ndarray, vad: SileroVAD, max_window_seconds: float) -> list[Span]:

@@ -9,13 +9,12 @@ from pathlib import Path
 from tqdm import tqdm
 
 from server.app import load_runtime, verbose_result
-from server.audio_workers import AudioTooLong
 from server.formats import render
 from server.metrics import Metrics
 from server.protocol import check_language
 from server.service import NoSpeech
 from server.settings import Settings
-from speechllm.audio import AudioDecodeError
+from speechllm.audio import AudioDecodeError, AudioTooLong
 
 
 async def transcribe_files(settings: Settings, files: list[Path], language: str | None,

@@ -22,8 +22,15 @@ class EmptyAudioError(AudioDecodeError):
     """The input decoded to no samples at all."""
 
 
-def load_audio(source: str | Path | bytes, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """Decode a file path or in-memory file of any container PyAV knows into float32 mono samples."""
+class AudioTooLong(ValueError):
+    """The input is longer than the caller accepts (found while decoding, before the rest is decoded)."""
+
+
+def load_audio(source: str | Path | bytes, sample_rate: int = SAMPLE_RATE, max_seconds: float | None = None
+               ) -> np.ndarray:
+    """Decode a file path or in-memory file of any container PyAV knows into float32 mono samples. Audio longer than
+    `max_seconds` raises AudioTooLong as soon as decoding gets there: a small file can claim hours (a WAV header
+    saying 1 Hz makes 20 KB of samples 5 hours of audio, 300 million samples at 16 kHz)."""
     if isinstance(source, bytes):
         if not source:
             raise EmptyAudioError("the audio file is empty (0 bytes)")
@@ -36,8 +43,8 @@ def load_audio(source: str | Path | bytes, sample_rate: int = SAMPLE_RATE) -> np
         with av.open(file, mode="r", options={"probesize": str(PROBE_BYTES)}) as container:
             if not container.streams.audio:
                 raise AudioDecodeError("the file has no audio stream")
-            samples = _decode_stream(container, sample_rate)
-    except AudioDecodeError:
+            samples = _decode_stream(container, sample_rate, max_seconds)
+    except (AudioDecodeError, AudioTooLong):
         raise
     except (av.error.FFmpegError, UnicodeDecodeError, ValueError, IndexError) as error:
         raise AudioDecodeError(f"could not decode audio: {error}") from error
@@ -46,13 +53,18 @@ def load_audio(source: str | Path | bytes, sample_rate: int = SAMPLE_RATE) -> np
     return samples
 
 
-def _decode_stream(container: av.container.InputContainer, sample_rate: int) -> np.ndarray:
+def _decode_stream(container: av.container.InputContainer, sample_rate: int, max_seconds: float | None
+                   ) -> np.ndarray:
     stream = container.streams.audio[0]
     # Resample in the source layout and average the channels ourselves: FFmpeg's float down-mix
     # sums stereo at 0.707 per channel, which would make stereo uploads 3 dB louder than mono.
     resampler = av.AudioResampler(format="fltp", rate=sample_rate)
     chunks: list[np.ndarray] = []
+    seconds = 0.0
     for frame in container.decode(stream):
+        seconds += frame.samples / frame.sample_rate  # checked before resampling: one frame can be hours
+        if max_seconds is not None and seconds > max_seconds:
+            raise AudioTooLong(f"the audio is longer than the limit of {max_seconds:.0f} s")
         chunks += [f.to_ndarray().mean(axis=0) for f in resampler.resample(frame)]
     chunks += [f.to_ndarray().mean(axis=0) for f in resampler.resample(None)]  # flush the delay line
     if not chunks:

@@ -7,6 +7,7 @@ decoded samples against a signal whose content is known exactly.
 from __future__ import annotations
 
 import io
+import tracemalloc
 import wave
 from dataclasses import dataclass
 from functools import cache
@@ -16,7 +17,15 @@ import av
 import numpy as np
 import pytest
 
-from speechllm.audio import SAMPLE_RATE, AudioDecodeError, EmptyAudioError, load_audio, resample, write_wav
+from speechllm.audio import (
+    SAMPLE_RATE,
+    AudioDecodeError,
+    AudioTooLong,
+    EmptyAudioError,
+    load_audio,
+    resample,
+    write_wav,
+)
 
 TONES_HZ = (440.0, 1000.0)
 DURATION_S = 1.5
@@ -373,6 +382,23 @@ def test_zero_byte_file_on_disk_raises_audio_decode_error(tmp_path: Path) -> Non
 # ---------------------------------------------------------------------------------------------------------------
 # resample
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def test_audio_over_the_limit_stops_decoding_before_its_samples_are_made() -> None:
+    """A 20 KB WAV whose header says 1 Hz is 10,000 s of audio: 160 million samples at 16 kHz, 1.2 GB at its peak
+    when it was decoded first and measured afterwards."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(AudioTooLong, match="limit of 60 s"):
+            load_audio(wav_bytes(np.zeros((1, 10_000)), 1), max_seconds=60)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 * 2**20  # at most the samples of the limit's duration are ever made (60 s: 3.8 MB)
+    speech = wav_bytes(tone(440.0, 22_050, duration_s=2.0)[None], 22_050)
+    assert load_audio(speech, max_seconds=2.5).size == 2 * SAMPLE_RATE  # under the limit: decoded as ever
+    with pytest.raises(AudioTooLong):
+        load_audio(speech, max_seconds=1.5)
 
 
 def test_resample_22k_to_16k_keeps_frequency_and_length() -> None:

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from server.audio_workers import MAX_UPLOADS_PER_CALL, AudioTooLong, AudioWorkers
+from server.audio_workers import MAX_UPLOADS_PER_CALL, AudioWorkers
 from server.vad import SileroVAD
-from speechllm.audio import AudioDecodeError, EmptyAudioError, load_audio
+from speechllm.audio import AudioDecodeError, AudioTooLong, EmptyAudioError, load_audio
 from speechllm.cpu_linear import native_bf16
 from speechllm.model import SpeechLLM
 
