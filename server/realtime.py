@@ -49,7 +49,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from server import errors
 from server.batcher import QueueFull
 from server.engine import EngineInput, EngineOutput
-from server.errors import APIError, invalid_request
+from server.errors import APIError, internal_error, invalid_request
 from server.metrics import Metrics
 from server.protocol import TranscriptionLanguage, UsageDuration, check_language
 from server.realtime_protocol import (
@@ -330,7 +330,12 @@ class RealtimeSession:
                 if isinstance(event, _Close):
                     await self.websocket.close(event.code, event.reason)
                     return
-                await self.websocket.send_text(event.model_dump_json())
+                try:
+                    text = event.model_dump_json()
+                except ValueError:  # a bug of ours, not the client leaving: say so and carry on with the session
+                    logger.exception("could not serialise a %s event", event.type)
+                    text = ErrorEvent.of(internal_error()).model_dump_json()
+                await self.websocket.send_text(text)
         except Exception:  # the client is gone: stop the session, whatever it waits for
             self.client_gone = True
             if self._main is not None and not self._main.done():

@@ -140,6 +140,9 @@ def parse_client_event(text: str) -> ClientEvent:
         raise ClientEventError(invalid_request("The message is not valid JSON.", code="invalid_json")) from None
     if not isinstance(data, dict):
         raise ClientEventError(invalid_request("A client event must be a JSON object.", code="invalid_json"))
+    if "\\u" in text and _has_lone_surrogate(data):  # JSON's \ud800-style escapes; base64 audio has no backslash
+        raise ClientEventError(invalid_request("The message contains an unpaired UTF-16 surrogate escape "
+                                               "(\\ud800-\\udfff), which is not text.", code="invalid_json"))
     event_id = data.get("event_id") if isinstance(data.get("event_id"), str) else None
     kind = data.get("type")
     if not isinstance(kind, str):
@@ -155,6 +158,16 @@ def parse_client_event(text: str) -> ClientEvent:
         return model.model_validate(data)
     except ValidationError as error:
         raise ClientEventError(from_validation_error(error.errors()[0]), event_id) from None
+
+
+def _has_lone_surrogate(data: object) -> bool:
+    """Whether a parsed JSON value holds a string that is not valid Unicode text: such a string could be neither
+    echoed back (event_id, language, prompt) nor written into any reply."""
+    try:
+        json.dumps(data, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 # ---------------------------------------------------------------------------------------------------------------

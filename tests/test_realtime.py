@@ -384,6 +384,11 @@ def test_manual_commits_without_partial_text_equal_the_rest_answer(server: str) 
         "turn_detection": {"type": "server_vad", "threshold": 2}}}}}, "invalid_value",
      "session.audio.input.turn_detection.threshold"),
     (b"\x00\x01binary", "invalid_json", None),
+    # unpaired UTF-16 surrogate escapes: valid JSON, not text; echoed back they broke the connection
+    ('{"type": "\\ud800x"}', "invalid_json", None),
+    ('{"type": "input_audio_buffer.commit", "event_id": "\\udc00"}', "invalid_json", None),
+    ('{"type": "session.update", "session": {"type": "transcription", "audio": {"input": {"transcription": '
+     '{"prompt": "a \\udbff b"}}}}}', "invalid_json", None),
 ])
 def test_bad_client_events_get_an_error_and_the_connection_stays_usable(server: str, message, code: str,
                                                                         param: str | None) -> None:
