@@ -96,8 +96,16 @@ class TranscriptionService:
         start = time.monotonic()
         prepared, futures, _ = await self.submit(audio, language, temperature, expected=expected)
         with abandoned_unless_answered(futures):
-            outputs = await asyncio.wait_for(asyncio.gather(*futures), self.settings.request_timeout_s)
-        return self.join(prepared, outputs, time.monotonic() - start)
+            # asyncio.wait, not wait_for(gather): cancelled (the client left) or timed out, a gather is cancelled
+            # too and, its rows then cancelled one by one, may end with an exception that nobody retrieves (logged)
+            done, pending = await asyncio.wait(futures, timeout=self.settings.request_timeout_s,
+                                               return_when=asyncio.FIRST_EXCEPTION)
+            for future in done:  # an engine error in one window fails the request at once
+                if future.exception() is not None:
+                    raise future.exception()
+            if pending:
+                raise TimeoutError
+        return self.join(prepared, [future.result() for future in futures], time.monotonic() - start)
 
     async def stream(self, audio: Audio, language: str | None, temperature: float = 0.0,
                      expected: ExpectedRows | None = None
@@ -117,15 +125,15 @@ class TranscriptionService:
                 yield self._separator(futures[index - 1].result())
             while not (future.done() and queue.empty()):
                 getter = asyncio.ensure_future(queue.get())
-                done, _ = await asyncio.wait({getter, future}, timeout=self.settings.request_timeout_s,
-                                             return_when=asyncio.FIRST_COMPLETED)
-                if not done:
-                    getter.cancel()
-                    raise TimeoutError
+                try:
+                    done, _ = await asyncio.wait({getter, future}, timeout=self.settings.request_timeout_s,
+                                                 return_when=asyncio.FIRST_COMPLETED)
+                finally:  # no task left waiting on the queue, also when the stream is cancelled (its client left)
+                    getter.cancel()  # a no-op once it has its delta
                 if getter in done:
                     yield getter.result()
-                else:
-                    getter.cancel()
+                elif not done:
+                    raise TimeoutError
             future.result()  # re-raises an engine error
         outputs = [f.result() for f in futures]
         yield self.join(prepared, outputs, time.monotonic() - start)
