@@ -137,10 +137,15 @@ def timeout(limit_s: float | None = None) -> APIError:
     )
 
 
+def shown(value: str, limit: int = 100) -> str:
+    """A client's value as an error message quotes it: cut short, since it can be anything up to the upload limit."""
+    return value if len(value) <= limit else value[:limit] + "…"
+
+
 def model_not_found(model: str) -> APIError:
     return APIError(
         404,
-        f"The model `{model}` does not exist or you do not have access to it.",
+        f"The model `{shown(model)}` does not exist or you do not have access to it.",
         param="model",
         code="model_not_found",
     )

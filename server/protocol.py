@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from server.errors import APIError, field_error, from_validation_error, invalid_request
+from server.errors import APIError, field_error, from_validation_error, invalid_request, shown
 from speechllm.languages import BY_CODE, LANGUAGE_CODES, Language
 
 LanguageSource = Literal["given", "detected", "fallback"]
@@ -56,7 +56,7 @@ def normalize_language(value: str) -> str:
     text = value.strip().lower()
     code = _CODE_BY_NAME.get(text) or text.replace("_", "-").split("-")[0]
     if len(code) != 2 or not code.isascii() or not code.isalpha():
-        raise field_error("invalid_language_format", _ISO_639_1_FORMAT, language=value)
+        raise field_error("invalid_language_format", _ISO_639_1_FORMAT, language=shown(value))
     return code
 
 
@@ -65,7 +65,8 @@ def check_language(code: str, supported: Collection[str] = LANGUAGE_CODES) -> st
     try:
         code = normalize_language(code)
     except ValueError:
-        raise invalid_request(_ISO_639_1_FORMAT.format(language=code), "language", "invalid_language_format") from None
+        raise invalid_request(_ISO_639_1_FORMAT.format(language=shown(code)), "language",
+                              "invalid_language_format") from None
     if code not in supported:
         raise invalid_request(
             f"Unsupported language '{code}'. Supported languages (ISO-639-1): {', '.join(supported)}.",

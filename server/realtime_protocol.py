@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from server.errors import APIError, from_validation_error, invalid_request
+from server.errors import APIError, from_validation_error, invalid_request, shown
 from server.protocol import TranscriptionLanguage, UsageDuration, omitted
 
 
@@ -152,7 +152,7 @@ def parse_client_event(text: str) -> ClientEvent:
     if model is None:
         supported = ", ".join(f"'{name}'" for name in CLIENT_EVENTS)
         raise ClientEventError(invalid_request(
-            f"Invalid value: '{kind[:100]}'. Supported values in a transcription session are: {supported}.",
+            f"Invalid value: '{shown(kind)}'. Supported values in a transcription session are: {supported}.",
             "type", "invalid_value"), event_id)
     try:
         return model.model_validate(data)

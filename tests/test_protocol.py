@@ -96,6 +96,17 @@ def test_malformed_language_is_rejected(given: str) -> None:
     assert err.message == f"Invalid language '{given}'. Language parameter must be specified in ISO-639-1 format."
 
 
+def test_errors_quote_a_client_s_value_cut_short() -> None:
+    """A 500 KB `language` or a 100 KB `model` was quoted in full in its error message."""
+    huge = "x" * 500_000
+    for raise_it in (lambda: check_language(huge), lambda: TranscriptionRequest.from_form({"model": "m",
+                                                                                          "language": huge})):
+        with pytest.raises(APIError) as caught:
+            raise_it()
+        assert caught.value.code == "invalid_language_format" and len(caught.value.message) < 300
+    assert len(errors.model_not_found(huge).message) < 300 and "x" * 100 + "…" in errors.model_not_found(huge).message
+
+
 def test_check_language_takes_a_narrower_set() -> None:
     assert check_language("de", supported=["de"]) == "de"
     with pytest.raises(APIError):
