@@ -400,11 +400,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return
         await realtime_hub.serve(websocket, holder.get("runtime"))
 
-    @app.get("/health")
+    # HEAD too: load balancers' health checks often use it
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> dict:
         return {"status": "ok"}
 
-    @app.get("/ready")
+    @app.api_route("/ready", methods=["GET", "HEAD"])
     async def ready() -> JSONResponse:
         if "runtime" not in holder:
             return JSONResponse({"status": "loading"}, status_code=503)

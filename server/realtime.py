@@ -764,7 +764,7 @@ def pcm_format(requested: AudioFormat) -> PcmFormat:
     if requested.type != "audio/pcm":
         raise invalid_request(f"Unsupported input format '{requested.type}': send 16-bit little-endian mono PCM "
                               "(audio/pcm).", "session.audio.input.format.type", "unsupported_value")
-    rate = requested.rate or 24_000
+    rate = 24_000 if requested.rate is None else requested.rate  # 0 is a rate, a wrong one
     if rate not in INPUT_RATES:
         raise invalid_request(f"Unsupported sample rate {rate}: use 24000 (OpenAI's) or 16000.",
                               "session.audio.input.format.rate", "invalid_value")

@@ -373,6 +373,8 @@ def test_manual_commits_without_partial_text_equal_the_rest_answer(server: str) 
     ({"type": "session.update", "session": {"type": "transcription", "audio": {"input": {
         "format": {"type": "audio/pcm", "rate": 44100}}}}}, "invalid_value", "session.audio.input.format.rate"),
     ({"type": "session.update", "session": {"type": "transcription", "audio": {"input": {
+        "format": {"type": "audio/pcm", "rate": 0}}}}}, "invalid_value", "session.audio.input.format.rate"),
+    ({"type": "session.update", "session": {"type": "transcription", "audio": {"input": {
         "format": {"type": "audio/pcmu"}}}}}, "unsupported_value", "session.audio.input.format.type"),
     ({"type": "session.update", "session": {"type": "transcription", "audio": {"input": {
         "transcription": {"language": "xx"}}}}}, "unsupported_language", "session.audio.input.transcription.language"),

@@ -335,6 +335,9 @@ def test_models_languages_detection_and_probes(server: str, client) -> None:
                                                             "pcm_s16le", 16000))}).json()
     assert detection["language"] == "fr" and len(detection["candidates"]) == 3
     assert httpx.get(f"{server}/ready").json()["status"] == "ready"
+    for probe in ("/health", "/ready"):  # as load balancers' health checks send them
+        head = httpx.head(f"{server}{probe}")
+        assert head.status_code == 200 and head.content == b""
     metrics = httpx.get(f"{server}/metrics").text
     for name in ("zasr_requests_total", "zasr_request_duration_seconds_bucket", "zasr_audio_seconds_total",
                  "zasr_real_time_factor_bucket", "zasr_batch_size_rows_bucket", "zasr_queue_depth_rows",
