@@ -284,6 +284,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except UploadTooLarge:
             metrics.rejected.labels("too_large").inc()
             raise errors.too_large(settings.max_upload_bytes) from None
+        if len(form.getlist("file")) > 1:
+            raise errors.invalid_request("Send one 'file' per request.", param="file", code="invalid_value")
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
             raise errors.invalid_request("Missing required parameter: 'file'.", param="file",

@@ -320,6 +320,10 @@ def test_missing_file_and_bad_keys(server: str) -> None:
     response = httpx.post(f"{server}/v1/audio/transcriptions", headers={"Authorization": f"Bearer {API_KEY}"},
                           data={"model": "whisper-1"})
     assert response.status_code == 400 and response.json()["error"]["param"] == "file"
+    wav = _encode(_speech(REFERENCE), "wav", "pcm_s16le", 16000)
+    two = httpx.post(f"{server}/v1/audio/transcriptions", headers={"Authorization": f"Bearer {API_KEY}"},
+                     data={"model": "whisper-1"}, files=[("file", ("a.wav", wav)), ("file", ("b.wav", wav))])
+    assert two.status_code == 400 and two.json()["error"]["param"] == "file"
     assert _post(server, b"x", key=None).status_code == 401
     assert _post(server, b"x", key="wrong").status_code == 401
 
