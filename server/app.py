@@ -79,22 +79,38 @@ class UploadTooLarge(Exception):
     pass
 
 
-class BodySizeLimit:
-    """Stops reading a request body past the upload limit, Content-Length or not (chunked uploads)."""
+class UploadStalled(Exception):
+    pass
 
-    def __init__(self, app: ASGIApp, limit_bytes: int) -> None:
+
+class BodyLimits:
+    """Stops reading a request body past the upload limit, Content-Length or not (chunked uploads), and when no
+    part of it arrives for `idle_timeout_s` (an upload that stalls would hold its connection and its request's
+    place for as long as the client likes: uvicorn has no body timeout; nginx's client_body_timeout does this).
+    Once the body is complete, nothing is timed: the disconnect watch (`unless_client_leaves`) waits on."""
+
+    def __init__(self, app: ASGIApp, limit_bytes: int, idle_timeout_s: float) -> None:
         self.app = app
         self.limit_bytes = limit_bytes
+        self.idle_timeout_s = idle_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         received = 0
+        body_complete = False
 
         async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
+            nonlocal received, body_complete
+            if body_complete:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.idle_timeout_s)
+            except TimeoutError:
+                raise UploadStalled from None
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                body_complete = not message.get("more_body", False)
             if received > self.limit_bytes:
                 raise UploadTooLarge
             return message
@@ -104,7 +120,7 @@ class BodySizeLimit:
 
 class RequestMetrics:
     """Counts every HTTP request by endpoint, status and language, and times it to its last byte; answers an upload
-    past the size limit (BodySizeLimit, inside it) with 413. A plain ASGI middleware: Starlette's
+    past the size limit (BodyLimits, inside it) with 413. A plain ASGI middleware: Starlette's
     BaseHTTPMiddleware, which this was, passes each response through a task group and memory streams, and that was
     a quarter of the event loop's time at concurrency 16 (py-spy), time in which the engine thread waits for the
     GIL between its ops."""
@@ -254,7 +270,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="zipper-asr", version="0.1.0", lifespan=lifespan)
     errors.install_error_handlers(app)
-    app.add_middleware(BodySizeLimit, limit_bytes=settings.max_upload_bytes + 64 * 1024)  # + multipart framing
+    app.add_middleware(BodyLimits, limit_bytes=settings.max_upload_bytes + 64 * 1024,  # + multipart framing
+                       idle_timeout_s=settings.upload_idle_timeout_s)
     app.add_middleware(RequestMetrics, metrics=metrics, max_upload_bytes=settings.max_upload_bytes)  # outside it
 
     def runtime() -> Runtime:
@@ -284,6 +301,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except UploadTooLarge:
             metrics.rejected.labels("too_large").inc()
             raise errors.too_large(settings.max_upload_bytes) from None
+        except UploadStalled:
+            metrics.rejected.labels("upload_stalled").inc()
+            raise errors.upload_stalled(settings.upload_idle_timeout_s) from None
         if len(form.getlist("file")) > 1:
             raise errors.invalid_request("Send one 'file' per request.", param="file", code="invalid_value")
         upload = form.get("file")

@@ -105,6 +105,11 @@ def too_large(limit_bytes: int, received_bytes: int | None = None) -> APIError:
     return APIError(413, message + ".", param="file", code="request_too_large")
 
 
+def upload_stalled(idle_timeout_s: float) -> APIError:
+    return APIError(408, f"The upload stalled: no part of it arrived for {idle_timeout_s:g} s.", param="file",
+                    code="upload_timeout")
+
+
 def unauthorized(message: str = "Incorrect API key provided.", *, code: str | None = "invalid_api_key") -> APIError:
     # OpenAI types a bad key as invalid_request_error with code invalid_api_key; the header is RFC 6750's.
     return APIError(401, message, code=code, headers={"WWW-Authenticate": "Bearer"})

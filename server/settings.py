@@ -68,6 +68,8 @@ class Settings(BaseSettings):
     max_audio_seconds: float = Field(1800.0, description="longest accepted audio")
     max_window_seconds: float = Field(30.0, description="long audio is cut at pauses into windows this long")
     request_timeout_s: float = Field(300.0, description="a request still unanswered then gets a 504")
+    upload_idle_timeout_s: float = Field(60.0, gt=0, description="an upload of which no part arrives for this long "
+                                                                 "gets a 408 (as nginx's client_body_timeout)")
     api_keys: list[str] = Field([], description="accepted Bearer keys; empty: the API is open")
     # --- realtime WebSocket (/v1/realtime, server/realtime.py) ---
     realtime_max_sessions: int = Field(32, ge=0, description="open realtime connections at most; more are refused "

