@@ -422,6 +422,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return
         await realtime_hub.serve(websocket, holder.get("runtime"))
 
+    @app.get("/v1/realtime", include_in_schema=False)
+    async def realtime_over_http() -> None:
+        raise errors.APIError(426, "The realtime API is a WebSocket: connect with an Upgrade to /v1/realtime.",
+                              code="websocket_required", headers={"Upgrade": "websocket", "Connection": "Upgrade"})
+
     # HEAD too: load balancers' health checks often use it
     @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> dict:

@@ -367,6 +367,8 @@ def test_models_languages_detection_and_probes(server: str, client) -> None:
                                                             "pcm_s16le", 16000))}).json()
     assert detection["language"] == "fr" and len(detection["candidates"]) == 3
     assert httpx.get(f"{server}/ready").json()["status"] == "ready"
+    not_upgraded = httpx.get(f"{server}/v1/realtime")  # the WebSocket's path, asked without an Upgrade
+    assert not_upgraded.status_code == 426 and not_upgraded.json()["error"]["code"] == "websocket_required"
     for probe in ("/health", "/ready"):  # as load balancers' health checks send them
         head = httpx.head(f"{server}{probe}")
         assert head.status_code == 200 and head.content == b""
