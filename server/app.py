@@ -206,10 +206,11 @@ def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     device = settings.device if settings.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     encoder_gemm_dtype = resolve_gemm_dtype(settings.encoder_gemm_dtype)
     model = SpeechLLM.load(settings.model_dir, device=device, encoder_gemm_dtype=encoder_gemm_dtype)
-    if settings.encoder_gemm_dtype == "bfloat16" and device != "cpu":
-        logger.warning("ZASR_ENCODER_GEMM_DTYPE=bfloat16 has no effect on %s (only on oneDNN, on a CPU)", device)
-    elif settings.encoder_gemm_dtype == "bfloat16" and not any(isinstance(m, Linear) for m in model.encoder.modules()):
-        logger.warning("ZASR_ENCODER_GEMM_DTYPE=bfloat16 has no effect: this encoder's linear layers are not ours")
+    if settings.encoder_gemm_dtype == "bfloat16":
+        if device != "cpu":
+            logger.warning("ZASR_ENCODER_GEMM_DTYPE=bfloat16 has no effect on %s (only on oneDNN, on a CPU)", device)
+        elif not any(isinstance(m, Linear) for m in model.encoder.modules()):
+            logger.warning("ZASR_ENCODER_GEMM_DTYPE=bfloat16 has no effect: this encoder's linear layers are not ours")
     engine: SpeechEngine
     if settings.backend == "vllm":
         from server.vllm_engine import VLLMEngine, VLLMOptions

@@ -53,14 +53,13 @@ def checked_gemm_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
-def set_gemm_dtype(module: nn.Module, dtype: torch.dtype) -> int:
-    """The GEMMs of every `Linear` in `module` run in `dtype` (float32 or bfloat16) from their next call on.
-    Returns how many layers that is (none for modules of other linear layers, a Hugging Face encoder's)."""
+def set_gemm_dtype(module: nn.Module, dtype: torch.dtype) -> None:
+    """The GEMMs of every `Linear` in `module` run in `dtype` (float32 or bfloat16) from their next call on (a module
+    of other linear layers, a Hugging Face encoder's, has none)."""
     checked_gemm_dtype(dtype)
-    layers = [layer for layer in module.modules() if isinstance(layer, Linear)]
-    for layer in layers:
-        layer.gemm_dtype = dtype
-    return len(layers)
+    for layer in module.modules():
+        if isinstance(layer, Linear):
+            layer.gemm_dtype = dtype
 
 
 class OneDNNLinear:
