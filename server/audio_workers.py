@@ -85,11 +85,6 @@ Prepared = tuple[int, list[Span], list[np.ndarray]] | Exception
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def decode_upload(audio: bytes, max_audio_seconds: float) -> np.ndarray:
-    """Bytes of any container → 16 kHz samples; raises AudioDecodeError (EmptyAudioError), AudioTooLong."""
-    return load_audio(audio, max_seconds=max_audio_seconds)
-
-
 def speech_windows(samples: np.ndarray, vad: SileroVAD, max_window_seconds: float) -> list[Span]:
     """Short audio with speech is one window, untrimmed; long audio is cut at pauses (silero-vad); audio without
     speech gives no window."""
@@ -108,7 +103,7 @@ def prepare_all(uploads: list[Audio], vad: SileroVAD, max_audio_seconds: float, 
     prepared: list[tuple[int, list[Span], list[torch.Tensor]] | Exception] = []
     for audio in uploads:
         try:
-            samples = decode_upload(audio, max_audio_seconds) if isinstance(audio, bytes) else audio
+            samples = load_audio(audio, max_seconds=max_audio_seconds) if isinstance(audio, bytes) else audio
             spans = speech_windows(samples, vad, max_window_seconds)
             prepared.append((samples.size, spans, [log_mel_spectrogram(samples[s.start: s.end]) for s in spans]))
         except Exception as error:
