@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, StoppingCriteria, StoppingCriteri
 from server.settings import Settings
 from server.threads import engine_executor, use_one_thread
 from speechllm.audio import load_audio
-from speechllm.cpu_linear import resolve_gemm_dtype
+from speechllm.cpu_linear import GEMM_DTYPE_CHOICES, resolve_gemm_dtype
 from speechllm.decoding import RowTokens
 from speechllm.features import log_mel_spectrogram
 from speechllm.inference import token_limits
@@ -93,7 +93,7 @@ def main() -> None:
     parser.add_argument("--adapters", type=Path, required=True, help="one PEFT adapter directory per language")
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument("--encoder-gemm-dtype", default=Settings().encoder_gemm_dtype,
-                        choices=["float32", "bfloat16", "auto"], help="default: ZASR_ENCODER_GEMM_DTYPE, as ours")
+                        choices=GEMM_DTYPE_CHOICES, help="default: ZASR_ENCODER_GEMM_DTYPE, as ours")
     args = parser.parse_args()
     uvicorn.run(build_app(args.model, args.adapters, args.encoder_gemm_dtype), host="127.0.0.1", port=args.port,
                 log_level="warning")

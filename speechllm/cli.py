@@ -121,6 +121,8 @@ def cmd_stream(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from speechllm.cpu_linear import GEMM_DTYPE_CHOICES  # (torch: main has imported it already)
+
     parser = argparse.ArgumentParser(prog="zipper-asr", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -184,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
     p.add_argument("--split", default="test", choices=["dev", "test"])
     p.add_argument("--chunk-size", type=int, default=None, help="0: full attention; N: chunked encoder")
-    p.add_argument("--encoder-gemm-dtype", default="float32", choices=["float32", "bfloat16", "auto"],
+    p.add_argument("--encoder-gemm-dtype", default="float32", choices=GEMM_DTYPE_CHOICES,
                    help="the speech encoder's matrix products, as the server's ZASR_ENCODER_GEMM_DTYPE (default "
                         "float32 there too; auto: bfloat16 on CPUs with bf16 instructions)")
     p.add_argument("--out", type=Path, default=Path("runs/eval/test"))

@@ -30,6 +30,7 @@ from torch import nn
 # Whether linear layers may run on oneDNN: this torch has it (benchmarks/decoder.py turns it off to compare).
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 GEMM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+GEMM_DTYPE_CHOICES = (*GEMM_DTYPES, "auto")  # what a setting may say: resolve_gemm_dtype
 
 
 def native_bf16() -> bool:
