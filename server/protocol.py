@@ -140,6 +140,12 @@ class TranscriptionRequest(BaseModel):
             raise from_validation_error(exc.errors()[0]) from None
         if request.language is not None:
             request.language = check_language(request.language, supported)
+        if request.stream and request.response_format is not ResponseFormat.JSON:
+            # A stream is transcript.text events whatever the format asked; OpenAI's streaming models take json only.
+            raise invalid_request(
+                f"response_format '{request.response_format}' cannot be streamed: with stream=true the transcript "
+                "comes as transcript.text.delta and transcript.text.done events; leave response_format out or "
+                "set it to 'json'.", "response_format", "unsupported_value")
         return request
 
 

@@ -128,13 +128,13 @@ def test_form_defaults() -> None:
 def test_form_as_the_sdk_sends_it() -> None:
     # A multi-dict like Starlette's, with the SDK's `name[]` spelling for lists and unknown fields it may add.
     form = FormData(
-        [("model", "zipper-asr"), ("language", "fr"), ("prompt", "Bonjour"), ("response_format", "verbose_json"),
+        [("model", "zipper-asr"), ("language", "fr"), ("prompt", "Bonjour"), ("response_format", "json"),
          ("temperature", "0.4"), ("stream", "true"), ("timestamp_granularities[]", "segment"),
          ("include[]", "logprobs")]
     )
     request = TranscriptionRequest.from_form(form)
     assert request.model_dump() == {
-        "model": "zipper-asr", "language": "fr", "prompt": "Bonjour", "response_format": ResponseFormat.VERBOSE_JSON,
+        "model": "zipper-asr", "language": "fr", "prompt": "Bonjour", "response_format": ResponseFormat.JSON,
         "temperature": 0.4, "timestamp_granularities": ["segment"], "stream": True,
     }
 
@@ -155,6 +155,8 @@ GRANULARITIES = "timestamp_granularities"
         ({"model": "m", "response_format": "diarized_json"}, "response_format", "invalid_value"),
         ({"model": "m", "timestamp_granularities[]": ["segment", "word"]}, GRANULARITIES, "unsupported_value"),
         ({"model": "m", "timestamp_granularities": "word"}, GRANULARITIES, "unsupported_value"),
+        *(({"model": "m", "stream": "true", "response_format": f}, "response_format", "unsupported_value")
+          for f in ("text", "srt", "vtt", "verbose_json")),
     ],
 )
 def test_form_errors_name_the_param(form: dict, param: str, code: str) -> None:
