@@ -114,20 +114,23 @@ class PackedLinear:
                 # not the zeros standing in for a missing bias, nor a tensor torch.cat had to convert
                 if isinstance(tensor, nn.Parameter) and (tensor.dtype, tensor.device) == (view.dtype, view.device):
                     tensor.data = view
+        self._ran_as_one_gemm = False  # how the last checked call ran (see __call__)
 
     @property
     def one_gemm(self) -> bool:
         """Whether the layers run as one GEMM now (otherwise each runs as its own module)."""
         return not self.zipper or (self.shared_a and all(layer.rows is not None for layer in self.layers))
 
-    def __call__(self, x: torch.Tensor, parts: list[Part] | None = None) -> list[torch.Tensor]:
+    def __call__(self, x: torch.Tensor, parts: list[Part] | None = None, checked: bool = True) -> list[torch.Tensor]:
         """Each layer's output for x: (b, T, in); or, for a pass over several `parts`, their inputs one after the
-        other (N, in)."""
-        if not self.one_gemm:
+        other (N, in). `checked` False: run as the last checked call did (OneDNNLinear.__call__)."""
+        if checked:
+            self._ran_as_one_gemm = self.one_gemm
+        if not self._ran_as_one_gemm:
             if parts is not None and len(parts) > 1:
                 raise ValueError("a pass over several parts needs the layers as one GEMM (LlamaDecoder.can_mix)")
             return [layer(x) for layer in self.layers]
-        outputs = self.linear(x).split(self.sizes, -1)
+        outputs = self.linear(x, checked).split(self.sizes, -1)
         if not self.zipper:
             return list(outputs)
         n = len(self.layers)
@@ -355,7 +358,7 @@ class LlamaDecoder:
         return KVCache.join(a, b)
 
     def step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        logits = self._forward([self._step_part(tokens, cache)])
+        logits = self._forward([self._step_part(tokens, cache)], checked=False)
         cache.length += 1
         return logits
 
@@ -380,15 +383,16 @@ class LlamaDecoder:
         holds the adapters of the running rows and then of the joining rows (adapters.zipper.joining_rows)."""
         step = self._step_part(tokens, cache)
         joining, groups = self._prefill_parts(embeds, mask, max_new_tokens, first_adapter_row=len(tokens))
-        out = self._forward([step, *groups])
+        out = self._forward([step, *groups], checked=False)
         cache.length += 1
         joining_logits = _in_row_order(groups, list(out[len(tokens):].split([len(group.x) for group in groups])))
         return torch.cat([out[: len(tokens)], joining_logits]), KVCache.join(cache, joining)
 
-    def _forward(self, parts: list[Part]) -> torch.Tensor:
+    def _forward(self, parts: list[Part], checked: bool = True) -> torch.Tensor:
         """Inputs of one or more parts (see Part) → the logits of each part's rows' last input, part after part.
         One part keeps its (b, T, D) shape throughout; several go through the linear layers as one (N, D)
-        matrix."""
+        matrix. `checked` False: the linear layers run as they did in the last checked pass, the prefill that began
+        the generation (OneDNNLinear.__call__): a model's weights must not change while it decodes."""
         offset = 0
         for part in parts:
             self.rotary.reserve(part.start + part.x.shape[1], part.x)  # a row's positions never pass its slot
@@ -399,23 +403,24 @@ class LlamaDecoder:
         several = parts if len(parts) > 1 else None
         x = torch.cat([part.x.flatten(0, 1) for part in parts]) if several else parts[0].x
         for index, layer in enumerate(self.layers):
-            x = x + self._attention(index, layer, x, parts, rotations, masks)
+            x = x + self._attention(index, layer, x, parts, rotations, masks, checked)
             hidden = _rms_norm(layer.post_attention_layernorm, x)
-            gate, up = self.gate_up[index](hidden, several)
-            x = x + self.down[index](F.silu(gate) * up, several)[0]
+            gate, up = self.gate_up[index](hidden, several, checked)
+            x = x + self.down[index](F.silu(gate) * up, several, checked)[0]
         last = torch.cat([part.of(x)[:, -1] for part in parts]) if several else x[:, -1]
-        return self.lm_head(_rms_norm(self.llm.model.norm, last))
+        return self.lm_head(_rms_norm(self.llm.model.norm, last), checked)
 
     def _attention(self, index: int, layer: nn.Module, x: torch.Tensor, parts: list[Part],
-                   rotations: list[tuple[torch.Tensor, torch.Tensor]], masks: list[torch.Tensor]) -> torch.Tensor:
+                   rotations: list[tuple[torch.Tensor, torch.Tensor]], masks: list[torch.Tensor], checked: bool
+                   ) -> torch.Tensor:
         several = parts if len(parts) > 1 else None  # (None keeps the one part's (b, T, D) shape throughout)
-        q, k, v = self.qkv[index](_rms_norm(layer.input_layernorm, x), several)
+        q, k, v = self.qkv[index](_rms_norm(layer.input_layernorm, x), several, checked)
         if several is None:
             out = self._attend(index, parts[0], q, k, v, *rotations[0], masks[0])
         else:
             out = torch.cat([self._attend(index, part, part.of(q), part.of(k), part.of(v), cos, sin, mask).flatten(0, 1)
                              for part, (cos, sin), mask in zip(parts, rotations, masks, strict=True)])
-        return self.o[index](out, several)[0]
+        return self.o[index](out, several, checked)[0]
 
     def _attend(self, index: int, part: Part, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor, attend: torch.Tensor) -> torch.Tensor:

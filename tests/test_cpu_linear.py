@@ -34,6 +34,23 @@ ON_ONEDNN = pytest.mark.skipif(not cpu_linear.ONEDNN, reason="this torch has no 
 
 
 @ON_ONEDNN
+def test_an_unchecked_call_runs_as_the_last_checked_one() -> None:
+    """LlamaDecoder's steps skip the checks: they run as the generation's prefill did, weights changed or not."""
+    weight, bias = torch.randn(8, 4), torch.randn(8)
+    linear, x = OneDNNLinear(weight, bias), torch.randn(3, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(linear(x, checked=False), F.linear(x, weight, bias))  # nothing checked yet
+        assert linear._laid_out is None
+        linear(x)
+        laid_out = linear._laid_out
+        assert laid_out is not None
+        weight.mul_(2)
+        torch.testing.assert_close(linear(x, checked=False), F.linear(x, weight / 2, bias), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(linear(x), F.linear(x, weight, bias), atol=1e-5, rtol=1e-5)  # checked: seen
+        assert linear._laid_out is not laid_out
+
+
+@ON_ONEDNN
 def test_the_laid_out_weight_follows_changes_to_its_sources() -> None:
     layer = Linear(16, 8)
     x = torch.randn(4, 16)
