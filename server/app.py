@@ -47,7 +47,6 @@ from server.protocol import (
     TranscriptionVerbose,
     TranscriptTextDeltaEvent,
     TranscriptTextDoneEvent,
-    UsageTokens,
     sse,
     sse_error,
 )
@@ -239,7 +238,7 @@ def verbose_result(result: TranscriptionResult) -> TranscriptionVerbose:
                                      avg_logprob=s.avg_logprob) for i, s in enumerate(result.segments)]
     return TranscriptionVerbose.build(
         text=result.text, segments=segments, duration=round(result.duration, 3),
-        language_code=result.language or result.detected_language, language_source=result.language_source,
+        language_code=result.reported_language, language_source=result.language_source,
         language_probability=round(result.language_probability, 4), adapter=result.adapter)
 
 
@@ -342,8 +341,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             with service.batcher.expecting_rows() as expected, bad_audio_as_errors():  # its rows are on their way
                 if params.stream:
-                    return stream_response(*await service.stream(data, params.language, params.temperature,
-                                                                 expected))
+                    return stream_response(request, *await service.stream(data, params.language,
+                                                                          params.temperature, expected))
                 result = await unless_client_leaves(
                     request, service.transcribe(data, params.language, params.temperature, expected))
         except QueueFull as full:
@@ -357,14 +356,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         verbose = verbose_result(result)
         return Response(render(params.response_format, verbose), media_type=media_type(params.response_format))
 
-    def stream_response(events: AsyncIterator[str | TranscriptionResult], rows: list[asyncio.Future]) -> Response:
+    def stream_response(request: Request, events: AsyncIterator[str | TranscriptionResult],
+                        rows: list[asyncio.Future]) -> Response:
         async def body() -> AsyncIterator[str]:
             try:
                 async for item in events:
                     if isinstance(item, TranscriptionResult):
+                        request.state.language = item.language or "unknown"  # counted once the stream ends
+                        # No usage: the SDK's type for it counts tokens, which this engine does not report.
                         yield sse(TranscriptTextDoneEvent(
-                            text=item.text, languages=[TranscriptionLanguage(code=item.language or "und")],
-                            usage=UsageTokens(input_tokens=0, output_tokens=0, total_tokens=0)))
+                            text=item.text, languages=[TranscriptionLanguage(code=item.reported_language)]))
                         yield SSE_DONE
                         return
                     yield sse(TranscriptTextDeltaEvent(delta=item))

@@ -43,6 +43,12 @@ class TranscriptionResult:
     segments: list[Segment]
     processing_seconds: float
 
+    @property
+    def reported_language(self) -> str:
+        """The language a response names: the one transcribed with, or else LID's guess, whose confidence was too low
+        to pick an adapter (the fallback: verbose_json says so in `language_source`)."""
+        return self.language or self.detected_language
+
 
 @contextlib.contextmanager
 def abandoned_unless_answered(futures: list[asyncio.Future]) -> Iterator[None]:

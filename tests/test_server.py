@@ -111,6 +111,23 @@ def test_openai_client_streams_deltas_that_add_up(client, tmp_path: Path) -> Non
     assert "".join(deltas) == done[0].text
 
 
+def test_a_stream_names_and_counts_the_language_as_a_plain_request_does(server: str, client) -> None:
+    """Polish, which the model does not know: LID's best guess (German) is below the confidence threshold, and the
+    audio is transcribed by the shared adapter (the fallback policy). The stream's done event named no language
+    ("und") where json names the guess, and streams were counted under language "none"."""
+    data = _encode(_speech("dzień dobry jak się masz", "pl"), "wav", "pcm_s16le", 16000)
+    verbose = _post(server, data, response_format="verbose_json").json()
+    assert verbose["language_source"] == "fallback"
+    plain = _post(server, data).json()
+    before = _requests_counted(server, "/v1/audio/transcriptions", "200", "unknown")
+    events = list(client.audio.transcriptions.create(model="whisper-1", file=("a.wav", data), stream=True))
+    done = events[-1]
+    assert done.type == "transcript.text.done" and done.text == plain["text"]
+    assert done.model_dump()["languages"] == plain["languages"] == [{"code": verbose["language_code"]}]
+    assert done.usage is None  # the SDK's usage for a stream counts tokens, which we do not: none rather than zeros
+    assert _requests_counted(server, "/v1/audio/transcriptions", "200", "unknown") == before + 1
+
+
 def test_verbose_json_detects_the_language(client, tmp_path: Path) -> None:
     path = _wav_bytes(_speech("wir haben keine zeit", "de+m5"), tmp_path)
     with open(path, "rb") as audio:
