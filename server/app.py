@@ -1,7 +1,7 @@
 """The HTTP gateway: FastAPI routes speaking OpenAI's audio API, in front of the batcher and engine.
 
 Routes: POST /v1/audio/transcriptions (json, text, srt, vtt, verbose_json; stream=true → SSE),
-POST /v1/audio/language (language detection only), GET /v1/models, GET /v1/languages,
+POST /v1/audio/language (language detection only), GET /v1/models[/{model}], GET /v1/languages,
 GET /health (live), GET /ready (model loaded), GET /metrics (Prometheus exposition),
 WebSocket /v1/realtime (OpenAI Realtime transcription sessions: server/realtime.py).
 """
@@ -401,6 +401,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         authorize(request)
         return ModelList(data=[ModelCard(id=name, created=STARTED)
                                for name in [settings.model_name, *settings.model_aliases]])
+
+    @app.get("/v1/models/{model:path}")  # `path`: a served name may hold a slash ("org/model")
+    async def model(request: Request, model: str) -> ModelCard:
+        authorize(request)
+        check_model(model)
+        return ModelCard(id=model, created=STARTED)
 
     @app.get("/v1/languages")
     async def languages(request: Request) -> LanguageList:

@@ -375,6 +375,10 @@ def test_missing_file_and_bad_keys(server: str) -> None:
 
 def test_models_languages_detection_and_probes(server: str, client) -> None:
     assert "whisper-1" in [m.id for m in client.models.list()]
+    assert client.models.retrieve("whisper-1").id == "whisper-1"
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.models.retrieve("gpt-5")
+    assert (caught.value.code, caught.value.param) == ("model_not_found", "model")
     headers = {"Authorization": f"Bearer {API_KEY}"}
     languages = httpx.get(f"{server}/v1/languages", headers=headers).json()["data"]
     assert [entry["code"] for entry in languages] == ["en", "de", "fr", "es", "it", "ru", "vi", "th", "ar", "ja",
