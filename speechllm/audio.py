@@ -69,7 +69,18 @@ def _decode_stream(container: av.container.InputContainer, sample_rate: int, max
     chunks += [f.to_ndarray().mean(axis=0) for f in resampler.resample(None)]  # flush the delay line
     if not chunks:
         return np.zeros(0, dtype=np.float32)
-    return np.concatenate(chunks).astype(np.float32, copy=False)
+    samples = np.concatenate(chunks).astype(np.float32, copy=False)
+    return samples[: _recorded_length(container, stream, sample_rate)]
+
+
+def _recorded_length(container: av.container.InputContainer, stream: av.AudioStream, sample_rate: int) -> int | None:
+    """The sample count an MP4 file records for its audio, where decoding gives more (None: no limit). AAC codes
+    whole frames of 1024 samples; FFmpeg drops the encoder's priming samples at the start, as the file's edit list
+    says, but keeps the padding of the last frame: up to 64 ms more at 16 kHz, in `duration` and in the billed
+    seconds. Other containers' durations are estimates (an MP3's from its bit rate), or their decoders trim."""
+    if "mp4" not in container.format.name.split(",") or not stream.duration or stream.time_base is None:
+        return None
+    return round(float(stream.duration * stream.time_base) * sample_rate)
 
 
 def resample(samples: np.ndarray, orig_rate: int, new_rate: int = SAMPLE_RATE) -> np.ndarray:

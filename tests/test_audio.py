@@ -267,6 +267,27 @@ def test_decoding_from_path_equals_decoding_bytes(fmt: Format, tmp_path: Path) -
     np.testing.assert_array_equal(load_audio(str(path)), from_bytes)
 
 
+@pytest.mark.skipif(AAC is None, reason="this PyAV build has no AAC encoder")
+@pytest.mark.parametrize("sample_rate", [16_000, 44_100])
+def test_an_m4a_decodes_to_the_duration_it_records(sample_rate: int) -> None:
+    """AAC codes whole frames of 1024 samples: the last one's padding is not audio. Frames with timestamps make
+    PyAV's muxer record the real duration (and an edit list that trims the encoder's priming samples)."""
+    samples = two_tone(sample_rate, duration_s=1.729).reshape(1, -1).astype(np.float32)
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="ipod") as output:
+        stream = output.add_stream(AAC, rate=sample_rate)
+        stream.layout = "mono"
+        for start in range(0, samples.shape[1], 1024):
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples[:, start: start + 1024]), format="fltp",
+                                               layout="mono")
+            frame.sample_rate, frame.pts = sample_rate, start
+            for packet in stream.encode(frame):
+                output.mux(packet)
+        for packet in stream.encode(None):
+            output.mux(packet)
+    assert abs(len(load_audio(buffer.getvalue())) - 1.729 * SAMPLE_RATE) <= 16  # 1 ms; the padding was 64 ms
+
+
 def test_decoding_at_another_sample_rate() -> None:
     decoded = load_audio(encoded(FORMATS[0]), sample_rate=8_000)
     assert len(decoded) == round(DURATION_S * 8_000)
