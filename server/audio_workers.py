@@ -70,13 +70,19 @@ class PreparedAudio:
     """A request's audio as the engine takes it: its windows (at pauses) and one row per window."""
 
     duration: float  # seconds
-    spans: list[Span]
+    spans: list[Span]  # where each window's speech is: its segment's timestamps
     rows: list[Row]
 
 
+@dataclass(frozen=True)
+class Window:
+    heard: Span  # the samples the model hears
+    speech: Span  # from the first start of speech in it to the last end: its segment
+
+
 Audio = bytes | np.ndarray  # an upload in any container, or 16 kHz samples already decoded (realtime streams)
-# What a worker answers for one upload: the number of samples, the windows, and each window's features or encoder
-# states (as arrays: they cross a process boundary); or the error that upload raised.
+# What a worker answers for one upload: the number of samples, the windows' speech, and each window's features or
+# encoder states (as arrays: they cross a process boundary); or the error that upload raised.
 Prepared = tuple[int, list[Span], list[np.ndarray]] | Exception
 
 
@@ -85,14 +91,17 @@ Prepared = tuple[int, list[Span], list[np.ndarray]] | Exception
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def speech_windows(samples: np.ndarray, vad: SileroVAD, max_window_seconds: float) -> list[Span]:
-    """Short audio with speech is one window, untrimmed; long audio is cut at pauses (silero-vad); audio without
-    speech gives no window."""
+def speech_windows(samples: np.ndarray, vad: SileroVAD, max_window_seconds: float) -> list[Window]:
+    """Long audio is cut at pauses into windows of speech (silero-vad); short audio with speech is one window, heard
+    whole, as the model was trained (clips with their silences), and timed from its first start of speech to its
+    last end, as a long recording's windows are (before stop 23 it was timed from 0 to its end: 1.7 s of speech in
+    20 s of silence gave a subtitle of 20 s); audio without speech gives no window."""
     if samples.size < MIN_SAMPLES:
         return []
     if samples.size <= max_window_seconds * SAMPLE_RATE:
-        return [Span(0, samples.size)] if vad.has_speech(samples) else []
-    return split_long_audio(samples, vad, max_window_seconds)
+        spans = vad.speech_spans(samples)
+        return [Window(Span(0, samples.size), Span(spans[0].start, spans[-1].end))] if spans else []
+    return [Window(span, span) for span in split_long_audio(samples, vad, max_window_seconds)]
 
 
 def prepare_all(uploads: list[Audio], vad: SileroVAD, max_audio_seconds: float, max_window_seconds: float,
@@ -104,8 +113,9 @@ def prepare_all(uploads: list[Audio], vad: SileroVAD, max_audio_seconds: float, 
     for audio in uploads:
         try:
             samples = load_audio(audio, max_seconds=max_audio_seconds) if isinstance(audio, bytes) else audio
-            spans = speech_windows(samples, vad, max_window_seconds)
-            prepared.append((samples.size, spans, [log_mel_spectrogram(samples[s.start: s.end]) for s in spans]))
+            windows = speech_windows(samples, vad, max_window_seconds)
+            prepared.append((samples.size, [window.speech for window in windows],
+                             [log_mel_spectrogram(samples[w.heard.start: w.heard.end]) for w in windows]))
         except Exception as error:
             prepared.append(error)
     if encoder is not None:

@@ -135,7 +135,18 @@ def test_verbose_json_detects_the_language(client, tmp_path: Path) -> None:
     extra = result.model_extra
     assert extra["language_code"] == "de" and extra["language_source"] == "detected"
     assert result.language == "german" and result.duration > 0.5
-    assert result.segments and result.segments[0].end == pytest.approx(result.duration, abs=0.01)
+    assert len(result.segments) == 1 and 0 <= result.segments[0].start < result.segments[0].end <= result.duration
+
+
+def test_a_short_upload_s_segment_is_timed_by_its_speech(server: str) -> None:
+    speech = _speech(REFERENCE)
+    padded = np.concatenate([np.zeros(3 * 16000, np.float32), speech, np.zeros(5 * 16000, np.float32)])
+    result = _post(server, _encode(padded, "wav", "pcm_s16le", 16000), language="en",
+                   response_format="verbose_json").json()
+    [segment] = result["segments"]
+    assert result["duration"] == pytest.approx(8 + speech.size / 16000, abs=0.01)
+    speech_end = 3 + speech.size / 16000
+    assert 2.8 <= segment["start"] <= 3.3 and speech_end - 0.5 <= segment["end"] <= speech_end + 0.5
 
 
 @pytest.mark.parametrize("response_format", ["text", "srt", "vtt"])
