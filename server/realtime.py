@@ -391,6 +391,9 @@ class RealtimeSession:
             await self.send(ErrorEvent.of(error.error, error.event_id))
         except APIError as error:
             await self.send(ErrorEvent.of(error, event_id))
+        except Exception:  # a bug of ours: it costs this event, not the session
+            logger.exception("could not handle a client event")
+            await self.send(ErrorEvent.of(internal_error(), event_id))
 
     def _configure(self, options: AudioInputOptions | None, include: list[str] | None) -> None:
         """Apply a session update: only the fields it holds change; nothing changes if any of them is invalid."""
@@ -426,8 +429,8 @@ class RealtimeSession:
         if audio_format.rate != self.pcm.rate:
             self.pcm = PcmDecoder(audio_format.rate)
         if detection_changed:
-            if self.turn is None:
-                self._rebuild_vad()
+            if self.turn is None or self.vad is None:
+                self._rebuild_vad()  # a turn open without a VAD now ends at the new one's speech_stopped
             elif turn_detection is None:
                 self.vad = None  # the open turn now ends when the client commits it
             else:
@@ -452,21 +455,26 @@ class RealtimeSession:
             raise invalid_request("The audio is not valid base64.", "audio", "invalid_base64") from None
         if len(data) > limit:
             raise too_large
-        if self.vad is None and self.turn is not None:
+        if self.vad is None:  # manual commits: the turn, the one this append opens included, has a limit
             incoming = len(data) // 2 * SAMPLE_RATE // self.pcm.rate
-            if self.buffer.end + incoming - self.turn.start > self.max_turn_samples:
+            start = self.turn.start if self.turn is not None else self.buffer.end
+            if self.buffer.end + incoming - start > self.max_turn_samples:
                 raise invalid_request(
                     f"The input audio buffer holds at most {self.max_turn_samples / SAMPLE_RATE:g} s of audio: commit "
                     "or clear it before appending more.", "audio", "input_audio_buffer_full")
         await self._add_audio(self.pcm.feed(data))
 
     async def _client_commit(self) -> None:
-        turn = self.turn
-        if turn is None or self.buffer.end - turn.start < MIN_COMMIT_SAMPLES:
-            held = 0 if turn is None else (self.buffer.end - turn.start) * 1000 / SAMPLE_RATE
+        # As OpenAI, any audio since the last turn is committed, speech or not: with server VAD that is the audio
+        # held while no turn is open (at most the longest turn).
+        start = self.turn.start if self.turn is not None else max(self.turn_floor, self.buffer.start)
+        if self.buffer.end - start < MIN_COMMIT_SAMPLES:
+            held = (self.buffer.end - start) * 1000 / SAMPLE_RATE
             raise invalid_request(f"Error committing input audio buffer: buffer too small. Expected at least 100ms "
                                   f"of audio, but buffer only has {held:.2f}ms of audio.", None,
                                   "input_audio_buffer_commit_empty")
+        if self.turn is None:
+            self._open_turn(start)
         await self._commit(self.buffer.end)
         if self.vad is not None or self.vad_stale:
             self._rebuild_vad()  # the speech just committed is over: the next speech opens a new turn
@@ -481,6 +489,7 @@ class RealtimeSession:
             self.metrics.realtime_turns.labels("cleared").inc()
         self.buffer.trim(self.buffer.end)
         self.turn_floor = self.buffer.end
+        self.pcm = PcmDecoder(self.pcm.rate)  # its odd byte and resampler delay line are audio cleared too
         self._rebuild_vad()
         await self.send(Cleared())
 
@@ -493,21 +502,21 @@ class RealtimeSession:
             base = self.vad_offset  # (a turn's end may replace the VAD below; these events are the old one's)
             for name, offset in events:
                 offset += base
-                await self._split_long_turn(offset)
+                await self._split_long_turn(offset)  # (before a speech_stopped, speech goes on at the cut)
                 if name == "speech_started":
                     await self._speech_started(offset)
                 else:
                     await self._speech_stopped(offset)
-            await self._split_long_turn(self.buffer.end)
+            await self._split_long_turn(self.buffer.end, self._quiet_from())
             self._start_early_final()
         elif self.turn is None and samples.size:
             self._open_turn(start)  # manual commits: the first audio after a commit opens the next turn
         self._schedule_partial()
         if self.turn is not None:
             self.buffer.trim(self.turn.start)
-        else:  # keep what the next speech_started may reach back to: prefix padding and one VAD window
+        else:  # keep what a client commit, or the next speech_started's prefix padding, may reach back to
             padding = self.vad.prefix_padding if self.vad is not None else 0
-            self.buffer.trim(self.buffer.end - padding - WINDOW)
+            self.buffer.trim(max(self.turn_floor, self.buffer.end - max(self.max_turn_samples, padding + WINDOW)))
 
     def _open_turn(self, start: int) -> Turn:
         language = self.session.input.transcription.language
@@ -536,14 +545,27 @@ class RealtimeSession:
         if self.vad_stale:
             self._rebuild_vad()
 
-    async def _split_long_turn(self, upto: int) -> None:
+    async def _split_long_turn(self, upto: int, quiet_from: int | None = None) -> None:
         """Server VAD: a turn reaching the longest allowed is committed there, and the speech goes on in a new
-        turn (announced with its own speech_started)."""
+        turn (announced with its own speech_started). Unless the VAD has heard no speech since `quiet_from`
+        (session offset) and that was before the cut: then a new turn would hold nothing but that pause, so the
+        VAD starts afresh and the next speech opens the next turn."""
         while self.turn is not None and upto - self.turn.start > self.max_turn_samples:
             end = self.turn.start + self.max_turn_samples
             await self._commit(end)
+            if quiet_from is not None and quiet_from <= end:
+                self._rebuild_vad()  # in a pause, a resumption of speech would be no event of the VAD's
+                return
             turn = self._open_turn(end)
             await self.send(SpeechStarted(audio_start_ms=to_ms(end), item_id=turn.item_id))
+
+    def _quiet_from(self) -> int | None:
+        """Session offset from which the VAD has heard no speech, after the audio fed so far: where the pause in
+        progress began, or where the VAD started when it is not in speech (with a turn open, only a VAD that has
+        heard no speech yet: its speech_stopped would have ended the turn); None while speech goes on."""
+        if not self.vad.in_speech:
+            return self.vad_offset
+        return None if self.vad.silence_from is None else self.vad_offset + self.vad.silence_from
 
     async def _commit(self, end: int, transcribe_until: int | None = None) -> None:
         """Close the turn at `end`; its transcript covers the audio up to `transcribe_until` (default: `end`)."""
@@ -647,6 +669,8 @@ class RealtimeSession:
         return await future
 
     async def _agree(self, turn: Turn, output: EngineOutput, samples: int) -> None:
+        if not self.agreement:  # delay "xhigh" since this update started: no partial text
+            return
         if not turn.locked and output.language_source == "detected" and samples >= (
                 self.settings.realtime_lid_seconds * SAMPLE_RATE):
             turn.language, turn.locked = output.language, True

@@ -136,11 +136,15 @@ def parse_client_event(text: str) -> ClientEvent:
     """One WebSocket text message → a client event, or ClientEventError saying what is wrong with it."""
     try:
         data = json.loads(text)
-    except (ValueError, RecursionError):
+        # JSON's \ud800-style escapes; base64 audio has no backslash
+        lone_surrogate = "\\u" in text and _has_lone_surrogate(data)
+    except ValueError:
         raise ClientEventError(invalid_request("The message is not valid JSON.", code="invalid_json")) from None
+    except RecursionError:  # json.loads, or json.dumps in the check, on arrays or objects nested ~1000 deep
+        raise ClientEventError(invalid_request("The message is nested too deeply.", code="invalid_json")) from None
     if not isinstance(data, dict):
         raise ClientEventError(invalid_request("A client event must be a JSON object.", code="invalid_json"))
-    if "\\u" in text and _has_lone_surrogate(data):  # JSON's \ud800-style escapes; base64 audio has no backslash
+    if lone_surrogate:
         raise ClientEventError(invalid_request("The message contains an unpaired UTF-16 surrogate escape "
                                                "(\\ud800-\\udfff), which is not text.", code="invalid_json"))
     event_id = data.get("event_id") if isinstance(data.get("event_id"), str) else None

@@ -6,6 +6,9 @@ The shipped model is weak (see README), so transcripts are held to what the same
 for the same audio, never to the words spoken. Policy under test (server/realtime.py): a turn's deltas always
 concatenate to its `completed` transcript, which is the REST answer for the turn's audio, unless partial text
 already sent disagreed with it; then `offline_transcript` carries the REST answer instead.
+
+The session's turn logic is also driven event by event without a model or a server (a `RealtimeSession` around
+fakes, at the end of this file).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import av
 import httpx
@@ -30,8 +34,12 @@ from pydantic import TypeAdapter
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from server.realtime import extends
-from server.vad import WINDOW, SileroVAD
+from server.metrics import Metrics
+from server.realtime import RealtimeSession, extends
+from server.realtime import Turn as SessionTurn
+from server.realtime_protocol import ClientEventError, InputAudioBufferCommit, parse_client_event
+from server.settings import Settings
+from server.vad import WINDOW, SileroVAD, StreamingVAD
 from speechllm.audio import SAMPLE_RATE, load_audio, write_wav
 from speechllm.streaming import PcmDecoder
 from tests.conftest import running_server
@@ -560,3 +568,212 @@ def test_stream_command_prints_the_turns(server: str, tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     lines = [line for line in done.stdout.splitlines() if line.strip()]
     assert len(lines) == 2, done.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The session's logic without a model: a RealtimeSession around fakes, fed client events one by one
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _FakeService:
+    """Stands in for TranscriptionService: a turn's transcript says how many samples it got."""
+
+    audio = SimpleNamespace(vad=SimpleNamespace(speech_pad=SileroVAD().speech_pad))
+
+    async def transcribe(self, samples: np.ndarray, language: str | None) -> SimpleNamespace:
+        return SimpleNamespace(text=f"{samples.size} samples", language=language)
+
+
+class _ScriptedVAD:
+    """Stands in for StreamingVAD: reports the events and the state the test sets, whatever the audio."""
+
+    silence_duration = SILENCE_MS * SAMPLE_RATE // 1000
+    prefix_padding = 300 * SAMPLE_RATE // 1000
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, int]] = []
+        self.in_speech = False
+        self.silence_from: int | None = None
+
+    def feed(self, samples: np.ndarray) -> list[tuple[str, int]]:
+        events, self.events = self.events, []
+        return events
+
+
+def _session(**settings) -> RealtimeSession:
+    model = SimpleNamespace(config=SimpleNamespace(encoder=SimpleNamespace(chunk_size=16)), encoder=None)
+    runtime = SimpleNamespace(engine=SimpleNamespace(model=model), service=_FakeService(), batcher=None)
+    return RealtimeSession(None, runtime, Settings(realtime_max_turn_seconds=MAX_TURN_S, **settings), Metrics())
+
+
+def _update(**audio_input) -> str:
+    return json.dumps({"type": "session.update", "session": {"type": "transcription", "audio": {"input": audio_input}}})
+
+
+def _append(pcm: bytes) -> str:
+    return json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm).decode()})
+
+
+def _silence(seconds: float, rate: int = 24_000) -> bytes:
+    return bytes(round(seconds * rate) * 2)
+
+
+async def _sent(session: RealtimeSession) -> list:
+    """The events sent so far, once the committed turns' transcripts are out."""
+    if session.finals:
+        await asyncio.wait(session.finals)
+    events = []
+    while not session.outbox.empty():
+        events.append(session.outbox.get_nowait())
+    return events
+
+
+def _kinds(events: list) -> list[str]:
+    """The events' kinds, deltas left out."""
+    return [kind for event in events if (kind := event.type.rsplit(".", 1)[-1]) != "delta"]
+
+
+def test_a_message_nested_too_deeply_is_an_error_not_a_crash() -> None:
+    """Nested about 1000 deep, JSON that json.loads accepts can be too deep for json.dumps (the check for unpaired
+    surrogates)."""
+    for depth in range(800, 1100):
+        text = '{"type": "input_audio_buffer.commit", "x": ' + "[" * depth + '"\\u0041"' + "]" * depth + "}"
+        try:
+            assert isinstance(parse_client_event(text), InputAudioBufferCommit)
+        except ClientEventError as error:
+            assert error.error.code == "invalid_json" and error.error.message == "The message is nested too deeply."
+
+
+def test_a_bug_in_handling_an_event_is_a_server_error_and_the_session_goes_on(monkeypatch) -> None:
+    async def scenario() -> list:
+        session = _session()
+        monkeypatch.setattr(session, "_clear", lambda: 1 / 0)
+        await session.handle(json.dumps({"type": "input_audio_buffer.clear", "event_id": "e1"}))
+        await session.handle(_update(transcription={"language": "de"}))
+        return await _sent(session)
+
+    error, updated = asyncio.run(scenario())
+    assert error.type == "error" and error.error.type == "server_error" and error.error.event_id == "e1"
+    assert updated.type == "session.updated"
+
+
+def test_manual_commits_the_first_append_of_a_turn_is_held_to_the_longest_turn() -> None:
+    async def scenario() -> tuple[list, int]:
+        session = _session()
+        await session.handle(_update(turn_detection=None, format={"type": "audio/pcm", "rate": 16000},
+                                     transcription={"delay": "xhigh"}))
+        await session.handle(_append(_silence(MAX_TURN_S + 1, SAMPLE_RATE)))  # refused, though no turn is open yet
+        await session.handle(_append(_silence(MAX_TURN_S - 1, SAMPLE_RATE)))
+        await session.handle(_append(_silence(1.5, SAMPLE_RATE)))  # refused: the turn would run past the limit
+        return await _sent(session), session.buffer.end - session.turn.start
+
+    events, held = asyncio.run(scenario())
+    assert [getattr(e, "error", None) and e.error.code for e in events[1:]] == [
+        "input_audio_buffer_full", "input_audio_buffer_full"]
+    assert held == (MAX_TURN_S - 1) * SAMPLE_RATE
+
+
+@pytest.mark.parametrize("first", ["manual", "server_vad"])
+def test_turn_detection_switched_on_with_a_turn_open_ends_that_turn(first: str) -> None:
+    """The turn open when server VAD is switched on (from manual commits, or off and on again) is ended by the
+    new VAD; here, with no speech coming, at the longest turn, after which silence opens no turn."""
+    async def scenario() -> tuple[RealtimeSession, list]:
+        session = _session()
+        if first == "manual":
+            await session.handle(_update(turn_detection=None, transcription={"delay": "xhigh"}))
+        else:
+            await session.handle(_update(transcription={"delay": "xhigh"}))
+            session.vad = vad = _ScriptedVAD()
+            vad.events, vad.in_speech = [("speech_started", 0)], True
+        await session.handle(_append(_silence(0.5)))
+        if first == "server_vad":
+            await session.handle(_update(turn_detection=None))
+        await session.handle(_update(turn_detection={"type": "server_vad"}))
+        assert session.turn is not None and isinstance(session.vad, StreamingVAD)
+        for _ in range(10):
+            await session.handle(_append(_silence(1)))
+        return session, await _sent(session)
+
+    session, events = asyncio.run(scenario())
+    kinds = [kind for kind in _kinds(events) if kind != "updated"]
+    assert kinds == ["speech_started"] * (first == "server_vad") + ["committed", "completed"], kinds
+    assert events[-1].transcript == f"{int(MAX_TURN_S * SAMPLE_RATE)} samples" and session.turn is None
+
+
+@pytest.mark.parametrize("pause_s", [3.5, 4.1])
+def test_a_turn_cut_at_the_longest_in_its_closing_pause_opens_no_turn_of_silence(pause_s: float) -> None:
+    """Speech that pauses before the cut at the longest turn: the next turn opens when speech resumes (the VAD
+    starts afresh), not at the cut. Speech going on at the cut goes on in a new turn there."""
+    async def scenario() -> tuple[RealtimeSession, list]:
+        session = _session()
+        await session.handle(_update(transcription={"delay": "xhigh"}))
+        session.vad = vad = _ScriptedVAD()
+        vad.events, vad.in_speech = [("speech_started", 0)], True
+        await session.handle(_append(_silence(3)))
+        vad.silence_from = int(pause_s * SAMPLE_RATE)
+        await session.handle(_append(_silence(1.25)))
+        return session, await _sent(session)
+
+    session, events = asyncio.run(scenario())
+    cut = int(MAX_TURN_S * SAMPLE_RATE)
+    if pause_s < MAX_TURN_S:
+        assert _kinds(events[1:]) == ["speech_started", "committed", "completed"]
+        assert session.turn is None and isinstance(session.vad, StreamingVAD)
+    else:
+        assert _kinds(events[1:]) == ["speech_started", "committed", "speech_started", "completed"]
+        assert events[3].audio_start_ms == MAX_TURN_S * 1000 and session.turn.start == cut
+    assert events[-1].transcript == f"{cut} samples"
+
+
+def test_no_partial_text_once_delay_is_xhigh() -> None:
+    async def scenario() -> list:
+        session = _session()
+        turn = session.turn = SessionTurn("item_1", 0, "en", True, None, hypotheses=["hello world foo"])
+        await session.handle(_update(transcription={"delay": "xhigh"}))
+        output = SimpleNamespace(text="hello world bar", language="en", language_source="given")
+        await session._agree(turn, output, 3 * SAMPLE_RATE)  # the update in flight at the change ends
+        return await _sent(session)
+
+    assert [event.type for event in asyncio.run(scenario())] == ["session.updated"]
+
+
+@pytest.mark.parametrize("rate", [16_000, 24_000])
+def test_clear_drops_the_pcm_decoders_state(rate: int) -> None:
+    """An odd byte and the resampler's delay line are audio from before the clear: the audio after it decodes
+    as it would in a new session."""
+    pcm = _pcm16(np.sin(np.arange(rate) / 7).astype(np.float32) / 2)
+
+    async def scenario() -> np.ndarray:
+        session = _session()
+        await session.handle(_update(turn_detection=None, format={"type": "audio/pcm", "rate": rate},
+                                     transcription={"delay": "xhigh"}))
+        await session.handle(_append(pcm[:3201]))
+        await session.handle(json.dumps({"type": "input_audio_buffer.clear"}))
+        await session.handle(_append(pcm))
+        return session.buffer.slice(session.turn.start, session.buffer.end)
+
+    assert np.array_equal(asyncio.run(scenario()), PcmDecoder(rate).feed(pcm))
+
+
+def test_server_vad_a_client_commit_takes_the_audio_held_speech_or_not() -> None:
+    """As OpenAI: a commit takes the audio since the last turn even where the VAD found no speech; one of less
+    than 100 ms is refused, naming what the buffer holds."""
+    async def scenario() -> list:
+        session = _session()
+        await session.handle(_update(format={"type": "audio/pcm", "rate": 16000}, transcription={"delay": "xhigh"}))
+        for _ in range(20):
+            await session.handle(_append(_silence(0.1, SAMPLE_RATE)))
+        await session.handle(json.dumps({"type": "input_audio_buffer.commit", "event_id": "c1"}))
+        await session.handle(json.dumps({"type": "input_audio_buffer.commit", "event_id": "c2"}))
+        await session.handle(_append(_silence(0.05, SAMPLE_RATE)))
+        await session.handle(json.dumps({"type": "input_audio_buffer.commit", "event_id": "c3"}))
+        return await _sent(session)
+
+    events = asyncio.run(scenario())
+    assert sorted(_kinds(events[1:])) == ["committed", "completed", "error", "error"]
+    completed = next(event for event in events if event.type.endswith("completed"))
+    assert completed.transcript == f"{2 * SAMPLE_RATE} samples" and completed.usage.seconds == 2
+    errors = [event.error for event in events if event.type == "error"]
+    assert [(e.code, e.event_id) for e in errors] == [("input_audio_buffer_commit_empty", "c2"),
+                                                      ("input_audio_buffer_commit_empty", "c3")]
+    assert "only has 0.00ms" in errors[0].message and "only has 50.00ms" in errors[1].message
