@@ -343,8 +343,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 if params.stream:
                     return stream_response(request, *await service.stream(data, params.language,
                                                                           params.temperature, expected))
-                result = await unless_client_leaves(
-                    request, service.transcribe(data, params.language, params.temperature, expected))
+                result = await unless_client_leaves(request, service.transcribe(
+                    data, params.language, params.temperature, expected, params.response_format.timed))
         except QueueFull as full:
             metrics.rejected.labels("queue_full").inc()
             raise errors.overloaded(full.retry_after_s) from None

@@ -70,7 +70,7 @@ class PreparedAudio:
     """A request's audio as the engine takes it: its windows (at pauses) and one row per window."""
 
     duration: float  # seconds
-    spans: list[Span]  # where each window's speech is: its segment's timestamps
+    spans: list[Span]  # each window's segment: where its speech is, when timed (speech_windows)
     rows: list[Row]
 
 
@@ -81,6 +81,14 @@ class Window:
 
 
 Audio = bytes | np.ndarray  # an upload in any container, or 16 kHz samples already decoded (realtime streams)
+
+
+@dataclass(frozen=True)
+class Upload:
+    audio: Audio
+    timed: bool = False  # its windows' speech is timed (speech_windows): for the formats with segments
+
+
 # What a worker answers for one upload: the number of samples, the windows' speech, and each window's features or
 # encoder states (as arrays: they cross a process boundary); or the error that upload raised.
 Prepared = tuple[int, list[Span], list[np.ndarray]] | Exception
@@ -91,29 +99,35 @@ Prepared = tuple[int, list[Span], list[np.ndarray]] | Exception
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def speech_windows(samples: np.ndarray, vad: SileroVAD, max_window_seconds: float) -> list[Window]:
+def speech_windows(samples: np.ndarray, vad: SileroVAD, max_window_seconds: float, timed: bool = False
+                   ) -> list[Window]:
     """Long audio is cut at pauses into windows of speech (silero-vad); short audio with speech is one window, heard
-    whole, as the model was trained (clips with their silences), and timed from its first start of speech to its
-    last end, as a long recording's windows are (before stop 23 it was timed from 0 to its end: 1.7 s of speech in
-    20 s of silence gave a subtitle of 20 s); audio without speech gives no window."""
+    whole, as the model was trained (clips with their silences); audio without speech gives no window. `timed`: a
+    short window's speech runs from its first start of speech to its last end, as a long recording's windows do
+    (the VAD's whole pass, which an untimed window skips: has_speech stops at the first speech). Before stop 23 it
+    ran from 0 to the end: 1.7 s of speech between 10 s silences made a subtitle of 21.7 s."""
     if samples.size < MIN_SAMPLES:
         return []
-    if samples.size <= max_window_seconds * SAMPLE_RATE:
-        spans = vad.speech_spans(samples)
-        return [Window(Span(0, samples.size), Span(spans[0].start, spans[-1].end))] if spans else []
-    return [Window(span, span) for span in split_long_audio(samples, vad, max_window_seconds)]
+    if samples.size > max_window_seconds * SAMPLE_RATE:
+        return [Window(span, span) for span in split_long_audio(samples, vad, max_window_seconds)]
+    whole = Span(0, samples.size)
+    if not timed:
+        return [Window(whole, whole)] if vad.has_speech(samples) else []
+    spans = vad.speech_spans(samples)
+    return [Window(whole, Span(spans[0].start, spans[-1].end))] if spans else []
 
 
-def prepare_all(uploads: list[Audio], vad: SileroVAD, max_audio_seconds: float, max_window_seconds: float,
+def prepare_all(uploads: list[Upload], vad: SileroVAD, max_audio_seconds: float, max_window_seconds: float,
                 encoder: torch.nn.Module | None = None) -> list[Prepared]:
     """Each upload decoded, cut into windows and turned into features; with an encoder, the windows of all the
     uploads are then encoded together, in groups of similar length (in a batch, a window costs the encoder about
     two thirds of what it costs alone). An upload that fails answers its own error, never the others'."""
     prepared: list[tuple[int, list[Span], list[torch.Tensor]] | Exception] = []
-    for audio in uploads:
+    for upload in uploads:
         try:
+            audio = upload.audio
             samples = load_audio(audio, max_seconds=max_audio_seconds) if isinstance(audio, bytes) else audio
-            windows = speech_windows(samples, vad, max_window_seconds)
+            windows = speech_windows(samples, vad, max_window_seconds, upload.timed)
             prepared.append((samples.size, [window.speech for window in windows],
                              [log_mel_spectrogram(samples[w.heard.start: w.heard.end]) for w in windows]))
         except Exception as error:
@@ -163,7 +177,7 @@ def _exit_with_server(server_pid: int) -> None:
     os._exit(0)
 
 
-def _worker_prepare_all(uploads: list[Audio], max_audio_seconds: float, max_window_seconds: float
+def _worker_prepare_all(uploads: list[Upload], max_audio_seconds: float, max_window_seconds: float
                         ) -> list[Prepared]:
     return prepare_all(uploads, _worker_vad, max_audio_seconds, max_window_seconds, _worker_encoder)
 
@@ -204,7 +218,7 @@ class AudioWorkers:
         self.encoder_gemm_dtype = encoder_gemm_dtype
         self._pool: ProcessPoolExecutor | None = self._new_pool() if workers else None
         self._restarting = asyncio.Lock()
-        self._waiting: list[tuple[Audio, asyncio.Future]] = []
+        self._waiting: list[tuple[Upload, asyncio.Future]] = []
         self._calls_in_flight = 0
         self.calls_made = 0  # worker calls so far
         self._calls: set[asyncio.Task] = set()  # the event loop keeps only weak references to tasks
@@ -215,15 +229,17 @@ class AudioWorkers:
             started.result()  # start them now (imports, VAD model), not on the first request
         return pool
 
-    async def prepare(self, audio: Audio) -> PreparedAudio:
-        """An upload (bytes of any container) or 16 kHz samples → its windows and their rows for the engine.
-        Raises AudioDecodeError (EmptyAudioError) and AudioTooLong."""
+    async def prepare(self, audio: Audio, timed: bool = False) -> PreparedAudio:
+        """An upload (bytes of any container) or 16 kHz samples → its windows and their rows for the engine;
+        `timed`: with its windows' speech timed (speech_windows). Raises AudioDecodeError (EmptyAudioError) and
+        AudioTooLong."""
+        upload = Upload(audio, timed)
         if self._pool is None:
-            [prepared] = await asyncio.to_thread(prepare_all, [audio], self.vad, self.max_audio_seconds,
+            [prepared] = await asyncio.to_thread(prepare_all, [upload], self.vad, self.max_audio_seconds,
                                                  self.max_window_seconds)
         else:
             future = asyncio.get_running_loop().create_future()
-            self._waiting.append((audio, future))
+            self._waiting.append((upload, future))
             self._start_calls()
             prepared = await future
         if isinstance(prepared, Exception):
@@ -242,27 +258,28 @@ class AudioWorkers:
             self._calls.add(call)
             call.add_done_callback(self._calls.discard)
 
-    def _next_call(self) -> list[tuple[Audio, asyncio.Future]]:
+    def _next_call(self) -> list[tuple[Upload, asyncio.Future]]:
         """The uploads of the next call, in arrival order: up to MAX_UPLOADS_PER_CALL, but a large upload (long
         audio) goes alone, so that short ones do not wait for it inside a call."""
-        uploads: list[tuple[Audio, asyncio.Future]] = []
+        uploads: list[tuple[Upload, asyncio.Future]] = []
         while self._waiting and len(uploads) < MAX_UPLOADS_PER_CALL:
-            audio, future = self._waiting[0]
+            upload, future = self._waiting[0]
+            audio = upload.audio
             large = (len(audio) if isinstance(audio, bytes) else audio.nbytes) > LONE_UPLOAD_BYTES
             if uploads and large:
                 break
             del self._waiting[0]
             if not future.done():  # its request was cancelled while it waited
-                uploads.append((audio, future))
+                uploads.append((upload, future))
             if large:
                 break
         return uploads
 
-    async def _call(self, uploads: list[tuple[Audio, asyncio.Future]]) -> None:
+    async def _call(self, uploads: list[tuple[Upload, asyncio.Future]]) -> None:
         results: list[Prepared] | None = None
         try:
             try:
-                results = await self._in_worker([audio for audio, _ in uploads]) if uploads else []
+                results = await self._in_worker([upload for upload, _ in uploads]) if uploads else []
             finally:  # the worker's slot is free before any retry: the restarted pool serves others meanwhile
                 self._calls_in_flight -= 1
                 self._start_calls()
@@ -275,7 +292,7 @@ class AudioWorkers:
                 if not future.done():  # its request was cancelled
                     future.set_result(results[index] if results else RuntimeError("the audio workers stopped"))
 
-    async def _in_worker(self, uploads: list[Audio]) -> list[Prepared] | None:
+    async def _in_worker(self, uploads: list[Upload]) -> list[Prepared] | None:
         """The uploads prepared by a worker; None when the worker died (the pool is started again)."""
         pool = self._pool
         try:
@@ -285,12 +302,12 @@ class AudioWorkers:
             await self._restart(pool)
             return None
 
-    async def _retry_alone(self, uploads: list[tuple[Audio, asyncio.Future]]) -> list[Prepared]:
+    async def _retry_alone(self, uploads: list[tuple[Upload, asyncio.Future]]) -> list[Prepared]:
         """Which upload crashed the worker is unknown: each runs again in a process of its own, so that only that
         one fails (at the cost of process starts, after a crash only)."""
         alone = asyncio.Semaphore(RETRY_PROCESSES)
 
-        async def retry(upload: Audio, future: asyncio.Future) -> Prepared:
+        async def retry(upload: Upload, future: asyncio.Future) -> Prepared:
             if future.done():  # cancelled meanwhile: not worth a process
                 return AudioDecodeError("cancelled")
             async with alone:

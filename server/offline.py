@@ -11,7 +11,7 @@ from tqdm import tqdm
 from server.app import load_runtime, verbose_result
 from server.formats import render
 from server.metrics import Metrics
-from server.protocol import check_language
+from server.protocol import ResponseFormat, check_language
 from server.service import NoSpeech
 from server.settings import Settings
 from speechllm.audio import AudioDecodeError, AudioTooLong
@@ -28,7 +28,8 @@ async def transcribe_files(settings: Settings, files: list[Path], language: str 
 
     async def one(path: Path) -> tuple[Path, str | None, str | None]:
         try:
-            result = await runtime.service.transcribe(await asyncio.to_thread(path.read_bytes), language)
+            result = await runtime.service.transcribe(await asyncio.to_thread(path.read_bytes), language,
+                                                      timed=ResponseFormat(response_format).timed)
         except (OSError, AudioDecodeError, AudioTooLong, NoSpeech) as error:
             return path, None, str(error) or type(error).__name__
         finally:

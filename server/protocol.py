@@ -32,6 +32,11 @@ class ResponseFormat(StrEnum):
     VTT = "vtt"
     VERBOSE_JSON = "verbose_json"
 
+    @property
+    def timed(self) -> bool:
+        """Whether it shows segments' timestamps (server.audio_workers.speech_windows: `timed`)."""
+        return self in (ResponseFormat.SRT, ResponseFormat.VTT, ResponseFormat.VERBOSE_JSON)
+
 
 def _is_none(value: Any) -> bool:
     return value is None

@@ -76,14 +76,15 @@ class TranscriptionService:
         self.metrics = metrics
 
     async def submit(self, audio: Audio, language: str | None, temperature: float, streaming: bool = False,
-                     expected: ExpectedRows | None = None
+                     expected: ExpectedRows | None = None, timed: bool = False
                      ) -> tuple[PreparedAudio, list[asyncio.Future], list[asyncio.Queue] | None]:
-        """Queue the request's windows (all or none: QueueFull). Streaming: one delta queue per window.
+        """Queue the request's windows (all or none: QueueFull). Streaming: one delta queue per window; `timed`:
+        segments timed by their speech (server.audio_workers.speech_windows).
         `expected`: the request is already announced to the batcher (Batcher.expecting_rows); else it is now.
         Raises AudioDecodeError and AudioTooLong (an upload), NoSpeech, QueueFull."""
         announced = contextlib.nullcontext(expected) if expected else self.batcher.expecting_rows()
         with announced as expected:
-            prepared = await self.audio.prepare(audio)
+            prepared = await self.audio.prepare(audio, timed)
             if not prepared.spans:
                 raise NoSpeech("the audio contains no speech")
             loop = asyncio.get_running_loop()
@@ -98,9 +99,9 @@ class TranscriptionService:
             return prepared, self.batcher.submit(items, expected), queues
 
     async def transcribe(self, audio: Audio, language: str | None, temperature: float = 0.0,
-                         expected: ExpectedRows | None = None) -> TranscriptionResult:
+                         expected: ExpectedRows | None = None, timed: bool = False) -> TranscriptionResult:
         start = time.monotonic()
-        prepared, futures, _ = await self.submit(audio, language, temperature, expected=expected)
+        prepared, futures, _ = await self.submit(audio, language, temperature, expected=expected, timed=timed)
         with abandoned_unless_answered(futures):
             # asyncio.wait, not wait_for(gather): cancelled (the client left) or timed out, a gather is cancelled
             # too and, its rows then cancelled one by one, may end with an exception that nobody retrieves (logged)

@@ -32,6 +32,7 @@ WINDOW = 512  # samples per model step at 16 kHz (32 ms): one probability each
 CONTEXT = 64  # trailing samples of the previous window that the model sees in front of each window
 STATE_SHAPE = (1, 1, 128)  # LSTM hidden and cell state
 BLOCK_WINDOWS = 512  # windows per onnxruntime call (16 s): bounds the memory of one call on hour-long uploads
+FIRST_BLOCK_WINDOWS = 16  # has_speech's first look (0.5 s); each look after it is twice as long
 NEG_THRESHOLD_GAP = 0.15  # hysteresis: once in speech, a window is silence only below threshold - 0.15 (as Silero)
 
 
@@ -92,14 +93,17 @@ class _ModelState:
         return probs
 
 
-def _probability_blocks(samples: np.ndarray) -> Iterator[np.ndarray]:
-    """Mono samples' speech probabilities block by block (BLOCK_WINDOWS windows each), from the start; the last
-    window is zero-padded. One LSTM state runs through them all, so the blocks' sizes change no probability."""
+def _probability_blocks(samples: np.ndarray, first_windows: int = BLOCK_WINDOWS) -> Iterator[tuple[int, np.ndarray]]:
+    """Mono samples' speech probabilities block by block, from the start: (samples covered so far, the block's
+    probabilities). Blocks double from `first_windows` windows up to BLOCK_WINDOWS; the last window is
+    zero-padded. One LSTM state runs through them all, so the blocks' sizes change no probability."""
     padded = np.zeros(-(-samples.size // WINDOW) * WINDOW, dtype=np.float32)
     padded[:samples.size] = samples
-    state = _ModelState()
-    for start in range(0, padded.size, BLOCK_WINDOWS * WINDOW):
-        yield state.step(padded[start: start + BLOCK_WINDOWS * WINDOW])
+    state, start, windows = _ModelState(), 0, first_windows
+    while start < padded.size:
+        end = min(start + windows * WINDOW, padded.size)
+        yield min(end, samples.size), state.step(padded[start:end])
+        start, windows = end, min(2 * windows, BLOCK_WINDOWS)
 
 
 def _as_mono(samples: np.ndarray) -> np.ndarray:
@@ -131,8 +135,21 @@ class SileroVAD:
 
     def speech_probabilities(self, samples: np.ndarray) -> np.ndarray:
         """One speech probability per 512-sample (32 ms) window; the last window is zero-padded."""
-        blocks = list(_probability_blocks(_as_mono(samples)))
+        blocks = [probs for _, probs in _probability_blocks(_as_mono(samples))]
         return np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.float32)
+
+    def has_speech(self, samples: np.ndarray) -> bool:
+        """`bool(self.speech_spans(samples))`, looking no further than the first speech span: in growing blocks
+        from the start, it stops at the first block that completes one. Exact, not an estimate: a span found in
+        the beginning of the audio is a span of the whole (one that has ended ends there too, and one still
+        running only grows), and a window's probability does not depend on the windows after it."""
+        samples = _as_mono(samples)
+        probs = []
+        for covered, block in _probability_blocks(samples, FIRST_BLOCK_WINDOWS):
+            probs.append(block)
+            if self.spans_from_probabilities(np.concatenate(probs), covered):
+                return True
+        return False
 
     def speech_spans(self, samples: np.ndarray) -> list[Span]:
         samples = _as_mono(samples)

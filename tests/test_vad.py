@@ -15,8 +15,8 @@ from functools import cache
 import numpy as np
 import pytest
 
-from server.audio_workers import speech_windows
-from server.vad import WINDOW, SileroVAD, Span, StreamingVAD, split_long_audio
+from server.audio_workers import Window, speech_windows
+from server.vad import WINDOW, SileroVAD, Span, StreamingVAD, _ModelState, split_long_audio
 from speechllm.audio import SAMPLE_RATE, load_audio
 
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng to synthesise speech")
@@ -131,14 +131,37 @@ def test_low_white_noise_is_not_speech(vad):
     assert split_long_audio(noise, vad) == []
 
 
-def test_a_short_recording_is_heard_whole_and_timed_by_its_speech(vad):
-    """Up to 30 s: one window, which the model hears whole and whose segment runs from the first start of speech to
-    the last end (it ran from 0 to the end of the file: a subtitle of 20 s for 1.7 s of speech)."""
+def test_has_speech_stops_early_and_answers_what_the_spans_answer(vad):
+    phrase = say(PHRASES[3])
+    noise = np.random.default_rng(1).normal(0.0, 0.01, 3 * SR).astype(np.float32)
+    click = assemble([2.0, phrase[: round(0.05 * SR)], 0.5])[0]  # 50 ms of speech: shorter than min_speech
+    recordings = [phrase, assemble([0.2, phrase, 1.0])[0], assemble([9.0, phrase])[0], assemble([3.0, phrase[:SR]])[0],
+                  silence(3.0), noise, click, np.zeros(0, dtype=np.float32), phrase[: WINDOW + 7]]
+    for audio in recordings:
+        assert vad.has_speech(audio) == bool(vad.speech_spans(audio))
+    assert vad.has_speech(phrase) and not vad.has_speech(silence(3.0)) and not vad.has_speech(click)
+    looked_at = []
+    step = _ModelState.step
+
+    def counted_step(state: _ModelState, samples: np.ndarray) -> np.ndarray:
+        looked_at.append(samples.size)
+        return step(state, samples)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_ModelState, "step", counted_step)
+        assert vad.has_speech(assemble([0.1, phrase, 20.0])[0])
+    assert sum(looked_at) < 2 * SR  # 25 s of audio, speech from 0.1 s: it stopped within the first 2 s
+
+
+def test_a_short_recording_is_heard_whole_and_timed_by_its_speech_when_asked(vad):
+    """Up to 30 s: one window, which the model hears whole; timed, its segment runs from the first start of speech
+    to the last end (it ran from 0 to the end of the file: a subtitle of 20 s for 1.7 s of speech)."""
     audio, [first, second] = assemble([6.0, say(PHRASES[0]), 1.0, say(PHRASES[1][:40]), 8.0])
-    [window] = speech_windows(audio, vad, 30.0)
-    assert window.heard == Span(0, audio.size)
-    assert abs(window.speech.start - first.start) <= TOLERANCE and abs(window.speech.end - second.end) <= TOLERANCE
-    assert speech_windows(silence(5.0), vad, 30.0) == []
+    [timed] = speech_windows(audio, vad, 30.0, timed=True)
+    assert timed.heard == Span(0, audio.size)
+    assert abs(timed.speech.start - first.start) <= TOLERANCE and abs(timed.speech.end - second.end) <= TOLERANCE
+    assert speech_windows(audio, vad, 30.0) == [Window(Span(0, audio.size), Span(0, audio.size))]
+    assert speech_windows(silence(5.0), vad, 30.0, timed=True) == speech_windows(silence(5.0), vad, 30.0) == []
 
 
 def test_one_phrase_between_silences_is_one_span(vad):
