@@ -466,8 +466,9 @@ class RealtimeSession:
 
     async def _client_commit(self) -> None:
         # As OpenAI, any audio since the last turn is committed, speech or not: with server VAD that is the audio
-        # held while no turn is open (at most the longest turn).
-        start = self.turn.start if self.turn is not None else max(self.turn_floor, self.buffer.start)
+        # held while no turn is open, at most the longest turn (the buffer keeps whole appends, maybe more).
+        start = self.turn.start if self.turn is not None else max(self.turn_floor, self.buffer.start,
+                                                                   self.buffer.end - self.max_turn_samples)
         if self.buffer.end - start < MIN_COMMIT_SAMPLES:
             held = (self.buffer.end - start) * 1000 / SAMPLE_RATE
             raise invalid_request(f"Error committing input audio buffer: buffer too small. Expected at least 100ms "
@@ -502,12 +503,15 @@ class RealtimeSession:
             base = self.vad_offset  # (a turn's end may replace the VAD below; these events are the old one's)
             for name, offset in events:
                 offset += base
-                await self._split_long_turn(offset)  # (before a speech_stopped, speech goes on at the cut)
+                # Before a speech_stopped, speech goes on at the cut. A speech_started with a turn open comes from a
+                # VAD switched on over a manual turn, quiet until then: no turn of that silence (speech opens one).
+                await self._split_long_turn(offset, base if name == "speech_started" else None)
                 if name == "speech_started":
                     await self._speech_started(offset)
                 else:
                     await self._speech_stopped(offset)
-            await self._split_long_turn(self.buffer.end, self._quiet_from())
+            if await self._split_long_turn(self.buffer.end, self._quiet_from()):
+                self._rebuild_vad()  # in a pause, a resumption of speech would be no event of the VAD's
             self._start_early_final()
         elif self.turn is None and samples.size:
             self._open_turn(start)  # manual commits: the first audio after a commit opens the next turn
@@ -545,19 +549,19 @@ class RealtimeSession:
         if self.vad_stale:
             self._rebuild_vad()
 
-    async def _split_long_turn(self, upto: int, quiet_from: int | None = None) -> None:
+    async def _split_long_turn(self, upto: int, quiet_from: int | None = None) -> bool:
         """Server VAD: a turn reaching the longest allowed is committed there, and the speech goes on in a new
         turn (announced with its own speech_started). Unless the VAD has heard no speech since `quiet_from`
-        (session offset) and that was before the cut: then a new turn would hold nothing but that pause, so the
-        VAD starts afresh and the next speech opens the next turn."""
+        (session offset) and that was before the cut: then a new turn would hold nothing but silence, and the
+        next speech opens the next turn. Returns whether it ended a turn so (no turn is open then)."""
         while self.turn is not None and upto - self.turn.start > self.max_turn_samples:
             end = self.turn.start + self.max_turn_samples
             await self._commit(end)
             if quiet_from is not None and quiet_from <= end:
-                self._rebuild_vad()  # in a pause, a resumption of speech would be no event of the VAD's
-                return
+                return True
             turn = self._open_turn(end)
             await self.send(SpeechStarted(audio_start_ms=to_ms(end), item_id=turn.item_id))
+        return False
 
     def _quiet_from(self) -> int | None:
         """Session offset from which the VAD has heard no speech, after the audio fed so far: where the pause in

@@ -777,3 +777,37 @@ def test_server_vad_a_client_commit_takes_the_audio_held_speech_or_not() -> None
     assert [(e.code, e.event_id) for e in errors] == [("input_audio_buffer_commit_empty", "c2"),
                                                       ("input_audio_buffer_commit_empty", "c3")]
     assert "only has 0.00ms" in errors[0].message and "only has 50.00ms" in errors[1].message
+
+
+def test_server_vad_a_client_commit_takes_at_most_the_longest_turn() -> None:
+    """The buffer keeps whole appends: one append of three longest turns of silence, then a commit."""
+    async def scenario() -> list:
+        session = _session()
+        await session.handle(_update(format={"type": "audio/pcm", "rate": 16000}, transcription={"delay": "xhigh"}))
+        await session.handle(_append(_silence(3 * MAX_TURN_S, SAMPLE_RATE)))
+        await session.handle(json.dumps({"type": "input_audio_buffer.commit"}))
+        return await _sent(session)
+
+    completed = next(event for event in asyncio.run(scenario()) if event.type.endswith("completed"))
+    assert completed.transcript == f"{int(MAX_TURN_S * SAMPLE_RATE)} samples" and completed.usage.seconds == MAX_TURN_S
+
+
+def test_speech_after_the_cut_of_a_manual_turn_opens_the_next_turn_not_the_cut() -> None:
+    """A manual turn of 3.9 s, server VAD switched on (quiet from there), then one append whose speech starts 1.7 s
+    in: the manual turn is cut at the longest turn, and the next turn opens at the speech, not at the cut."""
+    async def scenario() -> tuple[RealtimeSession, list]:
+        session = _session()
+        await session.handle(_update(turn_detection=None, format={"type": "audio/pcm", "rate": 16000},
+                                     transcription={"delay": "xhigh"}))
+        await session.handle(_append(_silence(3.9, SAMPLE_RATE)))
+        await session.handle(_update(turn_detection={"type": "server_vad"}))
+        session.vad = vad = _ScriptedVAD()
+        vad.events, vad.in_speech = [("speech_started", int(1.7 * SAMPLE_RATE))], True
+        await session.handle(_append(_silence(3, SAMPLE_RATE)))
+        return session, await _sent(session)
+
+    session, events = asyncio.run(scenario())
+    speech = int(5.6 * SAMPLE_RATE)
+    assert _kinds(events[2:]) == ["committed", "speech_started", "completed"]
+    assert events[3].audio_start_ms == 5600 and session.turn.start == speech
+    assert events[-1].transcript == f"{int(MAX_TURN_S * SAMPLE_RATE)} samples"
