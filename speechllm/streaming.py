@@ -37,6 +37,12 @@ class PcmDecoder:
         self._odd_byte = b""  # a sample split across two messages waits for its second byte
         self._resampler = None if rate == SAMPLE_RATE else av.AudioResampler(format="flt", layout="mono",
                                                                              rate=SAMPLE_RATE)
+        self._samples_in = self._samples_out = 0
+
+    @property
+    def held(self) -> int:
+        """Samples (at 16 kHz) fed but not out yet: the resampler's delay line, about 1 ms."""
+        return round(self._samples_in * SAMPLE_RATE / self.rate) - self._samples_out
 
     def feed(self, data: bytes) -> np.ndarray:
         data = self._odd_byte + data
@@ -45,13 +51,15 @@ class PcmDecoder:
         # / 32768 exactly as FFmpeg converts s16 to float, so the same PCM uploaded as a WAV file decodes to
         # the very same samples (the REST endpoint's path).
         samples = np.frombuffer(data[:whole], dtype="<i2").astype(np.float32) / 32768.0
-        if self._resampler is None or samples.size == 0:
-            return samples
-        frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="flt", layout="mono")
-        frame.sample_rate = self.rate
-        # No flush: the filter's delay line (a few ms) stays inside until more audio pushes it out.
-        out = [f.to_ndarray().reshape(-1) for f in self._resampler.resample(frame)]
-        return np.concatenate(out).astype(np.float32, copy=False) if out else np.zeros(0, np.float32)
+        self._samples_in += samples.size
+        if self._resampler is not None and samples.size:
+            frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="flt", layout="mono")
+            frame.sample_rate = self.rate
+            # No flush: the filter's delay line (a few ms) stays inside until more audio pushes it out (`held`).
+            out = [f.to_ndarray().reshape(-1) for f in self._resampler.resample(frame)]
+            samples = np.concatenate(out).astype(np.float32, copy=False) if out else np.zeros(0, np.float32)
+        self._samples_out += samples.size
+        return samples
 
 
 class StreamingFeatures:

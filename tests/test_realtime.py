@@ -811,3 +811,15 @@ def test_speech_after_the_cut_of_a_manual_turn_opens_the_next_turn_not_the_cut()
     assert _kinds(events[2:]) == ["committed", "speech_started", "completed"]
     assert events[3].audio_start_ms == 5600 and session.turn.start == speech
     assert events[-1].transcript == f"{int(MAX_TURN_S * SAMPLE_RATE)} samples"
+
+
+def test_a_commit_of_exactly_100_ms_at_24_khz_is_taken() -> None:
+    """The resampler holds about 1 ms back: what the client sent counts (it was refused as 99 ms)."""
+    async def scenario() -> list:
+        session = _session()
+        await session.handle(_update(turn_detection=None, transcription={"delay": "xhigh"}))
+        await session.handle(_append(_silence(0.1)))
+        await session.handle(json.dumps({"type": "input_audio_buffer.commit"}))
+        return await _sent(session)
+
+    assert _kinds(asyncio.run(scenario())[1:]) == ["committed", "completed"]
