@@ -300,7 +300,8 @@ class LlamaDecoder:
 
     def set_gemm_dtype(self, dtype: torch.dtype) -> None:
         """The packed layers' and the lm_head's GEMMs in `dtype` (speechllm.cpu_linear; a packed layer that runs as
-        its own modules stays as they are)."""
+        its own modules stays as they are), from the next generation on: a generation's steps run as its prefill
+        did (`_forward`, `checked`)."""
         checked_gemm_dtype(dtype)
         for packed in self.qkv + self.o + self.gate_up + self.down:
             packed.linear.gemm_dtype = dtype
