@@ -403,7 +403,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                for name in [settings.model_name, *settings.model_aliases]])
 
     @app.get("/v1/models/{model:path}")  # `path`: a served name may hold a slash ("org/model")
-    async def model(request: Request, model: str) -> ModelCard:
+    async def model(request: Request, model: str) -> ModelCard | ModelList:
+        if not model:  # "/v1/models/": the list, as Starlette's redirect gave it before this route
+            return await models(request)
         authorize(request)
         check_model(model)
         return ModelCard(id=model, created=STARTED)

@@ -387,6 +387,8 @@ def test_missing_file_and_bad_keys(server: str) -> None:
 def test_models_languages_detection_and_probes(server: str, client) -> None:
     assert "whisper-1" in [m.id for m in client.models.list()]
     assert client.models.retrieve("whisper-1").id == "whisper-1"
+    listed = httpx.get(f"{server}/v1/models/", headers={"Authorization": f"Bearer {API_KEY}"})
+    assert listed.json()["object"] == "list"
     with pytest.raises(openai.NotFoundError) as caught:
         client.models.retrieve("gpt-5")
     assert (caught.value.code, caught.value.param) == ("model_not_found", "model")
