@@ -469,10 +469,10 @@ class RealtimeSession:
         # held while no turn is open, at most the longest turn (the buffer keeps whole appends, maybe more).
         start = self.turn.start if self.turn is not None else max(self.turn_floor, self.buffer.start,
                                                                    self.buffer.end - self.max_turn_samples)
-        if self.buffer.end + self.pcm.held - start < MIN_COMMIT_SAMPLES:  # what the client sent counts
-            held = (self.buffer.end + self.pcm.held - start) * 1000 / SAMPLE_RATE
+        sent = self.buffer.end + self.pcm.held - start  # what the client sent counts
+        if sent < MIN_COMMIT_SAMPLES:
             raise invalid_request(f"Error committing input audio buffer: buffer too small. Expected at least 100ms "
-                                  f"of audio, but buffer only has {held:.2f}ms of audio.", None,
+                                  f"of audio, but buffer only has {sent * 1000 / SAMPLE_RATE:.2f}ms of audio.", None,
                                   "input_audio_buffer_commit_empty")
         if self.turn is None:
             self._open_turn(start)
