@@ -31,7 +31,7 @@ from server.audio_workers import AudioWorkers
 from server.batcher import Batcher, QueueFull
 from server.engine import EmbeddedEngine, EngineInput, LanguageGuess, SpeechEngine
 from server.formats import media_type, render
-from server.metrics import Metrics
+from server.metrics import Metrics, language_label
 from server.protocol import (
     SSE_DONE,
     LanguageCandidate,
@@ -352,7 +352,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise errors.invalid_request(f"{error}.", param="file", code="no_speech") from None
         except TimeoutError:
             raise errors.timeout(settings.request_timeout_s) from None
-        request.state.language = result.language or "unknown"
+        request.state.language = language_label(result.language)
         verbose = verbose_result(result)
         return Response(render(params.response_format, verbose), media_type=media_type(params.response_format))
 
@@ -362,7 +362,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             try:
                 async for item in events:
                     if isinstance(item, TranscriptionResult):
-                        request.state.language = item.language or "unknown"  # counted once the stream ends
+                        request.state.language = language_label(item.language)  # counted once the stream ends
                         # No usage: the SDK's type for it counts tokens, which this engine does not report.
                         yield sse(TranscriptTextDoneEvent(
                             text=item.text, languages=[TranscriptionLanguage(code=item.reported_language)]))

@@ -12,6 +12,12 @@ RTF_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 
+def language_label(language: str | None) -> str:
+    """The `language` label of a transcription's metrics: the language it was transcribed with, or "unknown" (LID's
+    fallback, decoded without a language)."""
+    return language or "unknown"
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()

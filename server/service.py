@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from server.audio_workers import Audio, AudioWorkers, PreparedAudio
 from server.batcher import Batcher, ExpectedRows
 from server.engine import EngineInput, EngineOutput
-from server.metrics import Metrics
+from server.metrics import Metrics, language_label
 from server.settings import Settings
 from speechllm.audio import SAMPLE_RATE
 from speechllm.languages import BY_CODE
@@ -158,7 +158,7 @@ class TranscriptionService:
             text += (self._separator(outputs[index - 1]) if index else "") + out.text
         first = outputs[0]
         duration = prepared.duration
-        self.metrics.audio_seconds.labels(first.language or "unknown").inc(duration)
+        self.metrics.audio_seconds.labels(language_label(first.language)).inc(duration)
         self.metrics.real_time_factor.observe(seconds / max(duration, 1e-6))
         return TranscriptionResult(text, first.language, first.language_source, first.language_probability,
                                    first.candidates[0][0], first.adapter, duration, segments, seconds)

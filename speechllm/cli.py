@@ -202,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+", type=Path)
     p.add_argument("--model", type=Path, default=None, help="model directory (default: the shipped model)")
     p.add_argument("--language", default=None, help="ISO-639-1 code; default: detect")
-    p.add_argument("--format", default="text", choices=["json", "text", "srt", "vtt", "verbose_json"])
+    p.add_argument("--format", default="text", choices=["json", "text", "srt", "vtt", "verbose_json"],
+                   help="as the API's response_format (server.protocol.ResponseFormat)")
     p.set_defaults(func=cmd_transcribe)
 
     p = sub.add_parser("stream", help="play an audio file in real time to a server's /v1/realtime; print the "

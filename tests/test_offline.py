@@ -26,3 +26,13 @@ def test_transcribe_reports_a_bad_file_and_transcribes_the_others(tmp_path: Path
     assert done.stdout.count('"text"') == 2
     assert f"{broken}: could not decode audio" in done.stderr
     assert f"{missing}: " in done.stderr and "No such file" in done.stderr
+
+
+def test_the_cli_offers_every_response_format_the_api_does() -> None:
+    """The CLI keeps its imports lazy (its --help starts fast), so its --format choices are a list of their own."""
+    from server.protocol import ResponseFormat
+    from speechllm.cli import build_parser
+
+    transcribe = build_parser()._subparsers._group_actions[0].choices["transcribe"]
+    [format_option] = [action for action in transcribe._actions if action.dest == "format"]
+    assert format_option.choices == [choice.value for choice in ResponseFormat]
