@@ -103,6 +103,7 @@ T = TypeVar("T")
 AGREEMENT = {None: 2, "minimal": 2, "low": 2, "medium": 3, "high": 4, "xhigh": 0}
 MIN_COMMIT_SAMPLES = SAMPLE_RATE // 10  # as OpenAI: a commit needs at least 100 ms of audio
 OUTBOX_EVENTS = 256  # events waiting for a slow client; beyond, decoding waits and the connection is not read
+CLOSE_WAIT_S = 5.0  # at shutdown, how long RealtimeHub.close waits for the sessions to end
 MODEL_PARAM = "session.audio.input.transcription.model"
 LANGUAGE_PARAM = "session.audio.input.transcription.language"
 
@@ -263,6 +264,7 @@ class RealtimeSession:
         self.final_samples = 0  # audio held by committed turns being transcribed
         self.outbox: asyncio.Queue[ServerEvent | _Close] = asyncio.Queue(OUTBOX_EVENTS)
         self._main: asyncio.Task | None = None
+        self._ending = False  # `run` is freeing what the session holds: a stop() now must not cut that short
         self.client_gone = False
         model = runtime.engine.model
         self.chunk_size = settings.realtime_chunk_size or model.config.encoder.chunk_size
@@ -293,9 +295,10 @@ class RealtimeSession:
             close = await self._receive_loop()
         except WebSocketDisconnect:
             pass
-        except asyncio.CancelledError:  # server shutdown, or the sender found the client gone
+        except asyncio.CancelledError:  # the sender found the client gone, or server shutdown (RealtimeHub.close)
             close = None if self.client_gone else _Close(1001, "server shutting down")
         finally:
+            self._ending = True
             await self._abandon()
             if close is not None and not sender.done():
                 with contextlib.suppress(asyncio.QueueFull, Exception, asyncio.CancelledError):
@@ -324,19 +327,26 @@ class RealtimeSession:
                 await asyncio.wait(set(self.finals), return_when=asyncio.FIRST_COMPLETED)
 
     async def _send_loop(self) -> None:
+        """Sends the outbox's events. A client that takes none of them for `realtime_send_timeout_s` counts as gone:
+        a send waits while the connection's buffers are full, so one that stopped reading would otherwise hold the
+        session (its audio, its decodes, its place among the sessions) for as long as it keeps the connection open,
+        since neither uvicorn's pings nor the idle timeout end a connection whose buffers never drain."""
+        timeout = self.settings.realtime_send_timeout_s
         try:
             while True:
                 event = await self.outbox.get()
                 if isinstance(event, _Close):
-                    await self.websocket.close(event.code, event.reason)
+                    await asyncio.wait_for(self.websocket.close(event.code, event.reason), timeout)
                     return
                 try:
                     text = event.model_dump_json()
                 except ValueError:  # a bug of ours, not the client leaving: say so and carry on with the session
                     logger.exception("could not serialise a %s event", event.type)
                     text = ErrorEvent.of(internal_error()).model_dump_json()
-                await self.websocket.send_text(text)
-        except Exception:  # the client is gone: stop the session, whatever it waits for
+                await asyncio.wait_for(self.websocket.send_text(text), timeout)
+        except Exception as error:  # the client is gone: stop the session, whatever it waits for
+            if isinstance(error, TimeoutError):
+                logger.warning("a realtime client took no event for %g s: its session ends", timeout)
             self.client_gone = True
             if self._main is not None and not self._main.done():
                 self._main.cancel()
@@ -344,10 +354,15 @@ class RealtimeSession:
     async def send(self, event: ServerEvent) -> None:
         await self.outbox.put(event)
 
-    def stop(self) -> None:
-        """End the session from outside (server shutdown): `run` then frees everything and closes."""
-        if self._main is not None and not self._main.done():
+    def stop(self) -> asyncio.Task | None:
+        """End the session from outside (server shutdown): `run` then frees everything and closes. Returns the task
+        running it, to wait for, or None when it has ended. A session already ending is left to end (cancelling it
+        again would cut its teardown short)."""
+        if self._main is None or self._main.done():
+            return None
+        if not self._ending:
             self._main.cancel()
+        return self._main
 
     async def _abandon(self) -> None:
         """Teardown: cancel this connection's decodes, whose rows then leave the batcher and the engine (Batcher:
@@ -885,7 +900,11 @@ class RealtimeHub:
                                  "sessions; retry later.", type=errors.SERVER_ERROR, code="session_limit"), 1013
         return None
 
-    async def close(self) -> None:
-        """Shutdown: end every session (their clients see the connection close)."""
-        for session in list(self.sessions):
-            session.stop()
+    async def close(self, wait_s: float = CLOSE_WAIT_S) -> None:
+        """Shutdown: end every session still open, and wait (at most `wait_s`) until each has freed what it holds,
+        before the batcher stops. Under uvicorn this finds none, normally: its own shutdown closes every WebSocket
+        (1012) and waits for their handlers first; sessions are left after its graceful-shutdown timeout
+        (`ZASR_SHUTDOWN_TIMEOUT_S`), whose clients may get a close frame (1001) still."""
+        running = [task for session in list(self.sessions) if (task := session.stop()) is not None]
+        if running:
+            await asyncio.wait(running, timeout=wait_s)

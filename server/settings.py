@@ -70,6 +70,12 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(300.0, description="a request still unanswered then gets a 504")
     upload_idle_timeout_s: float = Field(60.0, gt=0, description="an upload of which no part arrives for this long "
                                                                  "gets a 408 (as nginx's client_body_timeout)")
+    shutdown_timeout_s: float = Field(50.0, gt=0, description="on SIGTERM, how long the requests and connections in "
+                                                              "flight get to finish before the server cancels them "
+                                                              "and exits (uvicorn's timeout_graceful_shutdown; under "
+                                                              "docker-compose's stop_grace_period of 60 s). Without "
+                                                              "it a client that stops reading a WebSocket would hold "
+                                                              "the shutdown for as long as it keeps the connection")
     api_keys: list[str] = Field([], description="accepted Bearer keys; empty: the API is open")
     # --- realtime WebSocket (/v1/realtime, server/realtime.py) ---
     realtime_max_sessions: int = Field(32, ge=0, description="open realtime connections at most; more are refused "
@@ -79,6 +85,9 @@ class Settings(BaseSettings):
                                                                      "commits); at most max_window_seconds")
     realtime_idle_timeout_s: float = Field(60.0, gt=0, description="a connection that sends nothing this long is "
                                                                    "closed")
+    realtime_send_timeout_s: float = Field(20.0, gt=0, description="a connection whose client takes no event for "
+                                                                   "this long (it stopped reading) is closed, as "
+                                                                   "uvicorn ends one whose pings go unanswered")
     realtime_max_append_mb: float = Field(4.0, gt=0, description="largest audio in one input_audio_buffer.append "
                                                                  "(decoded bytes)")
     realtime_max_pending_turns: int = Field(4, ge=1, description="committed turns of one connection waiting for "

@@ -109,7 +109,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     overrides = {k: v for k, v in {"host": args.host, "port": args.port, "model_dir": args.model}.items() if v}
     settings = Settings(**overrides)
     logging.basicConfig(level=logging.INFO)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info",
+                timeout_graceful_shutdown=settings.shutdown_timeout_s)
 
 
 def cmd_stream(args: argparse.Namespace) -> None:

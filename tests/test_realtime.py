@@ -35,7 +35,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from server.metrics import Metrics
-from server.realtime import RealtimeSession, extends
+from server.realtime import RealtimeHub, RealtimeSession, extends
 from server.realtime import Turn as SessionTurn
 from server.realtime_protocol import ClientEventError, InputAudioBufferCommit, parse_client_event
 from server.settings import Settings
@@ -600,10 +600,46 @@ class _ScriptedVAD:
         return events
 
 
-def _session(**settings) -> RealtimeSession:
+def _runtime() -> SimpleNamespace:
     model = SimpleNamespace(config=SimpleNamespace(encoder=SimpleNamespace(chunk_size=16)), encoder=None)
-    runtime = SimpleNamespace(engine=SimpleNamespace(model=model), service=_FakeService(), batcher=None)
-    return RealtimeSession(None, runtime, Settings(realtime_max_turn_seconds=MAX_TURN_S, **settings), Metrics())
+    return SimpleNamespace(engine=SimpleNamespace(model=model), service=_FakeService(), batcher=None)
+
+
+def _session(websocket: _FakeWebSocket | None = None, **settings) -> RealtimeSession:
+    return RealtimeSession(websocket, _runtime(), Settings(realtime_max_turn_seconds=MAX_TURN_S, **settings),
+                           Metrics())
+
+
+class _FakeWebSocket:
+    """Stands in for Starlette's WebSocket: hands over `messages`, then waits forever for the next one; its client
+    reads what is sent (`sent`), or, `reading` False, never does, so that every send waits for buffers that never
+    drain."""
+
+    query_params: dict = {}
+
+    def __init__(self, messages: list[str] = (), reading: bool = True) -> None:
+        self.messages = list(messages)
+        self.reading = reading
+        self.sent: list[str] = []
+        self.closed: tuple[int, str] | None = None
+
+    async def accept(self) -> None:
+        pass
+
+    async def receive(self) -> dict:
+        if self.messages:
+            return {"type": "websocket.receive", "text": self.messages.pop(0)}
+        await asyncio.Event().wait()
+
+    async def send_text(self, text: str) -> None:
+        if not self.reading:
+            await asyncio.Event().wait()
+        self.sent.append(text)
+
+    async def close(self, code: int, reason: str) -> None:
+        if not self.reading:
+            await asyncio.Event().wait()
+        self.closed = (code, reason)
 
 
 def _update(**audio_input) -> str:
@@ -823,3 +859,53 @@ def test_a_commit_of_exactly_100_ms_at_24_khz_is_taken() -> None:
         return await _sent(session)
 
     assert _kinds(asyncio.run(scenario())[1:]) == ["committed", "completed"]
+
+
+def test_a_client_that_stops_reading_is_gone_after_the_send_timeout() -> None:
+    """A send waits while the connection's buffers are full, and neither uvicorn's pings nor the idle timeout end such
+    a connection: without a time limit on sends, the session held its audio and decodes for as long as the client
+    kept the connection open (a helper's probe: 3 MB unread, the gauges frozen for 90 s)."""
+    appends = [_append(_silence(0.5)) for _ in range(6)]
+    websocket = _FakeWebSocket([_update(turn_detection=None), *appends], reading=False)
+
+    async def scenario() -> tuple[RealtimeSession, float]:
+        session = _session(websocket, realtime_send_timeout_s=0.3)
+        start = time.monotonic()
+        await asyncio.wait_for(session.run(), 10)
+        return session, time.monotonic() - start
+
+    session, took = asyncio.run(scenario())
+    assert session.client_gone and took < 3
+    assert session.held_seconds == 0 and not session.tasks and not websocket.sent
+
+
+def test_server_shutdown_waits_for_the_sessions_to_end() -> None:
+    """RealtimeHub.close ends each session and waits until it has freed what it holds (its decodes' rows leave the
+    batcher, which stops next); a session already ending (its client left) is not cancelled again, which cut its
+    teardown short: no close frame, its sender left running, an error logged."""
+    async def slow_to_cancel() -> None:  # as a decode whose rows take a moment to leave the engine
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.2)
+            raise
+
+    async def scenario(already_ending: bool) -> tuple[_FakeWebSocket, asyncio.Task, RealtimeSession]:
+        hub = RealtimeHub(Settings(realtime_max_turn_seconds=MAX_TURN_S), Metrics())
+        websocket = _FakeWebSocket()
+        serving = asyncio.create_task(hub.serve(websocket, _runtime()))
+        await asyncio.sleep(0.05)
+        [session] = hub.sessions
+        decode = session._spawn(slow_to_cancel())
+        if already_ending:
+            session.stop()
+            await asyncio.sleep(0.05)  # its teardown waits for the decode to leave
+        await hub.close()
+        assert decode.done() and not session.tasks
+        return websocket, serving, session
+
+    for already_ending in (False, True):
+        websocket, serving, session = asyncio.run(scenario(already_ending))
+        assert serving.done() and serving.exception() is None
+        assert websocket.closed == (1001, "server shutting down"), already_ending
+        assert json.loads(websocket.sent[0])["type"] == "session.created"
