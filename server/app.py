@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import torch
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from python_multipart.multipart import parse_options_header
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.requests import HTTPConnection
@@ -82,11 +83,15 @@ class UploadStalled(Exception):
     pass
 
 
+BODY_TAIL_BYTES = 256  # of a request body, kept for `unterminated_multipart`
+
+
 class BodyLimits:
     """Stops reading a request body past the upload limit, Content-Length or not (chunked uploads), and when no
     part of it arrives for `idle_timeout_s` (an upload that stalls would hold its connection and its request's
     place for as long as the client likes: uvicorn has no body timeout; nginx's client_body_timeout does this).
-    Once the body is complete, nothing is timed: the disconnect watch (`unless_client_leaves`) waits on."""
+    Once the body is complete, nothing is timed: the disconnect watch (`unless_client_leaves`) waits on. It keeps
+    the body's last bytes in the request's state (`body_tail`), for `unterminated_multipart`."""
 
     def __init__(self, app: ASGIApp, limit_bytes: int, idle_timeout_s: float) -> None:
         self.app = app
@@ -98,9 +103,10 @@ class BodyLimits:
             return await self.app(scope, receive, send)
         received = 0
         body_complete = False
+        tail = b""
 
         async def limited_receive() -> Message:
-            nonlocal received, body_complete
+            nonlocal received, body_complete, tail
             if body_complete:
                 return await receive()
             try:
@@ -108,13 +114,28 @@ class BodyLimits:
             except TimeoutError:
                 raise UploadStalled from None
             if message["type"] == "http.request":
-                received += len(message.get("body", b""))
+                body = message.get("body", b"")
+                received += len(body)
+                tail = (tail + body[-BODY_TAIL_BYTES:])[-BODY_TAIL_BYTES:]
                 body_complete = not message.get("more_body", False)
+                if body_complete:
+                    scope.setdefault("state", {})["body_tail"] = tail
             if received > self.limit_bytes:
                 raise UploadTooLarge
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+def unterminated_multipart(request: Request) -> bool:
+    """Whether a multipart body (read through BodyLimits) ended without its closing boundary: the upload was cut
+    short. python-multipart does not tell: the fields parsed so far come back as if that were all, and the file
+    whose part had not ended is missing."""
+    content_type, options = parse_options_header(request.headers.get("content-type", ""))
+    boundary = options.get(b"boundary")
+    tail = getattr(request.state, "body_tail", None)
+    return content_type == b"multipart/form-data" and bool(boundary) and tail is not None and (
+        b"--" + boundary + b"--" not in tail)
 
 
 class RequestMetrics:
@@ -308,6 +329,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise errors.invalid_request("Send one 'file' per request.", param="file", code="invalid_value")
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
+            if unterminated_multipart(request):
+                raise errors.invalid_request("The multipart body ends before its closing boundary: the upload is "
+                                             "incomplete.", param="file", code="incomplete_upload")
             raise errors.invalid_request("Missing required parameter: 'file'.", param="file",
                                          code="missing_required_parameter")
         data = await upload.read()

@@ -376,7 +376,15 @@ def test_missing_file_and_bad_keys(server: str) -> None:
     response = httpx.post(f"{server}/v1/audio/transcriptions", headers={"Authorization": f"Bearer {API_KEY}"},
                           data={"model": "whisper-1"})
     assert response.status_code == 400 and response.json()["error"]["param"] == "file"
+    assert response.json()["error"]["code"] == "missing_required_parameter"
+    # A body cut short inside the file's part: python-multipart hands over the fields before it as if that were all.
     wav = _encode(_speech(REFERENCE), "wav", "pcm_s16le", 16000)
+    request = httpx.Request("POST", f"{server}/v1/audio/transcriptions", data={"model": "whisper-1"},
+                            files={"file": ("a.wav", wav)}, headers={"Authorization": f"Bearer {API_KEY}"})
+    body = request.read()
+    cut = httpx.post(f"{server}/v1/audio/transcriptions", content=body[: len(body) // 2],
+                     headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": request.headers["Content-Type"]})
+    assert cut.status_code == 400 and cut.json()["error"]["code"] == "incomplete_upload", cut.text
     two = httpx.post(f"{server}/v1/audio/transcriptions", headers={"Authorization": f"Bearer {API_KEY}"},
                      data={"model": "whisper-1"}, files=[("file", ("a.wav", wav)), ("file", ("b.wav", wav))])
     assert two.status_code == 400 and two.json()["error"]["param"] == "file"
