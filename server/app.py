@@ -129,8 +129,8 @@ class BodyLimits:
 
 def unterminated_multipart(request: Request) -> bool:
     """Whether a multipart body (read through BodyLimits) ended without its closing boundary: the upload was cut
-    short. python-multipart does not tell: the fields parsed so far come back as if that were all, and the file
-    whose part had not ended is missing."""
+    short. python-multipart does not tell: the fields parsed so far come back as if that were all, and the field
+    whose part had not ended is missing (the file, or a `response_format` after it)."""
     content_type, options = parse_options_header(request.headers.get("content-type", ""))
     boundary = options.get(b"boundary")
     tail = getattr(request.state, "body_tail", None)
@@ -325,13 +325,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except UploadStalled:
             metrics.rejected.labels("upload_stalled").inc()
             raise errors.upload_stalled(settings.upload_idle_timeout_s) from None
+        if unterminated_multipart(request):  # a field cut short would be missing, or the file itself
+            raise errors.invalid_request("The multipart body ends before its closing boundary: the upload is "
+                                         "incomplete.", param="file", code="incomplete_upload")
         if len(form.getlist("file")) > 1:
             raise errors.invalid_request("Send one 'file' per request.", param="file", code="invalid_value")
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
-            if unterminated_multipart(request):
-                raise errors.invalid_request("The multipart body ends before its closing boundary: the upload is "
-                                             "incomplete.", param="file", code="incomplete_upload")
             raise errors.invalid_request("Missing required parameter: 'file'.", param="file",
                                          code="missing_required_parameter")
         data = await upload.read()

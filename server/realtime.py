@@ -348,8 +348,8 @@ class RealtimeSession:
             if isinstance(error, TimeoutError):
                 logger.warning("a realtime client took no event for %g s: its session ends", timeout)
             self.client_gone = True
-            if self._main is not None and not self._main.done():
-                self._main.cancel()
+            if self._main is not None and not self._main.done() and not self._ending:
+                self._main.cancel()  # (a session already ending is left to end: a cancel would cut that short)
 
     async def send(self, event: ServerEvent) -> None:
         await self.outbox.put(event)

@@ -70,10 +70,11 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(300.0, description="a request still unanswered then gets a 504")
     upload_idle_timeout_s: float = Field(60.0, gt=0, description="an upload of which no part arrives for this long "
                                                                  "gets a 408 (as nginx's client_body_timeout)")
-    shutdown_timeout_s: float = Field(50.0, gt=0, description="on SIGTERM, how long the requests and connections in "
+    shutdown_timeout_s: float = Field(45.0, gt=0, description="on SIGTERM, how long the requests and connections in "
                                                               "flight get to finish before the server cancels them "
-                                                              "and exits (uvicorn's timeout_graceful_shutdown; under "
-                                                              "docker-compose's stop_grace_period of 60 s). Without "
+                                                              "and exits (uvicorn's timeout_graceful_shutdown; "
+                                                              "docker-compose's stop_grace_period of 60 s leaves 15 s "
+                                                              "for the sessions, batcher and engine to close). Without "
                                                               "it a client that stops reading a WebSocket would hold "
                                                               "the shutdown for as long as it keeps the connection")
     api_keys: list[str] = Field([], description="accepted Bearer keys; empty: the API is open")

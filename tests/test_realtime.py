@@ -21,7 +21,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -615,9 +615,8 @@ class _FakeWebSocket:
     reads what is sent (`sent`), or, `reading` False, never does, so that every send waits for buffers that never
     drain."""
 
-    query_params: dict = {}
-
-    def __init__(self, messages: list[str] = (), reading: bool = True) -> None:
+    def __init__(self, messages: Sequence[str] = (), reading: bool = True) -> None:
+        self.query_params: dict[str, str] = {}
         self.messages = list(messages)
         self.reading = reading
         self.sent: list[str] = []
@@ -879,16 +878,19 @@ def test_a_client_that_stops_reading_is_gone_after_the_send_timeout() -> None:
     assert session.held_seconds == 0 and not session.tasks and not websocket.sent
 
 
+async def _slow_to_cancel(delay: float = 0.2) -> None:
+    """As a decode whose rows take a moment to leave the engine."""
+    try:
+        await asyncio.Event().wait()
+    except asyncio.CancelledError:
+        await asyncio.sleep(delay)
+        raise
+
+
 def test_server_shutdown_waits_for_the_sessions_to_end() -> None:
     """RealtimeHub.close ends each session and waits until it has freed what it holds (its decodes' rows leave the
     batcher, which stops next); a session already ending (its client left) is not cancelled again, which cut its
     teardown short: no close frame, its sender left running, an error logged."""
-    async def slow_to_cancel() -> None:  # as a decode whose rows take a moment to leave the engine
-        try:
-            await asyncio.Event().wait()
-        except asyncio.CancelledError:
-            await asyncio.sleep(0.2)
-            raise
 
     async def scenario(already_ending: bool) -> tuple[_FakeWebSocket, asyncio.Task, RealtimeSession]:
         hub = RealtimeHub(Settings(realtime_max_turn_seconds=MAX_TURN_S), Metrics())
@@ -896,7 +898,7 @@ def test_server_shutdown_waits_for_the_sessions_to_end() -> None:
         serving = asyncio.create_task(hub.serve(websocket, _runtime()))
         await asyncio.sleep(0.05)
         [session] = hub.sessions
-        decode = session._spawn(slow_to_cancel())
+        decode = session._spawn(_slow_to_cancel())
         if already_ending:
             session.stop()
             await asyncio.sleep(0.05)  # its teardown waits for the decode to leave
@@ -909,3 +911,42 @@ def test_server_shutdown_waits_for_the_sessions_to_end() -> None:
         assert serving.done() and serving.exception() is None
         assert websocket.closed == (1001, "server shutting down"), already_ending
         assert json.loads(websocket.sent[0])["type"] == "session.created"
+
+
+class _UvicornLikeWebSocket(_FakeWebSocket):
+    """As uvicorn's websockets-sansio protocol: a send waits until the connection is writable; when the connection is
+    lost, the disconnect is queued first, then the waiting send fails."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.received: asyncio.Queue[dict] = asyncio.Queue()
+        self.writable = asyncio.Event()
+
+    async def receive(self) -> dict:
+        return await self.received.get()
+
+    async def send_text(self, text: str) -> None:
+        await self.writable.wait()
+        raise RuntimeError("the client is gone")
+
+    def lose_connection(self) -> None:
+        self.received.put_nowait({"type": "websocket.disconnect", "code": 1006})
+        self.writable.set()
+
+
+def test_a_client_that_drops_while_a_send_waits_ends_its_session_cleanly() -> None:
+    """`run` reads the disconnect and begins its teardown; the waiting send then fails, and the sender must not cancel
+    `run` in the middle of it (a reviewer's probe under uvicorn: "Exception in ASGI application ... CancelledError")."""
+    async def scenario() -> tuple[asyncio.Task, asyncio.Task, RealtimeSession]:
+        websocket = _UvicornLikeWebSocket()
+        session = _session(websocket)
+        running = asyncio.create_task(session.run())
+        await asyncio.sleep(0.05)  # session.created waits for the connection to be writable
+        decode = session._spawn(_slow_to_cancel())
+        websocket.lose_connection()
+        await asyncio.wait([running], timeout=5)
+        return running, decode, session
+
+    running, decode, session = asyncio.run(scenario())
+    assert running.done() and not running.cancelled() and running.exception() is None
+    assert decode.done() and not session.tasks and session.client_gone

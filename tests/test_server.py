@@ -385,6 +385,14 @@ def test_missing_file_and_bad_keys(server: str) -> None:
     cut = httpx.post(f"{server}/v1/audio/transcriptions", content=body[: len(body) // 2],
                      headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": request.headers["Content-Type"]})
     assert cut.status_code == 400 and cut.json()["error"]["code"] == "incomplete_upload", cut.text
+    # Cut in a field after the file: that field would be missing (here response_format, answered as json).
+    request = httpx.Request("POST", f"{server}/v1/audio/transcriptions", headers={"Authorization": f"Bearer {API_KEY}"},
+                            files=[("file", ("a.wav", wav)), ("model", (None, "whisper-1")),
+                                   ("response_format", (None, "verbose_json"))])
+    body = request.read()
+    cut = httpx.post(f"{server}/v1/audio/transcriptions", content=body[:-len(b"json\r\n--") - 40],
+                     headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": request.headers["Content-Type"]})
+    assert cut.status_code == 400 and cut.json()["error"]["code"] == "incomplete_upload", cut.text
     two = httpx.post(f"{server}/v1/audio/transcriptions", headers={"Authorization": f"Bearer {API_KEY}"},
                      data={"model": "whisper-1"}, files=[("file", ("a.wav", wav)), ("file", ("b.wav", wav))])
     assert two.status_code == 400 and two.json()["error"]["param"] == "file"
