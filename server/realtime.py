@@ -335,8 +335,8 @@ class RealtimeSession:
         try:
             while True:
                 event = await self.outbox.get()
-                if isinstance(event, _Close):
-                    await asyncio.wait_for(self.websocket.close(event.code, event.reason), timeout)
+                if isinstance(event, _Close):  # (`run` waits for it a few seconds at most)
+                    await self.websocket.close(event.code, event.reason)
                     return
                 try:
                     text = event.model_dump_json()
@@ -348,16 +348,15 @@ class RealtimeSession:
             if isinstance(error, TimeoutError):
                 logger.warning("a realtime client took no event for %g s: its session ends", timeout)
             self.client_gone = True
-            if self._main is not None and not self._main.done() and not self._ending:
-                self._main.cancel()  # (a session already ending is left to end: a cancel would cut that short)
+            self.stop()
 
     async def send(self, event: ServerEvent) -> None:
         await self.outbox.put(event)
 
     def stop(self) -> asyncio.Task | None:
-        """End the session from outside (server shutdown): `run` then frees everything and closes. Returns the task
-        running it, to wait for, or None when it has ended. A session already ending is left to end (cancelling it
-        again would cut its teardown short)."""
+        """End the session (server shutdown, or the sender finding the client gone): `run` then frees everything and
+        closes. Returns the task running it, to wait for, or None when it has ended. A session already ending is left
+        to end (cancelling it again would cut its teardown short)."""
         if self._main is None or self._main.done():
             return None
         if not self._ending:
