@@ -11,7 +11,7 @@ import os
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import av
@@ -372,6 +372,14 @@ def test_an_upload_that_stalls_gets_a_408(server: str) -> None:
     assert _post(server, _encode(_speech(REFERENCE), "wav", "pcm_s16le", 16000), language="en").status_code == 200
 
 
+def _post_cut_short(server: str, parts: list[tuple], cut: Callable[[bytes], bytes]) -> httpx.Response:
+    """A transcription request whose multipart body (`parts`, as httpx's `files`) is sent cut by `cut`."""
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    request = httpx.Request("POST", f"{server}/v1/audio/transcriptions", files=parts, headers=headers)
+    return httpx.post(f"{server}/v1/audio/transcriptions", content=cut(request.read()),
+                      headers=headers | {"Content-Type": request.headers["Content-Type"]})
+
+
 def test_missing_file_and_bad_keys(server: str) -> None:
     response = httpx.post(f"{server}/v1/audio/transcriptions", headers={"Authorization": f"Bearer {API_KEY}"},
                           data={"model": "whisper-1"})
@@ -379,19 +387,13 @@ def test_missing_file_and_bad_keys(server: str) -> None:
     assert response.json()["error"]["code"] == "missing_required_parameter"
     # A body cut short inside the file's part: python-multipart hands over the fields before it as if that were all.
     wav = _encode(_speech(REFERENCE), "wav", "pcm_s16le", 16000)
-    request = httpx.Request("POST", f"{server}/v1/audio/transcriptions", data={"model": "whisper-1"},
-                            files={"file": ("a.wav", wav)}, headers={"Authorization": f"Bearer {API_KEY}"})
-    body = request.read()
-    cut = httpx.post(f"{server}/v1/audio/transcriptions", content=body[: len(body) // 2],
-                     headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": request.headers["Content-Type"]})
+    cut = _post_cut_short(server, [("model", (None, "whisper-1")), ("file", ("a.wav", wav))],
+                          lambda body: body[: len(body) // 2])
     assert cut.status_code == 400 and cut.json()["error"]["code"] == "incomplete_upload", cut.text
     # Cut in a field after the file: that field would be missing (here response_format, answered as json).
-    request = httpx.Request("POST", f"{server}/v1/audio/transcriptions", headers={"Authorization": f"Bearer {API_KEY}"},
-                            files=[("file", ("a.wav", wav)), ("model", (None, "whisper-1")),
-                                   ("response_format", (None, "verbose_json"))])
-    body = request.read()
-    cut = httpx.post(f"{server}/v1/audio/transcriptions", content=body[:-len(b"json\r\n--") - 40],
-                     headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": request.headers["Content-Type"]})
+    cut = _post_cut_short(server, [("file", ("a.wav", wav)), ("model", (None, "whisper-1")),
+                                   ("response_format", (None, "verbose_json"))],
+                          lambda body: body[:-len(b"json\r\n--") - 40])
     assert cut.status_code == 400 and cut.json()["error"]["code"] == "incomplete_upload", cut.text
     two = httpx.post(f"{server}/v1/audio/transcriptions", headers={"Authorization": f"Bearer {API_KEY}"},
                      data={"model": "whisper-1"}, files=[("file", ("a.wav", wav)), ("file", ("b.wav", wav))])
