@@ -66,6 +66,26 @@ T = TypeVar("T")
 STARTED = int(time.time())
 
 
+class InvalidUtf8Frame(logging.Filter):
+    """uvicorn fails a WebSocket whose text frame is not UTF-8 with close code 1007, as RFC 6455 asks, and logs it
+    with a traceback, as if the server had failed: the client sent a bad frame, which one warning line says."""
+
+    UVICORN_MESSAGE = "Invalid UTF-8 sequence received from client."
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == self.UVICORN_MESSAGE:
+            record.msg, record.args = "A WebSocket client sent a text frame that is not UTF-8: closed with 1007.", ()
+            record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def quiet_invalid_utf8_frames() -> None:
+    uvicorn_logger = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, InvalidUtf8Frame) for f in uvicorn_logger.filters):
+        uvicorn_logger.addFilter(InvalidUtf8Frame())
+
+
 @dataclass
 class Runtime:
     """What the routes use once the model is loaded."""
@@ -267,6 +287,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     keep_freed_memory()
     use_one_thread()  # until the engine sets the process's count (ZASR_THREADS: server/threads.py)
+    quiet_invalid_utf8_frames()
     metrics = Metrics()
     holder: dict[str, Runtime] = {}
     realtime_hub = RealtimeHub(settings, metrics)  # WebSocket sessions (/v1/realtime)

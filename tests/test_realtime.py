@@ -61,7 +61,12 @@ PHRASES = {"en": ("the house is very small and the water is cold", "she said tha
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Iterator[str]:
+def server_log(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("server") / "server.log"
+
+
+@pytest.fixture(scope="module")
+def server(server_log: Path) -> Iterator[str]:
     settings = {"ZASR_MODEL_DIR": str(MODEL_DIR), "ZASR_API_KEYS": f'["{API_KEY}"]', "ZASR_THREADS": "1",
                 "ZASR_REALTIME_MAX_APPEND_MB": str(MAX_APPEND_BYTES / 2**20),
                 "ZASR_REALTIME_MAX_TURN_SECONDS": str(MAX_TURN_S),
@@ -69,10 +74,9 @@ def server(tmp_path_factory) -> Iterator[str]:
                 "ZASR_REALTIME_MAX_SESSIONS": str(MAX_SESSIONS),
                 # One turn at a time in transcription: makes backpressure observable (see its test).
                 "ZASR_REALTIME_MAX_PENDING_TURNS": "1"}
-    log_path = tmp_path_factory.mktemp("server") / "server.log"
-    with running_server(settings, log_path) as url:
+    with running_server(settings, server_log) as url:
         yield url
-    assert "Traceback" not in log_path.read_text(), "the server logged an exception"
+    assert "Traceback" not in server_log.read_text(), "the server logged an exception"
 
 
 def _ws_url(server: str, query: str = "intent=transcription") -> str:
@@ -421,6 +425,23 @@ def test_bad_client_events_get_an_error_and_the_connection_stays_usable(server: 
     assert updated["session"]["audio"]["input"] | {"transcription": None} == (
         created["session"]["audio"]["input"] | {"transcription": None})
     assert updated["session"]["audio"]["input"]["transcription"]["language"] == "de"
+
+
+def test_a_text_frame_that_is_not_utf8_closes_the_connection_with_1007(server: str, server_log: Path) -> None:
+    """RFC 6455 fails such a connection with 1007; uvicorn does, and logged it with a traceback as if the server had
+    failed. One warning line says what happened; the server goes on."""
+    async def session() -> int | None:
+        async with connect(_ws_url(server), additional_headers=AUTH) as ws:
+            await ws.recv()
+            await ws.send(b'{"type": "\xff\xfe"}', text=True)
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), 10)
+        return closed.value.rcvd.code if closed.value.rcvd else None
+
+    assert asyncio.run(session()) == 1007
+    log = server_log.read_text()
+    assert "not UTF-8" in log and "Traceback" not in log
+    assert asyncio.run(_ws_session(server, [], [], turns=0))[0]["type"] == "session.created"
 
 
 def _gauges(server: str) -> dict[str, float]:
