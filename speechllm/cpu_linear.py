@@ -63,6 +63,24 @@ def set_gemm_dtype(module: nn.Module, dtype: torch.dtype) -> None:
             layer.gemm_dtype = dtype
 
 
+EXACT_ROWS = 16  # calls of up to this many rows (a decoding step's) run as they are
+BUCKET_BITS = 3  # 2**3 = 8 row counts per octave above that
+
+
+def padded_rows(rows: int) -> int:
+    """How many rows a call of `rows` runs with: up to EXACT_ROWS as many, above that rounded up to one of
+    2**BUCKET_BITS sizes per octave (at most 1/8 more rows; the extra rows are zeros, and their outputs are dropped).
+    oneDNN makes a primitive for every input shape a layer is called with, JIT-compiled kernels included, and keeps
+    it (PyTorch's ideep cache and oneDNN's own, 1024 primitives each): about 0.6 MB each for the decoder's layers. A
+    server sees prompts and audio of every length, so its process grew with each new one, from 564 MB at start to
+    1.27 GB over 11 minutes of the serving benchmark's load (docs/serving.md, *Memory: oneDNN's primitives*). Smaller
+    caches would bound it too, but a length that fell out of them compiles its kernels again (7 % slower)."""
+    if rows <= EXACT_ROWS:
+        return rows
+    step = 1 << (rows.bit_length() - 1 - BUCKET_BITS)  # rows in [2**k, 2**(k+1)) go up by 2**(k-3)
+    return -(-rows // step) * step
+
+
 class OneDNNLinear:
     """x Wᵀ + b. `sources`: the tensors `weight` was built from (itself by default), whose changes make the
     laid-out copy stale."""
@@ -92,6 +110,15 @@ class OneDNNLinear:
         laid_out = self._last_choice
         if laid_out is None:
             return F.linear(x, self.weight, self.bias)
+        rows = x.numel() // x.shape[-1]
+        padded = padded_rows(rows)
+        if padded != rows:
+            flat = x.reshape(rows, x.shape[-1])
+            return self._gemm(torch.cat([flat, flat.new_zeros(padded - rows, flat.shape[1])]), laid_out)[:rows].view(
+                *x.shape[:-1], -1)
+        return self._gemm(x, laid_out)
+
+    def _gemm(self, x: torch.Tensor, laid_out: torch.Tensor) -> torch.Tensor:
         if laid_out.dtype is torch.float32:
             return torch.ops.mkldnn._linear_pointwise(x, laid_out, self.bias, "none", [], "")
         return torch.ops.mkldnn._linear_pointwise(x.to(laid_out.dtype), laid_out, self.bias, "none", [], "").float()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -207,3 +209,52 @@ def test_a_loaded_model_s_encoder_alone_gets_bf16_gemms() -> None:
     encoder = load_encoder(MODEL_DIR, torch.bfloat16)
     assert {m.gemm_dtype for m in encoder.modules() if isinstance(m, Linear)} == {torch.bfloat16}
     assert {m.gemm_dtype for m in SpeechLLM.load(MODEL_DIR).modules() if isinstance(m, Linear)} == {torch.float32}
+
+
+def test_row_counts_above_a_step_s_go_up_to_a_few_sizes_per_octave() -> None:
+    padded = [cpu_linear.padded_rows(rows) for rows in range(1, 4097)]
+    assert padded[:cpu_linear.EXACT_ROWS] == list(range(1, cpu_linear.EXACT_ROWS + 1))
+    assert all(rows <= p <= rows * 1.125 for rows, p in enumerate(padded, 1))
+    assert len(set(padded)) == cpu_linear.EXACT_ROWS + 8 * 8  # 16 → 4096: eight octaves of eight sizes
+
+
+@ON_ONEDNN
+def test_padded_rows_give_the_same_results_as_the_rows_alone() -> None:
+    linear = OneDNNLinear(torch.randn(96, 64), torch.randn(96))
+    with torch.no_grad():
+        for x in (torch.randn(17, 64), torch.randn(3, 100, 64), torch.randn(301, 64)):
+            out = linear(x)
+            assert out.shape == (*x.shape[:-1], 96)
+            assert torch.equal(out, linear._gemm(x, linear._last_choice))  # the zeros change nothing, bit for bit
+
+
+# In a fresh process: how much one layer called with every row count from 1 to 599 grows the process (oneDNN keeps a
+# primitive, compiled kernels included, for every input shape).
+GROWTH_OVER_ROW_COUNTS = """
+import sys, torch
+from speechllm import cpu_linear
+if sys.argv[1] == "exact":
+    cpu_linear.padded_rows = lambda rows: rows
+layer = cpu_linear.OneDNNLinear(torch.randn(768, 256), torch.zeros(768))
+def resident_mb():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+with torch.no_grad():
+    layer(torch.randn(1, 256))
+    before = resident_mb()
+    for rows in range(1, 600):
+        layer(torch.randn(rows, 256))
+print(resident_mb() - before)
+"""
+
+
+@ON_ONEDNN
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads /proc")
+def test_a_layer_called_with_every_length_keeps_a_bounded_number_of_primitives() -> None:
+    def growth(mode: str) -> float:
+        out = subprocess.run([sys.executable, "-c", GROWTH_OVER_ROW_COUNTS, mode], capture_output=True, text=True,
+                             check=True, cwd=MODEL_DIR.parent.parent)
+        return float(out.stdout)
+
+    exact, padded = growth("exact"), growth("padded")
+    assert exact > 100  # about 0.6 MB a row count (its primitive) without the padding
+    assert padded < exact / 4
