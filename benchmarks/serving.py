@@ -225,8 +225,21 @@ async def drive(url: str, requests: list[tuple[str, bytes, float]], concurrency:
                     client_cpu=client_cpu, rows=rows_after - rows_before, steps=steps_after - steps_before)
 
 
+def resident_mb(pid: int) -> dict[str, float]:
+    """Resident memory of the server's process and of its descendants (the audio workers), in MiB: the pages of the
+    libraries both map (torch's) count in each."""
+    root = psutil.Process(pid)
+    descendants = 0
+    for process in root.children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            descendants += process.memory_info().rss
+    return {"server_process_resident_mb": round(root.memory_info().rss / 2**20),
+            "child_processes_resident_mb": round(descendants / 2**20)}
+
+
 def load(url: str, requests: list[tuple[str, bytes, float]], concurrency: int, server_pid: int) -> dict:
-    return summary(requests, concurrency, asyncio.run(drive(url, requests, concurrency, server_pid)))
+    return summary(requests, concurrency, asyncio.run(drive(url, requests, concurrency, server_pid))) | resident_mb(
+        server_pid)
 
 
 def summary(requests: list[tuple[str, bytes, float]], concurrency: int, measured: Measured) -> dict:
@@ -251,7 +264,7 @@ def load_one_language_at_a_time(url: str, requests: list[tuple[str, bytes, float
     for language in dict.fromkeys(code for code, _, _ in requests):
         measured += asyncio.run(drive(url, [item for item in requests if item[0] == language], concurrency,
                                       server_pid))
-    return summary(requests, concurrency, measured)
+    return summary(requests, concurrency, measured) | resident_mb(server_pid)
 
 
 async def short_behind_long(url: str, short: bytes, long: bytes, tries: int = 5) -> dict:
@@ -386,8 +399,8 @@ def main() -> None:
              f"{args.rounds} rounds of every load, back to back.", "",
              "| scenario | round | concurrency | requests | audio s | wall s | audio s / s | p50 s | p95 s "
              "| server CPU ms / audio s | server cores busy | of which child processes (audio workers) "
-             "| client cores busy | rows / decoding step |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| client cores busy | rows / decoding step | MiB resident after: server process + audio workers |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name in SCENARIOS:
         for number, loads in enumerate(rounds, 1):
             r = loads[name]
@@ -395,7 +408,8 @@ def main() -> None:
                          f"{r['wall_seconds']} | {r['throughput_audio_s_per_s']} | {r['latency_p50_s']} | "
                          f"{r['latency_p95_s']} | {r['server_cpu_ms_per_audio_s']} | {r['server_cores_busy']} | "
                          f"{r['of_which_child_processes']} | {r['client_cores_busy']} | "
-                         f"{r['rows_per_step'] or '–'} |")
+                         f"{r['rows_per_step'] or '–'} | "
+                         f"{r['server_process_resident_mb']} + {r['child_processes_resident_mb']} |")
     lines += ["", "Each ratio is measured within a round; the median of the rounds, and each round's:", "",
               "| ratio | median | each round |", "|---|---:|---|"]
     lines += [f"| {key} | {medians[key]} | {', '.join(map(str, values))} |"

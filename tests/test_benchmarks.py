@@ -37,6 +37,9 @@ def test_serving_benchmark(tmp_path: Path) -> None:
     for name in ("ours_mixed_c1", "ours_mixed_c16", "ours_single_language_runs_c16", "naive_peft_mixed_c16"):
         _check_load(results[name])
     assert results["ours_mixed_c16"]["rows_per_step"] >= 1
+    # the model and torch are resident in the server, and its audio worker holds the encoder
+    assert results["ours_mixed_c16"]["server_process_resident_mb"] > 100
+    assert results["ours_mixed_c16"]["child_processes_resident_mb"] > 100
     assert all(seconds > 0 for seconds in results["head_of_line"].values())
     assert all(math.isfinite(value) and value > 0 for value in results["ratios"].values())
     assert (tmp_path / "serving.md").read_text().startswith("# Serving benchmark")
