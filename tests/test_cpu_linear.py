@@ -219,25 +219,34 @@ def test_row_counts_above_a_step_s_go_up_to_a_few_sizes_per_octave() -> None:
 
 
 @ON_ONEDNN
-def test_padded_rows_give_the_same_results_as_the_rows_alone() -> None:
-    linear = OneDNNLinear(torch.randn(96, 64), torch.randn(96))
+@pytest.mark.parametrize("gemm_dtype", [torch.float32, torch.bfloat16])
+def test_padded_rows_give_the_same_results_as_the_rows_alone(gemm_dtype: torch.dtype,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    linear = OneDNNLinear(torch.randn(768, 256), torch.randn(768), gemm_dtype=gemm_dtype)
+    gemm, ran_with = linear._gemm, []
+
+    def recorded_gemm(x: torch.Tensor, laid_out: torch.Tensor) -> torch.Tensor:
+        ran_with.append(x.numel() // x.shape[-1])
+        return gemm(x, laid_out)
+
+    monkeypatch.setattr(linear, "_gemm", recorded_gemm)
     with torch.no_grad():
-        for x in (torch.randn(17, 64), torch.randn(3, 100, 64), torch.randn(301, 64)):
+        for x, padded in ((torch.randn(17, 256), 18), (torch.randn(3, 100, 256), 320), (torch.randn(301, 256), 320)):
             out = linear(x)
-            assert out.shape == (*x.shape[:-1], 96)
-            assert torch.equal(out, linear._gemm(x, linear._last_choice))  # the zeros change nothing, bit for bit
+            assert ran_with[-1] == padded and out.shape == (*x.shape[:-1], 768)
+            assert torch.equal(out, gemm(x, linear._last_choice))  # the zeros change nothing, bit for bit
 
 
 # In a fresh process: how much one layer called with every row count from 1 to 599 grows the process (oneDNN keeps a
 # primitive, compiled kernels included, for every input shape).
 GROWTH_OVER_ROW_COUNTS = """
-import sys, torch
+import resource, sys, torch
 from speechllm import cpu_linear
 if sys.argv[1] == "exact":
     cpu_linear.padded_rows = lambda rows: rows
 layer = cpu_linear.OneDNNLinear(torch.randn(768, 256), torch.zeros(768))
 def resident_mb():
-    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+    return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() / 2**20
 with torch.no_grad():
     layer(torch.randn(1, 256))
     before = resident_mb()
