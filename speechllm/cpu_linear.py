@@ -113,9 +113,8 @@ class OneDNNLinear:
         rows = x.numel() // x.shape[-1]
         padded = padded_rows(rows)
         if padded != rows:
-            flat = x.reshape(rows, x.shape[-1])
-            return self._gemm(torch.cat([flat, flat.new_zeros(padded - rows, flat.shape[1])]), laid_out)[:rows].view(
-                *x.shape[:-1], -1)
+            zero_padded = F.pad(x.reshape(rows, x.shape[-1]), (0, 0, 0, padded - rows))
+            return self._gemm(zero_padded, laid_out)[:rows].view(*x.shape[:-1], -1)
         return self._gemm(x, laid_out)
 
     def _gemm(self, x: torch.Tensor, laid_out: torch.Tensor) -> torch.Tensor:
