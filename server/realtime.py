@@ -200,6 +200,8 @@ class Turn:
     partial: asyncio.Task | None = None  # the partial update in progress
     early_final: FinalDecode | None = None  # the final decode started during a pause, if one is open
     closed: bool = False  # committed or cleared: partial results are no longer wanted
+    announced: bool = False  # its speech_started was sent (a turn opened by manual commits has none, until server
+    # VAD, switched on while it is open, hears speech in it)
 
     def encode(self, samples: np.ndarray) -> torch.Tensor:
         """The turn's audio so far → encoder states, encoding only what is new (runs in the engine thread)."""
@@ -546,9 +548,13 @@ class RealtimeSession:
         return self.turn
 
     async def _speech_started(self, offset: int) -> None:
-        if self.turn is not None:
-            return  # turn detection was switched on while a turn was open: that turn goes on
-        turn = self._open_turn(max(offset, self.turn_floor, self.buffer.start))
+        if self.turn is None:
+            await self._announce(self._open_turn(max(offset, self.turn_floor, self.buffer.start)))
+        elif not self.turn.announced:  # server VAD switched on over a manual turn: that turn goes on, and its
+            await self._announce(self.turn)  # speech_stopped will have a speech_started to pair with
+
+    async def _announce(self, turn: Turn) -> None:
+        turn.announced = True
         await self.send(SpeechStarted(audio_start_ms=to_ms(turn.start), item_id=turn.item_id))
 
     async def _speech_stopped(self, silence_from: int) -> None:
@@ -573,8 +579,7 @@ class RealtimeSession:
             await self._commit(end)
             if quiet_from is not None and quiet_from <= end:
                 return True
-            turn = self._open_turn(end)
-            await self.send(SpeechStarted(audio_start_ms=to_ms(end), item_id=turn.item_id))
+            await self._announce(self._open_turn(end))
         return False
 
     def _quiet_from(self) -> int | None:

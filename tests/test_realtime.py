@@ -756,6 +756,27 @@ def test_turn_detection_switched_on_with_a_turn_open_ends_that_turn(first: str) 
     assert events[-1].transcript == f"{int(MAX_TURN_S * SAMPLE_RATE)} samples" and session.turn is None
 
 
+def test_speech_in_a_manual_turn_after_server_vad_is_switched_on_is_announced_before_it_stops() -> None:
+    """The manual turn open when server VAD is switched on gets the VAD's speech_started (for its own item, from its
+    own start), so that the speech_stopped that ends it pairs with one."""
+    async def scenario() -> tuple[str, list]:
+        session = _session()
+        await session.handle(_update(turn_detection=None, transcription={"delay": "xhigh"}))
+        await session.handle(_append(_silence(0.5)))
+        item_id = session.turn.item_id
+        await session.handle(_update(turn_detection={"type": "server_vad"}))
+        session.vad = vad = _ScriptedVAD()
+        vad.events = [("speech_started", int(0.2 * SAMPLE_RATE)), ("speech_stopped", int(0.8 * SAMPLE_RATE))]
+        await session.handle(_append(_silence(2)))
+        return item_id, await _sent(session)
+
+    item_id, events = asyncio.run(scenario())
+    events = [event for event in events if not event.type.endswith("updated")]
+    assert _kinds(events) == ["speech_started", "speech_stopped", "committed", "completed"]
+    assert {event.item_id for event in events} == {item_id}
+    assert events[0].audio_start_ms == 0 and events[1].audio_end_ms > 1300
+
+
 @pytest.mark.parametrize("pause_s", [3.5, 4.1])
 def test_a_turn_cut_at_the_longest_in_its_closing_pause_opens_no_turn_of_silence(pause_s: float) -> None:
     """Speech that pauses before the cut at the longest turn: the next turn opens when speech resumes (the VAD
