@@ -57,20 +57,26 @@ def _decode_stream(container: av.container.InputContainer, sample_rate: int, max
                    ) -> np.ndarray:
     stream = container.streams.audio[0]
     # Resample in the source layout and average the channels ourselves: FFmpeg's float down-mix
-    # sums stereo at 0.707 per channel, which would make stereo uploads 3 dB louder than mono.
-    resampler = av.AudioResampler(format="fltp", rate=sample_rate)
+    # sums stereo at 0.707 per channel, which would make stereo uploads 3 dB louder than mono. Interleaved, not
+    # planar: PyAV's to_ndarray of a planar frame of 8 channels or more crashes the process (it reads 8 planes).
+    resampler = av.AudioResampler(format="flt", rate=sample_rate)
     chunks: list[np.ndarray] = []
     seconds = 0.0
     for frame in container.decode(stream):
         seconds += frame.samples / frame.sample_rate  # checked before resampling: one frame can be hours
         if max_seconds is not None and seconds > max_seconds:
             raise AudioTooLong(f"the audio is longer than the limit of {max_seconds:.0f} s")
-        chunks += [f.to_ndarray().mean(axis=0) for f in resampler.resample(frame)]
-    chunks += [f.to_ndarray().mean(axis=0) for f in resampler.resample(None)]  # flush the delay line
+        chunks += [_mono(f) for f in resampler.resample(frame)]
+    chunks += [_mono(f) for f in resampler.resample(None)]  # flush the delay line
     if not chunks:
         return np.zeros(0, dtype=np.float32)
     samples = np.concatenate(chunks).astype(np.float32, copy=False)
     return samples[: _recorded_length(container, stream, sample_rate)]
+
+
+def _mono(frame: av.AudioFrame) -> np.ndarray:
+    """An interleaved float frame's channels averaged."""
+    return frame.to_ndarray().reshape(-1, len(frame.layout.channels)).mean(axis=1)
 
 
 def _recorded_length(container: av.container.InputContainer, stream: av.AudioStream, sample_rate: int) -> int | None:

@@ -303,6 +303,17 @@ def test_stereo_downmix_mixes_both_channels() -> None:
     assert correlation(left_only.astype(np.float64), x) > 0.99999
 
 
+@pytest.mark.parametrize("channels", [6, 8, 9, 16])
+def test_many_channels_decode_to_their_mean(channels: int) -> None:
+    """A 7.1 (8 channels) or larger upload: PyAV's planar frames of 8 channels or more crashed the process, so a
+    valid file took its audio worker down and was answered as corrupt. Each channel a constant: the mean is exact."""
+    levels = np.linspace(-0.4, 0.6, channels)
+    pcm = np.round(np.tile(levels[:, None], (1, 8000)) * 32767) / 32767  # what the 16-bit file holds
+    samples = load_audio(wav_bytes(pcm, SAMPLE_RATE))
+    assert samples.shape == (8000,)
+    assert np.allclose(samples, pcm.mean(axis=0) * 32767 / 32768, atol=1e-6)
+
+
 def test_stereo_downmix_level_equals_mono() -> None:
     """KNOWN BUG (fails against speechllm/audio.py as written): dual-mono stereo decodes 3 dB louder than mono.
 
