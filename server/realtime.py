@@ -492,6 +492,7 @@ class RealtimeSession:
                                   "input_audio_buffer_commit_empty")
         if self.turn is None:
             self._open_turn(start)
+        self.buffer.append(self.pcm.flush())  # all the client sent is in the turn, as in a file of it (REST)
         await self._commit(self.buffer.end)
         if self.vad is not None or self.vad_stale:
             self._rebuild_vad()  # the speech just committed is over: the next speech opens a new turn

@@ -44,6 +44,14 @@ class PcmDecoder:
         """Samples (at 16 kHz) fed but not out yet: the resampler's delay line, about 1 ms."""
         return round(self._samples_in * SAMPLE_RATE / self.rate) - self._samples_out
 
+    def flush(self) -> np.ndarray:
+        """The samples still held (the resampler's delay line), as a file's decoding ends with them; the decoder
+        then starts afresh, as for a new file (a half sample waiting for its second byte is dropped: a sample does
+        not span a commit, and the stream after it stays aligned)."""
+        out = [] if self._resampler is None else [f.to_ndarray().reshape(-1) for f in self._resampler.resample(None)]
+        self.__init__(self.rate)
+        return np.concatenate(out).astype(np.float32, copy=False) if out else np.zeros(0, np.float32)
+
     def feed(self, data: bytes) -> np.ndarray:
         data = self._odd_byte + data
         whole = len(data) - len(data) % 2

@@ -890,6 +890,39 @@ def test_speech_after_the_cut_of_a_manual_turn_opens_the_next_turn_not_the_cut()
     assert events[-1].transcript == f"{int(MAX_TURN_S * SAMPLE_RATE)} samples"
 
 
+def test_manual_commits_at_24_khz_each_take_all_their_audio_and_no_more() -> None:
+    """Each commit flushes the resampler's delay line into its turn: the same audio, committed three times (a stray
+    odd byte before the second commit), gives each turn a file's worth of samples; before, every turn after the
+    first began with the ~1 ms the one before held back, and an empty commit was said to hold 1 ms."""
+    pcm = _pcm16(np.sin(np.arange(24_000) / 7).astype(np.float32) / 2)
+
+    async def scenario() -> list:
+        session = _session()
+        await session.handle(_update(turn_detection=None, transcription={"delay": "xhigh"}))
+        for stray in (b"", b"\x01", b""):
+            await session.handle(_append(pcm + stray))
+            await session.handle(json.dumps({"type": "input_audio_buffer.commit"}))
+        await session.handle(json.dumps({"type": "input_audio_buffer.commit"}))
+        return await _sent(session)
+
+    events = asyncio.run(scenario())
+    file_samples = load_audio(_wav24(pcm)).size
+    assert [e.transcript for e in events if e.type.endswith("completed")] == [f"{file_samples} samples"] * 3
+    assert [e.error.code for e in events if e.type == "error"] == ["input_audio_buffer_commit_empty"]
+    assert "only has 0.00ms" in next(e for e in events if e.type == "error").error.message
+
+
+def _wav24(pcm: bytes) -> bytes:
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="wav") as out:
+        stream = out.add_stream("pcm_s16le", rate=24_000, layout="mono")
+        frame = av.AudioFrame.from_ndarray(np.frombuffer(pcm, "<i2")[None], format="s16", layout="mono")
+        frame.sample_rate = 24_000
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            out.mux(packet)
+    return buffer.getvalue()
+
+
 def test_a_commit_of_exactly_100_ms_at_24_khz_is_taken() -> None:
     """The resampler holds about 1 ms back: what the client sent counts (it was refused as 99 ms)."""
     async def scenario() -> list:

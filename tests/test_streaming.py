@@ -92,19 +92,35 @@ def test_audio_buffer_slices_across_chunks_and_trims() -> None:
 # ---- PCM in ---------------------------------------------------------------------------------------------------
 
 
-def test_pcm_at_16khz_decodes_as_ffmpeg_does() -> None:
-    pcm = _pcm16(_speech())
+def _wav(pcm: bytes, rate: int) -> bytes:
     wav = io.BytesIO()
     with av.open(wav, "w", format="wav") as out:
-        stream = out.add_stream("pcm_s16le", rate=SAMPLE_RATE, layout="mono")
+        stream = out.add_stream("pcm_s16le", rate=rate, layout="mono")
         frame = av.AudioFrame.from_ndarray(np.frombuffer(pcm, "<i2")[None], format="s16", layout="mono")
-        frame.sample_rate = SAMPLE_RATE
+        frame.sample_rate = rate
         for packet in [*stream.encode(frame), *stream.encode(None)]:
             out.mux(packet)
+    return wav.getvalue()
+
+
+def test_pcm_at_16khz_decodes_as_ffmpeg_does() -> None:
+    pcm = _pcm16(_speech())
     decoder = PcmDecoder(16_000)
     cuts = _splits(len(pcm), 1)  # odd byte counts too: a sample split across messages
     streamed = np.concatenate([decoder.feed(pcm[a:b]) for a, b in zip(cuts, cuts[1:], strict=False)])
-    np.testing.assert_array_equal(streamed, load_audio(wav.getvalue()))  # the REST endpoint's samples
+    np.testing.assert_array_equal(streamed, load_audio(_wav(pcm, SAMPLE_RATE)))  # the REST endpoint's samples
+
+
+def test_pcm_at_24khz_fed_then_flushed_equals_a_file_of_it_each_time() -> None:
+    """A realtime client's commit flushes the decoder: each turn's samples are those of a WAV of its audio, the
+    REST endpoint's, and not shifted by the delay line held from the turn before (or by a stray odd byte)."""
+    pcm = _pcm16(_speech(rate=24_000))
+    decoder = PcmDecoder(24_000)
+    for stray in (b"", b"\x01"):
+        cuts = _splits(len(pcm), 2)
+        fed = [decoder.feed(pcm[a:b]) for a, b in zip(cuts, cuts[1:], strict=False)] + [decoder.feed(stray)]
+        np.testing.assert_array_equal(np.concatenate([*fed, decoder.flush()]), load_audio(_wav(pcm, 24_000)))
+        assert decoder.held == 0
 
 
 def test_pcm_at_24khz_resamples_the_same_however_it_is_split() -> None:
