@@ -293,7 +293,7 @@ class RealtimeSession:
         sender = asyncio.create_task(self._send_loop())
         close: _Close | None = None  # None: the client is gone, nothing more can be sent
         try:
-            await self.send(SessionCreated(session=self.session))
+            await self.send(SessionCreated(session=self.session.model_copy(deep=True)))
             close = await self._receive_loop()
         except WebSocketDisconnect:
             pass
@@ -399,7 +399,7 @@ class RealtimeSession:
                                           "'transcription'.", "session.type", "invalid_value")
                 audio = event.session.audio
                 self._configure(audio.input if audio else None, event.session.include)
-                await self.send(SessionUpdated(session=self.session))
+                await self.send(SessionUpdated(session=self.session.model_copy(deep=True)))
             elif isinstance(event, BetaSessionUpdate):
                 self._configure(beta_input(event.session), event.session.include)
                 await self.send(BetaSessionUpdated(session=BetaTranscriptionSession.of(self.session)))
@@ -436,7 +436,7 @@ class RealtimeSession:
                     transcription.delay = value
         turn_detection = current.turn_detection
         if "turn_detection" in given:
-            turn_detection = server_vad(options.turn_detection)
+            turn_detection = server_vad(options.turn_detection, current.turn_detection)
         detection_changed = turn_detection != current.turn_detection
         self.session.audio.input = SessionAudioInput(format=audio_format, transcription=transcription,
                                                      turn_detection=turn_detection)
@@ -828,7 +828,9 @@ def session_language(value: str | None) -> str | None:
         raise APIError(400, error.message, param=LANGUAGE_PARAM, code=error.code) from None
 
 
-def server_vad(options: TurnDetectionOptions | None) -> ServerVad | None:
+def server_vad(options: TurnDetectionOptions | None, current: ServerVad | None = None) -> ServerVad | None:
+    """The turn detection a session update asks for: the fields it gives, the others as they are now (a session on
+    server VAD already) or the defaults."""
     if options is None:
         return None
     if options.type != "server_vad":
@@ -837,7 +839,7 @@ def server_vad(options: TurnDetectionOptions | None) -> ServerVad | None:
                               "unsupported_value")
     given = {name: getattr(options, name) for name in ("threshold", "prefix_padding_ms", "silence_duration_ms")
              if getattr(options, name) is not None}
-    return ServerVad(**given)
+    return (current or ServerVad()).model_copy(update=given)
 
 
 def beta_input(session: BetaSessionOptions) -> AudioInputOptions:

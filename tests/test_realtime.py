@@ -802,6 +802,21 @@ def test_a_turn_cut_at_the_longest_in_its_closing_pause_opens_no_turn_of_silence
     assert events[-1].transcript == f"{cut} samples"
 
 
+def test_a_turn_detection_update_changes_only_the_fields_it_gives() -> None:
+    async def scenario() -> list:
+        session = _session()
+        await session.handle(_update(turn_detection={"type": "server_vad", "threshold": 0.8, "prefix_padding_ms": 100,
+                                                     "silence_duration_ms": 700}))
+        await session.handle(_update(turn_detection={"type": "server_vad", "silence_duration_ms": 300}))
+        await session.handle(_update(turn_detection=None))
+        await session.handle(_update(turn_detection={"type": "server_vad", "threshold": 0.6}))
+        return await _sent(session)
+
+    detections = [event.session.audio.input.turn_detection for event in asyncio.run(scenario())]
+    assert [(d.threshold, d.prefix_padding_ms, d.silence_duration_ms) if d else None for d in detections] == [
+        (0.8, 100, 700), (0.8, 100, 300), None, (0.6, 300, 500)]  # from manual commits: the defaults
+
+
 def test_no_partial_text_once_delay_is_xhigh() -> None:
     async def scenario() -> list:
         session = _session()
