@@ -115,3 +115,9 @@ class Settings(BaseSettings):
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def websocket_max_message_bytes(self) -> int:
+        """uvicorn's limit on one WebSocket message (16 MiB by default), raised to fit the largest append's base64
+        and JSON: a message over it is closed with 1009 before the app sees it, one under it gets an error event."""
+        return max(16 * 2**20, -(-int(self.realtime_max_append_mb * 2**20) // 3) * 4 + 2**20)

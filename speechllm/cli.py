@@ -110,7 +110,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     settings = Settings(**overrides)
     logging.basicConfig(level=logging.INFO)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info",
-                timeout_graceful_shutdown=settings.shutdown_timeout_s)
+                timeout_graceful_shutdown=settings.shutdown_timeout_s, ws_max_size=settings.websocket_max_message_bytes)
 
 
 def cmd_stream(args: argparse.Namespace) -> None:

@@ -817,6 +817,15 @@ def test_a_turn_detection_update_changes_only_the_fields_it_gives() -> None:
         (0.8, 100, 700), (0.8, 100, 300), None, (0.6, 300, 500)]  # from manual commits: the defaults
 
 
+@pytest.mark.parametrize("append_mb", [0.5, 4, 15])
+def test_uvicorns_message_limit_fits_the_largest_append(append_mb: float) -> None:
+    """An append within ZASR_REALTIME_MAX_APPEND_MB reaches the server (which answers a larger one with an error
+    event) instead of being closed with 1009 by uvicorn, whose own limit is 16 MiB."""
+    limit = Settings(realtime_max_append_mb=append_mb).websocket_max_message_bytes
+    largest = _append(bytes(int(append_mb * 2**20)))
+    assert limit >= max(16 * 2**20, len(largest.encode()) + 1000)
+
+
 def test_no_partial_text_once_delay_is_xhigh() -> None:
     async def scenario() -> list:
         session = _session()
