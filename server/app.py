@@ -321,7 +321,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             loading = getattr(app.state, "loading", None)
             if loading is not None and loading.done() and loading.exception():
                 raise errors.APIError(503, "The model failed to load; see the server log.", type="server_error")
-            raise errors.overloaded(5)
+            raise errors.overloaded(5, "The model is still loading. Please retry after a brief wait.")
         return holder["runtime"]
 
     def authorize(request: HTTPConnection) -> None:
@@ -427,7 +427,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         with bad_audio_as_errors():
             rows = (await rt.service.audio.prepare(data)).rows
         if not rows:
-            raise errors.invalid_request("the audio contains no speech.", param="file", code="no_speech")
+            raise errors.invalid_request("The audio contains no speech.", param="file", code="no_speech")
         first = EngineInput(rows[0].features, None, states=rows[0].states)
         return (await rt.batcher.run_exclusive(rt.engine.detect, [first]))[0]
 
@@ -435,7 +435,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def detect_language(request: Request) -> LanguageDetection:
         authorize(request)
         _, data = await read_upload(request)
-        guess = await unless_client_leaves(request, first_window_language(data))
+        try:
+            async with asyncio.timeout(settings.request_timeout_s):
+                guess = await unless_client_leaves(request, first_window_language(data))
+        except TimeoutError:
+            raise errors.timeout(settings.request_timeout_s) from None
         request.state.language = guess.language
         return LanguageDetection(language=guess.language, probability=round(guess.probability, 4),
                                  candidates=[LanguageCandidate(language=c, probability=round(p, 4))

@@ -115,13 +115,14 @@ def unauthorized(message: str = "Incorrect API key provided.", *, code: str | No
     return APIError(401, message, code=code, headers={"WWW-Authenticate": "Bearer"})
 
 
-def overloaded(retry_after_s: float) -> APIError:
+def overloaded(retry_after_s: float, message: str = "The server is currently overloaded with other requests. "
+                                                   "Please retry after a brief wait.") -> APIError:
     # Retry-After takes whole seconds; round up so a client never comes back early. The openai SDK honours it
     # (up to 60 s) on its automatic retries.
     seconds = max(1, math.ceil(retry_after_s))
     return APIError(
         503,
-        "The server is currently overloaded with other requests. Please retry after a brief wait.",
+        message,
         type=SERVER_ERROR,
         code="overloaded",
         headers={"Retry-After": str(seconds)},

@@ -86,7 +86,7 @@ class TranscriptionService:
         with announced as expected:
             prepared = await self.audio.prepare(audio, timed)
             if not prepared.spans:
-                raise NoSpeech("the audio contains no speech")
+                raise NoSpeech("The audio contains no speech")
             loop = asyncio.get_running_loop()
             queues = [asyncio.Queue() for _ in prepared.spans] if streaming else None
             items = []
@@ -101,17 +101,15 @@ class TranscriptionService:
     async def transcribe(self, audio: Audio, language: str | None, temperature: float = 0.0,
                          expected: ExpectedRows | None = None, timed: bool = False) -> TranscriptionResult:
         start = time.monotonic()
-        prepared, futures, _ = await self.submit(audio, language, temperature, expected=expected, timed=timed)
-        with abandoned_unless_answered(futures):
-            # asyncio.wait, not wait_for(gather): cancelled (the client left) or timed out, a gather is cancelled
-            # too and, its rows then cancelled one by one, may end with an exception that nobody retrieves (logged)
-            done, pending = await asyncio.wait(futures, timeout=self.settings.request_timeout_s,
-                                               return_when=asyncio.FIRST_EXCEPTION)
-            for future in done:  # an engine error in one window fails the request at once
-                if future.exception() is not None:
-                    raise future.exception()
-            if pending:
-                raise TimeoutError
+        async with asyncio.timeout(self.settings.request_timeout_s):  # from the upload on: its decoding counts too
+            prepared, futures, _ = await self.submit(audio, language, temperature, expected=expected, timed=timed)
+            with abandoned_unless_answered(futures):
+                # asyncio.wait, not wait_for(gather): cancelled (the client left) or timed out, a gather is cancelled
+                # too and, its rows then cancelled one by one, may end with an exception nobody retrieves (logged)
+                done, _ = await asyncio.wait(futures, return_when=asyncio.FIRST_EXCEPTION)
+                for future in done:  # an engine error in one window fails the request at once
+                    if future.exception() is not None:
+                        raise future.exception()
         return self.join(prepared, [future.result() for future in futures], time.monotonic() - start)
 
     async def stream(self, audio: Audio, language: str | None, temperature: float = 0.0,
@@ -122,18 +120,22 @@ class TranscriptionService:
         its rows' futures. Whoever stops reading the events early, or never starts, cancels the rows
         (`cancel_unanswered`): a generator that never started runs no code of its own to do it."""
         start = time.monotonic()
-        prepared, futures, queues = await self.submit(audio, language, temperature, streaming=True, expected=expected)
+        async with asyncio.timeout(self.settings.request_timeout_s):
+            prepared, futures, queues = await self.submit(audio, language, temperature, streaming=True,
+                                                          expected=expected)
         return self._events(prepared, futures, queues, start), futures
 
     async def _events(self, prepared: PreparedAudio, futures: list[asyncio.Future],
                       queues: list[asyncio.Queue], start: float) -> AsyncIterator[str | TranscriptionResult]:
+        """The deadline is the request's, not each delta's: a long stream that keeps sending deltas ends too."""
+        deadline = start + self.settings.request_timeout_s
         for index, (future, queue) in enumerate(zip(futures, queues, strict=True)):
             if index > 0:
                 yield self._separator(futures[index - 1].result())
             while not (future.done() and queue.empty()):
                 getter = asyncio.ensure_future(queue.get())
                 try:
-                    done, _ = await asyncio.wait({getter, future}, timeout=self.settings.request_timeout_s,
+                    done, _ = await asyncio.wait({getter, future}, timeout=max(0.0, deadline - time.monotonic()),
                                                  return_when=asyncio.FIRST_COMPLETED)
                 finally:  # no task left waiting on the queue, also when the stream is cancelled (its client left)
                     getter.cancel()  # a no-op once it has its delta

@@ -256,11 +256,15 @@ def _wait_for(condition, within_s: float) -> bool:
 
 
 @functools.cache
-def _long_upload() -> bytes:
+def _long_upload_samples() -> bytes:
     phrases = ["the house is very small", "where is the water", "she said that they would come"] * 4
     pause = np.zeros(int(1.2 * SAMPLE_RATE), dtype=np.float32)
-    samples = np.concatenate([part for text in phrases for part in (_speech(text), pause)] * 2)  # ≈ 50 s
-    return _encode(samples, "flac", "flac", 16000)
+    return np.concatenate([part for text in phrases for part in (_speech(text), pause)] * 2).tobytes()  # ≈ 50 s
+
+
+@functools.cache
+def _long_upload() -> bytes:
+    return _encode(np.frombuffer(_long_upload_samples(), dtype=np.float32), "flac", "flac", 16000)
 
 
 @contextlib.contextmanager
@@ -429,3 +433,25 @@ def test_models_languages_detection_and_probes(server: str, client) -> None:
                  "zasr_real_time_factor_bucket", "zasr_batch_size_rows_bucket", "zasr_queue_depth_rows",
                  "zasr_adapter_cache_hits_total", "zasr_adapter_cache_bytes", "zasr_encode_duration_seconds_bucket"):
         assert name in metrics
+
+
+def test_the_request_timeout_runs_from_the_upload_on_for_every_endpoint(tmp_path: Path) -> None:
+    """ZASR_REQUEST_TIMEOUT_S covers the whole request: decoding and encoding the upload in the audio worker, the
+    language-detection endpoint, and a stream as a whole. Before stop 26 the clock started once the upload was
+    encoded, detection had no limit, and a stream's limit applied to each wait between deltas, so a long upload
+    was transcribed and detected in full, and streamed to its end, past the timeout."""
+    samples = np.frombuffer(_long_upload_samples(), dtype=np.float32)
+    upload = _encode(np.tile(samples, 5), "flac", "flac", 16000)  # ≈ 4 min: seconds of work for the audio worker
+    settings = {"ZASR_REQUEST_TIMEOUT_S": "0.5"}
+    with running_server(settings, tmp_path / "server.log") as server:
+        plain = httpx.post(f"{server}/v1/audio/transcriptions", files={"file": ("long.flac", upload)},
+                           data={"model": "whisper-1"}, timeout=120)
+        detected = httpx.post(f"{server}/v1/audio/language", files={"file": ("long.flac", upload)}, timeout=120)
+        streamed = httpx.post(f"{server}/v1/audio/transcriptions", files={"file": ("long.flac", upload)},
+                              data={"model": "whisper-1", "stream": "true"}, timeout=120)
+        for response in (plain, detected):
+            assert response.status_code == 504 and response.json()["error"]["code"] == "timeout"
+        assert (streamed.status_code == 504 and streamed.json()["error"]["code"] == "timeout") or (
+            streamed.status_code == 200 and '"code":"timeout"' in streamed.text.replace(" ", "")
+            and "transcript.text.done" not in streamed.text), streamed.text[-300:]
+        assert httpx.get(f"{server}/health").status_code == 200
