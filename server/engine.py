@@ -465,6 +465,9 @@ def _settle(future: asyncio.Future, output: EngineOutput | None, error: Exceptio
         future.set_result(output)
 
 
+INVALID = "\ufffd"  # what the tokenizer decodes bytes that are not (yet) UTF-8 to
+
+
 class TextStream:
     """Turns one row's tokens into text deltas that never need retracting: a delta is sent only once
     its bytes form whole characters, and trailing spaces wait for the next word."""
@@ -476,16 +479,20 @@ class TextStream:
         self.sent = ""
 
     def text(self) -> str:
-        return self.tokenizer.decode(self.tokens, skip_special_tokens=True).strip()
+        return self._decoded().replace(INVALID, "").strip()
+
+    def _decoded(self) -> str:
+        return self.tokenizer.decode(self.tokens, skip_special_tokens=True)
 
     def add(self, token: int) -> None:
         self.tokens.append(token)
         if self.callback is None:
             return
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True).lstrip()
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the rest of it
+        text = self._decoded().lstrip()
+        if text.endswith(INVALID):  # an incomplete UTF-8 sequence: wait for the rest of it
             return
-        ready = text.rstrip()
+        # Bytes that can form no character (a stray continuation byte the model wrote) are left out, as `text` does.
+        ready = text.replace(INVALID, "").rstrip()
         if ready.startswith(self.sent) and len(ready) > len(self.sent):
             self.callback(ready[len(self.sent):])
             self.sent = ready

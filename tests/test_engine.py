@@ -16,7 +16,7 @@ from adapters.zipper import (
     zipper_layers,
 )
 from server.adapter_cache import SHARED_KEY
-from server.engine import EmbeddedEngine, EngineInput, EngineOutput
+from server.engine import INVALID, EmbeddedEngine, EngineInput, EngineOutput, TextStream
 from server.metrics import Metrics
 from speechllm.inference import LID_CONFIDENCE_THRESHOLD, transcribe_features
 from speechllm.model import SpeechLLM
@@ -273,3 +273,16 @@ def test_length_groups_put_an_outlier_apart_and_cover_every_row_once() -> None:
     assert length_groups([200] * 5, call_cost=100) == [[0, 1, 2, 3, 4]]  # equal lengths: one call
     assert length_groups([100, 3000], call_cost=0) == [[0], [1]]
     assert length_groups([], call_cost=100) == []
+
+
+def test_text_stream_leaves_out_bytes_that_form_no_character(tiny_tokenizer) -> None:
+    """A token the model writes that is a lone UTF-8 continuation byte decodes to U+FFFD: neither the deltas nor the
+    final text carry it (a realtime turn sent one)."""
+    stray = next(i for i in range(len(tiny_tokenizer)) if tiny_tokenizer.decode([i]) == INVALID)
+    words = tiny_tokenizer.encode("hello é wörld", add_special_tokens=False)
+    deltas: list[str] = []
+    stream = TextStream(deltas.append, tiny_tokenizer)
+    for token in [words[0], stray, *words[1:], stray]:
+        stream.add(token)
+    text = stream.finish()
+    assert INVALID not in text and text == "".join(deltas) == "hello é wörld"
