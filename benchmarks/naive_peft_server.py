@@ -30,6 +30,7 @@ from speechllm.features import log_mel_spectrogram
 from speechllm.inference import token_limits
 from speechllm.model import SpeechLLM
 from speechllm.prompt import eos_id
+from speechllm.tokenizer import transcript_text
 
 
 class StopLoop(StoppingCriteria):
@@ -71,7 +72,7 @@ def build_app(model_dir: Path, adapters_dir: Path, encoder_gemm_dtype: str = "fl
             llm.generate(inputs_embeds=prompt[None], attention_mask=mask, do_sample=False,
                          max_new_tokens=token_limits(embed_lengths)[0], eos_token_id=eos, pad_token_id=eos,
                          stopping_criteria=StoppingCriteriaList([stop]))
-        return speech.tokenizer.decode(stop.row.tokens, skip_special_tokens=True).strip()
+        return transcript_text(speech.tokenizer, stop.row.tokens)
 
     @app.post("/v1/audio/transcriptions")
     async def transcriptions(file: UploadFile, language: str = Form(...), model: str = Form("whisper-1")) -> dict:

@@ -36,6 +36,7 @@ from speechllm.languages import BY_CODE
 from speechllm.model import SpeechLLM
 from speechllm.padding import encode_each
 from speechllm.prompt import eos_id, target_ids
+from speechllm.tokenizer import INVALID, decode, transcript_text
 
 logger = logging.getLogger("zipper_asr.engine")
 TextCallback = Callable[[str], None]
@@ -465,9 +466,6 @@ def _settle(future: asyncio.Future, output: EngineOutput | None, error: Exceptio
         future.set_result(output)
 
 
-INVALID = "\ufffd"  # what the tokenizer decodes bytes that are not (yet) UTF-8 to
-
-
 class TextStream:
     """Turns one row's tokens into text deltas that never need retracting: a delta is sent only once
     its bytes form whole characters, and trailing spaces wait for the next word."""
@@ -479,20 +477,15 @@ class TextStream:
         self.sent = ""
 
     def text(self) -> str:
-        return self._decoded().replace(INVALID, "").strip()
-
-    def _decoded(self) -> str:
-        return self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        return transcript_text(self.tokenizer, self.tokens)
 
     def add(self, token: int) -> None:
         self.tokens.append(token)
         if self.callback is None:
             return
-        text = self._decoded().lstrip()
-        if text.endswith(INVALID):  # an incomplete UTF-8 sequence: wait for the rest of it
+        if decode(self.tokenizer, self.tokens).endswith(INVALID):  # an incomplete UTF-8 sequence: wait for the rest
             return
-        # Bytes that can form no character (a stray continuation byte the model wrote) are left out, as `text` does.
-        ready = text.replace(INVALID, "").rstrip()
+        ready = self.text()  # (trailing spaces wait for the next word)
         if ready.startswith(self.sent) and len(ready) > len(self.sent):
             self.callback(ready[len(self.sent):])
             self.sent = ready

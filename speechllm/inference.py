@@ -11,6 +11,7 @@ from speechllm.decoder import Decoder, decoder_for
 from speechllm.decoding import generate
 from speechllm.model import SpeechLLM
 from speechllm.prompt import eos_id
+from speechllm.tokenizer import transcript_text
 
 MAX_TOKENS_PER_AUDIO_EMBEDDING = 2  # 80 ms of speech never needs more than two BPE tokens
 LID_CONFIDENCE_THRESHOLD = 0.5  # below it, an untagged request is decoded with <|unknown|>
@@ -64,7 +65,7 @@ def transcribe_features(model: SpeechLLM, features: torch.Tensor, lengths: torch
         given = languages[row] is not None
         probability = float(probabilities[row, codes.index(chosen[row])]) if chosen[row] else float(
             probabilities[row].max())
-        results.append(Transcription(model.tokenizer.decode(hypothesis.tokens, skip_special_tokens=True).strip(),
+        results.append(Transcription(transcript_text(model.tokenizer, hypothesis.tokens),
                                      chosen[row], None if given else detected[row], probability,
                                      hypothesis.avg_logprob, detected[row], hypothesis.looped))
     return results

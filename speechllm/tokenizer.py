@@ -6,9 +6,22 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from speechllm.prompt import END_OF_TEXT, SPECIAL_TOKENS
+
+INVALID = "\ufffd"  # what decoding makes of bytes that are not (yet) UTF-8
+
+
+def decode(tokenizer: PreTrainedTokenizerBase, tokens: list[int]) -> str:
+    """Tokens as text, special tokens left out; bytes that are not UTF-8 (yet) as INVALID."""
+    return tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def transcript_text(tokenizer: PreTrainedTokenizerBase, tokens: list[int]) -> str:
+    """A transcript's text: bytes that form no character (a stray UTF-8 continuation byte the model wrote, or a
+    sequence it left unfinished) are left out rather than shown as U+FFFD."""
+    return decode(tokenizer, tokens).replace(INVALID, "").strip()
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> PreTrainedTokenizerFast:

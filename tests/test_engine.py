@@ -16,11 +16,12 @@ from adapters.zipper import (
     zipper_layers,
 )
 from server.adapter_cache import SHARED_KEY
-from server.engine import INVALID, EmbeddedEngine, EngineInput, EngineOutput, TextStream
+from server.engine import EmbeddedEngine, EngineInput, EngineOutput, TextStream
 from server.metrics import Metrics
 from speechllm.inference import LID_CONFIDENCE_THRESHOLD, transcribe_features
 from speechllm.model import SpeechLLM
 from speechllm.padding import length_groups
+from speechllm.tokenizer import INVALID
 from tests.conftest import tiny_speech_llm
 
 LANGUAGES: list[str | None] = ["ja", "en", "ja", "de", None]  # mixed, one repeated (non-adjacent), one untagged
