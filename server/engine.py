@@ -36,7 +36,7 @@ from speechllm.languages import BY_CODE
 from speechllm.model import SpeechLLM
 from speechllm.padding import encode_each
 from speechllm.prompt import eos_id, target_ids
-from speechllm.tokenizer import INVALID, decode, transcript_text
+from speechllm.tokenizer import INVALID, decode, readable, transcript_text
 
 logger = logging.getLogger("zipper_asr.engine")
 TextCallback = Callable[[str], None]
@@ -483,9 +483,10 @@ class TextStream:
         self.tokens.append(token)
         if self.callback is None:
             return
-        if decode(self.tokenizer, self.tokens).endswith(INVALID):  # an incomplete UTF-8 sequence: wait for the rest
+        decoded = decode(self.tokenizer, self.tokens)
+        if decoded.endswith(INVALID):  # an incomplete UTF-8 sequence: wait for the rest of it
             return
-        ready = self.text()  # (trailing spaces wait for the next word)
+        ready = readable(decoded)  # as `text` (trailing spaces wait for the next word)
         if ready.startswith(self.sent) and len(ready) > len(self.sent):
             self.callback(ready[len(self.sent):])
             self.sent = ready

@@ -29,7 +29,7 @@ async def transcribe_files(settings: Settings, files: list[Path], language: str 
     async def one(path: Path) -> tuple[Path, str | None, str | None]:
         try:
             result = await runtime.service.transcribe(await asyncio.to_thread(path.read_bytes), language,
-                                                      timed=ResponseFormat(response_format).timed)
+                                                      timed=ResponseFormat(response_format).timed, limited=False)
         except (OSError, AudioDecodeError, AudioTooLong, NoSpeech) as error:
             return path, None, str(error) or type(error).__name__
         finally:

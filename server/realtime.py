@@ -492,7 +492,8 @@ class RealtimeSession:
                                   "input_audio_buffer_commit_empty")
         if self.turn is None:
             self._open_turn(start)
-        self.buffer.append(self.pcm.flush())  # all the client sent is in the turn, as in a file of it (REST)
+        # All the client sent is in the turn, as in a file of it (REST), up to the longest turn.
+        self.buffer.append(self.pcm.flush()[: max(0, start + self.max_turn_samples - self.buffer.end)])
         await self._commit(self.buffer.end)
         if self.vad is not None or self.vad_stale:
             self._rebuild_vad()  # the speech just committed is over: the next speech opens a new turn

@@ -99,9 +99,12 @@ class TranscriptionService:
             return prepared, self.batcher.submit(items, expected), queues
 
     async def transcribe(self, audio: Audio, language: str | None, temperature: float = 0.0,
-                         expected: ExpectedRows | None = None, timed: bool = False) -> TranscriptionResult:
+                         expected: ExpectedRows | None = None, timed: bool = False, limited: bool = True
+                         ) -> TranscriptionResult:
+        """`limited`: within ZASR_REQUEST_TIMEOUT_S, from the upload on (its decoding and encoding count too); the
+        offline command's files, all submitted at once, wait their turn for the audio worker without one."""
         start = time.monotonic()
-        async with asyncio.timeout(self.settings.request_timeout_s):  # from the upload on: its decoding counts too
+        async with asyncio.timeout(self.settings.request_timeout_s if limited else None):
             prepared, futures, _ = await self.submit(audio, language, temperature, expected=expected, timed=timed)
             with abandoned_unless_answered(futures):
                 # asyncio.wait, not wait_for(gather): cancelled (the client left) or timed out, a gather is cancelled

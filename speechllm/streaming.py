@@ -45,11 +45,13 @@ class PcmDecoder:
         return round(self._samples_in * SAMPLE_RATE / self.rate) - self._samples_out
 
     def flush(self) -> np.ndarray:
-        """The samples still held (the resampler's delay line), as a file's decoding ends with them; the decoder
-        then starts afresh, as for a new file (a half sample waiting for its second byte is dropped: a sample does
-        not span a commit, and the stream after it stays aligned)."""
+        """The samples still held (the resampler's delay line), as a file's decoding ends with them; the resampler
+        then starts afresh, as for a new file. A half sample waiting for its second byte stays: a client may split
+        a sample across two appends, a commit between them included."""
         out = [] if self._resampler is None else [f.to_ndarray().reshape(-1) for f in self._resampler.resample(None)]
+        odd_byte = self._odd_byte
         self.__init__(self.rate)
+        self._odd_byte = odd_byte
         return np.concatenate(out).astype(np.float32, copy=False) if out else np.zeros(0, np.float32)
 
     def feed(self, data: bytes) -> np.ndarray:

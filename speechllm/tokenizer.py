@@ -21,7 +21,12 @@ def decode(tokenizer: PreTrainedTokenizerBase, tokens: list[int]) -> str:
 def transcript_text(tokenizer: PreTrainedTokenizerBase, tokens: list[int]) -> str:
     """A transcript's text: bytes that form no character (a stray UTF-8 continuation byte the model wrote, or a
     sequence it left unfinished) are left out rather than shown as U+FFFD."""
-    return decode(tokenizer, tokens).replace(INVALID, "").strip()
+    return readable(decode(tokenizer, tokens))
+
+
+def readable(decoded: str) -> str:
+    """Decoded text without the bytes that form no character, and without surrounding spaces."""
+    return decoded.replace(INVALID, "").strip()
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> PreTrainedTokenizerFast:

@@ -915,16 +915,16 @@ def test_speech_after_the_cut_of_a_manual_turn_opens_the_next_turn_not_the_cut()
 
 
 def test_manual_commits_at_24_khz_each_take_all_their_audio_and_no_more() -> None:
-    """Each commit flushes the resampler's delay line into its turn: the same audio, committed three times (a stray
-    odd byte before the second commit), gives each turn a file's worth of samples; before, every turn after the
-    first began with the ~1 ms the one before held back, and an empty commit was said to hold 1 ms."""
+    """Each commit flushes the resampler's delay line into its turn: the same audio, committed three times, gives
+    each turn a file's worth of samples; before, every turn after the first began with the ~1 ms the one before
+    held back, and an empty commit was said to hold 1 ms."""
     pcm = _pcm16(np.sin(np.arange(24_000) / 7).astype(np.float32) / 2)
 
     async def scenario() -> list:
         session = _session()
         await session.handle(_update(turn_detection=None, transcription={"delay": "xhigh"}))
-        for stray in (b"", b"\x01", b""):
-            await session.handle(_append(pcm + stray))
+        for _ in range(3):
+            await session.handle(_append(pcm))
             await session.handle(json.dumps({"type": "input_audio_buffer.commit"}))
         await session.handle(json.dumps({"type": "input_audio_buffer.commit"}))
         return await _sent(session)
@@ -934,6 +934,23 @@ def test_manual_commits_at_24_khz_each_take_all_their_audio_and_no_more() -> Non
     assert [e.transcript for e in events if e.type.endswith("completed")] == [f"{file_samples} samples"] * 3
     assert [e.error.code for e in events if e.type == "error"] == ["input_audio_buffer_commit_empty"]
     assert "only has 0.00ms" in next(e for e in events if e.type == "error").error.message
+
+
+def test_a_manual_turn_at_24_khz_with_its_flushed_samples_stays_within_the_longest_turn() -> None:
+    """Appends that the limit lets through (it counts what came out of the resampler) up to the longest turn: the
+    samples the commit flushes do not take the turn past it (a turn is one REST window, never more)."""
+    longest = int(MAX_TURN_S * 24_000)
+
+    async def scenario() -> list:
+        session = _session()
+        await session.handle(_update(turn_detection=None, transcription={"delay": "xhigh"}))
+        for samples in (longest - 24, 24, 24):
+            await session.handle(_append(bytes(2 * samples)))
+        await session.handle(json.dumps({"type": "input_audio_buffer.commit"}))
+        return await _sent(session)
+
+    (completed,) = [e for e in asyncio.run(scenario()) if e.type.endswith("completed")]
+    assert completed.transcript == f"{int(MAX_TURN_S * SAMPLE_RATE)} samples"
 
 
 def _wav24(pcm: bytes) -> bytes:
