@@ -35,9 +35,11 @@ class PcmDecoder:
             raise ValueError(f"unsupported PCM rate {rate}; expected one of {INPUT_RATES}")
         self.rate = rate
         self._odd_byte = b""  # a sample split across two messages waits for its second byte
-        self._resampler = None if rate == SAMPLE_RATE else av.AudioResampler(format="flt", layout="mono",
-                                                                             rate=SAMPLE_RATE)
+        self._resampler = self._new_resampler()
         self._samples_in = self._samples_out = 0
+
+    def _new_resampler(self) -> av.AudioResampler | None:
+        return None if self.rate == SAMPLE_RATE else av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
 
     @property
     def held(self) -> int:
@@ -48,11 +50,12 @@ class PcmDecoder:
         """The samples still held (the resampler's delay line), as a file's decoding ends with them; the resampler
         then starts afresh, as for a new file. A half sample waiting for its second byte stays: a client may split
         a sample across two appends, a commit between them included."""
-        out = [] if self._resampler is None else [f.to_ndarray().reshape(-1) for f in self._resampler.resample(None)]
-        odd_byte = self._odd_byte
-        self.__init__(self.rate)
-        self._odd_byte = odd_byte
-        return np.concatenate(out).astype(np.float32, copy=False) if out else np.zeros(0, np.float32)
+        if self._resampler is None:
+            return np.zeros(0, np.float32)
+        held = _samples(self._resampler.resample(None))
+        self._resampler = self._new_resampler()
+        self._samples_in = self._samples_out = 0
+        return held
 
     def feed(self, data: bytes) -> np.ndarray:
         data = self._odd_byte + data
@@ -66,10 +69,15 @@ class PcmDecoder:
             frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="flt", layout="mono")
             frame.sample_rate = self.rate
             # No flush: the filter's delay line (a few ms) stays inside until more audio pushes it out (`held`).
-            out = [f.to_ndarray().reshape(-1) for f in self._resampler.resample(frame)]
-            samples = np.concatenate(out).astype(np.float32, copy=False) if out else np.zeros(0, np.float32)
+            samples = _samples(self._resampler.resample(frame))
         self._samples_out += samples.size
         return samples
+
+
+def _samples(frames: list[av.AudioFrame]) -> np.ndarray:
+    """A mono resampler's output frames as one float32 array."""
+    out = [frame.to_ndarray().reshape(-1) for frame in frames]
+    return np.concatenate(out).astype(np.float32, copy=False) if out else np.zeros(0, np.float32)
 
 
 class StreamingFeatures:
