@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import socket
@@ -12,6 +13,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import av
+import numpy as np
 import pytest
 import torch
 
@@ -56,6 +59,18 @@ def cer_bound(language: str, margin: float = 0.2) -> float:
     end-to-end tests hold the model to what its committed report says."""
     report = json.loads((SHIPPED_MODEL / "eval" / "test.json").read_text())
     return min(report["languages"][language]["cer"] + margin, 1.0)
+
+
+def pcm16_wav(pcm: bytes, rate: int) -> bytes:
+    """16-bit mono PCM as a WAV file written by FFmpeg (what a client would upload to the REST endpoint)."""
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="wav") as out:
+        stream = out.add_stream("pcm_s16le", rate=rate, layout="mono")
+        frame = av.AudioFrame.from_ndarray(np.frombuffer(pcm, "<i2")[None], format="s16", layout="mono")
+        frame.sample_rate = rate
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            out.mux(packet)
+    return buffer.getvalue()
 
 
 def free_port() -> int:

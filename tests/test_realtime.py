@@ -42,7 +42,7 @@ from server.settings import Settings
 from server.vad import WINDOW, SileroVAD, StreamingVAD
 from speechllm.audio import SAMPLE_RATE, load_audio, write_wav
 from speechllm.streaming import PcmDecoder
-from tests.conftest import running_server
+from tests.conftest import pcm16_wav, running_server
 
 openai = pytest.importorskip("openai")
 from openai.types.realtime import RealtimeServerEvent  # noqa: E402 (after the importorskip)
@@ -930,7 +930,7 @@ def test_manual_commits_at_24_khz_each_take_all_their_audio_and_no_more() -> Non
         return await _sent(session)
 
     events = asyncio.run(scenario())
-    file_samples = load_audio(_wav24(pcm)).size
+    file_samples = load_audio(pcm16_wav(pcm, 24_000)).size
     assert [e.transcript for e in events if e.type.endswith("completed")] == [f"{file_samples} samples"] * 3
     assert [e.error.code for e in events if e.type == "error"] == ["input_audio_buffer_commit_empty"]
     assert "only has 0.00ms" in next(e for e in events if e.type == "error").error.message
@@ -951,17 +951,6 @@ def test_a_manual_turn_at_24_khz_with_its_flushed_samples_stays_within_the_longe
 
     (completed,) = [e for e in asyncio.run(scenario()) if e.type.endswith("completed")]
     assert completed.transcript == f"{int(MAX_TURN_S * SAMPLE_RATE)} samples"
-
-
-def _wav24(pcm: bytes) -> bytes:
-    buffer = io.BytesIO()
-    with av.open(buffer, "w", format="wav") as out:
-        stream = out.add_stream("pcm_s16le", rate=24_000, layout="mono")
-        frame = av.AudioFrame.from_ndarray(np.frombuffer(pcm, "<i2")[None], format="s16", layout="mono")
-        frame.sample_rate = 24_000
-        for packet in [*stream.encode(frame), *stream.encode(None)]:
-            out.mux(packet)
-    return buffer.getvalue()
 
 
 def test_a_commit_of_exactly_100_ms_at_24_khz_is_taken() -> None:

@@ -5,10 +5,8 @@ prefix). The WebSocket protocol itself is tested against a real server in tests/
 
 from __future__ import annotations
 
-import io
 import subprocess
 
-import av
 import numpy as np
 import pytest
 import torch
@@ -20,7 +18,7 @@ from speechllm.audio import SAMPLE_RATE, load_audio
 from speechllm.encoder import EncoderConfig, SpeechEncoder
 from speechllm.features import log_mel_spectrogram
 from speechllm.streaming import IncrementalEncoder, PcmDecoder, StreamingFeatures
-from tests.conftest import tiny_speech_llm
+from tests.conftest import pcm16_wav, tiny_speech_llm
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -92,23 +90,12 @@ def test_audio_buffer_slices_across_chunks_and_trims() -> None:
 # ---- PCM in ---------------------------------------------------------------------------------------------------
 
 
-def _wav(pcm: bytes, rate: int) -> bytes:
-    wav = io.BytesIO()
-    with av.open(wav, "w", format="wav") as out:
-        stream = out.add_stream("pcm_s16le", rate=rate, layout="mono")
-        frame = av.AudioFrame.from_ndarray(np.frombuffer(pcm, "<i2")[None], format="s16", layout="mono")
-        frame.sample_rate = rate
-        for packet in [*stream.encode(frame), *stream.encode(None)]:
-            out.mux(packet)
-    return wav.getvalue()
-
-
 def test_pcm_at_16khz_decodes_as_ffmpeg_does() -> None:
     pcm = _pcm16(_speech())
     decoder = PcmDecoder(16_000)
     cuts = _splits(len(pcm), 1)  # odd byte counts too: a sample split across messages
     streamed = np.concatenate([decoder.feed(pcm[a:b]) for a, b in zip(cuts, cuts[1:], strict=False)])
-    np.testing.assert_array_equal(streamed, load_audio(_wav(pcm, SAMPLE_RATE)))  # the REST endpoint's samples
+    np.testing.assert_array_equal(streamed, load_audio(pcm16_wav(pcm, SAMPLE_RATE)))  # the REST endpoint's samples
 
 
 def test_pcm_at_24khz_fed_then_flushed_equals_a_file_of_it_each_time() -> None:
@@ -119,7 +106,7 @@ def test_pcm_at_24khz_fed_then_flushed_equals_a_file_of_it_each_time() -> None:
     for _ in range(2):
         cuts = _splits(len(pcm), 2)
         fed = [decoder.feed(pcm[a:b]) for a, b in zip(cuts, cuts[1:], strict=False)]
-        np.testing.assert_array_equal(np.concatenate([*fed, decoder.flush()]), load_audio(_wav(pcm, 24_000)))
+        np.testing.assert_array_equal(np.concatenate([*fed, decoder.flush()]), load_audio(pcm16_wav(pcm, 24_000)))
         assert decoder.held == 0
 
 
