@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import io
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import av
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16_000
 # FFmpeg reads up to 5 MB of an input to work out its streams, decoding as it goes: 4 ms of a 2 s request's
@@ -62,7 +66,7 @@ def _decode_stream(container: av.container.InputContainer, sample_rate: int, max
     resampler = av.AudioResampler(format="flt", rate=sample_rate)
     chunks: list[np.ndarray] = []
     seconds = 0.0
-    for frame in container.decode(stream):
+    for frame in _decodable_frames(container, stream):
         seconds += frame.samples / frame.sample_rate  # checked before resampling: one frame can be hours
         if max_seconds is not None and seconds > max_seconds:
             raise AudioTooLong(f"the audio is longer than the limit of {max_seconds:.0f} s")
@@ -72,6 +76,39 @@ def _decode_stream(container: av.container.InputContainer, sample_rate: int, max
         return np.zeros(0, dtype=np.float32)
     samples = np.concatenate(chunks).astype(np.float32, copy=False)
     return samples[: _recorded_length(container, stream, sample_rate)]
+
+
+def _decodable_frames(container: av.container.InputContainer, stream: av.AudioStream) -> Iterator[av.AudioFrame]:
+    """The stream's frames, as FFmpeg's own command line decodes a damaged file: a packet the decoder refuses
+    (the last one of a cut-off FLAC, say) is skipped, and a file that ends in the middle of a page (Ogg) ends
+    there. A file cut short thus gives the audio that arrived, whatever its format (WAV, MP3 and WebM always
+    did); one from which nothing decodes raises its first error."""
+    first_error: av.error.FFmpegError | None = None
+    decoded = 0
+    packets = container.demux(stream)
+    while True:
+        try:
+            packet = next(packets)
+        except StopIteration:
+            break
+        except av.error.FFmpegError as error:  # the file ends inside a packet: stop at what was read
+            first_error = first_error or error
+            break
+        try:
+            for frame in packet.decode():
+                decoded += 1
+                yield frame
+        except av.error.InvalidDataError as error:
+            first_error = first_error or error
+    if first_error is None:
+        return
+    if not decoded:
+        raise first_error
+    logger.info("decoded %d frames of a damaged or cut-off file; skipped what failed: %s", decoded, first_error)
+    try:
+        yield from stream.decode(None)  # what the decoder still holds: the demuxer's flush packet never came
+    except av.error.FFmpegError:
+        pass
 
 
 def _mono(frame: av.AudioFrame) -> np.ndarray:

@@ -369,6 +369,35 @@ def test_undecodable_input_raises_audio_decode_error(name: str, tmp_path: Path) 
         assert "\n" not in message  # one readable line, fit for an HTTP 400 body
 
 
+CUT_OFF_FORMATS = [  # 20 s of a tone, long enough for the containers to hold it in many packets and pages
+    ("wav", "wav", "pcm_s16le"), ("flac", "flac", "flac"), ("mp3", "mp3", MP3), ("ogg-opus", "ogg", OPUS),
+    ("webm-opus", "webm", OPUS),
+]
+
+
+@pytest.mark.parametrize(("name", "container", "codec"), CUT_OFF_FORMATS, ids=[f[0] for f in CUT_OFF_FORMATS])
+@pytest.mark.parametrize("kept", [0.5, 0.95])
+def test_a_cut_off_file_decodes_to_the_audio_that_arrived(name: str, container: str, codec: str | None,
+                                                          kept: float) -> None:
+    # FFmpeg's decoder refuses a cut-off FLAC's last packet; the whole upload was refused for it.
+    if codec is None:
+        pytest.skip(f"this PyAV build has no encoder for {name}")
+    rate, seconds = 48_000, 20.0
+    tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(int(rate * seconds)) / rate))[None].astype(np.float32)
+    data = encode_audio(tone, rate, container, codec)
+    decoded_seconds = load_audio(data[: int(len(data) * kept)]).size / SAMPLE_RATE
+    assert kept * seconds - 1.0 < decoded_seconds < kept * seconds + 1.0
+
+
+def test_a_cut_off_m4a_without_its_index_is_refused() -> None:
+    # FFmpeg's MP4 muxer writes the index (moov) after the audio: a file cut short has none to read it by.
+    if AAC is None:
+        pytest.skip("this PyAV build has no AAC encoder")
+    data = encoded(next(fmt for fmt in FORMATS if fmt.id == "m4a-aac-44k-stereo"))
+    with pytest.raises(AudioDecodeError, match="could not decode audio"):
+        load_audio(data[: len(data) // 2])
+
+
 def test_video_only_file_message_names_the_problem() -> None:
     if not has_encoder("libvpx"):
         pytest.skip("no libvpx encoder in this PyAV build")
