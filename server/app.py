@@ -29,7 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from server import errors
 from server.allocator import keep_freed_memory
 from server.audio_workers import AudioWorkers
-from server.batcher import Batcher, QueueFull
+from server.batcher import Batcher, QueueFull, TooManyRows
 from server.engine import EmbeddedEngine, EngineInput, LanguageGuess, SpeechEngine
 from server.formats import media_type, render
 from server.metrics import Metrics, language_label
@@ -393,6 +393,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except QueueFull as full:
             metrics.rejected.labels("queue_full").inc()
             raise errors.overloaded(full.retry_after_s) from None
+        except TooManyRows as error:  # refused for good: 503's Retry-After would have the client retry forever
+            raise errors.invalid_request(f"The audio is too long for this server: {error}.", param="file",
+                                         code="audio_too_long") from None
         except NoSpeech as error:
             raise errors.invalid_request(f"{error}.", param="file", code="no_speech") from None
         except TimeoutError:

@@ -47,6 +47,15 @@ class QueueFull(Exception):
         self.retry_after_s = retry_after_s
 
 
+class TooManyRows(Exception):
+    """A request of more rows than the queue ever holds: it would be refused however long it waited."""
+
+    def __init__(self, rows: int, max_queue: int) -> None:
+        super().__init__(f"the audio is cut into {rows} windows, more than the {max_queue} this server queues at once")
+        self.rows = rows
+        self.max_queue = max_queue
+
+
 class ExpectedRows:
     """A request whose rows are on their way to the batcher (Batcher.expecting_rows)."""
 
@@ -78,6 +87,7 @@ class Batcher:
         self.max_queue = max_queue
         self._queue: deque[_Pending] = deque()
         self._arrived = asyncio.Event()
+        self._left = asyncio.Event()  # rows left the queue: submit_when_room looks again
         self._executor = engine_executor(threads)  # the one thread that runs the model
         self._task: asyncio.Task | None = None
         # For Retry-After: when each row was answered since the batcher last had work after none, within
@@ -107,11 +117,14 @@ class Batcher:
         return len(self._queue)
 
     def submit(self, items: list[EngineInput], expected: ExpectedRows | None = None) -> list[asyncio.Future]:
-        """Queue all rows of one request, or none of them. `expected`: the request's ExpectedRows, if any."""
+        """Queue all rows of one request, or none of them (QueueFull; TooManyRows if they could never fit).
+        `expected`: the request's ExpectedRows, if any."""
         if expected is not None:
             expected.arrived()
         if self._closed:
             raise QueueFull(retry_after_s=5)  # shutting down: another replica, or this one restarted, will answer
+        if len(items) > self.max_queue:
+            raise TooManyRows(len(items), self.max_queue)
         if len(self._queue) + len(items) > self.max_queue:
             # Retry once the rows queued now have left (the first rows to leave make room for others too).
             raise QueueFull(max(1, math.ceil(self.drain_seconds(len(self._queue)))))
@@ -129,6 +142,20 @@ class Batcher:
         self.metrics.queue_depth.set(len(self._queue))
         self._arrived.set()
         return futures
+
+    async def submit_when_room(self, items: list[EngineInput], expected: ExpectedRows | None = None
+                               ) -> list[asyncio.Future]:
+        """`submit`, waiting for room in the queue instead of being refused: for work that has no client to tell to
+        come back later (the offline command's files)."""
+        while True:
+            try:
+                return self.submit(items, expected)
+            except QueueFull:
+                if self._closed:
+                    raise
+                expected = None  # passed on by the first try
+                self._left.clear()
+                await self._left.wait()
 
     @contextlib.contextmanager
     def expecting_rows(self) -> Iterator[ExpectedRows]:
@@ -215,6 +242,7 @@ class Batcher:
             pending.abandoned = True
             self._queue.remove(pending)
             self.metrics.queue_depth.set(len(self._queue))
+            self._left.set()
             self.metrics.abandoned_rows.labels("queued").inc()
         # else: its batch is being handed to the engine, and chaining its output abandons it there
 
@@ -252,6 +280,7 @@ class Batcher:
                 break
         batch = [self._queue.popleft() for _ in range(min(self.max_batch_size, len(self._queue)))]
         self.metrics.queue_depth.set(len(self._queue))
+        self._left.set()
         return batch
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from server.app import load_runtime, verbose_result
+from server.batcher import TooManyRows
 from server.formats import render
 from server.metrics import Metrics
 from server.protocol import ResponseFormat, check_language
@@ -25,12 +26,16 @@ async def transcribe_files(settings: Settings, files: list[Path], language: str 
     runtime = await asyncio.to_thread(load_runtime, settings, Metrics())
     await runtime.batcher.start()
     bar = tqdm(total=len(files), desc="transcribe", unit="file", disable=len(files) < 2)
+    # Enough files at once to fill the engine's batches; more would only hold their bytes and encoder states in
+    # memory (thousands of files read at once) while they wait for room in the batcher's queue.
+    in_flight = asyncio.Semaphore(2 * settings.max_batch_size)
 
     async def one(path: Path) -> tuple[Path, str | None, str | None]:
         try:
-            result = await runtime.service.transcribe(await asyncio.to_thread(path.read_bytes), language,
-                                                      timed=ResponseFormat(response_format).timed, limited=False)
-        except (OSError, AudioDecodeError, AudioTooLong, NoSpeech) as error:
+            async with in_flight:
+                result = await runtime.service.transcribe(await asyncio.to_thread(path.read_bytes), language,
+                                                          timed=ResponseFormat(response_format).timed, offline=True)
+        except (OSError, AudioDecodeError, AudioTooLong, NoSpeech, TooManyRows) as error:
             return path, None, str(error) or type(error).__name__
         finally:
             bar.update()

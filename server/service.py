@@ -76,12 +76,12 @@ class TranscriptionService:
         self.metrics = metrics
 
     async def submit(self, audio: Audio, language: str | None, temperature: float, streaming: bool = False,
-                     expected: ExpectedRows | None = None, timed: bool = False
+                     expected: ExpectedRows | None = None, timed: bool = False, offline: bool = False
                      ) -> tuple[PreparedAudio, list[asyncio.Future], list[asyncio.Queue] | None]:
-        """Queue the request's windows (all or none: QueueFull). Streaming: one delta queue per window; `timed`:
-        segments timed by their speech (server.audio_workers.speech_windows).
+        """Queue the request's windows (all or none: QueueFull, or, offline, wait for room). Streaming: one delta
+        queue per window; `timed`: segments timed by their speech (server.audio_workers.speech_windows).
         `expected`: the request is already announced to the batcher (Batcher.expecting_rows); else it is now.
-        Raises AudioDecodeError and AudioTooLong (an upload), NoSpeech, QueueFull."""
+        Raises AudioDecodeError and AudioTooLong (an upload), NoSpeech, QueueFull, TooManyRows."""
         announced = contextlib.nullcontext(expected) if expected else self.batcher.expecting_rows()
         with announced as expected:
             prepared = await self.audio.prepare(audio, timed)
@@ -96,16 +96,20 @@ class TranscriptionService:
                     queue = queues[index]
                     callback = lambda delta, q=queue: loop.call_soon_threadsafe(q.put_nowait, delta)  # noqa: E731
                 items.append(EngineInput(row.features, language, temperature, callback, states=row.states))
+            if offline:
+                return prepared, await self.batcher.submit_when_room(items, expected), queues
             return prepared, self.batcher.submit(items, expected), queues
 
     async def transcribe(self, audio: Audio, language: str | None, temperature: float = 0.0,
-                         expected: ExpectedRows | None = None, timed: bool = False, limited: bool = True
+                         expected: ExpectedRows | None = None, timed: bool = False, offline: bool = False
                          ) -> TranscriptionResult:
-        """`limited`: within ZASR_REQUEST_TIMEOUT_S, from the upload on (its decoding and encoding count too); the
-        offline command's files, all submitted at once, wait their turn for the audio worker without one."""
+        """Within ZASR_REQUEST_TIMEOUT_S, from the upload on (its decoding and encoding count too), unless `offline`:
+        the offline command's files wait their turn for the audio worker and for room in the queue, with no client
+        to answer 504 or 503."""
         start = time.monotonic()
-        async with asyncio.timeout(self.settings.request_timeout_s if limited else None):
-            prepared, futures, _ = await self.submit(audio, language, temperature, expected=expected, timed=timed)
+        async with asyncio.timeout(None if offline else self.settings.request_timeout_s):
+            prepared, futures, _ = await self.submit(audio, language, temperature, expected=expected, timed=timed,
+                                                     offline=offline)
             with abandoned_unless_answered(futures):
                 # asyncio.wait, not wait_for(gather): cancelled (the client left) or timed out, a gather is cancelled
                 # too and, its rows then cancelled one by one, may end with an exception nobody retrieves (logged)

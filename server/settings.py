@@ -58,7 +58,8 @@ class Settings(BaseSettings):
     # --- batching ---
     max_batch_size: int = Field(16, description="most rows (audio windows) the engine decodes at once")
     max_wait_ms: float = Field(10.0, description="how long the batcher waits to fill a batch")
-    max_queue: int = Field(256, description="rows waiting beyond this answer 503 with Retry-After")
+    max_queue: int = Field(256, ge=1, description="rows waiting beyond this answer 503 with Retry-After (a request "
+                                                  "of more rows than this, 400 audio_too_long)")
     # --- adapter cache ---
     adapter_cache_mb: float = Field(64.0, description="bytes of merged per-language adapters kept on device")
     pinned_languages: list[str] = Field([], description="languages never evicted from the adapter cache")

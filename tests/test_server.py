@@ -455,3 +455,21 @@ def test_the_request_timeout_runs_from_the_upload_on_for_every_endpoint(tmp_path
             streamed.status_code == 200 and '"code":"timeout"' in streamed.text.replace(" ", "")
             and "transcript.text.done" not in streamed.text), streamed.text[-300:]
         assert httpx.get(f"{server}/health").status_code == 200
+
+
+def test_audio_of_more_windows_than_the_queue_holds_is_refused_for_good(tmp_path: Path) -> None:
+    """A request cut into more windows than ZASR_MAX_QUEUE can never be queued. It got a 503 with Retry-After,
+    which the openai client retries and a client built to honour it retries forever."""
+    settings = {"ZASR_MAX_QUEUE": "1"}
+    with running_server(settings, tmp_path / "server.log") as server:
+        for fields in ({}, {"stream": "true"}):
+            response = httpx.post(f"{server}/v1/audio/transcriptions", files={"file": ("long.flac", _long_upload())},
+                                  data={"model": "whisper-1", **fields}, timeout=120)
+            assert response.status_code == 400, response.text
+            error = response.json()["error"]
+            assert error["code"] == "audio_too_long" and error["param"] == "file"
+            assert "windows" in error["message"] and "Retry-After" not in response.headers
+        short = _encode(_speech(REFERENCE), "wav", "pcm_s16le", 16000)  # one window: fits
+        response = httpx.post(f"{server}/v1/audio/transcriptions", files={"file": ("a.wav", short)},
+                              data={"model": "whisper-1"}, timeout=120)
+        assert response.status_code == 200, response.text
