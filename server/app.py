@@ -52,7 +52,14 @@ from server.protocol import (
     sse_error,
 )
 from server.realtime import RealtimeHub
-from server.service import NoSpeech, TranscriptionResult, TranscriptionService, cancel_unanswered
+from server.service import (
+    AudioTooShort,
+    NoSpeech,
+    TranscriptionResult,
+    TranscriptionService,
+    cancel_unanswered,
+    require_speech,
+)
 from server.settings import Settings
 from server.threads import DEFAULT_ENGINE_THREADS, use_one_thread
 from server.vad import SileroVAD
@@ -374,6 +381,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise errors.unsupported_audio() from None
         except AudioTooLong as error:
             raise errors.invalid_request(str(error), param="file", code="audio_too_long") from None
+        except AudioTooShort as error:
+            raise errors.invalid_request(f"{error}.", param="file", code="audio_too_short") from None
+        except NoSpeech as error:
+            raise errors.invalid_request(f"{error}.", param="file", code="no_speech") from None
 
     @app.post("/v1/audio/transcriptions")
     async def transcriptions(request: Request) -> Response:
@@ -396,8 +407,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except TooManyRows as error:  # refused for good: 503's Retry-After would have the client retry forever
             raise errors.invalid_request(f"The audio is too long for this server: {error}.", param="file",
                                          code="audio_too_long") from None
-        except NoSpeech as error:
-            raise errors.invalid_request(f"{error}.", param="file", code="no_speech") from None
         except TimeoutError:
             raise errors.timeout(settings.request_timeout_s) from None
         request.state.language = language_label(result.language)
@@ -428,10 +437,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def first_window_language(data: bytes) -> LanguageGuess:
         rt = runtime()
         with bad_audio_as_errors():
-            rows = (await rt.service.audio.prepare(data)).rows
-        if not rows:
-            raise errors.invalid_request("The audio contains no speech.", param="file", code="no_speech")
-        first = EngineInput(rows[0].features, None, states=rows[0].states)
+            prepared = await rt.service.audio.prepare(data)
+            require_speech(prepared)
+        first = EngineInput(prepared.rows[0].features, None, states=prepared.rows[0].states)
         return (await rt.batcher.run_exclusive(rt.engine.detect, [first]))[0]
 
     @app.post("/v1/audio/language")

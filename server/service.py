@@ -10,7 +10,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
-from server.audio_workers import Audio, AudioWorkers, PreparedAudio
+from server.audio_workers import MIN_SAMPLES, Audio, AudioWorkers, PreparedAudio
 from server.batcher import Batcher, ExpectedRows
 from server.engine import EngineInput, EngineOutput
 from server.metrics import Metrics, language_label
@@ -21,6 +21,19 @@ from speechllm.languages import BY_CODE
 
 class NoSpeech(ValueError):
     """The audio decoded, but holds no speech (silence or noise only)."""
+
+
+class AudioTooShort(NoSpeech):
+    """Under 100 ms (MIN_SAMPLES), too short to hold speech: OpenAI's `audio_too_short`."""
+
+
+def require_speech(prepared: PreparedAudio) -> None:
+    """NoSpeech, or AudioTooShort, unless the audio has a window of speech."""
+    if prepared.spans:
+        return
+    if round(prepared.duration * SAMPLE_RATE) < MIN_SAMPLES:
+        raise AudioTooShort("Audio file is too short. Minimum audio length is 0.1 seconds")
+    raise NoSpeech("The audio contains no speech")
 
 
 @dataclass
@@ -85,8 +98,7 @@ class TranscriptionService:
         announced = contextlib.nullcontext(expected) if expected else self.batcher.expecting_rows()
         with announced as expected:
             prepared = await self.audio.prepare(audio, timed)
-            if not prepared.spans:
-                raise NoSpeech("The audio contains no speech")
+            require_speech(prepared)
             loop = asyncio.get_running_loop()
             queues = [asyncio.Queue() for _ in prepared.spans] if streaming else None
             items = []

@@ -207,6 +207,19 @@ def test_bad_input_gets_an_openai_error(server: str, data, fields: dict, status:
     assert httpx.get(f"{server}/health").status_code == 200  # still up
 
 
+def test_audio_under_100_ms_is_too_short_and_silence_has_no_speech(server: str) -> None:
+    """OpenAI's codes: a clip under its 0.1 s minimum is `audio_too_short` (it was `no_speech`)."""
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    clip = _encode(_speech(REFERENCE)[: SAMPLE_RATE // 20], "wav", "pcm_s16le", 16000)  # 50 ms
+    silence = _encode(np.zeros(2 * SAMPLE_RATE, np.float32), "wav", "pcm_s16le", 16000)
+    for endpoint, fields in (("transcriptions", {"model": "whisper-1"}), ("language", {})):
+        for data, code in ((clip, "audio_too_short"), (silence, "no_speech")):
+            response = httpx.post(f"{server}/v1/audio/{endpoint}", files={"file": ("a.wav", data)}, data=fields,
+                                  headers=headers, timeout=60)
+            assert response.status_code == 400, response.text
+            assert response.json()["error"]["code"] == code and response.json()["error"]["param"] == "file"
+
+
 def test_too_large_upload_is_413(server: str) -> None:
     response = _post(server, b"\0" * (UPLOAD_LIMIT_MB * 2**20 + 200_000))
     assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
