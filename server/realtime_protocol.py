@@ -33,7 +33,9 @@ Delay = Literal["minimal", "low", "medium", "high", "xhigh"]
 
 
 class ClientModel(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # Strict: a rate of "24000" or a threshold of "0.5" is the client's bug to hear of, as OpenAI answers it, not
+    # something to coerce.
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class AudioFormat(ClientModel):
@@ -51,7 +53,7 @@ class TranscriptionOptions(ClientModel):
 
 
 class TurnDetectionOptions(ClientModel):
-    type: Literal["server_vad", "semantic_vad"] = "server_vad"
+    type: Literal["server_vad", "semantic_vad"]  # required, as in OpenAI's API
     threshold: float | None = Field(None, ge=0.0, le=1.0)
     prefix_padding_ms: int | None = Field(None, ge=0, le=10_000)
     silence_duration_ms: int | None = Field(None, ge=1, le=10_000)

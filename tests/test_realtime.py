@@ -387,6 +387,14 @@ def test_manual_commits_without_partial_text_equal_the_rest_answer(server: str) 
     ({"type": "session.update", "session": {"type": "transcription", "audio": {"input": {
         "format": {"type": "audio/pcm", "rate": 0}}}}}, "invalid_value", "session.audio.input.format.rate"),
     ({"type": "session.update", "session": {"type": "transcription", "audio": {"input": {
+        "format": {"type": "audio/pcm", "rate": "24000"}}}}}, "invalid_type", "session.audio.input.format.rate"),
+    ({"type": "session.update", "session": {"type": "transcription", "audio": {"input": {
+        "turn_detection": {"silence_duration_ms": 300}}}}}, "missing_required_parameter",
+     "session.audio.input.turn_detection.type"),
+    ({"type": "session.update", "session": {"type": "transcription", "audio": {"input": {
+        "turn_detection": {"type": "server_vad", "threshold": "0.5"}}}}}, "invalid_type",
+     "session.audio.input.turn_detection.threshold"),
+    ({"type": "session.update", "session": {"type": "transcription", "audio": {"input": {
         "format": {"type": "audio/pcmu"}}}}}, "unsupported_value", "session.audio.input.format.type"),
     ({"type": "session.update", "session": {"type": "transcription", "audio": {"input": {
         "transcription": {"language": "xx"}}}}}, "unsupported_language", "session.audio.input.transcription.language"),
