@@ -129,14 +129,15 @@ def overloaded(retry_after_s: float, message: str = "The server is currently ove
     )
 
 
-def timeout(limit_s: float | None = None) -> APIError:
-    message = "The transcription timed out"
+def timeout(limit_s: float | None = None, what: str = "The transcription",
+            advice: str = " Try a shorter audio file.") -> APIError:
+    message = f"{what} timed out"
     if limit_s is not None:
         message += f" after {limit_s:g} s"
     # The openai SDK retries every 5xx twice by default; the same audio would only time out again, so say not to.
     return APIError(
         504,
-        message + ". Try a shorter audio file.",
+        message + "." + advice,
         type=SERVER_ERROR,
         code="timeout",
         headers={"x-should-retry": "false"},

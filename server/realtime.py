@@ -728,10 +728,11 @@ class RealtimeSession:
         except asyncio.CancelledError:
             raise
         except Exception as error:
+            # a turn cannot be sent again: no advice to retry after a wait or to send a shorter file
             if isinstance(error, QueueFull):
-                failure = errors.overloaded(error.retry_after_s)
+                failure = errors.overloaded(error.retry_after_s, "The server was too busy to transcribe this turn.")
             elif isinstance(error, TimeoutError):
-                failure = errors.timeout(self.settings.request_timeout_s)
+                failure = errors.timeout(self.settings.request_timeout_s, "The transcription of this turn", "")
             else:
                 logger.exception("the final transcription of a turn failed")
                 failure = errors.internal_error()

@@ -34,6 +34,7 @@ from pydantic import TypeAdapter
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from server.batcher import QueueFull
 from server.metrics import Metrics
 from server.realtime import RealtimeHub, RealtimeSession, extends
 from server.realtime import Turn as SessionTurn
@@ -719,6 +720,27 @@ def test_a_bug_in_handling_an_event_is_a_server_error_and_the_session_goes_on(mo
     error, updated = asyncio.run(scenario())
     assert error.type == "error" and error.error.type == "server_error" and error.error.event_id == "e1"
     assert updated.type == "session.updated"
+
+
+@pytest.mark.parametrize("failure", ["timeout", "queue_full"])
+def test_a_turn_that_fails_is_told_in_words_for_a_turn(monkeypatch, failure: str) -> None:
+    """A turn cannot be sent again: its `failed` event gives no REST advice (send a shorter file, retry later)."""
+    async def failing(samples: np.ndarray, language: str | None) -> None:
+        raise TimeoutError if failure == "timeout" else QueueFull(retry_after_s=1)
+
+    async def scenario() -> list:
+        session = _session(request_timeout_s=0.3)
+        monkeypatch.setattr(session.runtime.service, "transcribe", failing)
+        await session.handle(_update(turn_detection=None, transcription={"delay": "xhigh"}))
+        await session.handle(_append(_silence(0.5)))
+        await session.handle(json.dumps({"type": "input_audio_buffer.commit"}))
+        return await _sent(session)
+
+    events = asyncio.run(scenario())
+    [failed] = [event for event in events if event.type.endswith(".failed")]
+    code = {"timeout": "timeout", "queue_full": "overloaded"}[failure]
+    assert failed.error.code == code and "this turn" in failed.error.message
+    assert "shorter audio file" not in failed.error.message and "retry" not in failed.error.message.lower()
 
 
 def test_manual_commits_the_first_append_of_a_turn_is_held_to_the_longest_turn() -> None:
