@@ -311,11 +311,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.loading = loading
         yield
         await realtime_hub.close()
+        if not loading.done():
+            # Stopped while loading: the loading thread cannot be interrupted, and what it starts (the audio workers'
+            # processes, vLLM's) would outlive the shutdown unclosed ("leaked semaphore objects" at exit).
+            logger.info("stopping once the model has finished loading")
+            with contextlib.suppress(Exception):
+                await loading
         if "runtime" in holder:
             await holder["runtime"].batcher.stop()
             await holder["runtime"].engine.close()
             holder["runtime"].service.audio.close()
-        loading.cancel()
 
     app = FastAPI(title="zipper-asr", version="0.1.0", lifespan=lifespan)
     errors.install_error_handlers(app)

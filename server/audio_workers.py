@@ -27,6 +27,7 @@ import asyncio
 import logging
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -162,6 +163,11 @@ _worker_encoder: torch.nn.Module | None = None
 
 def _start_worker(server_pid: int, model_dir: Path | None, gemm_dtype: torch.dtype) -> None:
     global _worker_vad, _worker_encoder
+    # The server stops its workers itself once the requests in flight are answered. A signal sent to the whole
+    # process group (Ctrl-C in a terminal, systemd's default stop, `timeout`) would otherwise kill a worker at once
+    # and fail the uploads it holds while the server is still draining.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     use_one_thread()  # the engine's OpenMP threads keep the cores
     keep_freed_memory()
     _worker_vad = SileroVAD()
@@ -225,8 +231,12 @@ class AudioWorkers:
 
     def _new_pool(self) -> ProcessPoolExecutor:
         pool = _worker_pool(self.workers, self.encoder_model_dir, self.encoder_gemm_dtype)
-        for started in [pool.submit(int) for _ in range(self.workers)]:
-            started.result()  # start them now (imports, VAD model), not on the first request
+        try:
+            for started in [pool.submit(int) for _ in range(self.workers)]:
+                started.result()  # start them now (imports, VAD model), not on the first request
+        except BaseException:  # a worker killed while starting: its queues closed, not leaked at exit
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
         return pool
 
     async def prepare(self, audio: Audio, timed: bool = False) -> PreparedAudio:

@@ -8,8 +8,11 @@ import functools
 import io
 import json
 import os
+import signal
 import socket
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,12 +20,13 @@ from pathlib import Path
 import av
 import httpx
 import numpy as np
+import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from adapters.evaluate import error_rates
 from speechllm.audio import SAMPLE_RATE, load_audio, write_wav
-from tests.conftest import cer_bound, running_server
+from tests.conftest import SHIPPED_MODEL, cer_bound, free_port, running_server
 
 openai = pytest.importorskip("openai")
 
@@ -486,3 +490,62 @@ def test_audio_of_more_windows_than_the_queue_holds_is_refused_for_good(tmp_path
         response = httpx.post(f"{server}/v1/audio/transcriptions", files={"file": ("a.wav", short)},
                               data={"model": "whisper-1"}, timeout=120)
         assert response.status_code == 200, response.text
+
+
+def _serve_in_a_process_group(log: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = os.environ | {"ZASR_MODEL_DIR": str(SHIPPED_MODEL), "ZASR_PORT": str(port)}
+    process = subprocess.Popen([sys.executable, "-m", "speechllm.cli", "serve"], env=env, cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=log.open("w"), start_new_session=True)
+    return process, f"http://127.0.0.1:{port}"
+
+
+def _answers(url: str, path: str) -> int | None:
+    try:
+        return httpx.get(f"{url}{path}", timeout=1).status_code
+    except httpx.HTTPError:
+        return None
+
+
+def test_a_signal_to_the_whole_process_group_stops_the_server_cleanly(tmp_path: Path) -> None:
+    """Ctrl-C in a terminal, systemd's default stop and `timeout` signal every process of the group, the audio
+    workers too. A worker killed that way while the model loaded left its pool's semaphores to leak at exit, and
+    one killed while serving died under the uploads it held (restarted, retried, logged as a crash) while the
+    server drained them. Workers now leave stopping to the server."""
+    loading, url = _serve_in_a_process_group(tmp_path / "loading.log")
+    try:
+        def worker_starting() -> bool:
+            children = psutil.Process(loading.pid).children()
+            starting = any("spawn_main" in " ".join(child.cmdline()) for child in children)
+            return starting and _answers(url, "/ready") != 200
+
+        assert _wait_for(worker_starting, within_s=60)
+        os.killpg(loading.pid, signal.SIGTERM)  # while the model loads: its audio worker is starting
+        loading.wait(60)
+    finally:
+        loading.kill()
+    assert "leaked semaphore" not in (tmp_path / "loading.log").read_text()
+
+    upload = _long_upload()
+    serving, url = _serve_in_a_process_group(tmp_path / "serving.log")
+    answers: list[int] = []
+    try:
+        assert _wait_for(lambda: _answers(url, "/ready") == 200, within_s=60)
+
+        def transcribe() -> None:
+            answers.append(httpx.post(f"{url}/v1/audio/transcriptions", files={"file": ("long.flac", upload)},
+                                      data={"model": "whisper-1"}, timeout=120).status_code)
+
+        clients = [threading.Thread(target=transcribe) for _ in range(3)]
+        for client in clients:
+            client.start()
+        time.sleep(0.3)  # their uploads are with the audio worker
+        os.killpg(serving.pid, signal.SIGTERM)
+        for client in clients:
+            client.join(120)
+        serving.wait(60)
+    finally:
+        serving.kill()
+    log = (tmp_path / "serving.log").read_text()
+    assert answers == [200, 200, 200]
+    assert "an audio worker died" not in log and "leaked semaphore" not in log and "Traceback" not in log
