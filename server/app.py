@@ -349,7 +349,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > settings.max_upload_bytes + 64 * 1024:
             metrics.rejected.labels("too_large").inc()
-            raise errors.too_large(settings.max_upload_bytes, int(length))
+            raise errors.too_large(settings.max_upload_bytes, declared_bytes=int(length))
         try:
             form = await request.form(max_part_size=1024 * 1024)
         except UploadTooLarge:

@@ -97,11 +97,14 @@ def unsupported_audio(message: str = NOT_AUDIO, *, code: str = "invalid_value") 
     return APIError(400, message, param="file", code=code)
 
 
-def too_large(limit_bytes: int, received_bytes: int | None = None) -> APIError:
+def too_large(limit_bytes: int, received_bytes: int | None = None, declared_bytes: int | None = None) -> APIError:
+    """`received_bytes`: what was read of the body; `declared_bytes`: its Content-Length, refused before reading."""
     # OpenAI's 413 reads "Maximum content size limit (26214400) exceeded (26214850 bytes read)".
     message = f"Maximum content size limit ({limit_bytes}) exceeded"
     if received_bytes is not None:
         message += f" ({received_bytes} bytes read)"
+    elif declared_bytes is not None:
+        message += f" (Content-Length: {declared_bytes})"
     return APIError(413, message + ".", param="file", code="request_too_large")
 
 

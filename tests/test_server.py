@@ -227,6 +227,8 @@ def test_audio_under_100_ms_is_too_short_and_silence_has_no_speech(server: str) 
 def test_too_large_upload_is_413(server: str) -> None:
     response = _post(server, b"\0" * (UPLOAD_LIMIT_MB * 2**20 + 200_000))
     assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+    # refused on its Content-Length, before a byte of the body was read: the message says so, not "bytes read"
+    assert f"(Content-Length: {int(response.request.headers['content-length'])})" in response.json()["error"]["message"]
 
 
 def _requests_counted(server: str, endpoint: str, status: str, language: str) -> float:
