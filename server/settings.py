@@ -58,8 +58,9 @@ class Settings(BaseSettings):
     # --- batching ---
     max_batch_size: int = Field(16, description="most rows (audio windows) the engine decodes at once")
     max_wait_ms: float = Field(10.0, description="how long the batcher waits to fill a batch")
-    max_queue: int = Field(256, ge=1, description="rows waiting beyond this answer 503 with Retry-After (a request "
-                                                  "of more rows than this, 400 audio_too_long)")
+    max_queue: int = Field(2048, ge=1, description="rows (windows) waiting beyond this answer 503 with Retry-After "
+                                                   "(a request of more rows than this, 400 audio_too_long); room "
+                                                   "for the windows of one upload of max_audio_seconds")
     # --- adapter cache ---
     adapter_cache_mb: float = Field(64.0, description="bytes of merged per-language adapters kept on device")
     pinned_languages: list[str] = Field([], description="languages never evicted from the adapter cache")
@@ -67,7 +68,10 @@ class Settings(BaseSettings):
     # --- limits ---
     max_upload_mb: float = Field(25.0, description="largest accepted upload (OpenAI's limit is 25 MB)")
     max_audio_seconds: float = Field(1800.0, description="longest accepted audio")
-    max_window_seconds: float = Field(30.0, description="long audio is cut at pauses into windows this long")
+    max_window_seconds: float = Field(3.0, gt=1.0, description="longer audio is cut at pauses into windows this "
+                                                               "long at most (the shipped model, trained on clips "
+                                                               "of up to 5 s, hears 3 s windows best: "
+                                                               "benchmarks/results/long_audio_dev.md)")
     request_timeout_s: float = Field(300.0, description="a request still unanswered then gets a 504")
     upload_idle_timeout_s: float = Field(60.0, gt=0, description="an upload of which no part arrives for this long "
                                                                  "gets a 408 (as nginx's client_body_timeout)")
@@ -84,7 +88,9 @@ class Settings(BaseSettings):
                                                              "with an error event")
     realtime_max_turn_seconds: float = Field(30.0, gt=0, description="a turn this long is committed by the server "
                                                                      "(server VAD) or refuses more audio (manual "
-                                                                     "commits); at most max_window_seconds")
+                                                                     "commits); a turn longer than "
+                                                                     "max_window_seconds is transcribed in windows, "
+                                                                     "as an upload is")
     realtime_idle_timeout_s: float = Field(60.0, gt=0, description="a connection that sends nothing this long is "
                                                                    "closed")
     realtime_send_timeout_s: float = Field(20.0, gt=0, description="a connection whose client takes no event for "

@@ -200,7 +200,8 @@ def split_long_audio(samples: np.ndarray, vad: SileroVAD, max_window_s: float = 
     pause before the limit, looking first among pauses that leave the window at least half the limit long (so a
     long recording does not become many small windows), then among those leaving it at least min_window_s, then
     anywhere. Only a single stretch of speech longer than the limit is cut inside speech, at its least speech-like
-    point in the second half of the window; where the probabilities are flat that is the limit itself.
+    point in the second half of the window that leaves at least min_window_s of it for the next one; where the
+    probabilities are flat that is the limit itself, or as near it as that allows.
     """
     samples = _as_mono(samples)
     max_len = round(max_window_s * SAMPLE_RATE)
@@ -226,8 +227,12 @@ def split_long_audio(samples: np.ndarray, vad: SileroVAD, max_window_s: float = 
             windows.append(Span(start, spans[last].end))
             first = last + 1
             start = spans[first].start
-        else:  # the span at the front is longer than the budget left: cut inside it
-            cut = _quietest_point(probs, start + max(min_len, max_len // 2), limit)
+        else:  # the span at the front is longer than the budget left: cut inside it, and leave at least
+            # min_window_s of it for the next window where the limit allows (a span just over the limit left a sliver
+            # of 20 ms, too short for the encoder's convolutions)
+            earliest = start + max(min_len, max_len // 2)
+            latest = min(limit, spans[first].end - min_len)
+            cut = _quietest_point(probs, earliest, latest if latest > earliest else limit)
             windows.append(Span(start, cut))
             start = cut
 

@@ -256,6 +256,15 @@ def test_speech_without_any_dip_is_hard_cut_at_the_limit():
     assert [round(w.duration_s) for w in windows] == [30, 30, 10]
 
 
+def test_speech_just_over_the_limit_leaves_no_sliver():
+    """A stretch of speech 20 ms longer than the limit was cut at the limit, leaving a 20 ms window that the
+    encoder's convolutions cannot take (a 500 in the server; found with 3 s windows on the test split)."""
+    audio, vad = scripted([(1, 0.0), (3.1, 0.9), (1, 0.0)])
+    windows = split_long_audio(audio, vad, max_window_s=3.0)
+    assert_valid_windows(windows, 3.0, audio.size)
+    assert len(windows) == 2 and min(w.duration_s for w in windows) >= 1.0
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Streaming
 # ---------------------------------------------------------------------------------------------------------------
