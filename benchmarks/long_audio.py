@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,9 +148,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0, help="about how long each recording is")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
-    workdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"zasr-long-audio-{args.split}"
-    workdir.mkdir(parents=True, exist_ok=True)
-    report = run(args.model, args.corpus, args.split, args.windows, args.seconds, workdir)
+    with tempfile.TemporaryDirectory(prefix="zasr-long-audio-") as workdir:
+        report = run(args.model, args.corpus, args.split, args.windows, args.seconds, Path(workdir))
     report |= {"model": str(args.model.relative_to(ROOT) if args.model.is_relative_to(ROOT) else args.model),
                "seconds": args.seconds, "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                                                     "torch": torch.__version__}}

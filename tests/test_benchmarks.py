@@ -59,3 +59,28 @@ def test_backends_benchmark(tmp_path: Path) -> None:
         for load in results[backend].values():
             _check_load(load)
     assert all(value > 0 for value in results["ratios_vllm_over_embedded"].values())
+
+
+def test_long_audio_benchmark(tmp_path: Path) -> None:
+    """On a corpus of a few espeak-ng utterances in the layout `zipper-asr corpus` writes (the real one is not
+    built in CI)."""
+    corpus = tmp_path / "corpus"
+    entries = []
+    for language, voice, texts in (("en", "en", ["one two three", "where is the water", "the house is small"]),
+                                   ("ja", "ja", ["こんにちは", "ありがとう", "さようなら"])):
+        for index, text in enumerate(texts):
+            audio = corpus / "audio" / "dev" / language / f"{index}.wav"
+            audio.parent.mkdir(parents=True, exist_ok=True)
+            audio.write_bytes(subprocess.run(["espeak-ng", "-v", voice, "--stdout", "--", text],
+                                             capture_output=True, check=True).stdout)
+            entries.append({"audio": str(audio.relative_to(corpus)), "text": text, "language": language})
+    (corpus / "dev.jsonl").write_text("".join(json.dumps(entry) + "\n" for entry in entries))
+    _run("benchmarks.long_audio", tmp_path, "--corpus", str(corpus), "--split", "dev", "--windows", "6", "3",
+         "--seconds", "3")
+    report = json.loads((tmp_path / "long_audio_dev.json").read_text())
+    assert report["recordings"] >= 2 and report["audio_seconds"] > 3
+    for row in [*report["windows"].values(), report["utterances_alone"]]:
+        assert set(row["cer"]) == {"en", "ja"} and all(math.isfinite(cer) for cer in row["cer"].values())
+        assert row["audio_s_per_s"] > 0
+    assert not any(row["failed"] for row in report["windows"].values())
+    assert (tmp_path / "long_audio_dev.md").read_text().startswith("# Long audio (dev split)")
