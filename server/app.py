@@ -302,7 +302,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async def load() -> None:
-            runtime = await run_in_threadpool(load_runtime, settings, metrics)
+            try:
+                runtime = await run_in_threadpool(load_runtime, settings, metrics)
+            except Exception:
+                logger.exception("the model failed to load from %s", settings.model_dir)
+                raise
             await runtime.batcher.start()
             holder["runtime"] = runtime
             logger.info("model loaded from %s", settings.model_dir)
@@ -313,10 +317,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await realtime_hub.close()
         if not loading.done():
             # Stopped while loading: the loading thread cannot be interrupted, and what it starts (the audio workers'
-            # processes, vLLM's) would outlive the shutdown unclosed ("leaked semaphore objects" at exit).
-            logger.info("stopping once the model has finished loading")
-            with contextlib.suppress(Exception):
-                await loading
+            # processes, vLLM's) would outlive the shutdown unclosed ("leaked semaphore objects" at exit). A load
+            # that hangs gets as long as the requests in flight do.
+            logger.info("stopping once the model has finished loading (at most %g s)", settings.shutdown_timeout_s)
+            try:
+                await asyncio.wait_for(asyncio.shield(loading), settings.shutdown_timeout_s)
+            except TimeoutError:
+                logger.warning("the model is still loading after %g s; stopping without it",
+                               settings.shutdown_timeout_s)
+            except Exception:
+                pass  # logged by load()
         if "runtime" in holder:
             await holder["runtime"].batcher.stop()
             await holder["runtime"].engine.close()

@@ -27,7 +27,6 @@ import asyncio
 import logging
 import multiprocessing
 import os
-import signal
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -163,11 +162,10 @@ _worker_encoder: torch.nn.Module | None = None
 
 def _start_worker(server_pid: int, model_dir: Path | None, gemm_dtype: torch.dtype) -> None:
     global _worker_vad, _worker_encoder
-    # The server stops its workers itself once the requests in flight are answered. A signal sent to the whole
-    # process group (Ctrl-C in a terminal, systemd's default stop, `timeout`) would otherwise kill a worker at once
-    # and fail the uploads it holds while the server is still draining.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # A process group of its own: a signal to the server's group (Ctrl-C in a terminal, `timeout`, a shell's kill
+    # of the job) would otherwise kill a worker at once, under the uploads it holds, while the server drains its
+    # requests before stopping the workers itself. (Not SIG_IGN: the pool SIGTERMs the others when one dies.)
+    os.setpgid(0, 0)
     use_one_thread()  # the engine's OpenMP threads keep the cores
     keep_freed_memory()
     _worker_vad = SileroVAD()

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic_core import PydanticCustomError
 
 from server.errors import APIError, from_validation_error, invalid_request, shown
 from server.protocol import TranscriptionLanguage, UsageDuration, omitted
@@ -33,14 +34,27 @@ Delay = Literal["minimal", "low", "medium", "high", "xhigh"]
 
 
 class ClientModel(BaseModel):
-    # Strict: a rate of "24000" or a threshold of "0.5" is the client's bug to hear of, as OpenAI answers it, not
-    # something to coerce.
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="ignore")
+
+
+def _as_json_types_it(kind: Literal["int", "float"], noun: str) -> BeforeValidator:
+    """A number as JSON types it: a rate of "24000" or a threshold of "0.5" (or true) is the client's bug to hear
+    of, not something to coerce. (A whole float, 500.0, still counts as an integer: `0.5 * 1000` is a number.)"""
+    def check(value: Any) -> Any:
+        if isinstance(value, str | bool):
+            raise PydanticCustomError(f"{kind}_type", f"Input should be a valid {noun}")
+        return value
+
+    return BeforeValidator(check)
+
+
+JsonInt = Annotated[int, _as_json_types_it("int", "integer")]
+JsonFloat = Annotated[float, _as_json_types_it("float", "number")]
 
 
 class AudioFormat(ClientModel):
     type: Literal["audio/pcm", "audio/pcmu", "audio/pcma"] = "audio/pcm"
-    rate: int | None = None  # OpenAI: always 24000; 16000 is our extension
+    rate: JsonInt | None = None  # OpenAI: always 24000; 16000 is our extension
 
 
 class TranscriptionOptions(ClientModel):
@@ -54,9 +68,9 @@ class TranscriptionOptions(ClientModel):
 
 class TurnDetectionOptions(ClientModel):
     type: Literal["server_vad", "semantic_vad"]  # required, as in OpenAI's API
-    threshold: float | None = Field(None, ge=0.0, le=1.0)
-    prefix_padding_ms: int | None = Field(None, ge=0, le=10_000)
-    silence_duration_ms: int | None = Field(None, ge=1, le=10_000)
+    threshold: JsonFloat | None = Field(None, ge=0.0, le=1.0)
+    prefix_padding_ms: JsonInt | None = Field(None, ge=0, le=10_000)
+    silence_duration_ms: JsonInt | None = Field(None, ge=1, le=10_000)
 
 
 class AudioInputOptions(ClientModel):

@@ -59,8 +59,9 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(16, description="most rows (audio windows) the engine decodes at once")
     max_wait_ms: float = Field(10.0, description="how long the batcher waits to fill a batch")
     max_queue: int = Field(2048, ge=1, description="rows (windows) waiting beyond this answer 503 with Retry-After "
-                                                   "(a request of more rows than this, 400 audio_too_long); room "
-                                                   "for the windows of one upload of max_audio_seconds")
+                                                   "(a request of more rows than this, 400 audio_too_long); with "
+                                                   "the default windows, room for those of one upload of "
+                                                   "max_audio_seconds")
     # --- adapter cache ---
     adapter_cache_mb: float = Field(64.0, description="bytes of merged per-language adapters kept on device")
     pinned_languages: list[str] = Field([], description="languages never evicted from the adapter cache")

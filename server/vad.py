@@ -232,7 +232,10 @@ def split_long_audio(samples: np.ndarray, vad: SileroVAD, max_window_s: float = 
             # of 20 ms, too short for the encoder's convolutions)
             earliest = start + max(min_len, max_len // 2)
             latest = min(limit, spans[first].end - min_len)
-            cut = _quietest_point(probs, earliest, latest if latest > earliest else limit)
+            if latest >= earliest:
+                cut = _quietest_point(probs, earliest, latest)
+            else:  # a limit under twice min_window_s: share the span out evenly instead
+                cut = min(limit, (start + spans[first].end) // 2)
             windows.append(Span(start, cut))
             start = cut
 

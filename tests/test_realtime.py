@@ -698,6 +698,23 @@ def _kinds(events: list) -> list[str]:
     return [kind for event in events if (kind := event.type.rsplit(".", 1)[-1]) != "delta"]
 
 
+def test_numbers_are_taken_as_json_types_them() -> None:
+    """Strings and booleans for numbers are refused (pydantic's lax mode took "24000"); a whole float is an integer
+    still (a client's `0.5 * 1000`)."""
+    def update(**turn_detection) -> str:
+        audio_input = {"format": {"type": "audio/pcm", "rate": 24000.0},
+                       "turn_detection": {"type": "server_vad", **turn_detection}}
+        session = {"type": "transcription", "audio": {"input": audio_input}}
+        return json.dumps({"type": "session.update", "session": session})
+
+    accepted = parse_client_event(update(silence_duration_ms=500.0, prefix_padding_ms=300, threshold=1))
+    assert accepted.session.audio.input.turn_detection.silence_duration_ms == 500
+    for bad in ({"silence_duration_ms": "500"}, {"threshold": "0.5"}, {"prefix_padding_ms": True}):
+        with pytest.raises(ClientEventError) as refused:
+            parse_client_event(update(**bad))
+        assert refused.value.error.code == "invalid_type"
+
+
 def test_a_message_nested_too_deeply_is_an_error_not_a_crash() -> None:
     """Nested about 1000 deep, JSON that json.loads accepts can be too deep for json.dumps (the check for unpaired
     surrogates)."""

@@ -263,6 +263,11 @@ def test_speech_just_over_the_limit_leaves_no_sliver():
     windows = split_long_audio(audio, vad, max_window_s=3.0)
     assert_valid_windows(windows, 3.0, audio.size)
     assert len(windows) == 2 and min(w.duration_s for w in windows) >= 1.0
+    # a limit under twice min_window_s cannot leave min_window_s on both sides: the span is halved instead
+    audio, vad = scripted([(1, 0.0), (1.5, 0.9), (1, 0.0)])  # 1.7 s with its padding
+    windows = split_long_audio(audio, vad, max_window_s=1.5)
+    assert_valid_windows(windows, 1.5, audio.size)
+    assert len(windows) == 2 and min(w.duration_s for w in windows) >= 0.8
 
 
 # ---------------------------------------------------------------------------------------------------------------
