@@ -73,7 +73,7 @@ def make_recordings(corpus: Path, split: str, seconds: float, out: Path, seed: i
     return recordings
 
 
-async def transcribe(settings: Settings, uploads: list[Path], languages: list[str]) -> tuple[list, float]:
+async def transcribe(settings: Settings, uploads: list[Path], languages: list[str | None]) -> tuple[list, float]:
     """Each upload's result through the service's own runtime, and the wall time they took."""
     async with started_runtime(settings) as runtime:
         start = time.monotonic()
@@ -93,14 +93,17 @@ def score(recordings: list[Recording], texts: list[str]) -> dict:
     return {"mean_cer": round(statistics.mean(cer.values()), 4), "cer": cer}
 
 
-def run(model: Path, corpus: Path, split: str, windows: list[float], seconds: float, workdir: Path) -> dict:
+def run(model: Path, corpus: Path, split: str, windows: list[float], seconds: float, workdir: Path,
+        detect: bool = False) -> dict:
+    """`detect`: no language given; each window's is detected (LID), as for an untagged request."""
     recordings = make_recordings(corpus, split, seconds, workdir)
     audio_seconds = sum(r.seconds for r in recordings)
     report: dict = {"split": split, "recordings": len(recordings), "audio_seconds": round(audio_seconds, 1),
-                    "windows": {}}
+                    "language": "detected" if detect else "given", "windows": {}}
     for window in windows:
         settings = Settings(model_dir=model, max_window_seconds=window)
-        uploads, languages = [r.path for r in recordings], [r.language for r in recordings]
+        uploads = [r.path for r in recordings]
+        languages = [None if detect else r.language for r in recordings]
         results, wall = asyncio.run(transcribe(settings, uploads, languages))
         failed = [str(r) for r in results if isinstance(r, Exception)]
         texts = ["" if isinstance(r, Exception) else r.text for r in results]
@@ -111,7 +114,7 @@ def run(model: Path, corpus: Path, split: str, windows: list[float], seconds: fl
         print(window, report["windows"][str(window)]["mean_cer"], flush=True)
     # the same utterances one by one (the texts joined as the references are)
     clips = [clip for r in recordings for clip, _ in r.clips]
-    languages = [r.language for r in recordings for _ in r.clips]
+    languages = [None if detect else r.language for r in recordings for _ in r.clips]
     whole = Settings(model_dir=model, max_window_seconds=30.0)  # each utterance one window, however long
     results, wall = asyncio.run(transcribe(whole, clips, languages))
     texts = iter("" if isinstance(r, Exception) else r.text for r in results)
@@ -123,11 +126,11 @@ def run(model: Path, corpus: Path, split: str, windows: list[float], seconds: fl
 def markdown(report: dict, windows: list[float]) -> str:
     languages = list(report["utterances_alone"]["cer"])
     head = "| window (s) | mean CER | " + " | ".join(languages) + " | mean window (s) | audio s / s |"
-    lines = [f"# Long audio ({report['split']} split)", "",
+    lines = [f"# Long audio ({report['split']} split, the language {report['language']})", "",
              f"Machine: {report['machine']}; model: `{report['model']}`; {report['recordings']} recordings, "
              f"{report['audio_seconds']} s of audio (a split's utterances joined with pauses of "
              f"{PAUSES_S[0]}-{PAUSES_S[1]} s, about {report['seconds']:.0f} s each); CER against the joined "
-             "references, the language given.", "", head, "|" + "---|" * (len(languages) + 4)]
+             f"references, the language {report['language']}.", "", head, "|" + "---|" * (len(languages) + 4)]
     for window in windows:
         row = report["windows"][str(window)]
         lines.append(f"| {window:g} | {row['mean_cer']:.4f} | " + " | ".join(f"{row['cer'][lang]:.3f}"
@@ -146,14 +149,15 @@ def main() -> None:
     parser.add_argument("--split", choices=["dev", "test"], default="dev")
     parser.add_argument("--windows", type=float, nargs="+", default=[30, 20, 15, 10, 6])
     parser.add_argument("--seconds", type=float, default=60.0, help="about how long each recording is")
+    parser.add_argument("--detect", action="store_true", help="give no language: each window's is detected")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="zasr-long-audio-") as workdir:
-        report = run(args.model, args.corpus, args.split, args.windows, args.seconds, Path(workdir))
+        report = run(args.model, args.corpus, args.split, args.windows, args.seconds, Path(workdir), args.detect)
     report |= {"model": str(args.model.relative_to(ROOT) if args.model.is_relative_to(ROOT) else args.model),
                "seconds": args.seconds, "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                                                     "torch": torch.__version__}}
-    stem = args.out / f"long_audio_{args.split}"
+    stem = args.out / f"long_audio_{args.split}{'_detected' if args.detect else ''}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
     stem.with_suffix(".md").write_text(markdown(report, args.windows))
     print(markdown(report, args.windows))

@@ -48,6 +48,9 @@ def server(request, tmp_path_factory) -> Iterator[str]:
     settings = {"ZASR_MODEL_DIR": str(MODEL_DIR), "ZASR_API_KEYS": f'["{API_KEY}"]',
                 "ZASR_MAX_UPLOAD_MB": str(UPLOAD_LIMIT_MB), "ZASR_MAX_AUDIO_SECONDS": "90",
                 "ZASR_UPLOAD_IDLE_TIMEOUT_S": str(UPLOAD_IDLE_TIMEOUT_S),
+                # windows that decode for seconds, for the clients that leave in the middle (in the default 3 s
+                # windows a 50 s upload is decoded before a test can hang up on it)
+                "ZASR_MAX_WINDOW_SECONDS": "30",
                 "ZASR_BACKEND": request.param}
     log = tmp_path_factory.mktemp("server") / "server.log"
     with running_server(settings, log, ready_within_s=240 if request.param == "vllm" else 60) as url:
