@@ -47,7 +47,7 @@ import torch
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from server import errors
-from server.batcher import QueueFull
+from server.batcher import QueueFull, TooManyRows
 from server.engine import EngineInput, EngineOutput
 from server.errors import APIError, internal_error, invalid_request
 from server.metrics import Metrics
@@ -730,7 +730,10 @@ class RealtimeSession:
             raise
         except Exception as error:
             # a turn cannot be sent again: no advice to retry after a wait or to send a shorter file
-            if isinstance(error, QueueFull):
+            if isinstance(error, TooManyRows):  # more windows than ZASR_MAX_QUEUE: it would never be queued
+                failure = errors.invalid_request(f"The turn is too long for this server: {error}.",
+                                                 code="audio_too_long")
+            elif isinstance(error, QueueFull):
                 failure = errors.overloaded(error.retry_after_s, "The server was too busy to transcribe this turn.")
             elif isinstance(error, TimeoutError):
                 failure = errors.timeout(self.settings.request_timeout_s, "The transcription of this turn", "")

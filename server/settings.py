@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from speechllm.inference import LID_CONFIDENCE_THRESHOLD
@@ -119,6 +119,14 @@ class Settings(BaseSettings):
     # --- HTTP ---
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, description="port to listen on")
+
+    @model_validator(mode="after")
+    def _a_turn_fits_a_request(self) -> Settings:
+        # a realtime turn is transcribed as an upload of its audio, which max_audio_seconds would refuse
+        if self.realtime_max_turn_seconds > self.max_audio_seconds:
+            raise ValueError(f"realtime_max_turn_seconds ({self.realtime_max_turn_seconds:g}) is over "
+                             f"max_audio_seconds ({self.max_audio_seconds:g})")
+        return self
 
     @property
     def max_upload_bytes(self) -> int:
