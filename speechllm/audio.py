@@ -104,7 +104,8 @@ def _decodable_frames(container: av.container.InputContainer, stream: av.AudioSt
         return
     if not decoded:
         raise first_error
-    logger.info("decoded %d frames of a damaged or cut-off file; skipped what failed: %s", decoded, first_error)
+    # a packet skipped inside the file shortens it by that packet: the later timestamps move up by as much
+    logger.warning("decoded %d frames of a damaged or cut-off file; skipped what failed: %s", decoded, first_error)
     try:
         yield from stream.decode(None)  # what the decoder still holds: the demuxer's flush packet never came
     except av.error.FFmpegError:

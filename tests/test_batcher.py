@@ -242,13 +242,14 @@ def test_submit_when_room_waits_for_the_queue_to_drain(model: SpeechLLM) -> None
     async def scenario() -> None:
         batcher = Batcher(engine, metrics, max_batch_size=2, max_wait_s=0.01, max_queue=3)
         first = batcher.submit(_items(["en", "ja", "de"], seed=1))
-        waiting = asyncio.ensure_future(batcher.submit_when_room(_items(["ar", "ko"], seed=2)))
+        waiting = [asyncio.ensure_future(batcher.submit_when_room(_items(languages, seed=2)))
+                   for languages in (["ar", "ko"], ["th"])]
         await asyncio.sleep(0.2)
-        assert not waiting.done() and batcher.depth == 3  # nothing drains the queue yet
+        assert not any(w.done() for w in waiting) and batcher.depth == 3  # nothing drains the queue yet
         await batcher.start()
-        second = await asyncio.wait_for(waiting, TIMEOUT_S)
-        outputs = await asyncio.gather(*first, *second)
-        assert [o.language for o in outputs] == ["en", "ja", "de", "ar", "ko"]
+        second, third = await asyncio.wait_for(asyncio.gather(*waiting), TIMEOUT_S)
+        outputs = await asyncio.gather(*first, *second, *third)
+        assert [o.language for o in outputs] == ["en", "ja", "de", "ar", "ko", "th"]
         with pytest.raises(TooManyRows):  # would wait forever
             await batcher.submit_when_room(_items(["en", "ja", "de", "ar"]))
         await batcher.stop()
