@@ -275,8 +275,13 @@ def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     encoder_in_workers = settings.encoder_in_workers
     if encoder_in_workers is None:
         encoder_in_workers = device == "cpu"
-    audio = AudioWorkers(settings.audio_workers, SileroVAD(), settings.max_audio_seconds, settings.max_window_seconds,
-                         settings.model_dir if encoder_in_workers else None, encoder_gemm_dtype)
+    try:
+        audio = AudioWorkers(settings.audio_workers, SileroVAD(), settings.max_audio_seconds,
+                             settings.max_window_seconds, settings.model_dir if encoder_in_workers else None,
+                             encoder_gemm_dtype)
+    except BaseException:  # (a worker killed while starting, say) vLLM's processes are not left behind
+        asyncio.run(engine.close())
+        raise
     service = TranscriptionService(settings, batcher, audio, metrics)
     return Runtime(engine, batcher, service)
 
