@@ -271,8 +271,9 @@ class RealtimeSession:
         model = runtime.engine.model
         self.chunk_size = settings.realtime_chunk_size or model.config.encoder.chunk_size
         self.streaming_encoder = hasattr(model.encoder, "stream")  # ours is; a HF Whisper encoder is not
-        # A turn's transcript is the REST answer for its audio, so a turn longer than a REST window is cut into
-        # windows at its pauses as an upload is; its partial text decodes the turn so far whole.
+        # Not capped at one REST window: the REST answer for a longer turn's audio is cut into windows at its pauses
+        # as an upload's is (the transcript when it begins with the text already sent); its partial text, and a
+        # decode that must continue that text, read the turn whole.
         self.max_turn_samples = int(settings.realtime_max_turn_seconds * SAMPLE_RATE)
         self.update_samples = max(1, int(settings.realtime_update_ms * SAMPLE_RATE / 1000))
         self.speech_pad = runtime.service.audio.vad.speech_pad  # what a turn's audio keeps of its closing pause
