@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from adapters.evaluate import error_rates
+from server.engine import EngineInput
 from server.offline import started_runtime, transcribe_each
 from server.settings import Settings
 from speechllm.audio import load_audio, write_wav
@@ -82,6 +83,21 @@ async def transcribe(settings: Settings, uploads: list[Path], languages: list[st
         return results, time.monotonic() - start
 
 
+async def detect_languages(settings: Settings, recordings: list[Recording]) -> dict:
+    """How many recordings' language the detection endpoint's rule finds (`SpeechEngine.detect_whole`: all the
+    windows), against the first window's alone."""
+    right = {"first_window": 0, "whole_recording": 0}
+    async with started_runtime(settings) as runtime:
+        for recording in recordings:
+            prepared = await runtime.service.audio.prepare(recording.path.read_bytes())
+            windows = [EngineInput(row.features, None, states=row.states) for row in prepared.rows]
+            [first] = await runtime.batcher.run_exclusive(runtime.engine.detect, windows[:1])
+            whole = await runtime.batcher.run_exclusive(runtime.engine.detect_whole, windows)
+            right["first_window"] += first.language == recording.language
+            right["whole_recording"] += whole.language == recording.language
+    return {**right, "recordings": len(recordings), "window_seconds": settings.max_window_seconds}
+
+
 def score(recordings: list[Recording], texts: list[str]) -> dict:
     by_language: dict[str, tuple[list[str], list[str]]] = {}
     for recording, text in zip(recordings, texts, strict=True):
@@ -120,6 +136,7 @@ def run(model: Path, corpus: Path, split: str, windows: list[float], seconds: fl
     texts = iter("" if isinstance(r, Exception) else r.text for r in results)
     joined = [("" if BY_CODE[r.language].unspaced else " ").join(next(texts) for _ in r.clips) for r in recordings]
     report["utterances_alone"] = {**score(recordings, joined), "audio_s_per_s": round(audio_seconds / wall, 1)}
+    report["language_detection"] = asyncio.run(detect_languages(Settings(model_dir=model), recordings))
     return report
 
 
@@ -139,6 +156,10 @@ def markdown(report: dict, windows: list[float]) -> str:
     alone = report["utterances_alone"]
     lines.append("| each utterance alone | " + f"{alone['mean_cer']:.4f} | "
                  + " | ".join(f"{alone['cer'][lang]:.3f}" for lang in languages) + f" | – | {alone['audio_s_per_s']} |")
+    detection = report["language_detection"]
+    lines += ["", f"Language detection (`/v1/audio/language`'s rule, {detection['window_seconds']:g} s windows): "
+                  f"{detection['whole_recording']} of {detection['recordings']} recordings right from all their "
+                  f"windows, {detection['first_window']} from the first window alone."]
     return "\n".join(lines) + "\n"
 
 

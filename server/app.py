@@ -454,13 +454,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
         return StreamedTranscription(body(), rows)
 
-    async def first_window_language(data: bytes) -> LanguageGuess:
+    async def recording_language(data: bytes) -> LanguageGuess:
         rt = runtime()
         with bad_audio_as_errors():
             prepared = await rt.service.audio.prepare(data)
             require_speech(prepared)
-        first = EngineInput(prepared.rows[0].features, None, states=prepared.rows[0].states)
-        return (await rt.batcher.run_exclusive(rt.engine.detect, [first]))[0]
+        windows = [EngineInput(row.features, None, states=row.states) for row in prepared.rows]
+        return await rt.batcher.run_exclusive(rt.engine.detect_whole, windows)
 
     @app.post("/v1/audio/language")
     async def detect_language(request: Request) -> LanguageDetection:
@@ -468,7 +468,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         _, data = await read_upload(request)
         try:
             async with asyncio.timeout(settings.request_timeout_s):
-                guess = await unless_client_leaves(request, first_window_language(data))
+                guess = await unless_client_leaves(request, recording_language(data))
         except TimeoutError:
             raise errors.timeout(settings.request_timeout_s) from None
         request.state.language = guess.language

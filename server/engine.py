@@ -152,6 +152,15 @@ class SpeechEngine:
         _, _, probabilities = self._encode_rows(batch)
         return [self._guess(p) for p in probabilities]
 
+    def detect_whole(self, windows: list[EngineInput]) -> LanguageGuess:
+        """One language for a recording cut into windows: the windows' log posteriors summed, weighted by their
+        lengths, and normalised again (a geometric mean). On the dev split's minute-long recordings in 3 s windows,
+        48 of 55 right, against 44 from the first window and 45 from averaging the posteriors themselves
+        (benchmarks/results/long_audio_dev.md)."""
+        _, lengths, probabilities = self._encode_rows(windows)
+        weights = (lengths.float() / float(lengths.sum())).cpu()
+        return self._guess((probabilities.clamp_min(1e-9).log() * weights[:, None]).sum(0).softmax(-1))
+
     @torch.no_grad()
     def _encode_rows(self, batch: list[EngineInput]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Encoder states (B, T, d) of every row, their lengths and LID posteriors. Rows that bring their encoder

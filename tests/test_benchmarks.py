@@ -83,4 +83,8 @@ def test_long_audio_benchmark(tmp_path: Path) -> None:
         assert set(row["cer"]) == {"en", "ja"} and all(math.isfinite(cer) for cer in row["cer"].values())
         assert row["audio_s_per_s"] > 0
     assert not any(row["failed"] for row in report["windows"].values())
+    detection = report["language_detection"]
+    assert detection["recordings"] == report["recordings"]
+    assert 0 <= detection["first_window"] <= detection["recordings"]
+    assert 0 <= detection["whole_recording"] <= detection["recordings"]
     assert (tmp_path / "long_audio_dev.md").read_text().startswith("# Long audio (dev split, the language given)")

@@ -132,6 +132,20 @@ def test_mixed_batch_matches_reference_and_rows_alone(adapted: SpeechLLM, thresh
         assert all(deltas[row]), f"row {row} got an empty delta: {deltas[row]!r}"
 
 
+def test_a_recording_s_language_is_detected_from_all_its_windows(soft_model: SpeechLLM) -> None:
+    """`detect_whole` (the detection endpoint's rule): the windows' log posteriors, weighted by their lengths,
+    summed and normalised again."""
+    engine = EmbeddedEngine(soft_model, Metrics(), BIG_CACHE)
+    windows = [EngineInput(f, None) for f in _features()]
+    _, lengths, posteriors = engine._encode_rows(windows)
+    expected = (posteriors.log() * (lengths.float() / lengths.sum())[:, None]).sum(0).softmax(-1)
+    whole = engine.detect_whole(windows)
+    assert whole.language == soft_model.config.languages[int(expected.argmax())]
+    assert whole.probability == pytest.approx(float(expected.max()), abs=1e-5)
+    one, alone = engine.detect_whole(windows[:1]), engine.detect(windows[:1])[0]  # one window: its own guess
+    assert one.language == alone.language and one.probability == pytest.approx(alone.probability, abs=1e-5)
+
+
 def test_adapters_differ_by_language(adapted: SpeechLLM) -> None:
     """Guards the test above against vacuity: with randomised B/routers, languages get different B(l)
     (SHARED by construction gives one B to all)."""
