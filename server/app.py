@@ -101,6 +101,12 @@ class Runtime:
     batcher: Batcher
     service: TranscriptionService
 
+    async def close(self) -> None:
+        """Answer every accepted row, then release the engine and the audio workers."""
+        await self.batcher.stop()
+        await self.engine.close()
+        self.service.audio.close()
+
 
 class UploadTooLarge(Exception):
     pass
@@ -333,9 +339,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             except Exception:
                 pass  # logged by load()
         if "runtime" in holder:
-            await holder["runtime"].batcher.stop()
-            await holder["runtime"].engine.close()
-            holder["runtime"].service.audio.close()
+            await holder["runtime"].close()
 
     app = FastAPI(title="zipper-asr", version="0.1.0", lifespan=lifespan)
     errors.install_error_handlers(app)

@@ -31,9 +31,7 @@ async def started_runtime(settings: Settings) -> AsyncIterator[Runtime]:
     try:
         yield runtime
     finally:
-        await runtime.batcher.stop()
-        await runtime.engine.close()
-        runtime.service.audio.close()
+        await runtime.close()
 
 
 async def transcribe_each(runtime: Runtime, audio: list[Callable[[], Awaitable[bytes]]], language: list[str | None],
