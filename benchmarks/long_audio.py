@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from adapters.evaluate import error_rates
-from server.engine import EngineInput
-from server.offline import started_runtime, transcribe_each
+from server.offline import file_reader, started_runtime, transcribe_each
+from server.service import untagged_rows
 from server.settings import Settings
 from speechllm.audio import load_audio, write_wav
 from speechllm.languages import BY_CODE
@@ -78,8 +78,7 @@ async def transcribe(settings: Settings, uploads: list[Path], languages: list[st
     """Each upload's result through the service's own runtime, and the wall time they took."""
     async with started_runtime(settings) as runtime:
         start = time.monotonic()
-        readers = [lambda path=path: asyncio.to_thread(path.read_bytes) for path in uploads]
-        results = await transcribe_each(runtime, readers, languages)
+        results = await transcribe_each(runtime, [file_reader(path) for path in uploads], languages)
         return results, time.monotonic() - start
 
 
@@ -90,7 +89,7 @@ async def detect_languages(settings: Settings, recordings: list[Recording]) -> d
     async with started_runtime(settings) as runtime:
         for recording in recordings:
             prepared = await runtime.service.audio.prepare(recording.path.read_bytes())
-            windows = [EngineInput(row.features, None, states=row.states) for row in prepared.rows]
+            windows = untagged_rows(prepared)
             [first] = await runtime.batcher.run_exclusive(runtime.engine.detect, windows[:1])
             whole = await runtime.batcher.run_exclusive(runtime.engine.detect_whole, windows)
             right["first_window"] += first.language == recording.language

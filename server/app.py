@@ -30,7 +30,7 @@ from server import errors
 from server.allocator import keep_freed_memory
 from server.audio_workers import AudioWorkers
 from server.batcher import Batcher, QueueFull, TooManyRows
-from server.engine import EmbeddedEngine, EngineInput, LanguageGuess, SpeechEngine
+from server.engine import EmbeddedEngine, LanguageGuess, SpeechEngine
 from server.formats import media_type, render
 from server.metrics import Metrics, language_label
 from server.protocol import (
@@ -59,6 +59,7 @@ from server.service import (
     TranscriptionService,
     cancel_unanswered,
     require_speech,
+    untagged_rows,
 )
 from server.settings import Settings
 from server.threads import DEFAULT_ENGINE_THREADS, use_one_thread
@@ -463,8 +464,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         with bad_audio_as_errors():
             prepared = await rt.service.audio.prepare(data)
             require_speech(prepared)
-        windows = [EngineInput(row.features, None, states=row.states) for row in prepared.rows]
-        return await rt.batcher.run_exclusive(rt.engine.detect_whole, windows)
+        return await rt.batcher.run_exclusive(rt.engine.detect_whole, untagged_rows(prepared))
 
     @app.post("/v1/audio/language")
     async def detect_language(request: Request) -> LanguageDetection:

@@ -61,12 +61,13 @@ async def transcribe_files(settings: Settings, files: list[Path], language: str 
     language = check_language(language) if language else None
     async with started_runtime(settings) as runtime:
         with tqdm(total=len(files), desc="transcribe", unit="file", disable=len(files) < 2) as bar:
-            results = await transcribe_each(runtime, [_reader(path) for path in files], [language] * len(files),
+            results = await transcribe_each(runtime, [file_reader(path) for path in files], [language] * len(files),
                                             ResponseFormat(response_format).timed, bar.update)
     return [(path, None, str(result) or type(result).__name__) if isinstance(result, Exception)
             else (path, render(response_format, verbose_result(result)), None)
             for path, result in zip(files, results, strict=True)]
 
 
-def _reader(path: Path) -> Callable[[], Awaitable[bytes]]:
+def file_reader(path: Path) -> Callable[[], Awaitable[bytes]]:
+    """Reads a file's bytes off the event loop, when called (transcribe_each's `audio`)."""
     return lambda: asyncio.to_thread(path.read_bytes)

@@ -27,6 +27,11 @@ class AudioTooShort(NoSpeech):
     """Under 100 ms (MIN_SAMPLES), too short to hold speech: OpenAI's `audio_too_short`."""
 
 
+def untagged_rows(prepared: PreparedAudio) -> list[EngineInput]:
+    """A request's windows as rows without a language: what language detection reads."""
+    return [EngineInput(row.features, None, states=row.states) for row in prepared.rows]
+
+
 def require_speech(prepared: PreparedAudio) -> None:
     """NoSpeech, or AudioTooShort, unless the audio has a window of speech."""
     if prepared.spans:
