@@ -103,15 +103,24 @@ class StreamResult:
 
 
 async def play(url: str, language: str, pcm: bytes, delay: str | None, silence_ms: int = SILENCE_MS) -> StreamResult:
-    step = RATE * 2 * CHUNK_MS // 1000
+    received, sent_at = await stream_events(url, language, pcm, RATE, delay, silence_ms)
+    return StreamResult(turns_of(received, sent_at, silence_ms))
+
+
+async def stream_events(url: str, language: str | None, pcm: bytes, rate: int, delay: str | None = None,
+                        silence_ms: int = SILENCE_MS) -> tuple[list[tuple[float, dict]], list[float]]:
+    """Play 16-bit PCM at `rate` to a server's /v1/realtime at the pace of real time, in CHUNK_MS appends, with server
+    VAD; → the events received (with when), once every turn opened is completed or failed, and when each append was
+    sent."""
+    step = rate * 2 * CHUNK_MS // 1000
     chunks = [pcm[i: i + step] for i in range(0, len(pcm), step)]
     sent_at: list[float] = []
     received: list[tuple[float, dict]] = []
-    transcription = {"language": language} | ({"delay": delay} if delay else {})
+    transcription = ({"language": language} if language else {}) | ({"delay": delay} if delay else {})
     async with connect(f"{url}?intent=transcription", max_size=None) as ws:
         await ws.recv()
         await ws.send(json.dumps({"type": "session.update", "session": {"type": "transcription", "audio": {"input": {
-            "format": {"type": "audio/pcm", "rate": RATE}, "transcription": transcription,
+            "format": {"type": "audio/pcm", "rate": rate}, "transcription": transcription,
             "turn_detection": {"type": "server_vad", "silence_duration_ms": silence_ms}}}}}))
 
         async def read() -> None:
@@ -128,12 +137,12 @@ async def play(url: str, language: str, pcm: bytes, delay: str | None, silence_m
         while time.monotonic() < deadline:
             events = [event for _, event in received]
             started = sum(e["type"] == "input_audio_buffer.speech_started" for e in events)
-            done = sum(e["type"].endswith("transcription.completed") for e in events)
+            done = sum(e["type"].endswith(("transcription.completed", "transcription.failed")) for e in events)
             if started and done == started:
                 break
             await asyncio.sleep(0.05)
         reader.cancel()
-    return StreamResult(turns_of(received, sent_at, silence_ms))
+    return received, sent_at
 
 
 def turns_of(received: list[tuple[float, dict]], sent_at: list[float], silence_ms: int) -> list[TurnTiming]:

@@ -75,12 +75,12 @@ def audio_pool() -> dict[str, list[tuple[bytes, float]]]:
     return pool
 
 
-def start(command: list[str], env: dict, url: str, ready_within_s: float = 120) -> subprocess.Popen:
+def start(command: list[str], env: dict, url: str, ready_within_s: float = 120, cwd: Path = ROOT) -> subprocess.Popen:
     """The server `command` started with `env` in a process group of its own, once its /ready answers 200. Its log
     goes to a file; when the server exits or is not ready in time, the error carries the log's end (a benchmark run
     in CI shows why)."""
     with tempfile.NamedTemporaryFile("w", prefix="zasr-bench-", suffix=".log", delete=False) as log:
-        process = subprocess.Popen(command, env=os.environ | env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log,
+        process = subprocess.Popen(command, env=os.environ | env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=log,
                                    start_new_session=True)
     print(f"{command[-1]}: server log in {log.name}", file=sys.stderr)
     deadline = time.monotonic() + ready_within_s
@@ -96,12 +96,13 @@ def start(command: list[str], env: dict, url: str, ready_within_s: float = 120) 
     raise RuntimeError(f"{command} {why}; the end of its log:\n{Path(log.name).read_text(errors='replace')[-3000:]}")
 
 
-def serve(settings: dict[str, str], ready_within_s: float = 120) -> tuple[subprocess.Popen, str]:
-    """`zipper-asr serve` with these ZASR_* settings on a free port, once ready: the process and its URL."""
+def serve(settings: dict[str, str], ready_within_s: float = 120, cwd: Path = ROOT) -> tuple[subprocess.Popen, str]:
+    """`zipper-asr serve` with these ZASR_* settings on a free port, once ready: the process and its URL. `cwd`: the
+    checkout whose code runs (`python -m` imports from the working directory first)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "speechllm.cli", "serve"]
-    return start(command, settings | {"ZASR_PORT": str(port)}, url, ready_within_s), url
+    return start(command, settings | {"ZASR_PORT": str(port)}, url, ready_within_s, cwd), url
 
 
 def stop(process: subprocess.Popen) -> None:

@@ -15,18 +15,17 @@ The final transcript of a turn is the REST endpoint's: the turn's audio goes thr
 `TranscriptionService.transcribe`, full-attention encoder, same batcher and engine. When that text begins with
 the partial text already sent, the rest of it is the last delta, and `completed` carries exactly what
 POST /v1/audio/transcriptions answers for the same audio. When it does not (the full decode disagrees with the
-partial hypotheses), a delta cannot be taken back, so the turn is decoded once more with the sent text forced as
-its beginning; `completed` carries that, and the extension field `offline_transcript` the REST answer. Either way
-the deltas of a turn concatenate to its `completed` transcript.
+partial hypotheses), a delta cannot be taken back: the transcript is the text sent, continued by the REST answer's
+words after the point that text aligns with (`continue_text`), and the extension field `offline_transcript`
+carries the REST answer. Either way the deltas of a turn concatenate to its `completed` transcript.
 
 With server VAD, the audio transcribed for a turn ends one speech pad (the REST VAD's `speech_pad`, 100 ms) after
 its closing pause began, as the REST endpoint's windows of long audio end; the rest of the pause, up to
 `audio_end_ms`, holds no words. So that audio is complete once the pause has lasted the pad, and the final decode
 starts then (an early final), while the VAD still waits for `silence_duration_ms`. If speech resumes first, the
 early final is dropped. A partial delta sent during the pause does not drop it: the REST answer it decodes does not
-depend on the text sent, and only when that answer does not begin with the grown text is the decode that continues
-the text run again (`FinalDecode`). If the turn ends at that pause, `completed` follows the commit as soon as the
-early final is done.
+depend on the text sent. If the turn ends at that pause, `completed` follows the commit as soon as the early final is
+done.
 """
 
 from __future__ import annotations
@@ -87,7 +86,7 @@ from server.realtime_protocol import (
 )
 from server.service import NoSpeech
 from server.settings import Settings
-from server.vad import WINDOW, StreamingVAD
+from server.vad import WINDOW, GrowingSplit, Span, StreamingVAD
 from speechllm.audio import SAMPLE_RATE
 from speechllm.features import log_mel_spectrogram
 from speechllm.languages import BY_CODE
@@ -143,6 +142,28 @@ def extends(text: str, prefix: str, unspaced: bool = False) -> bool:
     return unspaced or not prefix or len(text) == len(prefix) or text[len(prefix)] == " "
 
 
+def continue_text(sent: str, answer: str, unspaced: bool = False) -> str:
+    """A transcript that begins with the text already `sent` and goes on with what the full decode's `answer` says
+    after it: `sent`, then the answer's words (for unspaced languages: characters) that follow the beginning of the
+    answer closest to `sent` (fewest word edits; of equally close ones, the longest). Where the answer begins with
+    `sent`, that is the answer."""
+    if unspaced:
+        sent_units, answer_units = list(sent), list(answer)
+    else:
+        sent_units, answer_units = sent.split(), answer.split()
+    # distances[j]: edits between sent_units and answer_units[:j] (one row of the edit-distance table at a time)
+    distances = list(range(len(answer_units) + 1))
+    for i, unit in enumerate(sent_units, 1):
+        previous, distances = distances, [i] + [0] * len(answer_units)
+        for j, other in enumerate(answer_units, 1):
+            distances[j] = min(previous[j] + 1, distances[j - 1] + 1, previous[j - 1] + (unit != other))
+    aligned = min(range(len(distances)), key=lambda j: (distances[j], -j))
+    rest = answer_units[aligned:]
+    if unspaced:
+        return sent + "".join(rest)
+    return " ".join(([sent] if sent else []) + rest)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Audio held by a session
 # ---------------------------------------------------------------------------------------------------------------
@@ -185,6 +206,25 @@ class AudioBuffer:
 
 
 @dataclass
+class TurnWindow:
+    """The window of a turn that is still open: partial updates decode its audio so far as one row. A turn is cut
+    into windows as the REST endpoint cuts long audio (`GrowingSplit`), so that no partial decode is longer than a
+    window the model hears well; once the rule settles a window, it is decoded as the REST endpoint decodes it and
+    its text is sent, and the next window opens."""
+
+    start: int  # session sample offset of its first sample
+    encoder: IncrementalEncoder | None  # None: partial updates re-encode the window with full attention
+    features: StreamingFeatures = field(default_factory=StreamingFeatures)
+    emitted: str = ""  # the text sent for this window so far
+    hypotheses: list[str] = field(default_factory=list)  # the latest partial hypotheses of this window
+    updates: int = 0  # update intervals of its audio already scheduled for decoding
+
+    def encode(self, samples: np.ndarray) -> torch.Tensor:
+        """The window's audio so far → encoder states, encoding only what is new (runs in the engine thread)."""
+        return self.encoder.update(self.features.update(samples))
+
+
+@dataclass
 class Turn:
     """One item: the audio from `start` until the turn is committed, and its partial results."""
 
@@ -192,45 +232,46 @@ class Turn:
     start: int  # session sample offset of the turn's first sample
     language: str | None  # the session's language, or the detected one once `locked`
     locked: bool  # the language is kept to the end of the turn
-    encoder: IncrementalEncoder | None  # None: partial updates re-encode the turn with full attention
-    features: StreamingFeatures = field(default_factory=StreamingFeatures)
-    emitted: str = ""  # the text sent as deltas so far
-    hypotheses: list[str] = field(default_factory=list)  # the latest partial hypotheses
-    updates: int = 0  # update intervals of audio already scheduled for decoding
+    window: TurnWindow  # the window still open
+    split: GrowingSplit  # the turn's audio, fed from `start`, cut into windows as it comes
+    split_fed: int = 0  # session offset up to which `split` has been fed
+    settled: list[asyncio.Task] = field(default_factory=list)  # per settled window, in order: its text is sent
+    # (after the windows before it) and the task answers (REST answer, language)
+    emitted: str = ""  # all the text sent as deltas so far
+    revised: bool = False  # a window's REST answer did not begin with the text already sent for it
     partial: asyncio.Task | None = None  # the partial update in progress
     early_final: FinalDecode | None = None  # the final decode started during a pause, if one is open
     closed: bool = False  # committed or cleared: partial results are no longer wanted
     announced: bool = False  # its speech_started was sent (a turn opened by manual commits has none, until server
     # VAD, switched on while it is open, hears speech in it)
 
-    def encode(self, samples: np.ndarray) -> torch.Tensor:
-        """The turn's audio so far → encoder states, encoding only what is new (runs in the engine thread)."""
-        return self.encoder.update(self.features.update(samples))
+    def settled_text_sent(self) -> bool:
+        """Whether every settled window's text is out: only then may the open window's text follow it."""
+        return all(task.done() and not task.cancelled() and task.exception() is None for task in self.settled)
+
+
+def joined(before: str, after: str, unspaced: bool) -> str:
+    """Two windows' texts as the REST endpoint joins them."""
+    return before + (" " if before and after and not unspaced else "") + after
 
 
 @dataclass
 class FinalDecode:
-    """A turn's final decode in flight, on its audio up to `end`: what the REST endpoint answers for that audio
-    and, when partial text was already sent, the decode forced to continue that text (needed only when the REST
-    answer does not begin with it). Started at the commit, or early: while the VAD waits out a pause."""
+    """A turn's final decode in flight, on its open window's audio from `start` up to `end`: what the REST endpoint
+    answers for that audio. Started at the commit, or early: while the VAD waits out a pause."""
 
+    start: int  # session offset where the transcribed audio begins: the open window's start
     end: int  # session offset where the transcribed audio ends
     samples: np.ndarray
     language: str | None  # the turn's language when it started
-    emitted: str  # the partial text sent when it started: what `continued` continues
     offline: asyncio.Task  # → (REST answer, language)
-    continued: asyncio.Task | None  # → EngineOutput
 
     def matches(self, turn: Turn, end: int) -> bool:
-        """Whether it decodes what a final decode started now would: the same audio, in the same language.
-        (The partial text sent may have grown since: that only matters when the REST answer does not begin
-        with it.)"""
-        return self.end == end and self.language == turn.language
+        """Whether it decodes what a final decode started now would: the same audio, in the same language."""
+        return self.start == turn.window.start and self.end == end and self.language == turn.language
 
     def cancel(self) -> None:
-        self.offline.cancel()
-        if self.continued is not None:
-            self.continued.cancel()  # (and with it its row: Batcher, abandoned rows)
+        self.offline.cancel()  # (and with it its rows: Batcher, abandoned rows)
 
 
 @dataclass
@@ -505,6 +546,8 @@ class RealtimeSession:
             self.turn.closed = True
             if self.turn.partial is not None:
                 self.turn.partial.cancel()
+            for task in self.turn.settled:
+                task.cancel()
             self._drop_early_final(self.turn)
             self.turn = None
             self.metrics.realtime_turns.labels("cleared").inc()
@@ -532,9 +575,10 @@ class RealtimeSession:
                     await self._speech_stopped(offset)
             if await self._split_long_turn(self.buffer.end, self._quiet_from()):
                 self._rebuild_vad()  # in a pause, a resumption of speech would be no event of the VAD's
-            self._start_early_final()
         elif self.turn is None and samples.size:
             self._open_turn(start)  # manual commits: the first audio after a commit opens the next turn
+        await self._cut_windows()
+        self._start_early_final()
         self._schedule_partial()
         if self.turn is not None:
             self.buffer.trim(self.turn.start)
@@ -544,12 +588,17 @@ class RealtimeSession:
 
     def _open_turn(self, start: int) -> Turn:
         language = self.session.input.transcription.language
+        split = GrowingSplit(self.runtime.service.audio.vad, self.settings.max_window_seconds)
+        self.turn = Turn(new_id("item"), start, language, language is not None, self._new_window(start), split,
+                         split_fed=start)
+        return self.turn
+
+    def _new_window(self, start: int) -> TurnWindow:
         encoder = None
         if self.agreement and self.streaming_encoder:
             encoder = IncrementalEncoder(self.runtime.engine.model.encoder, self.chunk_size,
                                          self.settings.realtime_incremental_encoding)
-        self.turn = Turn(new_id("item"), start, language, language is not None, encoder)
-        return self.turn
+        return TurnWindow(start, encoder)
 
     async def _speech_started(self, offset: int) -> None:
         if self.turn is None:
@@ -645,6 +694,74 @@ class RealtimeSession:
             turn.early_final = None
             self.metrics.realtime_early_finals.labels("discarded").inc()
 
+    # ---- windows of a long turn --------------------------------------------------------------------------------
+    async def _cut_windows(self) -> None:
+        """Feed the open turn's new audio to its split; each window the split settles is decoded and its text sent
+        (`_settle`), and the next window opens where the split's rest begins."""
+        turn = self.turn
+        if turn is None or turn.split_fed >= self.buffer.end:
+            return
+        samples = self.buffer.slice(turn.split_fed, self.buffer.end)
+        turn.split_fed = self.buffer.end
+        await asyncio.to_thread(turn.split.feed, samples)
+        if turn.closed:
+            return
+        windows, rest = turn.split.settled()
+        if len(windows) == len(turn.settled):
+            return
+        for span in windows[len(turn.settled):]:
+            self._settle(turn, Span(turn.start + span.start, turn.start + span.end))
+        turn.window = self._new_window(turn.start + rest)
+
+    def _settle(self, turn: Turn, span: Span) -> None:
+        """The open window's audio is settled as `span` (session offsets): it is decoded as the REST endpoint decodes
+        a window, and its text sent once the windows before it are out."""
+        window = turn.window
+        if turn.partial is not None:
+            turn.partial.cancel()  # it decodes the window that is settled now
+        self._drop_early_final(turn)  # it decodes from the settled window's start
+        answer = self._spawn(self._offline_text(self.buffer.slice(span.start, span.end), turn.language))
+        answer.add_done_callback(_retrieve)
+        sent = self._spawn(self._send_settled(turn, window, answer, turn.settled[-1] if turn.settled else None))
+        sent.add_done_callback(_retrieve)
+        turn.settled.append(sent)
+
+    async def _send_settled(self, turn: Turn, window: TurnWindow, answer: asyncio.Task,
+                            previous: asyncio.Task | None) -> tuple[str, str | None]:
+        """Send a settled window's text after the windows before it; → its REST answer and language."""
+        try:
+            if previous is not None:
+                await asyncio.wait([previous])  # (not `await previous`: cancelling this would cancel it too)
+                previous.result()  # the windows before it failed: so does the turn
+            text, language = await answer
+        except BaseException:
+            answer.cancel()
+            raise
+        await self._send_window_text(turn, window, self._window_text(turn, window, text, language),
+                                     is_unspaced(language))
+        return text, language
+
+    @staticmethod
+    def _window_text(turn: Turn, window: TurnWindow, answer: str, language: str | None) -> str:
+        """A window's final text: the REST answer, or, when it does not begin with the text already sent for the
+        window, that text continued by the rest of the answer (the turn is then revised)."""
+        unspaced = is_unspaced(language)
+        if extends(answer, window.emitted, unspaced):
+            return answer
+        turn.revised = True
+        return continue_text(window.emitted, answer, unspaced)
+
+    async def _send_window_text(self, turn: Turn, window: TurnWindow, text: str, unspaced: bool) -> None:
+        """Send what `text`, the window's text so far (it begins with what was sent of it), adds."""
+        added = text[len(window.emitted):]
+        if not added:
+            return
+        if turn.emitted and not window.emitted and not unspaced:
+            added = " " + added  # the window's first words after the windows before it
+        await self.send(TranscriptionDelta(item_id=turn.item_id, delta=added))
+        turn.emitted += added  # after the send: a cancelled send must not count as sent
+        window.emitted = text
+
     # ---- partial results --------------------------------------------------------------------------------------
     def _schedule_partial(self) -> None:
         """Start the next partial update when a whole update interval of new audio is in and none is running.
@@ -655,18 +772,19 @@ class RealtimeSession:
         turn = self.turn
         if turn is None or turn.partial is not None or not self.agreement:
             return
-        due = (self.buffer.end - turn.start - FRAME_LOOKAHEAD) // self.update_samples
-        if due <= turn.updates:
+        window = turn.window
+        due = (self.buffer.end - window.start - FRAME_LOOKAHEAD) // self.update_samples
+        if due <= window.updates:
             return
-        turn.updates = due
-        samples = self.buffer.slice(turn.start, turn.start + due * self.update_samples + FRAME_LOOKAHEAD)
-        turn.partial = self._spawn(self._partial(turn, samples))
+        window.updates = due
+        samples = self.buffer.slice(window.start, window.start + due * self.update_samples + FRAME_LOOKAHEAD)
+        turn.partial = self._spawn(self._partial(turn, window, samples))
 
-    async def _partial(self, turn: Turn, samples: np.ndarray) -> None:
+    async def _partial(self, turn: Turn, window: TurnWindow, samples: np.ndarray) -> None:
         try:
-            output = await self._decode_partial(turn, samples)
-            if output is not None and not turn.closed:
-                await self._agree(turn, output, samples.size)
+            output = await self._decode_partial(turn, window, samples)
+            if output is not None and not turn.closed and turn.window is window:
+                await self._agree(turn, window, output, samples.size)
         except asyncio.CancelledError:
             raise
         except Exception:  # a failed update only costs this update; the turn's final decode still runs
@@ -676,17 +794,17 @@ class RealtimeSession:
             if self.turn is turn:
                 self._schedule_partial()
 
-    async def _decode_partial(self, turn: Turn, samples: np.ndarray) -> EngineOutput | None:
+    async def _decode_partial(self, turn: Turn, window: TurnWindow, samples: np.ndarray) -> EngineOutput | None:
         batcher = self.runtime.batcher
-        if turn.encoder is not None:
-            before = turn.encoder.frames_encoded
-            states = await batcher.run_exclusive(turn.encode, samples)
-            self.metrics.realtime_encoder_frames.inc(turn.encoder.frames_encoded - before)
-            if not len(states) or turn.closed:
+        if window.encoder is not None:
+            before = window.encoder.frames_encoded
+            states = await batcher.run_exclusive(window.encode, samples)
+            self.metrics.realtime_encoder_frames.inc(window.encoder.frames_encoded - before)
+            if not len(states) or turn.closed or turn.window is not window:
                 return None
-            item = EngineInput(None, turn.language, states=states, prefix=turn.emitted, partial=True)
+            item = EngineInput(None, turn.language, states=states, prefix=window.emitted, partial=True)
         else:
-            item = EngineInput(log_mel_spectrogram(samples), turn.language, prefix=turn.emitted, partial=True)
+            item = EngineInput(log_mel_spectrogram(samples), turn.language, prefix=window.emitted, partial=True)
         try:
             future = batcher.submit([item])[0]
         except QueueFull:
@@ -695,37 +813,36 @@ class RealtimeSession:
         self.metrics.realtime_updates.labels("decoded").inc()
         return await future
 
-    async def _agree(self, turn: Turn, output: EngineOutput, samples: int) -> None:
+    async def _agree(self, turn: Turn, window: TurnWindow, output: EngineOutput, samples: int) -> None:
         if not self.agreement:  # delay "xhigh" since this update started: no partial text
             return
         if not turn.locked and output.language_source == "detected" and samples >= (
                 self.settings.realtime_lid_seconds * SAMPLE_RATE):
             turn.language, turn.locked = output.language, True
-        turn.hypotheses = (turn.hypotheses + [output.text])[-self.agreement:]
-        if len(turn.hypotheses) < self.agreement:
-            return
+        window.hypotheses = (window.hypotheses + [output.text])[-self.agreement:]
+        if len(window.hypotheses) < self.agreement or not turn.settled_text_sent():
+            return  # (the text of the windows before this one goes first)
         unspaced = is_unspaced(turn.language or output.language)
-        agreed = agreed_prefix(turn.hypotheses, unspaced)
-        if len(agreed) > len(turn.emitted) and extends(agreed, turn.emitted, unspaced):
-            await self.send(TranscriptionDelta(item_id=turn.item_id, delta=agreed[len(turn.emitted):]))
-            turn.emitted = agreed  # after the send: a cancelled send must not count as sent
+        agreed = agreed_prefix(window.hypotheses, unspaced)
+        if len(agreed) > len(window.emitted) and extends(agreed, window.emitted, unspaced):
+            await self._send_window_text(turn, window, agreed, unspaced)
 
     # ---- the final transcript ---------------------------------------------------------------------------------
     async def _finish(self, turn: Turn, decode: FinalDecode, committed_at: float) -> None:
-        """Send the turn's last delta and `completed` (or `failed`)."""
+        """Send the turn's last deltas and `completed` (or `failed`)."""
         samples = decode.samples
         self.final_samples += samples.size
         try:
-            transcript, offline, language = await self._final_text(turn, decode)
-            if len(transcript) > len(turn.emitted):
-                await self.send(TranscriptionDelta(item_id=turn.item_id, delta=transcript[len(turn.emitted):]))
+            offline, language = await self._final_text(turn, decode)
+            transcript = turn.emitted
             await self.send(TranscriptionCompleted(
-                item_id=turn.item_id, transcript=transcript, usage=UsageDuration.of(samples.size / SAMPLE_RATE),
+                item_id=turn.item_id, transcript=transcript,
+                usage=UsageDuration.of((decode.end - turn.start) / SAMPLE_RATE),
                 languages=[TranscriptionLanguage(code=language)] if language else [],
-                offline_transcript=None if offline == transcript else offline))
+                offline_transcript=offline if turn.revised else None))
             self.metrics.realtime_turns.labels("completed").inc()
             self.metrics.realtime_completion_seconds.observe(time.monotonic() - committed_at)
-            if offline != transcript:
+            if turn.revised:
                 self.metrics.realtime_revised.inc()
         except asyncio.CancelledError:
             raise
@@ -748,21 +865,11 @@ class RealtimeSession:
             self.final_samples -= samples.size
 
     def _start_final(self, turn: Turn, end: int) -> FinalDecode:
-        samples = self.buffer.slice(turn.start, end)
+        start = turn.window.start
+        samples = self.buffer.slice(start, max(start, end))
         offline = self._spawn(self._offline_text(samples, turn.language))
         offline.add_done_callback(_retrieve)
-        return FinalDecode(end, samples, turn.language, turn.emitted, offline, self._continue(turn, samples))
-
-    def _continue(self, turn: Turn, samples: np.ndarray) -> asyncio.Task | None:
-        """Should the REST answer not begin with the text already sent, the turn is decoded once more with that
-        text forced as its beginning. That decode starts beside the REST one, so that both share a batch instead
-        of running one after the other; its result is dropped when it is not needed."""
-        if not turn.emitted:
-            return None
-        item = EngineInput(log_mel_spectrogram(samples), turn.language, prefix=turn.emitted)
-        continued = self._spawn(self._retry(lambda: self._decode(item)))
-        continued.add_done_callback(_retrieve)
-        return continued
+        return FinalDecode(start, end, samples, turn.language, offline)
 
     async def _offline_text(self, samples: np.ndarray, language: str | None) -> tuple[str, str | None]:
         try:
@@ -771,21 +878,19 @@ class RealtimeSession:
         except NoSpeech:
             return "", language
 
-    async def _final_text(self, turn: Turn, decode: FinalDecode) -> tuple[str, str, str | None]:
-        """(transcript, what the REST endpoint answers, language) for a committed turn."""
-        offline, language = await decode.offline
-        if extends(offline, turn.emitted, is_unspaced(language)):
-            return offline, offline, language
-        if decode.emitted != turn.emitted:  # text was sent after an early final started: continue that text
-            if decode.continued is not None:
-                decode.continued.cancel()
-            decode.emitted, decode.continued = turn.emitted, self._continue(turn, decode.samples)
-        return (await decode.continued).text, offline, language
-
-    async def _decode(self, item: EngineInput) -> EngineOutput:
-        future = self.runtime.batcher.submit([item])[0]
-        # timed out or cancelled, wait_for cancels the row's future, which abandons the row (Batcher)
-        return await asyncio.wait_for(future, self.settings.request_timeout_s)
+    async def _final_text(self, turn: Turn, decode: FinalDecode) -> tuple[str, str | None]:
+        """Send the rest of a committed turn's text: each settled window's (in order), then the open window's, which
+        `decode` transcribes. → (what the REST endpoint answers for those windows, joined; the first's language)."""
+        answers = [await task for task in turn.settled]
+        answer, language = await decode.offline
+        answers.append((answer, language))
+        unspaced = is_unspaced(language)
+        await self._send_window_text(turn, turn.window, self._window_text(turn, turn.window, answer, language),
+                                     unspaced)
+        offline = ""
+        for index, (text, _) in enumerate(answers):
+            offline = joined(offline, text, is_unspaced(answers[max(0, index - 1)][1]))
+        return offline, answers[0][1]
 
     async def _retry(self, attempt: Callable[[], Awaitable[T]]) -> T:
         """A committed turn is never dropped for a full queue: try again until the request timeout."""

@@ -204,25 +204,38 @@ def split_long_audio(samples: np.ndarray, vad: SileroVAD, max_window_s: float = 
     probabilities are flat that is the limit itself, or as near it as that allows.
     """
     samples = _as_mono(samples)
-    max_len = round(max_window_s * SAMPLE_RATE)
-    min_len = round(min_window_s * SAMPLE_RATE)
+    max_len, min_len = _window_lengths(max_window_s, min_window_s)
+    windows, _ = _cut(vad, vad.speech_probabilities(samples), samples.size, max_len, min_len, complete=True)
+    return windows
+
+
+def _window_lengths(max_window_s: float, min_window_s: float) -> tuple[int, int]:
+    max_len, min_len = round(max_window_s * SAMPLE_RATE), round(min_window_s * SAMPLE_RATE)
     if not 0 < min_len < max_len:
         raise ValueError(f"need 0 < min_window_s < max_window_s, got {min_window_s} and {max_window_s}")
-    probs = vad.speech_probabilities(samples)
-    spans = vad.spans_from_probabilities(probs, samples.size)
-    if not spans:
-        return []
+    return max_len, min_len
 
+
+def _cut(vad: SileroVAD, probs: np.ndarray, num_samples: int, max_len: int, min_len: int, complete: bool
+         ) -> tuple[list[Span], int | None]:
+    """split_long_audio's windows, from the audio's probabilities. `complete=False`: the audio is still coming in,
+    so only the windows that no later audio can change are returned, with the start of the rest (None: no speech
+    yet). The speech span that ends the audio so far (the last) may still grow, and nothing else can change: spans
+    that a long enough pause ended are final, and the probabilities of the audio so far are too."""
+    spans = vad.spans_from_probabilities(probs, num_samples)
+    if not spans:
+        return [], None
     windows: list[Span] = []
     first = 0  # the first speech span of the window being built; it may already be cut at its front
     start = spans[0].start
     while True:
         limit = start + max_len
-        if spans[-1].end <= limit:  # everything left fits
-            windows.append(Span(start, spans[-1].end))
-            return windows
+        if spans[-1].end <= limit:  # everything left fits (so far)
+            if complete:
+                windows.append(Span(start, spans[-1].end))
+            return windows, start
         ends = [j for j in range(first, len(spans) - 1) if spans[j].end <= limit]  # pauses inside the budget
-        if ends:
+        if ends:  # (the last span already runs past the limit, and can only grow: the choice is final)
             last = _longest_pause(spans, ends, start, (max_len // 2, min_len, 0))
             windows.append(Span(start, spans[last].end))
             first = last + 1
@@ -230,6 +243,8 @@ def split_long_audio(samples: np.ndarray, vad: SileroVAD, max_window_s: float = 
         else:  # the span at the front is longer than the budget left: cut inside it, and leave at least
             # min_window_s of it for the next window where the limit allows (a span just over the limit left a sliver
             # of 20 ms, too short for the encoder's convolutions)
+            if not complete and first == len(spans) - 1 and spans[first].end - min_len < limit:
+                return windows, start  # where to cut depends on how long the span runs
             earliest = start + max(min_len, max_len // 2)
             latest = min(limit, spans[first].end - min_len)
             if latest >= earliest:
@@ -238,6 +253,35 @@ def split_long_audio(samples: np.ndarray, vad: SileroVAD, max_window_s: float = 
                 cut = min(limit, (start + spans[first].end) // 2)
             windows.append(Span(start, cut))
             start = cut
+
+
+class GrowingSplit:
+    """split_long_audio for audio that is still coming in (a realtime turn): fed as it arrives, it tells which
+    windows are settled, those that the rule gives whatever audio follows, and where the rest begins. Its windows
+    are the ones split_long_audio gives for the whole audio, as far as they are settled: the probabilities are the
+    same (one LSTM state from the audio's first sample, whole 32 ms windows only). Offsets count from the first
+    sample fed."""
+
+    def __init__(self, vad: SileroVAD, max_window_s: float, min_window_s: float = 1.0) -> None:
+        self.vad = vad
+        self.max_len, self.min_len = _window_lengths(max_window_s, min_window_s)
+        self._state = _ModelState()
+        self._pending = np.zeros(0, dtype=np.float32)
+        self._probs: list[np.ndarray] = []
+        self.samples = 0  # samples with a probability: whole windows
+
+    def feed(self, samples: np.ndarray) -> None:
+        self._pending = np.concatenate([self._pending, _as_mono(samples)])
+        whole = self._pending.size - self._pending.size % WINDOW
+        if whole:
+            self._probs.append(self._state.step(self._pending[:whole]))
+            self._pending = self._pending[whole:]
+            self.samples += whole
+
+    def settled(self) -> tuple[list[Span], int | None]:
+        """(the settled windows, where the rest begins: None while no speech has been heard)."""
+        probs = np.concatenate(self._probs) if self._probs else np.zeros(0, dtype=np.float32)
+        return _cut(self.vad, probs, self.samples, self.max_len, self.min_len, complete=False)
 
 
 def _longest_pause(spans: list[Span], ends: list[int], start: int, min_lengths: tuple[int, ...]) -> int:

@@ -5,7 +5,8 @@ time.
 The shipped model is weak (see README), so transcripts are held to what the same server's REST endpoint answers
 for the same audio, never to the words spoken. Policy under test (server/realtime.py): a turn's deltas always
 concatenate to its `completed` transcript, which is the REST answer for the turn's audio, unless partial text
-already sent disagreed with it; then `offline_transcript` carries the REST answer instead.
+already sent disagreed with it; then the transcript is that text continued by the answer's words after it, and
+`offline_transcript` carries the REST answer.
 
 The session's turn logic is also driven event by event without a model or a server (a `RealtimeSession` around
 fakes, at the end of this file).
@@ -36,11 +37,10 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from server.batcher import QueueFull
 from server.metrics import Metrics
-from server.realtime import RealtimeHub, RealtimeSession, extends
-from server.realtime import Turn as SessionTurn
+from server.realtime import RealtimeHub, RealtimeSession, continue_text, extends, is_unspaced
 from server.realtime_protocol import ClientEventError, InputAudioBufferCommit, parse_client_event
 from server.settings import Settings
-from server.vad import WINDOW, SileroVAD, StreamingVAD
+from server.vad import WINDOW, SileroVAD, StreamingVAD, split_long_audio
 from speechllm.audio import SAMPLE_RATE, load_audio, write_wav
 from speechllm.streaming import PcmDecoder
 from tests.conftest import pcm16_wav, running_server
@@ -247,9 +247,12 @@ def _check_turn(server: str, turn: Turn, samples: np.ndarray, language: str | No
     offline = _rest_text(server, window, language)
     if "offline_transcript" not in completed:
         assert completed["transcript"] == offline
-    else:  # the REST answer does not begin with the text already sent: the transcript continues that text
+    else:  # the REST answer does not begin with the text already sent: the transcript continues that text with
+        # the answer's words after it
         assert completed["offline_transcript"] == offline != completed["transcript"]
-        assert turn.sent_before_commit and not extends(offline, turn.sent_before_commit)
+        unspaced = is_unspaced(language)
+        assert turn.sent_before_commit and not extends(offline, turn.sent_before_commit, unspaced)
+        assert completed["transcript"] == continue_text(turn.sent_before_commit, offline, unspaced)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -608,7 +611,7 @@ def test_stream_command_prints_the_turns(server: str, tmp_path: Path) -> None:
 class _FakeService:
     """Stands in for TranscriptionService: a turn's transcript says how many samples it got."""
 
-    audio = SimpleNamespace(vad=SimpleNamespace(speech_pad=SileroVAD().speech_pad))
+    audio = SimpleNamespace(vad=SileroVAD())
 
     async def transcribe(self, samples: np.ndarray, language: str | None) -> SimpleNamespace:
         return SimpleNamespace(text=f"{samples.size} samples", language=language)
@@ -876,13 +879,48 @@ def test_uvicorns_message_limit_fits_the_largest_append(append_mb: float) -> Non
 def test_no_partial_text_once_delay_is_xhigh() -> None:
     async def scenario() -> list:
         session = _session()
-        turn = session.turn = SessionTurn("item_1", 0, "en", True, None, hypotheses=["hello world foo"])
+        turn = session.turn = session._open_turn(0)
+        turn.window.hypotheses = ["hello world foo"]
         await session.handle(_update(transcription={"delay": "xhigh"}))
         output = SimpleNamespace(text="hello world bar", language="en", language_source="given")
-        await session._agree(turn, output, 3 * SAMPLE_RATE)  # the update in flight at the change ends
+        await session._agree(turn, turn.window, output, 3 * SAMPLE_RATE)  # the update in flight at the change ends
         return await _sent(session)
 
     assert [event.type for event in asyncio.run(scenario())] == ["session.updated"]
+
+
+def test_a_long_turn_is_transcribed_and_sent_window_by_window() -> None:
+    """A turn longer than a window (ZASR_MAX_WINDOW_SECONDS, 3 s) is cut as the REST endpoint cuts long audio: each
+    window the rule settles is transcribed (the fake service answers how many samples it got) and its text sent while
+    the turn goes on; the transcript joins the windows' answers. Before, the partial updates and the decode that
+    continued their text read the whole turn as one row, longer than any clip the model was trained on."""
+    phrases = [_speech(text, "en+m5", SAMPLE_RATE) for texts in PHRASES.values() for text in texts]
+    gap = np.zeros(int(0.45 * SAMPLE_RATE), np.float32)
+    pcm = _pcm16(np.concatenate([part for phrase in phrases * 2 for part in (phrase, gap)]))
+    samples = PcmDecoder(SAMPLE_RATE).feed(pcm)
+    windows = split_long_audio(samples, SileroVAD(), Settings().max_window_seconds)
+    assert len(windows) >= 4
+
+    async def scenario() -> tuple[list, list]:
+        session = RealtimeSession(None, _runtime(), Settings(), Metrics())  # turns of up to 30 s
+        await session.handle(_update(turn_detection=None, format={"type": "audio/pcm", "rate": SAMPLE_RATE},
+                                     transcription={"delay": "xhigh"}))
+        for event in _appends(pcm, SAMPLE_RATE):
+            await session.handle(json.dumps(event))
+        await asyncio.wait(session.turn.settled)
+        before_commit = await _sent(session)
+        await session.handle(json.dumps({"type": "input_audio_buffer.commit"}))
+        return before_commit, await _sent(session)
+
+    before_commit, after = asyncio.run(scenario())
+    sent = [event.delta for event in before_commit if event.type.endswith("delta")]
+    settled = [f"{window.end - window.start} samples" for window in windows[:len(sent)]]
+    assert len(sent) >= len(windows) - 2 and sent == [settled[0]] + [" " + text for text in settled[1:]]
+    [completed] = [event for event in after if event.type.endswith("completed")]
+    rest = samples.size - windows[len(sent)].start  # the open window: from its start to the end of the turn
+    assert completed.transcript == "".join(sent) + f" {rest} samples" and completed.offline_transcript is None
+    assert "".join(sent) + "".join(event.delta for event in after if event.type.endswith("delta")) == \
+        completed.transcript
 
 
 @pytest.mark.parametrize("rate", [16_000, 24_000])

@@ -13,7 +13,7 @@ import torch
 
 from server.engine import EmbeddedEngine, EngineInput
 from server.metrics import Metrics
-from server.realtime import AudioBuffer, agreed_prefix, extends
+from server.realtime import AudioBuffer, agreed_prefix, continue_text, extends
 from speechllm.audio import SAMPLE_RATE, load_audio
 from speechllm.encoder import EncoderConfig, SpeechEncoder
 from speechllm.features import log_mel_spectrogram
@@ -68,6 +68,25 @@ def test_agreed_prefix_of_unspaced_text_holds_back_the_last_character() -> None:
 ])
 def test_extends_means_whole_words(text: str, prefix: str, unspaced: bool, expected: bool) -> None:
     assert extends(text, prefix, unspaced) is expected
+
+
+@pytest.mark.parametrize(("sent", "answer", "unspaced", "transcript"), [
+    ("the cat", "the cat sat down", False, "the cat sat down"),  # the answer begins with it: the answer
+    ("the cat sat", "a cat sat on the mat", False, "the cat sat on the mat"),  # "the" read as "a"
+    ("one two three", "one two four five", False, "one two three five"),  # "three" read as "four"
+    ("one two", "one two", False, "one two"),
+    ("one two three", "one two", False, "one two three"),  # the answer holds less than was sent
+    ("one", "two three four", False, "one three four"),  # of equally close beginnings, the longest
+    ("", "two three", False, "two three"),
+    ("one two", "", False, "one two"),  # no speech in the answer: the text sent stays
+    ("sat on the", "the cat sat on the mat", False, "sat on the mat"),  # an answer with words before the text
+    ("こんにち", "こんばんは世界", True, "こんにちは世界"),
+])
+def test_continue_text_keeps_what_was_sent_and_adds_what_follows_it(sent: str, answer: str, unspaced: bool,
+                                                                    transcript: str) -> None:
+    continued = continue_text(sent, answer, unspaced)
+    assert continued == transcript
+    assert extends(continued, sent, unspaced)
 
 
 # ---- the session's audio buffer -------------------------------------------------------------------------------

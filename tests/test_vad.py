@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from server.audio_workers import Window, speech_windows
-from server.vad import WINDOW, SileroVAD, Span, StreamingVAD, _ModelState, split_long_audio
+from server.vad import WINDOW, GrowingSplit, SileroVAD, Span, StreamingVAD, _ModelState, split_long_audio
 from speechllm.audio import SAMPLE_RATE, load_audio
 
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng to synthesise speech")
@@ -268,6 +268,31 @@ def test_speech_just_over_the_limit_leaves_no_sliver():
     windows = split_long_audio(audio, vad, max_window_s=1.5)
     assert_valid_windows(windows, 1.5, audio.size)
     assert len(windows) == 2 and min(w.duration_s for w in windows) >= 0.8
+
+
+@pytest.mark.parametrize(("max_window_s", "pauses_s"), [(3.0, (0.05, 0.6)), (3.0, (0.3, 0.9)), (8.0, (0.1, 1.2))])
+def test_a_growing_split_settles_on_the_windows_of_the_whole_audio(vad, max_window_s, pauses_s):
+    """Fed 100 ms at a time, the windows it calls settled are always the first windows split_long_audio gives for
+    the whole recording, and they keep coming as the audio does. Speech: the test phrases cut into pieces of 0.4-4 s
+    (some longer than the limit, cut inside speech), with pauses short and long enough to end a span or not."""
+    rng = np.random.default_rng(7)
+    parts: list[np.ndarray | float] = [0.3]
+    for phrase in PHRASES[:6]:
+        speech = say(phrase)
+        cuts = np.sort(rng.choice(np.arange(SR // 2, speech.size - SR // 2), 2, replace=False))
+        for piece in np.split(speech, cuts):
+            parts += [piece, float(rng.uniform(*pauses_s))]
+    audio, _ = assemble(parts)
+    whole = split_long_audio(audio, vad, max_window_s)
+    split, chunk, seen = GrowingSplit(vad, max_window_s), SR // 10, []
+    for start in range(0, audio.size, chunk):
+        split.feed(audio[start:start + chunk])
+        settled, rest = split.settled()
+        assert settled == whole[:len(settled)], f"after {split.samples / SR:.1f} s"
+        assert len(settled) >= len(seen)
+        assert rest is None or not settled or rest >= settled[-1].end
+        seen = settled
+    assert len(whole) >= 6 and len(seen) >= len(whole) - 2  # all but the windows at the very end settled
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,199 @@
+"""Realtime transcription accuracy on long recordings (issue 4): what streaming costs against the REST endpoint.
+
+The long-audio benchmark's recordings (a split's utterances of one language joined with pauses of 0.3-0.9 s, about
+a minute each; `benchmarks.long_audio`) are played to /v1/realtime at the pace of real time, several at once
+(16 kHz PCM in 100 ms appends, server VAD, the language given). The turns' `completed` transcripts, joined, are
+scored against the joined references (CER), beside the REST endpoint's answer for the same recordings and beside
+what the REST endpoint answers for each turn's audio (`offline_transcript` where a turn was revised, else its
+transcript). At `silence_duration_ms` 500 (OpenAI's default) a turn holds one or a few utterances; at 1000 the
+pauses hardly end turns, and turns run for many seconds, as continuous speech does.
+
+`--baseline DIR` runs a second checkout's server (another commit, say, from `git worktree add`) on the same
+streams in the same run, the two servers one after the other for each setting, for a before and after.
+
+    .venv/bin/python -m benchmarks.realtime_accuracy --split dev [--per-language 1] [--streams 6] [--baseline DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+
+from benchmarks import serving
+from benchmarks.long_audio import Recording, make_recordings, score
+from benchmarks.realtime import percentile, stream_events
+from speechllm.audio import SAMPLE_RATE, load_audio
+from speechllm.languages import BY_CODE
+
+ROOT = Path(__file__).resolve().parent.parent
+SILENCES_MS = (500, 1000)
+TRAILING_SILENCE_S = 1.5  # after the last utterance, so that the server VAD ends the last turn
+
+
+def chosen_recordings(corpus: Path, split: str, per_language: int, workdir: Path) -> list[Recording]:
+    """The first `per_language` recordings of each language, languages interleaved (so that the streams played
+    together hold several languages)."""
+    by_language: dict[str, list[Recording]] = {}
+    for recording in make_recordings(corpus, split, 60.0, workdir):
+        by_language.setdefault(recording.language, []).append(recording)
+    return [rs[i] for i in range(per_language) for _, rs in sorted(by_language.items()) if i < len(rs)]
+
+
+def pcm16(recording: Recording) -> bytes:
+    samples = np.concatenate([load_audio(recording.path), np.zeros(int(TRAILING_SILENCE_S * SAMPLE_RATE), np.float32)])
+    return (np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes()
+
+
+def rest_texts(url: str, recordings: list[Recording]) -> list[str]:
+    texts = []
+    for recording in recordings:
+        response = httpx.post(f"{url}/v1/audio/transcriptions", files={"file": recording.path.read_bytes()},
+                              data={"model": "zipper-asr", "language": recording.language}, timeout=600)
+        response.raise_for_status()
+        texts.append(response.json()["text"])
+    return texts
+
+
+async def play_all(ws_url: str, recordings: list[Recording], streams: int, silence_ms: int) -> list[list[dict]]:
+    """Each recording's events, `streams` recordings played at a time."""
+    out: list[list[dict]] = []
+    for first in range(0, len(recordings), streams):
+        group = recordings[first: first + streams]
+        results = await asyncio.gather(*(stream_events(ws_url, r.language, pcm16(r), SAMPLE_RATE, None, silence_ms)
+                                         for r in group))
+        out += [[event for _, event in received] for received, _ in results]
+    return out
+
+
+def turns(events: list[dict]) -> list[dict]:
+    """A stream's turns in order: their completed event, length and the text sent before their commit."""
+    by_item: dict[str, dict] = {}
+    for event in events:
+        item = event.get("item_id")
+        if item is None:
+            continue
+        turn = by_item.setdefault(item, {"deltas": [], "sent_before_commit": 0})
+        kind = event["type"]
+        if kind.endswith("speech_started"):
+            turn["start_ms"] = event["audio_start_ms"]
+        elif kind.endswith("speech_stopped"):
+            turn["end_ms"] = event["audio_end_ms"]
+        elif kind.endswith("committed"):
+            turn["sent_before_commit"] = sum(len(d) for d in turn["deltas"])
+        elif kind.endswith("transcription.delta"):
+            turn["deltas"].append(event["delta"])
+        elif kind.endswith(("transcription.completed", "transcription.failed")):
+            turn["completed"] = event
+    return [turn for turn in by_item.values() if "completed" in turn]
+
+
+def summarize(recordings: list[Recording], streams: list[list[dict]]) -> dict:
+    transcripts, offline, lengths, failed = [], [], [], 0
+    revised = sent_before = characters = count = 0
+    for recording, events in zip(recordings, streams, strict=True):
+        separator = "" if BY_CODE[recording.language].unspaced else " "
+        done = turns(events)
+        completed = [t["completed"] for t in done if t["completed"]["type"].endswith("completed")]
+        failed += len(done) - len(completed)
+        transcripts.append(separator.join(c["transcript"] for c in completed if c["transcript"]))
+        rest_answers = [c.get("offline_transcript") or c["transcript"] for c in completed]
+        offline.append(separator.join(text for text in rest_answers if text))
+        revised += sum(c.get("offline_transcript") is not None for c in completed)
+        count += len(completed)
+        lengths += [(t["end_ms"] - t["start_ms"]) / 1000 for t in done if "end_ms" in t and "start_ms" in t]
+        sent_before += sum(t["sent_before_commit"] for t in done)
+        characters += sum(len(c["transcript"]) for c in completed)
+    return {"transcripts": score(recordings, transcripts), "rest_per_turn": score(recordings, offline),
+            "turns": count, "failed_turns": failed, "revised_turns": revised,
+            "turn_seconds_p50": percentile(lengths, 0.5), "turn_seconds_p90": percentile(lengths, 0.9),
+            "text_sent_before_commit": round(sent_before / max(1, characters), 3)}
+
+
+def run(servers: dict[str, Path], recordings: list[Recording], streams: int, silences: list[int], model: Path
+        ) -> dict:
+    """Each server's REST answers, then, for each silence setting, each server's streams, the servers one after
+    the other."""
+    started = {name: serving.serve({"ZASR_MODEL_DIR": str(model), "ZASR_THREADS": "1"}, cwd=code)
+               for name, code in servers.items()}
+    try:
+        report: dict = {name: {"rest": score(recordings, rest_texts(url, recordings))}
+                        for name, (_, url) in started.items()}
+        for silence_ms in silences:
+            for name, (_, url) in started.items():
+                ws_url = url.replace("http://", "ws://") + "/v1/realtime"
+                report[name][str(silence_ms)] = summarize(
+                    recordings, asyncio.run(play_all(ws_url, recordings, streams, silence_ms)))
+                print(name, silence_ms, report[name][str(silence_ms)]["transcripts"]["mean_cer"], flush=True)
+    finally:
+        for process, _ in started.values():
+            serving.stop(process)
+    return report
+
+
+def markdown(report: dict, args: argparse.Namespace) -> str:
+    servers = [name for name in report if isinstance(report[name], dict) and "rest" in report[name]]
+    lines = [f"# Realtime accuracy on long recordings ({args.split} split)", "",
+             f"Machine: {report['machine']}; model: `{report['model']}`; {report['recordings']} recordings, "
+             f"{report['audio_seconds']} s of audio, {args.streams} streams at a time at the pace of real time; the "
+             "language given. Mean CER over the languages against the joined references.", "",
+             "| server | silence_duration_ms | realtime transcripts | REST per turn | REST, whole recordings | "
+             "realtime / REST | turns | revised | turn s p50 / p90 | text sent before commit |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for silence_ms in args.silences:
+        for name in servers:
+            row, rest = report[name][str(silence_ms)], report[name]["rest"]["mean_cer"]
+            lines.append(f"| {name} | {silence_ms} | {row['transcripts']['mean_cer']:.4f} | "
+                         f"{row['rest_per_turn']['mean_cer']:.4f} | {rest:.4f} | "
+                         f"{row['transcripts']['mean_cer'] / rest:.3f} | {row['turns']} | {row['revised_turns']} | "
+                         f"{row['turn_seconds_p50']} / {row['turn_seconds_p90']} | {row['text_sent_before_commit']} |")
+    lines += ["", "*REST per turn*: what the REST endpoint answers for each turn's audio (a turn's "
+              "`offline_transcript` where it was revised, else its transcript). *Revised*: turns whose partial text "
+              "already sent disagreed with that answer. Per-language CERs are in the JSON file.", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=ROOT / "models" / "default")
+    parser.add_argument("--corpus", type=Path, default=ROOT / "data" / "corpus")
+    parser.add_argument("--split", choices=["dev", "test"], default="dev")
+    parser.add_argument("--per-language", type=int, default=1, help="recordings of each language (about 1 min each)")
+    parser.add_argument("--streams", type=int, default=6, help="recordings played at a time")
+    parser.add_argument("--silences", type=int, nargs="+", default=list(SILENCES_MS))
+    parser.add_argument("--baseline", type=Path, help="a checkout whose server runs the same streams, for comparison")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args()
+    servers = {"this checkout": ROOT} | ({f"baseline ({args.baseline.name})": args.baseline} if args.baseline else {})
+    with tempfile.TemporaryDirectory(prefix="zasr-realtime-accuracy-") as workdir:
+        recordings = chosen_recordings(args.corpus, args.split, args.per_language, Path(workdir))
+        report = run(servers, recordings, args.streams, args.silences, args.model)
+    report |= {"split": args.split, "recordings": len(recordings),
+               "audio_seconds": round(sum(r.seconds for r in recordings), 1),
+               "model": str(args.model.relative_to(ROOT) if args.model.is_relative_to(ROOT) else args.model),
+               "commits": {name: _commit(code) for name, code in servers.items()},
+               "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}}
+    stem = args.out / f"realtime_accuracy_{args.split}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+    stem.with_suffix(".md").write_text(markdown(report, args))
+    print(markdown(report, args))
+
+
+def _commit(code: Path) -> str:
+    done = subprocess.run(["git", "-C", str(code), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(code), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    return done.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
+
+
+if __name__ == "__main__":
+    main()
