@@ -4,20 +4,27 @@ One `RealtimeSession` per connection. Audio arrives as base64 PCM16 (`input_audi
 to 16 kHz and cut into turns, by silero-vad (`turn_detection: server_vad`) or by the client's commits
 (`turn_detection: null`). The events are the protocol's (server/realtime_protocol.py).
 
-Partial results while a turn is open: every `realtime_update_ms` of new audio the turn so far is decoded again,
-through the shared batcher, so realtime rows and REST requests ride in the same engine batches. The encoder
-runs chunked and incrementally (speechllm/streaming.py): each update encodes only the audio that is new. The
-text that the last `n` hypotheses agree on, in whole words, is sent as a delta (LocalAgreement; n = 2 unless the
-session's `transcription.delay` asks for more, and "xhigh" sends no partial text). A delta is never taken back:
-later hypotheses are forced to continue the text already sent (`EngineInput.prefix`).
+Partial results while a turn is open: every `realtime_update_ms` of new audio the turn's open window so far is
+decoded again, through the shared batcher, so realtime rows and REST requests ride in the same engine batches. The
+encoder runs chunked and incrementally (speechllm/streaming.py): each update encodes only the audio that is new.
+The text that the last `n` hypotheses agree on, in whole words, is sent as a delta (LocalAgreement; n = 2 unless
+the session's `transcription.delay` asks for more, and "xhigh" sends no partial text). A delta is never taken
+back: later hypotheses are forced to continue the text already sent (`EngineInput.prefix`).
 
-The final transcript of a turn is the REST endpoint's: the turn's audio goes through
-`TranscriptionService.transcribe`, full-attention encoder, same batcher and engine. When that text begins with
-the partial text already sent, the rest of it is the last delta, and `completed` carries exactly what
-POST /v1/audio/transcriptions answers for the same audio. When it does not (the full decode disagrees with the
-partial hypotheses), a delta cannot be taken back: the transcript is the text sent, continued by the REST answer's
-words after the point that text aligns with (`continue_text`), and the extension field `offline_transcript`
-carries the REST answer. Either way the deltas of a turn concatenate to its `completed` transcript.
+Windows: a turn is cut into windows as the REST endpoint cuts long audio (`server.vad.GrowingSplit`: the windows of
+`split_long_audio` that no later audio can change, as the audio comes in), since the model hears windows of a few
+seconds well and longer rows badly. A turn shorter than a window plus a second is one window. Each window the rule
+settles is transcribed as the REST endpoint transcribes a window, its text is sent (after the windows before it),
+and the next window opens: partial updates decode the open window only.
+
+The final transcript of a window is the REST endpoint's answer for its audio: for the window still open at the
+commit, the turn's audio from the window's start goes through `TranscriptionService.transcribe`, full-attention
+encoder, same batcher and engine (for a turn of one window, `completed` carries exactly what
+POST /v1/audio/transcriptions answers for the same audio). When that answer does not begin with the partial text
+already sent for the window (the full decode disagrees with the partial hypotheses), a delta cannot be taken back:
+the window's text is the text sent, continued by the answer's words after the point that text aligns with
+(`continue_text`), and the turn is revised: the extension field `offline_transcript` carries the REST answers.
+Either way the deltas of a turn concatenate to its `completed` transcript.
 
 With server VAD, the audio transcribed for a turn ends one speech pad (the REST VAD's `speech_pad`, 100 ms) after
 its closing pause began, as the REST endpoint's windows of long audio end; the rest of the pause, up to
@@ -704,8 +711,8 @@ class RealtimeSession:
         samples = self.buffer.slice(turn.split_fed, self.buffer.end)
         turn.split_fed = self.buffer.end
         await asyncio.to_thread(turn.split.feed, samples)
-        if turn.closed:
-            return
+        if turn.closed or turn.split.samples <= turn.window.start - turn.start + turn.split.max_len:
+            return  # no window can be settled before the audio runs past the open one's longest
         windows, rest = turn.split.settled()
         if len(windows) == len(turn.settled):
             return

@@ -61,8 +61,8 @@ def test_backends_benchmark(tmp_path: Path) -> None:
     assert all(value > 0 for value in results["ratios_vllm_over_embedded"].values())
 
 
-def test_long_audio_benchmark(tmp_path: Path) -> None:
-    """On a corpus of a few espeak-ng utterances in the layout `zipper-asr corpus` writes (the real one is not
+def _tiny_corpus(tmp_path: Path) -> Path:
+    """A dev split of a few espeak-ng utterances in the layout `zipper-asr corpus` writes (the real corpus is not
     built in CI)."""
     corpus = tmp_path / "corpus"
     entries = []
@@ -75,6 +75,11 @@ def test_long_audio_benchmark(tmp_path: Path) -> None:
                                              capture_output=True, check=True).stdout)
             entries.append({"audio": str(audio.relative_to(corpus)), "text": text, "language": language})
     (corpus / "dev.jsonl").write_text("".join(json.dumps(entry) + "\n" for entry in entries))
+    return corpus
+
+
+def test_long_audio_benchmark(tmp_path: Path) -> None:
+    corpus = _tiny_corpus(tmp_path)
     _run("benchmarks.long_audio", tmp_path, "--corpus", str(corpus), "--split", "dev", "--windows", "6", "3",
          "--seconds", "3")
     report = json.loads((tmp_path / "long_audio_dev.json").read_text())
@@ -88,3 +93,16 @@ def test_long_audio_benchmark(tmp_path: Path) -> None:
     assert 0 <= detection["first_window"] <= detection["recordings"]
     assert 0 <= detection["whole_recording"] <= detection["recordings"]
     assert (tmp_path / "long_audio_dev.md").read_text().startswith("# Long audio (dev split, the language given)")
+
+
+def test_realtime_accuracy_benchmark(tmp_path: Path) -> None:
+    _run("benchmarks.realtime_accuracy", tmp_path, "--corpus", str(_tiny_corpus(tmp_path)), "--split", "dev",
+         "--silences", "500")
+    report = json.loads((tmp_path / "realtime_accuracy_dev.json").read_text())
+    assert report["recordings"] == 2
+    [server] = [name for name in report if isinstance(report[name], dict) and "rest" in report[name]]
+    row = report[server]["500"]
+    assert row["turns"] >= 2 and row["failed_turns"] == 0
+    for scores in (report[server]["rest"], row["transcripts"], row["rest_per_turn"]):
+        assert set(scores["cer"]) == {"en", "ja"} and all(math.isfinite(cer) for cer in scores["cer"].values())
+    assert (tmp_path / "realtime_accuracy_dev.md").read_text().startswith("# Realtime accuracy on long recordings")
