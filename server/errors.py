@@ -133,14 +133,14 @@ def overloaded(retry_after_s: float, message: str = "The server is currently ove
 
 
 def timeout(limit_s: float | None = None, what: str = "The transcription",
-            advice: str = " Try a shorter audio file.") -> APIError:
+            advice: str | None = "Try a shorter audio file.") -> APIError:
     message = f"{what} timed out"
     if limit_s is not None:
         message += f" after {limit_s:g} s"
     # The openai SDK retries every 5xx twice by default; the same audio would only time out again, so say not to.
     return APIError(
         504,
-        message + "." + advice,
+        message + "." + (f" {advice}" if advice else ""),
         type=SERVER_ERROR,
         code="timeout",
         headers={"x-should-retry": "false"},

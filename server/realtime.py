@@ -861,7 +861,7 @@ class RealtimeSession:
             elif isinstance(error, QueueFull):
                 failure = errors.overloaded(error.retry_after_s, "The server was too busy to transcribe this turn.")
             elif isinstance(error, TimeoutError):
-                failure = errors.timeout(self.settings.request_timeout_s, "The transcription of this turn", "")
+                failure = errors.timeout(self.settings.request_timeout_s, "The transcription of this turn", None)
             else:
                 logger.exception("the final transcription of a turn failed")
                 failure = errors.internal_error()
