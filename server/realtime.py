@@ -13,9 +13,11 @@ back: later hypotheses are forced to continue the text already sent (`EngineInpu
 
 Windows: a turn is cut into windows as the REST endpoint cuts long audio (`server.vad.GrowingSplit`: the windows of
 `split_long_audio` that no later audio can change, as the audio comes in), since the model hears windows of a few
-seconds well and longer rows badly. A turn shorter than a window plus a second is one window. Each window the rule
-settles is transcribed as the REST endpoint transcribes a window, its text is sent (after the windows before it),
-and the next window opens: partial updates decode the open window only.
+seconds well and longer rows badly. A turn whose audio stays within one window's limit is one window. Each window
+the rule settles is transcribed as the REST endpoint transcribes a window, its text is sent (after the windows before
+it), and the next window opens: partial updates decode the open window only. They decode it up to the end of the
+audio so far, which may run past where the rule then cuts it: text sent for a window that its REST answer places past
+its end is carried to the next window as text already sent (`settled_text`), not sent twice.
 
 The final transcript of a window is the REST endpoint's answer for its audio: for the window still open at the
 commit, the turn's audio from the window's start goes through `TranscriptionService.transcribe`, full-attention
@@ -42,6 +44,7 @@ import base64
 import binascii
 import contextlib
 import logging
+import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -149,26 +152,52 @@ def extends(text: str, prefix: str, unspaced: bool = False) -> bool:
     return unspaced or not prefix or len(text) == len(prefix) or text[len(prefix)] == " "
 
 
+def _units(text: str, unspaced: bool) -> list[str]:
+    return list(text) if unspaced else text.split()
+
+
+def _edit_distances(sent: list[str], answer: list[str]) -> list[list[int]]:
+    """table[i][j]: the edits (insertions, deletions, substitutions) between sent[:i] and answer[:j]."""
+    table = [list(range(len(answer) + 1))]
+    for i, unit in enumerate(sent, 1):
+        row = [i] + [0] * len(answer)
+        for j, other in enumerate(answer, 1):
+            row[j] = min(table[i - 1][j] + 1, row[j - 1] + 1, table[i - 1][j - 1] + (unit != other))
+        table.append(row)
+    return table
+
+
 def continue_text(sent: str, answer: str, unspaced: bool = False) -> str:
     """A transcript that begins with the text already `sent` and goes on with what the full decode's `answer` says
     after it: `sent`, then the answer's words (for unspaced languages: characters) that follow the beginning of the
     answer closest to `sent` (fewest word edits; of equally close ones, the longest). Where the answer begins with
     `sent`, that is the answer."""
-    if unspaced:
-        sent_units, answer_units = list(sent), list(answer)
-    else:
-        sent_units, answer_units = sent.split(), answer.split()
-    # distances[j]: edits between sent_units and answer_units[:j] (one row of the edit-distance table at a time)
-    distances = list(range(len(answer_units) + 1))
-    for i, unit in enumerate(sent_units, 1):
-        previous, distances = distances, [i] + [0] * len(answer_units)
-        for j, other in enumerate(answer_units, 1):
-            distances[j] = min(previous[j] + 1, distances[j - 1] + 1, previous[j - 1] + (unit != other))
-    aligned = min(range(len(distances)), key=lambda j: (distances[j], -j))
-    rest = answer_units[aligned:]
+    answer_units = _units(answer, unspaced)
+    last_row = _edit_distances(_units(sent, unspaced), answer_units)[-1]
+    rest = answer_units[min(range(len(last_row)), key=lambda j: (last_row[j], -j)):]
     if unspaced:
         return sent + "".join(rest)
     return " ".join(([sent] if sent else []) + rest)
+
+
+def settled_text(sent: str, answer: str, unspaced: bool = False) -> tuple[str, str]:
+    """A settled window's text, from the text already `sent` for it and its REST `answer`; and the text sent that lies
+    past its end. Partial updates decode the open window up to the end of the audio so far, while the window may be
+    settled at a cut before that end, so the text sent for it may run past the cut. When the whole answer is closer
+    to a beginning of `sent` (fewer word edits) than any beginning of the answer is to all of `sent`, the rest of
+    `sent` lies past the cut: → (that beginning, the rest), and the rest is the next window's text already sent.
+    Otherwise → (continue_text(sent, answer), "")."""
+    sent_units = _units(sent, unspaced)
+    table = _edit_distances(sent_units, _units(answer, unspaced))
+    within = min(table[-1])  # all of `sent` against a beginning of the answer
+    cut, past = min(((i, row[-1]) for i, row in enumerate(table)), key=lambda pair: (pair[1], -pair[0]))
+    if past >= within or cut == len(sent_units):
+        return continue_text(sent, answer, unspaced), ""
+    if unspaced:
+        return sent[:cut], sent[cut:]
+    words = list(re.finditer(r"\S+", sent))
+    end = words[cut - 1].end() if cut else 0
+    return sent[:end], sent[end:].lstrip()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -242,8 +271,8 @@ class Turn:
     window: TurnWindow  # the window still open
     split: GrowingSplit  # the turn's audio, fed from `start`, cut into windows as it comes
     split_fed: int = 0  # session offset up to which `split` has been fed
-    settled: list[asyncio.Task] = field(default_factory=list)  # per settled window, in order: its text is sent
-    # (after the windows before it) and the task answers (REST answer, language)
+    window_sends: list[asyncio.Task] = field(default_factory=list)  # per settled window, in order: sends its text
+    # (after the windows before it's) and answers (its REST answer, language)
     emitted: str = ""  # all the text sent as deltas so far
     revised: bool = False  # a window's REST answer did not begin with the text already sent for it
     partial: asyncio.Task | None = None  # the partial update in progress
@@ -254,7 +283,7 @@ class Turn:
 
     def settled_text_sent(self) -> bool:
         """Whether every settled window's text is out: only then may the open window's text follow it."""
-        return all(task.done() and not task.cancelled() and task.exception() is None for task in self.settled)
+        return all(task.done() and not task.cancelled() and task.exception() is None for task in self.window_sends)
 
 
 def joined(before: str, after: str, unspaced: bool) -> str:
@@ -319,9 +348,7 @@ class RealtimeSession:
         model = runtime.engine.model
         self.chunk_size = settings.realtime_chunk_size or model.config.encoder.chunk_size
         self.streaming_encoder = hasattr(model.encoder, "stream")  # ours is; a HF Whisper encoder is not
-        # Not capped at one REST window: the REST answer for a longer turn's audio is cut into windows at its pauses
-        # as an upload's is (the transcript when it begins with the text already sent); its partial text, and a
-        # decode that must continue that text, read the turn whole.
+        # Not capped at one REST window: a longer turn is cut into windows as an upload is (TurnWindow).
         self.max_turn_samples = int(settings.realtime_max_turn_seconds * SAMPLE_RATE)
         self.update_samples = max(1, int(settings.realtime_update_ms * SAMPLE_RATE / 1000))
         self.speech_pad = runtime.service.audio.vad.speech_pad  # what a turn's audio keeps of its closing pause
@@ -553,7 +580,7 @@ class RealtimeSession:
             self.turn.closed = True
             if self.turn.partial is not None:
                 self.turn.partial.cancel()
-            for task in self.turn.settled:
+            for task in self.turn.window_sends:
                 task.cancel()
             self._drop_early_final(self.turn)
             self.turn = None
@@ -710,53 +737,54 @@ class RealtimeSession:
             return
         samples = self.buffer.slice(turn.split_fed, self.buffer.end)
         turn.split_fed = self.buffer.end
-        await asyncio.to_thread(turn.split.feed, samples)
-        if turn.closed or turn.split.samples <= turn.window.start - turn.start + turn.split.max_len:
-            return  # no window can be settled before the audio runs past the open one's longest
-        windows, rest = turn.split.settled()
-        if len(windows) == len(turn.settled):
+        # No window can be settled before the audio runs past the open one's longest (from its start)
+        open_from = turn.window.start - turn.start
+        windows, rest = await asyncio.to_thread(turn.split.feed_and_settle, samples, open_from + turn.split.max_len)
+        if turn.closed or len(windows) <= len(turn.window_sends):
             return
-        for span in windows[len(turn.settled):]:
-            self._settle(turn, Span(turn.start + span.start, turn.start + span.end))
+        spans = windows[len(turn.window_sends):]
+        # the open window is the first settled; each later one was never open (one append held it whole)
+        settling = [turn.window] + [TurnWindow(turn.start + span.start, None) for span in spans[1:]]
         turn.window = self._new_window(turn.start + rest)
+        for window, following, span in zip(settling, [*settling[1:], turn.window], spans, strict=True):
+            self._settle(turn, window, following, Span(turn.start + span.start, turn.start + span.end))
 
-    def _settle(self, turn: Turn, span: Span) -> None:
-        """The open window's audio is settled as `span` (session offsets): it is decoded as the REST endpoint decodes
-        a window, and its text sent once the windows before it are out."""
-        window = turn.window
+    def _settle(self, turn: Turn, window: TurnWindow, following: TurnWindow, span: Span) -> None:
+        """`window`'s audio is settled as `span` (session offsets): it is decoded as the REST endpoint decodes a
+        window, and its text sent once the windows before it are out; text sent for it that lies past the span goes
+        on as `following`'s."""
         if turn.partial is not None:
-            turn.partial.cancel()  # it decodes the window that is settled now
-        self._drop_early_final(turn)  # it decodes from the settled window's start
+            turn.partial.cancel()  # it decodes a window that is settled now
+        self._drop_early_final(turn)  # it decodes from a settled window's start
         answer = self._spawn(self._offline_text(self.buffer.slice(span.start, span.end), turn.language))
         answer.add_done_callback(_retrieve)
-        sent = self._spawn(self._send_settled(turn, window, answer, turn.settled[-1] if turn.settled else None))
-        sent.add_done_callback(_retrieve)
-        turn.settled.append(sent)
+        previous = turn.window_sends[-1] if turn.window_sends else None
+        send = self._spawn(self._send_settled(turn, window, following, answer, previous))
+        send.add_done_callback(_retrieve)
+        send.add_done_callback(lambda _: answer.cancel())  # (cancelled, maybe before it ever ran: its decode too)
+        turn.window_sends.append(send)
 
-    async def _send_settled(self, turn: Turn, window: TurnWindow, answer: asyncio.Task,
+    async def _send_settled(self, turn: Turn, window: TurnWindow, following: TurnWindow, answer: asyncio.Task,
                             previous: asyncio.Task | None) -> tuple[str, str | None]:
         """Send a settled window's text after the windows before it; → its REST answer and language."""
-        try:
-            if previous is not None:
-                await asyncio.wait([previous])  # (not `await previous`: cancelling this would cancel it too)
-                previous.result()  # the windows before it failed: so does the turn
-            text, language = await answer
-        except BaseException:
-            answer.cancel()
-            raise
-        await self._send_window_text(turn, window, self._window_text(turn, window, text, language),
-                                     is_unspaced(language))
+        if previous is not None:
+            await asyncio.wait([previous])  # (not `await previous`: cancelling this would cancel it too)
+            previous.result()  # the windows before it failed: so does the turn
+        text, language = await answer
+        unspaced = is_unspaced(language)
+        final, following.emitted = settled_text(window.emitted, text, unspaced)
+        turn.revised |= final != text
+        await self._send_window_text(turn, window, final, unspaced)
         return text, language
 
-    @staticmethod
-    def _window_text(turn: Turn, window: TurnWindow, answer: str, language: str | None) -> str:
-        """A window's final text: the REST answer, or, when it does not begin with the text already sent for the
-        window, that text continued by the rest of the answer (the turn is then revised)."""
+    def _last_window_text(self, turn: Turn, answer: str, language: str | None) -> str:
+        """The open window's final text at the commit: the REST answer, or, when it does not begin with the text
+        already sent for the window, that text continued by the rest of the answer (the turn is then revised)."""
         unspaced = is_unspaced(language)
-        if extends(answer, window.emitted, unspaced):
-            return answer
-        turn.revised = True
-        return continue_text(window.emitted, answer, unspaced)
+        text = answer if extends(answer, turn.window.emitted, unspaced) else continue_text(
+            turn.window.emitted, answer, unspaced)
+        turn.revised |= text != answer
+        return text
 
     async def _send_window_text(self, turn: Turn, window: TurnWindow, text: str, unspaced: bool) -> None:
         """Send what `text`, the window's text so far (it begins with what was sent of it), adds."""
@@ -888,12 +916,11 @@ class RealtimeSession:
     async def _final_text(self, turn: Turn, decode: FinalDecode) -> tuple[str, str | None]:
         """Send the rest of a committed turn's text: each settled window's (in order), then the open window's, which
         `decode` transcribes. → (what the REST endpoint answers for those windows, joined; the first's language)."""
-        answers = [await task for task in turn.settled]
+        answers = [await task for task in turn.window_sends]
         answer, language = await decode.offline
         answers.append((answer, language))
         unspaced = is_unspaced(language)
-        await self._send_window_text(turn, turn.window, self._window_text(turn, turn.window, answer, language),
-                                     unspaced)
+        await self._send_window_text(turn, turn.window, self._last_window_text(turn, answer, language), unspaced)
         offline = ""
         for index, (text, _) in enumerate(answers):
             offline = joined(offline, text, is_unspaced(answers[max(0, index - 1)][1]))

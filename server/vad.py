@@ -263,6 +263,8 @@ class GrowingSplit:
     sample fed."""
 
     def __init__(self, vad: SileroVAD, max_window_s: float, min_window_s: float = 1.0) -> None:
+        if 2 * vad.speech_pad > vad.min_silence:  # then a span heard later could move the padded end of the one
+            raise ValueError("a growing split needs speech_pad_ms of at most half min_silence_ms")  # before it
         self.vad = vad
         self.max_len, self.min_len = _window_lengths(max_window_s, min_window_s)
         self._state = _ModelState()
@@ -277,6 +279,12 @@ class GrowingSplit:
             self._probs.append(self._state.step(self._pending[:whole]))
             self._pending = self._pending[whole:]
             self.samples += whole
+
+    def feed_and_settle(self, samples: np.ndarray, not_before: int) -> tuple[list[Span], int | None]:
+        """`feed`, then `settled()`; or ([], None) while no more than `not_before` samples are in (no window can
+        be settled that soon: the caller knows), which spares recomputing the windows at every feed."""
+        self.feed(samples)
+        return self.settled() if self.samples > not_before else ([], None)
 
     def settled(self) -> tuple[list[Span], int | None]:
         """(the settled windows, where the rest begins: None while no speech has been heard)."""

@@ -22,7 +22,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -889,38 +889,76 @@ def test_no_partial_text_once_delay_is_xhigh() -> None:
     assert [event.type for event in asyncio.run(scenario())] == ["session.updated"]
 
 
-def test_a_long_turn_is_transcribed_and_sent_window_by_window() -> None:
-    """A turn longer than a window (ZASR_MAX_WINDOW_SECONDS, 3 s) is cut as the REST endpoint cuts long audio: each
-    window the rule settles is transcribed (the fake service answers how many samples it got) and its text sent while
-    the turn goes on; the transcript joins the windows' answers. Before, the partial updates and the decode that
-    continued their text read the whole turn as one row, longer than any clip the model was trained on."""
+def _long_turn() -> tuple[bytes, np.ndarray, list]:
+    """A turn of about 18 s, phrases 0.45 s apart; its PCM at 16 kHz, its samples, and the REST windows of them."""
     phrases = [_speech(text, "en+m5", SAMPLE_RATE) for texts in PHRASES.values() for text in texts]
     gap = np.zeros(int(0.45 * SAMPLE_RATE), np.float32)
     pcm = _pcm16(np.concatenate([part for phrase in phrases * 2 for part in (phrase, gap)]))
     samples = PcmDecoder(SAMPLE_RATE).feed(pcm)
     windows = split_long_audio(samples, SileroVAD(), Settings().max_window_seconds)
     assert len(windows) >= 4
+    return pcm, samples, windows
 
-    async def scenario() -> tuple[list, list]:
-        session = RealtimeSession(None, _runtime(), Settings(), Metrics())  # turns of up to 30 s
-        await session.handle(_update(turn_detection=None, format={"type": "audio/pcm", "rate": SAMPLE_RATE},
-                                     transcription={"delay": "xhigh"}))
-        for event in _appends(pcm, SAMPLE_RATE):
-            await session.handle(json.dumps(event))
-        await asyncio.wait(session.turn.settled)
-        before_commit = await _sent(session)
-        await session.handle(json.dumps({"type": "input_audio_buffer.commit"}))
-        return before_commit, await _sent(session)
 
-    before_commit, after = asyncio.run(scenario())
-    sent = [event.delta for event in before_commit if event.type.endswith("delta")]
+async def _play_long_turn(pcm: bytes, chunk_ms: int, sent_before: Callable[[RealtimeSession], None] | None = None
+                          ) -> tuple[list, list]:
+    """Appends of `chunk_ms`, manual commits, no partial text; `sent_before` runs once the turn is open. → the events
+    before the commit (once the settled windows' text is out) and after it."""
+    session = RealtimeSession(None, _runtime(), Settings(), Metrics())  # turns of up to 30 s
+    await session.handle(_update(turn_detection=None, format={"type": "audio/pcm", "rate": SAMPLE_RATE},
+                                 transcription={"delay": "xhigh"}))
+    for event in _appends(pcm, SAMPLE_RATE, chunk_ms):
+        await session.handle(json.dumps(event))
+        if sent_before is not None:
+            sent_before(session)
+            sent_before = None
+    await asyncio.wait(session.turn.window_sends)
+    before_commit = await _sent(session)
+    await session.handle(json.dumps({"type": "input_audio_buffer.commit"}))
+    return before_commit, await _sent(session)
+
+
+def _deltas(events: list) -> list[str]:
+    return [event.delta for event in events if event.type.endswith("delta")]
+
+
+@pytest.mark.parametrize("chunk_ms", [100, 5000])
+def test_a_long_turn_is_transcribed_and_sent_window_by_window(chunk_ms: int) -> None:
+    """A turn longer than a window (ZASR_MAX_WINDOW_SECONDS, 3 s) is cut as the REST endpoint cuts long audio: each
+    window the rule settles is transcribed (the fake service answers how many samples it got) and its text sent while
+    the turn goes on; the transcript joins the windows' answers. Before, the partial updates and the decode that
+    continued their text read the whole turn as one row, longer than any clip the model was trained on. Appends of
+    5 s settle several windows at once."""
+    pcm, samples, windows = _long_turn()
+    before_commit, after = asyncio.run(_play_long_turn(pcm, chunk_ms))
+    sent = _deltas(before_commit)
     settled = [f"{window.end - window.start} samples" for window in windows[:len(sent)]]
-    assert len(sent) >= len(windows) - 2 and sent == [settled[0]] + [" " + text for text in settled[1:]]
+    assert len(sent) >= len(windows) - 3 and sent == [settled[0]] + [" " + text for text in settled[1:]]
     [completed] = [event for event in after if event.type.endswith("completed")]
     rest = samples.size - windows[len(sent)].start  # the open window: from its start to the end of the turn
     assert completed.transcript == "".join(sent) + f" {rest} samples" and completed.offline_transcript is None
-    assert "".join(sent) + "".join(event.delta for event in after if event.type.endswith("delta")) == \
-        completed.transcript
+    assert "".join(sent + _deltas(after)) == completed.transcript
+
+
+def test_text_sent_past_a_windows_cut_goes_on_in_the_next_window() -> None:
+    """Partial updates decode the open window up to the end of the audio so far, so text can be sent for audio that
+    the window, once settled, leaves to the next one. That text is the next window's beginning, not sent twice:
+    here the first window's answer ends before the word "late" sent for it, and the next answer reads
+    "late"'s audio as its first word (the fake's "<n>")."""
+    pcm, _, windows = _long_turn()
+    first = f"{windows[0].end - windows[0].start} samples"
+
+    def partial_text_sent(session: RealtimeSession) -> None:
+        turn = session.turn
+        turn.emitted = turn.window.emitted = first + " late"
+
+    before_commit, after = asyncio.run(_play_long_turn(pcm, 100, partial_text_sent))
+    [completed] = [event for event in after if event.type.endswith("completed")]
+    # the second window's answer "<n> samples" continues "late" (read as "<n>"): "late samples"
+    assert completed.transcript.startswith(f"{first} late samples {windows[2].end - windows[2].start} samples")
+    assert completed.transcript.count("late") == 1
+    assert first + " late" + "".join(_deltas(before_commit) + _deltas(after)) == completed.transcript
+    assert completed.offline_transcript is not None  # revised: the text sent is not the first answer
 
 
 @pytest.mark.parametrize("rate", [16_000, 24_000])

@@ -13,7 +13,7 @@ import torch
 
 from server.engine import EmbeddedEngine, EngineInput
 from server.metrics import Metrics
-from server.realtime import AudioBuffer, agreed_prefix, continue_text, extends
+from server.realtime import AudioBuffer, agreed_prefix, continue_text, extends, settled_text
 from speechllm.audio import SAMPLE_RATE, load_audio
 from speechllm.encoder import EncoderConfig, SpeechEncoder
 from speechllm.features import log_mel_spectrogram
@@ -87,6 +87,23 @@ def test_continue_text_keeps_what_was_sent_and_adds_what_follows_it(sent: str, a
     continued = continue_text(sent, answer, unspaced)
     assert continued == transcript
     assert extends(continued, sent, unspaced)
+
+
+@pytest.mark.parametrize(("sent", "answer", "unspaced", "expected"), [
+    ("w0 w1 w2 w3", "w0 w1 w2", False, ("w0 w1 w2", "w3")),  # "w3" was heard past the window's cut
+    ("w0 w1 w2 w3", "w0 w1 x", False, ("w0 w1 w2", "w3")),
+    ("w0 w1", "w0 w1 w2", False, ("w0 w1 w2", "")),  # all within: continue_text
+    ("w0 x w2", "w0 w1 w2 w3", False, ("w0 x w2 w3", "")),
+    ("w0 w1 w2", "w0 w1 w2", False, ("w0 w1 w2", "")),
+    ("", "w0", False, ("w0", "")),
+    ("こんにちは世界", "こんにちは", True, ("こんにちは", "世界")),
+])
+def test_settled_text_leaves_text_sent_past_the_cut_to_the_next_window(sent: str, answer: str, unspaced: bool,
+                                                                       expected: tuple[str, str]) -> None:
+    text, past = settled_text(sent, answer, unspaced)
+    assert (text, past) == expected
+    assert sent.startswith(text) or extends(text, sent, unspaced)
+    assert not past or (text + ("" if unspaced else " ") + past) == sent
 
 
 # ---- the session's audio buffer -------------------------------------------------------------------------------
