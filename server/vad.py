@@ -93,6 +93,24 @@ class _ModelState:
         return probs
 
 
+class _Stream:
+    """The model over audio fed in chunks of any size: each chunk runs the whole windows it completes."""
+
+    def __init__(self) -> None:
+        self.state = _ModelState()
+        self.pending = np.zeros(0, dtype=np.float32)  # samples not yet making up a whole window
+
+    def feed(self, samples: np.ndarray) -> np.ndarray:
+        """→ one probability per window completed (none, while a window waits for its samples)."""
+        self.pending = np.concatenate([self.pending, _as_mono(samples)])
+        whole = self.pending.size - self.pending.size % WINDOW
+        if whole == 0:
+            return np.zeros(0, dtype=np.float32)
+        probs = self.state.step(self.pending[:whole])
+        self.pending = self.pending[whole:]
+        return probs
+
+
 def _probability_blocks(samples: np.ndarray, first_windows: int = BLOCK_WINDOWS) -> Iterator[tuple[int, np.ndarray]]:
     """Mono samples' speech probabilities block by block, from the start: (samples covered so far, the block's
     probabilities). Blocks double from `first_windows` windows up to BLOCK_WINDOWS; the last window is
@@ -267,18 +285,14 @@ class GrowingSplit:
             raise ValueError("a growing split needs speech_pad_ms of at most half min_silence_ms")  # before it
         self.vad = vad
         self.max_len, self.min_len = _window_lengths(max_window_s, min_window_s)
-        self._state = _ModelState()
-        self._pending = np.zeros(0, dtype=np.float32)
+        self._stream = _Stream()
         self._probs: list[np.ndarray] = []
         self.samples = 0  # samples with a probability: whole windows
 
     def feed(self, samples: np.ndarray) -> None:
-        self._pending = np.concatenate([self._pending, _as_mono(samples)])
-        whole = self._pending.size - self._pending.size % WINDOW
-        if whole:
-            self._probs.append(self._state.step(self._pending[:whole]))
-            self._pending = self._pending[whole:]
-            self.samples += whole
+        probs = self._stream.feed(samples)
+        self._probs.append(probs)
+        self.samples += len(probs) * WINDOW
 
     def feed_and_settle(self, samples: np.ndarray, not_before: int) -> tuple[list[Span], int | None]:
         """`feed`, then `settled()`; or ([], None) while no more than `not_before` samples are in (no window can
@@ -338,8 +352,7 @@ class StreamingVAD:
 
     def reset(self) -> None:
         """Start a new stream: offsets restart at 0."""
-        self._state = _ModelState()
-        self._pending = np.zeros(0, dtype=np.float32)  # samples not yet making up a whole window
+        self._stream = _Stream()
         self._offset = 0  # stream offset of the first pending sample
         self._in_speech = False
         self._silence_from: int | None = None
@@ -356,12 +369,7 @@ class StreamingVAD:
 
     def feed(self, samples: np.ndarray) -> list[tuple[str, int]]:
         """Add a chunk; returns the events it completed, in order, as (name, sample offset)."""
-        self._pending = np.concatenate([self._pending, _as_mono(samples)])
-        whole = self._pending.size - self._pending.size % WINDOW
-        if whole == 0:
-            return []
-        probs = self._state.step(self._pending[:whole])
-        self._pending = self._pending[whole:]
+        probs = self._stream.feed(samples)
         events: list[tuple[str, int]] = []
         for i, prob in enumerate(probs):
             offset = self._offset + i * WINDOW
@@ -378,5 +386,5 @@ class StreamingVAD:
                     self._in_speech = False
                     self._last_stop = self._silence_from
                     self._silence_from = None
-        self._offset += whole
+        self._offset += len(probs) * WINDOW
         return events
