@@ -172,9 +172,15 @@ def continue_text(sent: str, answer: str, unspaced: bool = False) -> str:
     after it: `sent`, then the answer's words (for unspaced languages: characters) that follow the beginning of the
     answer closest to `sent` (fewest word edits; of equally close ones, the longest). Where the answer begins with
     `sent`, that is the answer."""
+    if extends(answer, sent, unspaced):
+        return answer
     answer_units = _units(answer, unspaced)
-    last_row = _edit_distances(_units(sent, unspaced), answer_units)[-1]
-    rest = answer_units[min(range(len(last_row)), key=lambda j: (last_row[j], -j)):]
+    return _continued(sent, answer_units, _edit_distances(_units(sent, unspaced), answer_units)[-1], unspaced)
+
+
+def _continued(sent: str, answer_units: list[str], distances: list[int], unspaced: bool) -> str:
+    """continue_text, given the edits between `sent` and each beginning of the answer."""
+    rest = answer_units[min(range(len(distances)), key=lambda j: (distances[j], -j)):]
     if unspaced:
         return sent + "".join(rest)
     return " ".join(([sent] if sent else []) + rest)
@@ -187,12 +193,14 @@ def settled_text(sent: str, answer: str, unspaced: bool = False) -> tuple[str, s
     to a beginning of `sent` (fewer word edits) than any beginning of the answer is to all of `sent`, the rest of
     `sent` lies past the cut: → (that beginning, the rest), and the rest is the next window's text already sent.
     Otherwise → (continue_text(sent, answer), "")."""
-    sent_units = _units(sent, unspaced)
-    table = _edit_distances(sent_units, _units(answer, unspaced))
+    if extends(answer, sent, unspaced):
+        return answer, ""
+    sent_units, answer_units = _units(sent, unspaced), _units(answer, unspaced)
+    table = _edit_distances(sent_units, answer_units)
     within = min(table[-1])  # all of `sent` against a beginning of the answer
     cut, past = min(((i, row[-1]) for i, row in enumerate(table)), key=lambda pair: (pair[1], -pair[0]))
     if past >= within or cut == len(sent_units):
-        return continue_text(sent, answer, unspaced), ""
+        return _continued(sent, answer_units, table[-1], unspaced), ""
     if unspaced:
         return sent[:cut], sent[cut:]
     words = list(re.finditer(r"\S+", sent))
@@ -777,15 +785,6 @@ class RealtimeSession:
         await self._send_window_text(turn, window, final, unspaced)
         return text, language
 
-    def _last_window_text(self, turn: Turn, answer: str, language: str | None) -> str:
-        """The open window's final text at the commit: the REST answer, or, when it does not begin with the text
-        already sent for the window, that text continued by the rest of the answer (the turn is then revised)."""
-        unspaced = is_unspaced(language)
-        text = answer if extends(answer, turn.window.emitted, unspaced) else continue_text(
-            turn.window.emitted, answer, unspaced)
-        turn.revised |= text != answer
-        return text
-
     async def _send_window_text(self, turn: Turn, window: TurnWindow, text: str, unspaced: bool) -> None:
         """Send what `text`, the window's text so far (it begins with what was sent of it), adds."""
         added = text[len(window.emitted):]
@@ -920,10 +919,12 @@ class RealtimeSession:
         answer, language = await decode.offline
         answers.append((answer, language))
         unspaced = is_unspaced(language)
-        await self._send_window_text(turn, turn.window, self._last_window_text(turn, answer, language), unspaced)
-        offline = ""
-        for index, (text, _) in enumerate(answers):
-            offline = joined(offline, text, is_unspaced(answers[max(0, index - 1)][1]))
+        text = continue_text(turn.window.emitted, answer, unspaced)
+        turn.revised |= text != answer
+        await self._send_window_text(turn, turn.window, text, unspaced)
+        offline = answers[0][0]
+        for (_, previous_language), (text, _) in zip(answers, answers[1:], strict=False):
+            offline = joined(offline, text, is_unspaced(previous_language))  # as REST: by the previous window's
         return offline, answers[0][1]
 
     async def _retry(self, attempt: Callable[[], Awaitable[T]]) -> T:
