@@ -145,29 +145,38 @@ async def stream_events(url: str, language: str | None, pcm: bytes, rate: int, d
     return received, sent_at
 
 
-def turns_of(received: list[tuple[float, dict]], sent_at: list[float], silence_ms: int) -> list[TurnTiming]:
-    def sent(ms: int) -> float:  # when the client had sent the audio up to `ms`
-        return sent_at[min(len(sent_at) - 1, max(0, math.ceil(ms / CHUNK_MS) - 1))]
-
+def items(received: list[tuple[float, dict]]) -> list[dict]:
+    """A stream's turns (items) in order, from the events received (with when): for each, its deltas (when, text),
+    when it was committed and how many characters had been sent by then, `start_ms` and `end_ms` from the VAD's
+    events, and its `completed` or `failed` event (when, event)."""
     turns: dict[str, dict] = {}
     for at, event in received:
         item = event.get("item_id")
         if item is None:
             continue
-        turn = turns.setdefault(item, {"deltas": [], "committed": None})
+        turn = turns.setdefault(item, {"deltas": [], "committed": None, "before_commit": 0})
         kind = event["type"]
-        if kind.endswith("speech_stopped"):
+        if kind.endswith("speech_started"):
+            turn["start_ms"] = event["audio_start_ms"]
+        elif kind.endswith("speech_stopped"):
             turn["end_ms"] = event["audio_end_ms"]
         elif kind.endswith("committed"):
             turn["committed"] = at
             turn["before_commit"] = sum(len(d) for _, d in turn["deltas"])
         elif kind.endswith("transcription.delta"):
             turn["deltas"].append((at, event["delta"]))
-        elif kind.endswith("transcription.completed"):
+        elif kind.endswith(("transcription.completed", "transcription.failed")):
             turn["completed"] = (at, event)
+    return list(turns.values())
+
+
+def turns_of(received: list[tuple[float, dict]], sent_at: list[float], silence_ms: int) -> list[TurnTiming]:
+    def sent(ms: int) -> float:  # when the client had sent the audio up to `ms`
+        return sent_at[min(len(sent_at) - 1, max(0, math.ceil(ms / CHUNK_MS) - 1))]
+
     out = []
-    for turn in turns.values():
-        if "completed" not in turn or "end_ms" not in turn:
+    for turn in items(received):
+        if "completed" not in turn or "end_ms" not in turn or turn["completed"][1]["type"].endswith("failed"):
             continue  # a turn cut at the longest allowed has no speech end
         at, completed = turn["completed"]
         partial = [t for t, _ in turn["deltas"] if t < turn["committed"]]

@@ -31,7 +31,7 @@ import torch
 
 from benchmarks import serving
 from benchmarks.long_audio import Recording, make_recordings, score
-from benchmarks.realtime import percentile, stream_events
+from benchmarks.realtime import items, percentile, stream_events
 from speechllm.audio import SAMPLE_RATE, load_audio
 from speechllm.languages import BY_CODE
 
@@ -64,46 +64,25 @@ def rest_texts(url: str, recordings: list[Recording]) -> list[str]:
     return texts
 
 
-async def play_all(ws_url: str, recordings: list[Recording], streams: int, silence_ms: int) -> list[list[dict]]:
-    """Each recording's events, `streams` recordings played at a time."""
-    out: list[list[dict]] = []
+async def play_all(ws_url: str, recordings: list[Recording], streams: int, silence_ms: int
+                   ) -> list[list[tuple[float, dict]]]:
+    """Each recording's events (with when they came), `streams` recordings played at a time."""
+    out: list[list[tuple[float, dict]]] = []
     for first in range(0, len(recordings), streams):
         group = recordings[first: first + streams]
         results = await asyncio.gather(*(stream_events(ws_url, r.language, pcm16(r), SAMPLE_RATE, None, silence_ms)
                                          for r in group))
-        out += [[event for _, event in received] for received, _ in results]
+        out += [received for received, _ in results]
     return out
 
 
-def turns(events: list[dict]) -> list[dict]:
-    """A stream's turns in order: their completed event, length and the text sent before their commit."""
-    by_item: dict[str, dict] = {}
-    for event in events:
-        item = event.get("item_id")
-        if item is None:
-            continue
-        turn = by_item.setdefault(item, {"deltas": [], "sent_before_commit": 0})
-        kind = event["type"]
-        if kind.endswith("speech_started"):
-            turn["start_ms"] = event["audio_start_ms"]
-        elif kind.endswith("speech_stopped"):
-            turn["end_ms"] = event["audio_end_ms"]
-        elif kind.endswith("committed"):
-            turn["sent_before_commit"] = sum(len(d) for d in turn["deltas"])
-        elif kind.endswith("transcription.delta"):
-            turn["deltas"].append(event["delta"])
-        elif kind.endswith(("transcription.completed", "transcription.failed")):
-            turn["completed"] = event
-    return [turn for turn in by_item.values() if "completed" in turn]
-
-
-def summarize(recordings: list[Recording], streams: list[list[dict]]) -> dict:
+def summarize(recordings: list[Recording], streams: list[list[tuple[float, dict]]]) -> dict:
     transcripts, offline, lengths, failed = [], [], [], 0
     revised = sent_before = characters = count = 0
-    for recording, events in zip(recordings, streams, strict=True):
+    for recording, received in zip(recordings, streams, strict=True):
         separator = "" if BY_CODE[recording.language].unspaced else " "
-        done = turns(events)
-        completed = [t["completed"] for t in done if t["completed"]["type"].endswith("completed")]
+        done = [turn for turn in items(received) if "completed" in turn]
+        completed = [t["completed"][1] for t in done if t["completed"][1]["type"].endswith("completed")]
         failed += len(done) - len(completed)
         transcripts.append(separator.join(c["transcript"] for c in completed if c["transcript"]))
         rest_answers = [c.get("offline_transcript") or c["transcript"] for c in completed]
@@ -111,7 +90,7 @@ def summarize(recordings: list[Recording], streams: list[list[dict]]) -> dict:
         revised += sum(c.get("offline_transcript") is not None for c in completed)
         count += len(completed)
         lengths += [(t["end_ms"] - t["start_ms"]) / 1000 for t in done if "end_ms" in t and "start_ms" in t]
-        sent_before += sum(t["sent_before_commit"] for t in done)
+        sent_before += sum(t["before_commit"] for t in done)
         characters += sum(len(c["transcript"]) for c in completed)
     return {"transcripts": score(recordings, transcripts), "rest_per_turn": score(recordings, offline),
             "turns": count, "failed_turns": failed, "revised_turns": revised,
