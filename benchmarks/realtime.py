@@ -231,8 +231,11 @@ def start_server(model: Path, threads: int, early_final: bool = True) -> tuple[s
 
 
 def server_counters(url: str) -> dict:
+    """The server's realtime counters, and the engine's work: rows decoded (`zasr_batch_size_rows_sum`) and
+    decoding steps summed over their rows (`zasr_decode_step_rows_sum`)."""
     names = ("zasr_realtime_encoder_frames_total", "zasr_realtime_partial_updates_total",
-             "zasr_realtime_revised_turns_total", "zasr_realtime_turns_total", "zasr_realtime_early_finals_total")
+             "zasr_realtime_revised_turns_total", "zasr_realtime_turns_total", "zasr_realtime_early_finals_total",
+             "zasr_batch_size_rows_sum", "zasr_decode_step_rows_sum")
     lines = httpx.get(f"{url}/metrics").text.splitlines()
     return {line.split()[0]: float(line.split()[1]) for line in lines if line.startswith(names)}
 
@@ -369,9 +372,10 @@ def write(results: dict, args: argparse.Namespace) -> None:
               "medium (3 hypotheses) and high (4). Encoder work: *incremental* encodes each 640 ms chunk once with "
               "its left context cached; *recompute* re-encodes the whole turn under the same chunked mask at every "
               "update (identical states); the last column is one full-attention encode of the whole turn (what the "
-              "final decode does once per turn). *Early finals*: the final decode starts one speech pad (100 ms) into "
-              "each pause, on the turn's audio up to there, while the VAD waits out `silence_duration_ms`; the "
-              "server counters show how many were used (the turn ended there) and discarded (speech went on).", ""]
+              "final decode does once per turn). *Early finals*: the final decode starts during each pause, on the "
+              "turn's audio up to one speech pad (100 ms) into it, while the VAD waits out `silence_duration_ms`: as "
+              "late as leaves it the time recent final decodes took, and no earlier than the pad; the server "
+              "counters show how many were used (the turn ended there) and discarded (speech went on).", ""]
     Path(f"{args.out}.md").write_text("\n".join(lines))
     print("\n".join(lines))
 

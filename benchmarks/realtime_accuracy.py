@@ -31,12 +31,18 @@ import torch
 
 from benchmarks import serving
 from benchmarks.long_audio import Recording, make_recordings, score
-from benchmarks.realtime import items, percentile, stream_events
+from benchmarks.realtime import items, percentile, server_counters, stream_events
 from speechllm.audio import SAMPLE_RATE, load_audio
 from speechllm.languages import BY_CODE
 
 ROOT = Path(__file__).resolve().parent.parent
 SILENCES_MS = (500, 1000)
+# What the server did for the streams (server_counters, before and after each run): the decodes a realtime turn
+# costs, and the engine's rows and decoding steps (summed over their rows) for them.
+WORK_COUNTERS = ('zasr_realtime_early_finals_total{outcome="used"}',
+                 'zasr_realtime_early_finals_total{outcome="discarded"}',
+                 'zasr_realtime_partial_updates_total{result="decoded"}', "zasr_batch_size_rows_sum",
+                 "zasr_decode_step_rows_sum")
 TRAILING_SILENCE_S = 1.5  # after the last utterance, so that the server VAD ends the last turn
 
 
@@ -110,8 +116,12 @@ def run(servers: dict[str, Path], recordings: list[Recording], streams: int, sil
         for silence_ms in silences:
             for name, (_, url) in started.items():
                 ws_url = url.replace("http://", "ws://") + "/v1/realtime"
+                before = server_counters(url)
                 report[name][str(silence_ms)] = summarize(
                     recordings, asyncio.run(play_all(ws_url, recordings, streams, silence_ms)))
+                after = server_counters(url)
+                report[name][str(silence_ms)]["server_work"] = {
+                    counter: after[counter] - before.get(counter, 0.0) for counter in WORK_COUNTERS if counter in after}
                 print(name, silence_ms, report[name][str(silence_ms)]["transcripts"]["mean_cer"], flush=True)
     finally:
         for process, _ in started.values():
@@ -137,7 +147,16 @@ def markdown(report: dict, args: argparse.Namespace) -> str:
                          f"{row['turn_seconds_p50']} / {row['turn_seconds_p90']} | {row['text_sent_before_commit']} |")
     lines += ["", "*REST per turn*: what the REST endpoint answers for each turn's audio (a turn's "
               "`offline_transcript` where it was revised, else its transcript). *Revised*: turns whose partial text "
-              "already sent disagreed with that answer. Per-language CERs are in the JSON file.", ""]
+              "already sent disagreed with that answer. Per-language CERs are in the JSON file.", "",
+              "What the server did for the streams (its counters before and after each run):", "",
+              "| server | silence_duration_ms | early finals used | early finals discarded | partial updates decoded "
+              "| engine rows | decoding steps × rows |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for silence_ms in args.silences:
+        for name in servers:
+            work = report[name][str(silence_ms)].get("server_work", {})
+            lines.append(f"| {name} | {silence_ms} | " + " | ".join(
+                f"{work[counter]:.0f}" if counter in work else "" for counter in WORK_COUNTERS) + " |")
+    lines.append("")
     return "\n".join(lines)
 
 

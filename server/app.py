@@ -117,15 +117,13 @@ class UploadStalled(Exception):
     pass
 
 
-BODY_TAIL_BYTES = 256  # of a request body, kept for `unterminated_multipart`
-
-
 class BodyLimits:
     """Stops reading a request body past the upload limit, Content-Length or not (chunked uploads), and when no
     part of it arrives for `idle_timeout_s` (an upload that stalls would hold its connection and its request's
     place for as long as the client likes: uvicorn has no body timeout; nginx's client_body_timeout does this).
-    Once the body is complete, nothing is timed: the disconnect watch (`unless_client_leaves`) waits on. It keeps
-    the body's last bytes in the request's state (`body_tail`), for `unterminated_multipart`."""
+    Once the body is complete, nothing is timed: the disconnect watch (`unless_client_leaves`) waits on. Of a
+    multipart body it notes whether the closing delimiter came (`multipart_closed` in the request's state), for
+    `unterminated_multipart`."""
 
     def __init__(self, app: ASGIApp, limit_bytes: int, idle_timeout_s: float) -> None:
         self.app = app
@@ -137,10 +135,12 @@ class BodyLimits:
             return await self.app(scope, receive, send)
         received = 0
         body_complete = False
-        tail = b""
+        closing = closing_delimiter(dict(scope["headers"]).get(b"content-type", b""))
+        closed = False
+        seen = b""  # the body's last bytes, shorter than `closing`: the delimiter may arrive split over two reads
 
         async def limited_receive() -> Message:
-            nonlocal received, body_complete, tail
+            nonlocal received, body_complete, closed, seen
             if body_complete:
                 return await receive()
             try:
@@ -150,10 +150,13 @@ class BodyLimits:
             if message["type"] == "http.request":
                 body = message.get("body", b"")
                 received += len(body)
-                tail = (tail + body[-BODY_TAIL_BYTES:])[-BODY_TAIL_BYTES:]
+                if closing and not closed:
+                    seen += body
+                    closed = closing in seen
+                    seen = seen[-(len(closing) - 1):]
                 body_complete = not message.get("more_body", False)
-                if body_complete:
-                    scope.setdefault("state", {})["body_tail"] = tail
+                if body_complete and closing:
+                    scope.setdefault("state", {})["multipart_closed"] = closed
             if received > self.limit_bytes:
                 raise UploadTooLarge
             return message
@@ -161,15 +164,18 @@ class BodyLimits:
         await self.app(scope, limited_receive, send)
 
 
+def closing_delimiter(content_type: bytes) -> bytes | None:
+    """What ends a multipart body (anything after it is an epilogue, which parsers ignore), for its Content-Type."""
+    kind, options = parse_options_header(content_type)
+    boundary = options.get(b"boundary")
+    return b"--" + boundary + b"--" if kind == b"multipart/form-data" and boundary else None
+
+
 def unterminated_multipart(request: Request) -> bool:
-    """Whether a multipart body (read through BodyLimits) ended without its closing boundary: the upload was cut
+    """Whether a multipart body (read through BodyLimits) ended without its closing delimiter: the upload was cut
     short. python-multipart does not tell: the fields parsed so far come back as if that were all, and the field
     whose part had not ended is missing (the file, or a `response_format` after it)."""
-    content_type, options = parse_options_header(request.headers.get("content-type", ""))
-    boundary = options.get(b"boundary")
-    tail = getattr(request.state, "body_tail", None)
-    return content_type == b"multipart/form-data" and bool(boundary) and tail is not None and (
-        b"--" + boundary + b"--" not in tail)
+    return getattr(request.state, "multipart_closed", True) is False
 
 
 class RequestMetrics:

@@ -88,6 +88,7 @@ class Batcher:
         self._queue: deque[_Pending] = deque()
         self._arrived = asyncio.Event()
         self._left = asyncio.Event()  # rows left the queue: submit_when_room looks again
+        self._waiting_for_room: deque[object] = deque()  # submit_when_room's line, first come first
         self._executor = engine_executor(threads)  # the one thread that runs the model
         self._task: asyncio.Task | None = None
         # For Retry-After: when each row was answered since the batcher last had work after none, within
@@ -146,16 +147,25 @@ class Batcher:
     async def submit_when_room(self, items: list[EngineInput], expected: ExpectedRows | None = None
                                ) -> list[asyncio.Future]:
         """`submit`, waiting for room in the queue instead of being refused: for work that has no client to tell to
-        come back later (the offline command's files)."""
-        while True:
-            try:
-                return self.submit(items, expected)
-            except QueueFull:
-                if self._closed:
-                    raise
-                expected = None  # passed on by the first try
+        come back later (the offline command's files). First come, first queued: while one waits, those after it
+        wait behind it, so that a file of many windows is not overtaken for ever by files of one."""
+        if expected is not None:
+            expected.arrived()  # (waiting for room, its rows are not about to reach a batch)
+        turn = object()  # its place in the line
+        self._waiting_for_room.append(turn)
+        try:
+            while True:
+                if self._waiting_for_room[0] is turn:
+                    try:
+                        return self.submit(items)
+                    except QueueFull:
+                        if self._closed:
+                            raise
                 self._left.clear()
                 await self._left.wait()
+        finally:
+            self._waiting_for_room.remove(turn)
+            self._left.set()  # the next in line looks now
 
     @contextlib.contextmanager
     def expecting_rows(self) -> Iterator[ExpectedRows]:

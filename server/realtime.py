@@ -31,10 +31,11 @@ Either way the deltas of a turn concatenate to its `completed` transcript.
 With server VAD, the audio transcribed for a turn ends one speech pad (the REST VAD's `speech_pad`, 100 ms) after
 its closing pause began, as the REST endpoint's windows of long audio end; the rest of the pause, up to
 `audio_end_ms`, holds no words. So that audio is complete once the pause has lasted the pad, and the final decode
-starts then (an early final), while the VAD still waits for `silence_duration_ms`. If speech resumes first, the
-early final is dropped. A partial delta sent during the pause does not drop it: the REST answer it decodes does not
-depend on the text sent. If the turn ends at that pause, `completed` follows the commit as soon as the early final is
-done.
+may start then (an early final), while the VAD still waits for `silence_duration_ms`. If speech resumes first, the
+early final is dropped, its decode wasted; so it starts as late as leaves it the time recent final decodes took
+before `silence_duration_ms` is out (`FinalDecodeTimes`), and no earlier than the pad. A partial delta sent during the
+pause does not drop it: the REST answer it decodes does not depend on the text sent. If the turn ends at that pause,
+`completed` follows the commit as soon as the early final is done.
 """
 
 from __future__ import annotations
@@ -318,6 +319,29 @@ class FinalDecode:
         self.offline.cancel()  # (and with it its rows: Batcher, abandoned rows)
 
 
+class FinalDecodeTimes:
+    """How long the recent final decodes took, from their start to their answer, over all sessions (they share the
+    engine): how long before the commit an early final has to start to be done by then."""
+
+    KEPT = 64
+    MEASURED_AFTER = 8  # decodes timed before a lead is given
+    QUANTILE = 0.9
+    MARGIN = 1.5  # times the quantile: decodes grow with the load and the turn's length
+
+    def __init__(self) -> None:
+        self._seconds: deque[float] = deque(maxlen=self.KEPT)
+
+    def record(self, seconds: float) -> None:
+        self._seconds.append(seconds)
+
+    def lead_s(self) -> float | None:
+        """The head start: a high quantile of the recent decodes with a margin, plus two VAD windows (a pause is
+        heard a window late, and the VAD ends the turn at a window's end); None until enough are timed."""
+        if len(self._seconds) < self.MEASURED_AFTER:
+            return None
+        return self.MARGIN * float(np.quantile(self._seconds, self.QUANTILE)) + 2 * WINDOW / SAMPLE_RATE
+
+
 @dataclass
 class _Close:
     code: int
@@ -330,11 +354,13 @@ class _Close:
 
 
 class RealtimeSession:
-    def __init__(self, websocket: WebSocket, runtime: Runtime, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, websocket: WebSocket, runtime: Runtime, settings: Settings, metrics: Metrics,
+                 decode_times: FinalDecodeTimes | None = None) -> None:
         self.websocket = websocket
         self.runtime = runtime
         self.settings = settings
         self.metrics = metrics
+        self.decode_times = decode_times or FinalDecodeTimes()  # the hub's, shared by its sessions
         self.session = TranscriptionSession(audio=SessionAudio(input=SessionAudioInput(
             transcription=SessionTranscription(model=settings.model_name))))
         self.pcm = PcmDecoder(self.session.input.format.rate)
@@ -713,7 +739,7 @@ class RealtimeSession:
 
     def _start_early_final(self) -> None:
         """Server VAD: drop the early final when speech resumed; start one when the pause in progress has lasted
-        the speech pad (the turn's audio up to the pause's start plus the pad is then in the buffer)."""
+        `_early_final_wait` (the turn's audio up to the pause's start plus the speech pad is then in the buffer)."""
         turn = self.turn
         if turn is None or not self.settings.realtime_early_final:
             return
@@ -723,7 +749,18 @@ class RealtimeSession:
             self._drop_early_final(turn)
         if end is None or end > self.buffer.end or turn.early_final is not None:
             return
-        turn.early_final = self._start_final(turn, end)
+        if self.vad_offset + silence_from + self._early_final_wait() <= self.buffer.end:
+            turn.early_final = self._start_final(turn, end)
+
+    def _early_final_wait(self) -> int:
+        """How long a pause lasts (samples) before its early final starts: one speech pad at least, and otherwise
+        as late as still leaves the decode its lead before silence_duration_ms ends the turn, since every pause
+        that speech interrupts after the start throws its decode away (in natural speech most pauses do). Until
+        decodes are timed (and with `realtime_early_final_lead_ms` 0), the pad."""
+        lead_s = self.settings.realtime_early_final_lead_ms / 1000 or self.decode_times.lead_s()
+        if lead_s is None:
+            return self.speech_pad
+        return max(self.speech_pad, self.vad.silence_duration - round(lead_s * SAMPLE_RATE))
 
     def _transcribed_end(self, turn: Turn, silence_from: int) -> int:
         """Where a server-VAD turn's transcribed audio ends, for a closing pause from `silence_from` (session
@@ -903,7 +940,14 @@ class RealtimeSession:
         samples = self.buffer.slice(start, max(start, end))
         offline = self._spawn(self._offline_text(samples, turn.language))
         offline.add_done_callback(_retrieve)
+        started = time.monotonic()
+        offline.add_done_callback(lambda task: self._time_final(started, task))
         return FinalDecode(start, end, samples, turn.language, offline)
+
+    def _time_final(self, started: float, decode: asyncio.Task) -> None:
+        """Records how long a final decode took to answer (FinalDecodeTimes)."""
+        if not decode.cancelled() and decode.exception() is None:
+            self.decode_times.record(time.monotonic() - started)
 
     async def _offline_text(self, samples: np.ndarray, language: str | None) -> tuple[str, str | None]:
         try:
@@ -1016,6 +1060,7 @@ class RealtimeHub:
         self.settings = settings
         self.metrics = metrics
         self.sessions: set[RealtimeSession] = set()
+        self.decode_times = FinalDecodeTimes()
         metrics.realtime_sessions.set_function(lambda: len(self.sessions))
         metrics.realtime_buffered_seconds.set_function(lambda: sum(s.held_seconds for s in self.sessions))
         metrics.realtime_tasks.set_function(lambda: sum(len(s.tasks) for s in self.sessions))
@@ -1028,7 +1073,7 @@ class RealtimeHub:
             await websocket.send_text(ErrorEvent.of(error).model_dump_json())
             await websocket.close(code, error.message[:120])
             return
-        session = RealtimeSession(websocket, runtime, self.settings, self.metrics)
+        session = RealtimeSession(websocket, runtime, self.settings, self.metrics, self.decode_times)
         self.sessions.add(session)
         try:
             await session.run()

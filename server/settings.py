@@ -110,9 +110,14 @@ class Settings(BaseSettings):
     realtime_incremental_encoding: bool = Field(True, description="partial updates encode only new chunks (cached "
                                                                   "left context); false re-encodes the whole turn "
                                                                   "each update (same states, for comparison)")
-    realtime_early_final: bool = Field(True, description="server VAD: start a turn's final decode one speech pad "
-                                                         "into each pause, while waiting out silence_duration_ms "
-                                                         "(costs a decode per pause that does not end the turn)")
+    realtime_early_final: bool = Field(True, description="server VAD: start a turn's final decode during each "
+                                                         "pause, while waiting out silence_duration_ms, so that "
+                                                         "its transcript is ready at the commit (costs a decode "
+                                                         "per such pause that does not end the turn)")
+    realtime_early_final_lead_ms: float = Field(0.0, ge=0, description="how long before silence_duration_ms ends "
+                                                                       "an early final starts (never before one "
+                                                                       "speech pad into the pause); 0: learnt "
+                                                                       "from how long recent final decodes took")
     realtime_lid_seconds: float = Field(1.0, ge=0, description="without a session language, the turn's language is "
                                                                "taken from the first partial decode with this much "
                                                                "audio that LID is sure of, and kept for the turn")

@@ -257,6 +257,29 @@ def test_submit_when_room_waits_for_the_queue_to_drain(model: SpeechLLM) -> None
     _run(scenario)
 
 
+def test_submit_when_room_is_first_come_first_queued(model: SpeechLLM) -> None:
+    """A request of many rows waiting for room is not overtaken by a one-row request that came after it (each
+    batch leaves room for one row, never for three, so the three-row request would have waited for ever)."""
+    metrics = Metrics()
+    engine = _engine(model, metrics)
+
+    async def scenario() -> None:
+        batcher = Batcher(engine, metrics, max_batch_size=2, max_wait_s=0.01, max_queue=3)
+        first = batcher.submit(_items(["en", "ja", "de"], seed=1))
+        queued: list[str] = []
+        many = asyncio.ensure_future(batcher.submit_when_room(_items(["ar", "ko", "th"], seed=2)))
+        one = asyncio.ensure_future(batcher.submit_when_room(_items(["fr"], seed=3)))
+        many.add_done_callback(lambda _: queued.append("many"))
+        one.add_done_callback(lambda _: queued.append("one"))
+        await batcher.start()
+        rows = await asyncio.wait_for(asyncio.gather(many, one), TIMEOUT_S)
+        assert queued == ["many", "one"]
+        await asyncio.gather(*first, *rows[0], *rows[1])
+        await batcher.stop()
+
+    _run(scenario)
+
+
 # ---- abandoned rows (their request gave up) ----------------------------------------------------------------
 
 def test_a_cancelled_row_leaves_the_queue(model: SpeechLLM) -> None:

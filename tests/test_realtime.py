@@ -37,7 +37,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from server.batcher import QueueFull
 from server.metrics import Metrics
-from server.realtime import RealtimeHub, RealtimeSession, continue_text, extends, is_unspaced
+from server.realtime import FinalDecodeTimes, RealtimeHub, RealtimeSession, continue_text, extends, is_unspaced
 from server.realtime_protocol import ClientEventError, InputAudioBufferCommit, parse_client_event
 from server.settings import Settings
 from server.vad import WINDOW, SileroVAD, StreamingVAD, split_long_audio
@@ -74,7 +74,10 @@ def server(server_log: Path) -> Iterator[str]:
                 "ZASR_REALTIME_IDLE_TIMEOUT_S": str(IDLE_TIMEOUT_S),
                 "ZASR_REALTIME_MAX_SESSIONS": str(MAX_SESSIONS),
                 # One turn at a time in transcription: makes backpressure observable (see its test).
-                "ZASR_REALTIME_MAX_PENDING_TURNS": "1"}
+                "ZASR_REALTIME_MAX_PENDING_TURNS": "1",
+                # Early finals one speech pad into every pause, whatever the decodes took: the test of a pause
+                # shorter than the silence needs one in a 300 ms pause (how late they start: a test without model).
+                "ZASR_REALTIME_EARLY_FINAL_LEAD_MS": str(SILENCE_MS)}
     with running_server(settings, server_log) as url:
         yield url
     assert "Traceback" not in server_log.read_text(), "the server logged an exception"
@@ -314,7 +317,9 @@ def _counter(server: str, sample: str) -> float:
 
 
 def test_a_pause_shorter_than_the_silence_drops_the_early_final_and_the_turn_goes_on(server: str) -> None:
-    """The final decode starts one speech pad into every pause (an early final). Here the two phrases are one
+    """The final decode starts one speech pad into every pause (an early final: this server's lead is the whole
+    silence duration, so it starts at the pad; by default it starts later, as late as the decode allows, see
+    test_an_early_final_starts_as_late_as_the_decode_allows). Here the two phrases are one
     turn (3.3 s, under the test server's longest turn): espeak ends the first with 300 ms of silence, under
     silence_duration_ms. The early final started in
     that pause is dropped when speech resumes; the one started in the closing pause gives the transcript, which
@@ -850,6 +855,38 @@ def test_a_turn_cut_at_the_longest_in_its_closing_pause_opens_no_turn_of_silence
         assert _kinds(events[1:]) == ["speech_started", "committed", "speech_started", "completed"]
         assert events[3].audio_start_ms == MAX_TURN_S * 1000 and session.turn.start == cut
     assert events[-1].transcript == f"{cut} samples"
+
+
+@pytest.mark.parametrize(("lead_ms", "timed_s", "starts_at_ms"), [
+    (0, None, 100),  # nothing timed yet: one speech pad into the pause
+    (150, None, 400),  # a lead set: 500 - 150 ms into the pause, at the first append that reaches it
+    (0, 0.1, 300),  # learnt: 1.5 x 0.1 s + two VAD windows (64 ms) = 214 ms before the 500 ms are out
+    (0, 0.5, 100),  # decodes as slow as the silence: never before the pad
+])
+def test_an_early_final_starts_as_late_as_the_decode_allows(lead_ms: float, timed_s: float | None,
+                                                            starts_at_ms: int) -> None:
+    """A pause that speech interrupts throws its early final away; so the early final starts as late as still leaves
+    it its lead before silence_duration_ms (500 ms here) ends the turn, and no earlier than one speech pad (100 ms)
+    into the pause, when the turn's audio is complete. Audio arrives in 100 ms appends."""
+    async def scenario() -> list[int | None]:
+        session = _session(realtime_early_final_lead_ms=lead_ms)
+        for _ in range(FinalDecodeTimes.MEASURED_AFTER if timed_s is not None else 0):
+            session.decode_times.record(timed_s)
+        await session.handle(_update(format={"type": "audio/pcm", "rate": 16000}, transcription={"delay": "xhigh"}))
+        session.vad = vad = _ScriptedVAD()
+        vad.events, vad.in_speech = [("speech_started", 0)], True
+        await session.handle(_append(_silence(1, SAMPLE_RATE)))
+        vad.silence_from = SAMPLE_RATE  # the pause began at 1 s
+        started = []
+        for _ in range(5):
+            await session.handle(_append(_silence(0.1, SAMPLE_RATE)))
+            early = session.turn.early_final
+            started.append(None if early is None else early.end)
+        return started
+
+    started = asyncio.run(scenario())
+    pad_end = SAMPLE_RATE + SAMPLE_RATE // 10  # what the early final transcribes: up to one pad into the pause
+    assert started == [None] * (starts_at_ms // 100 - 1) + [pad_end] * (6 - starts_at_ms // 100)
 
 
 def test_a_turn_detection_update_changes_only_the_fields_it_gives() -> None:
