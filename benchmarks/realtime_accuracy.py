@@ -83,7 +83,7 @@ async def play_all(ws_url: str, recordings: list[Recording], streams: int, silen
 
 
 def summarize(recordings: list[Recording], streams: list[list[tuple[float, dict]]]) -> dict:
-    transcripts, offline, lengths, failed = [], [], [], 0
+    transcripts, offline, lengths, waits, failed = [], [], [], [], 0
     revised = sent_before = characters = count = 0
     for recording, received in zip(recordings, streams, strict=True):
         separator = "" if BY_CODE[recording.language].unspaced else " "
@@ -96,11 +96,14 @@ def summarize(recordings: list[Recording], streams: list[list[tuple[float, dict]
         revised += sum(c.get("offline_transcript") is not None for c in completed)
         count += len(completed)
         lengths += [(t["end_ms"] - t["start_ms"]) / 1000 for t in done if "end_ms" in t and "start_ms" in t]
+        waits += [t["completed"][0] - t["committed"] for t in done if t["committed"] is not None]
         sent_before += sum(t["before_commit"] for t in done)
         characters += sum(len(c["transcript"]) for c in completed)
     return {"transcripts": score(recordings, transcripts), "rest_per_turn": score(recordings, offline),
             "turns": count, "failed_turns": failed, "revised_turns": revised,
             "turn_seconds_p50": percentile(lengths, 0.5), "turn_seconds_p90": percentile(lengths, 0.9),
+            "committed_to_completed_s_p50": percentile(waits, 0.5),
+            "committed_to_completed_s_p95": percentile(waits, 0.95),
             "text_sent_before_commit": round(sent_before / max(1, characters), 3)}
 
 
@@ -149,13 +152,16 @@ def markdown(report: dict, args: argparse.Namespace) -> str:
               "`offline_transcript` where it was revised, else its transcript). *Revised*: turns whose partial text "
               "already sent disagreed with that answer. Per-language CERs are in the JSON file.", "",
               "What the server did for the streams (its counters before and after each run):", "",
-              "| server | silence_duration_ms | early finals used | early finals discarded | partial updates decoded "
-              "| engine rows | decoding steps × rows |", "|---|---:|---:|---:|---:|---:|---:|"]
+              "| server | silence_duration_ms | committed → completed p50 / p95 s | early finals used | early finals "
+              "discarded | partial updates decoded | engine rows | decoding steps × rows |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for silence_ms in args.silences:
         for name in servers:
-            work = report[name][str(silence_ms)].get("server_work", {})
-            lines.append(f"| {name} | {silence_ms} | " + " | ".join(
-                f"{work[counter]:.0f}" if counter in work else "" for counter in WORK_COUNTERS) + " |")
+            row = report[name][str(silence_ms)]
+            work = row.get("server_work", {})
+            lines.append(f"| {name} | {silence_ms} | {row['committed_to_completed_s_p50']} / "
+                         f"{row['committed_to_completed_s_p95']} | " + " | ".join(
+                             f"{work[counter]:.0f}" if counter in work else "" for counter in WORK_COUNTERS) + " |")
     lines.append("")
     return "\n".join(lines)
 
