@@ -96,7 +96,8 @@ def summarize(recordings: list[Recording], streams: list[list[tuple[float, dict]
         revised += sum(c.get("offline_transcript") is not None for c in completed)
         count += len(completed)
         lengths += [(t["end_ms"] - t["start_ms"]) / 1000 for t in done if "end_ms" in t and "start_ms" in t]
-        waits += [t["completed"][0] - t["committed"] for t in done if t["committed"] is not None]
+        waits += [t["completed"][0] - t["committed"] for t in done
+                  if t["committed"] is not None and t["completed"][1]["type"].endswith("completed")]
         sent_before += sum(t["before_commit"] for t in done)
         characters += sum(len(c["transcript"]) for c in completed)
     return {"transcripts": score(recordings, transcripts), "rest_per_turn": score(recordings, offline),

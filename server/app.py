@@ -135,9 +135,11 @@ class BodyLimits:
             return await self.app(scope, receive, send)
         received = 0
         body_complete = False
-        closing = closing_delimiter(dict(scope["headers"]).get(b"content-type", b""))
+        # the first Content-Type, as Starlette's form parser reads it
+        closing = closing_delimiter(next((value for name, value in scope["headers"] if name == b"content-type"), b""))
         closed = False
-        seen = b""  # the body's last bytes, shorter than `closing`: the delimiter may arrive split over two reads
+        seen = b"\r\n"  # the body's last bytes, shorter than `closing` (which may arrive split over two reads); a
+        # body may begin with its delimiter, which elsewhere follows a line break
 
         async def limited_receive() -> Message:
             nonlocal received, body_complete, closed, seen
@@ -165,10 +167,11 @@ class BodyLimits:
 
 
 def closing_delimiter(content_type: bytes) -> bytes | None:
-    """What ends a multipart body (anything after it is an epilogue, which parsers ignore), for its Content-Type."""
+    """What ends a multipart body (anything after it is an epilogue, which parsers ignore), for its Content-Type:
+    the boundary after a line break (RFC 2046), as python-multipart finds it (a part's bytes may hold it otherwise)."""
     kind, options = parse_options_header(content_type)
     boundary = options.get(b"boundary")
-    return b"--" + boundary + b"--" if kind == b"multipart/form-data" and boundary else None
+    return b"\r\n--" + boundary + b"--" if kind == b"multipart/form-data" and boundary else None
 
 
 def unterminated_multipart(request: Request) -> bool:

@@ -386,6 +386,7 @@ class RealtimeSession:
         self.max_turn_samples = int(settings.realtime_max_turn_seconds * SAMPLE_RATE)
         self.update_samples = max(1, int(settings.realtime_update_ms * SAMPLE_RATE / 1000))
         self.speech_pad = runtime.service.audio.vad.speech_pad  # what a turn's audio keeps of its closing pause
+        self.last_append = 0  # samples of the last audio appended (an early final looks one append ahead)
 
     # ---- what the gauges read -------------------------------------------------------------------------------
     @property
@@ -629,6 +630,7 @@ class RealtimeSession:
     async def _add_audio(self, samples: np.ndarray) -> None:
         start = self.buffer.end
         self.buffer.append(samples)
+        self.last_append = samples.size
         if self.vad is not None:
             events = await asyncio.to_thread(self.vad.feed, samples) if samples.size else []
             base = self.vad_offset  # (a turn's end may replace the VAD below; these events are the old one's)
@@ -749,14 +751,17 @@ class RealtimeSession:
             self._drop_early_final(turn)
         if end is None or end > self.buffer.end or turn.early_final is not None:
             return
-        if self.vad_offset + silence_from + self._early_final_wait() <= self.buffer.end:
+        # Now, or after the next append (if as long as the last), which may be too late to leave the lead.
+        if self.vad_offset + silence_from + self._early_final_wait() <= self.buffer.end + self.last_append:
             turn.early_final = self._start_final(turn, end)
 
     def _early_final_wait(self) -> int:
         """How long a pause lasts (samples) before its early final starts: one speech pad at least, and otherwise
         as late as still leaves the decode its lead before silence_duration_ms ends the turn, since every pause
         that speech interrupts after the start throws its decode away (in natural speech most pauses do). Until
-        decodes are timed (and with `realtime_early_final_lead_ms` 0), the pad."""
+        decodes are timed (and with `realtime_early_final_lead_ms` 0), the pad. The lead is wall time taken as
+        audio time: a client that sends faster than real time may find the early final still running at the
+        commit (its `completed` then waits for it, as it would without early finals)."""
         lead_s = self.settings.realtime_early_final_lead_ms / 1000 or self.decode_times.lead_s()
         if lead_s is None:
             return self.speech_pad
@@ -945,7 +950,8 @@ class RealtimeSession:
         return FinalDecode(start, end, samples, turn.language, offline)
 
     def _time_final(self, started: float, decode: asyncio.Task) -> None:
-        """Records how long a final decode took to answer (FinalDecodeTimes)."""
+        """Records how long a final decode took to answer (FinalDecodeTimes). Retries for a full queue count too:
+        when the server is overloaded, early finals start sooner, so that turns still end on time."""
         if not decode.cancelled() and decode.exception() is None:
             self.decode_times.record(time.monotonic() - started)
 

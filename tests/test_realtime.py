@@ -859,15 +859,17 @@ def test_a_turn_cut_at_the_longest_in_its_closing_pause_opens_no_turn_of_silence
 
 @pytest.mark.parametrize(("lead_ms", "timed_s", "starts_at_ms"), [
     (0, None, 100),  # nothing timed yet: one speech pad into the pause
-    (150, None, 400),  # a lead set: 500 - 150 ms into the pause, at the first append that reaches it
-    (0, 0.1, 300),  # learnt: 1.5 x 0.1 s + two VAD windows (64 ms) = 214 ms before the 500 ms are out
+    (150, None, 300),  # a lead set: by 500 - 150 ms into the pause, at the last append before (the next would be
+    # too late)
+    (0, 0.1, 200),  # learnt: 1.5 x 0.1 s + two VAD windows (64 ms) = 214 ms before the 500 ms are out: by 286 ms
     (0, 0.5, 100),  # decodes as slow as the silence: never before the pad
 ])
 def test_an_early_final_starts_as_late_as_the_decode_allows(lead_ms: float, timed_s: float | None,
                                                             starts_at_ms: int) -> None:
     """A pause that speech interrupts throws its early final away; so the early final starts as late as still leaves
     it its lead before silence_duration_ms (500 ms here) ends the turn, and no earlier than one speech pad (100 ms)
-    into the pause, when the turn's audio is complete. Audio arrives in 100 ms appends."""
+    into the pause, when the turn's audio is complete. Audio arrives in 100 ms appends: the early final starts at
+    the last append before that point (the next may come 100 ms later)."""
     async def scenario() -> list[int | None]:
         session = _session(realtime_early_final_lead_ms=lead_ms)
         for _ in range(FinalDecodeTimes.MEASURED_AFTER if timed_s is not None else 0):
