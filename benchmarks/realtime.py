@@ -235,7 +235,7 @@ def server_counters(url: str) -> dict:
     decoding steps summed over their rows (`zasr_decode_step_rows_sum`)."""
     names = ("zasr_realtime_encoder_frames_total", "zasr_realtime_partial_updates_total",
              "zasr_realtime_revised_turns_total", "zasr_realtime_turns_total", "zasr_realtime_early_finals_total",
-             "zasr_batch_size_rows_sum", "zasr_decode_step_rows_sum")
+             "zasr_batch_size_rows_sum", "zasr_decode_step_rows_sum", "zasr_realtime_early_final_lead_seconds")
     lines = httpx.get(f"{url}/metrics").text.splitlines()
     return {line.split()[0]: float(line.split()[1]) for line in lines if line.startswith(names)}
 

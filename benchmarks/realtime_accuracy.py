@@ -43,6 +43,7 @@ WORK_COUNTERS = ('zasr_realtime_early_finals_total{outcome="used"}',
                  'zasr_realtime_early_finals_total{outcome="discarded"}',
                  'zasr_realtime_partial_updates_total{result="decoded"}', "zasr_batch_size_rows_sum",
                  "zasr_decode_step_rows_sum")
+LEAD_GAUGE = "zasr_realtime_early_final_lead_seconds"  # (since stop 29)
 TRAILING_SILENCE_S = 1.5  # after the last utterance, so that the server VAD ends the last turn
 
 
@@ -126,6 +127,7 @@ def run(servers: dict[str, Path], recordings: list[Recording], streams: int, sil
                 after = server_counters(url)
                 report[name][str(silence_ms)]["server_work"] = {
                     counter: after[counter] - before.get(counter, 0.0) for counter in WORK_COUNTERS if counter in after}
+                report[name][str(silence_ms)]["early_final_lead_s"] = after.get(LEAD_GAUGE)  # at the run's end
                 print(name, silence_ms, report[name][str(silence_ms)]["transcripts"]["mean_cer"], flush=True)
     finally:
         for process, _ in started.values():
@@ -153,15 +155,16 @@ def markdown(report: dict, args: argparse.Namespace) -> str:
               "`offline_transcript` where it was revised, else its transcript). *Revised*: turns whose partial text "
               "already sent disagreed with that answer. Per-language CERs are in the JSON file.", "",
               "What the server did for the streams (its counters before and after each run):", "",
-              "| server | silence_duration_ms | committed → completed p50 / p95 s | early finals used | early finals "
-              "discarded | partial updates decoded | engine rows | decoding steps × rows |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+              "| server | silence_duration_ms | committed → completed p50 / p95 s | early final lead at the end, s | "
+              "early finals used | early finals discarded | partial updates decoded | engine rows | decoding steps × "
+              "rows |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for silence_ms in args.silences:
         for name in servers:
             row = report[name][str(silence_ms)]
             work = row.get("server_work", {})
             lines.append(f"| {name} | {silence_ms} | {row['committed_to_completed_s_p50']} / "
-                         f"{row['committed_to_completed_s_p95']} | " + " | ".join(
+                         f"{row['committed_to_completed_s_p95']} | {_rounded(row.get('early_final_lead_s'))} | "
+                         + " | ".join(
                              f"{work[counter]:.0f}" if counter in work else "" for counter in WORK_COUNTERS) + " |")
     lines.append("")
     return "\n".join(lines)
@@ -198,6 +201,10 @@ def _commit(code: Path) -> str:
     dirty = subprocess.run(["git", "-C", str(code), "status", "--porcelain", "--untracked-files=no"],
                            capture_output=True, text=True).stdout.strip()
     return done.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
+
+
+def _rounded(value: float | None) -> str:
+    return "" if value is None else f"{value:.3f}"
 
 
 if __name__ == "__main__":

@@ -81,6 +81,9 @@ class Metrics:
         self.realtime_early_finals = Counter("zasr_realtime_early_finals_total",
                                              "Final decodes started during a turn's closing pause (used: the turn "
                                              "ended there; discarded: speech went on)", ["outcome"], registry=r)
+        self.realtime_early_final_lead_seconds = Gauge(
+            "zasr_realtime_early_final_lead_seconds", "How long before silence_duration_ms is out an early final "
+            "starts (never before one speech pad into the pause; 0: not yet learnt, at the pad)", registry=r)
         self.realtime_completion_seconds = Histogram("zasr_realtime_completion_seconds",
                                                      "From a turn's commit to its completed event",
                                                      buckets=LATENCY_BUCKETS, registry=r)

@@ -342,6 +342,11 @@ class FinalDecodeTimes:
         return self.MARGIN * float(np.quantile(self._seconds, self.QUANTILE)) + 2 * WINDOW / SAMPLE_RATE
 
 
+def early_final_lead_s(settings: Settings, decode_times: FinalDecodeTimes) -> float | None:
+    """The lead an early final is given: the setting's, else learnt; None until decodes are timed."""
+    return settings.realtime_early_final_lead_ms / 1000 or decode_times.lead_s()
+
+
 @dataclass
 class _Close:
     code: int
@@ -762,7 +767,7 @@ class RealtimeSession:
         decodes are timed (and with `realtime_early_final_lead_ms` 0), the pad. The lead is wall time taken as
         audio time: a client that sends faster than real time may find the early final still running at the
         commit (its `completed` then waits for it, as it would without early finals)."""
-        lead_s = self.settings.realtime_early_final_lead_ms / 1000 or self.decode_times.lead_s()
+        lead_s = early_final_lead_s(self.settings, self.decode_times)
         if lead_s is None:
             return self.speech_pad
         return max(self.speech_pad, self.vad.silence_duration - round(lead_s * SAMPLE_RATE))
@@ -1067,6 +1072,8 @@ class RealtimeHub:
         self.metrics = metrics
         self.sessions: set[RealtimeSession] = set()
         self.decode_times = FinalDecodeTimes()
+        metrics.realtime_early_final_lead_seconds.set_function(
+            lambda: early_final_lead_s(settings, self.decode_times) or 0.0)
         metrics.realtime_sessions.set_function(lambda: len(self.sessions))
         metrics.realtime_buffered_seconds.set_function(lambda: sum(s.held_seconds for s in self.sessions))
         metrics.realtime_tasks.set_function(lambda: sum(len(s.tasks) for s in self.sessions))
