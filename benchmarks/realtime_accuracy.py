@@ -122,13 +122,13 @@ def run(servers: dict[str, Path], recordings: list[Recording], streams: int, sil
             for name, (_, url) in started.items():
                 ws_url = url.replace("http://", "ws://") + "/v1/realtime"
                 before = server_counters(url)
-                report[name][str(silence_ms)] = summarize(
-                    recordings, asyncio.run(play_all(ws_url, recordings, streams, silence_ms)))
+                row = summarize(recordings, asyncio.run(play_all(ws_url, recordings, streams, silence_ms)))
                 after = server_counters(url)
-                report[name][str(silence_ms)]["server_work"] = {
-                    counter: after[counter] - before.get(counter, 0.0) for counter in WORK_COUNTERS if counter in after}
-                report[name][str(silence_ms)]["early_final_lead_s"] = after.get(LEAD_GAUGE)  # at the run's end
-                print(name, silence_ms, report[name][str(silence_ms)]["transcripts"]["mean_cer"], flush=True)
+                row["server_work"] = {counter: after[counter] - before.get(counter, 0.0)
+                                      for counter in WORK_COUNTERS if counter in after}
+                row["early_final_lead_s"] = after.get(LEAD_GAUGE)  # at the run's end
+                report[name][str(silence_ms)] = row
+                print(name, silence_ms, row["transcripts"]["mean_cer"], flush=True)
     finally:
         for process, _ in started.values():
             serving.stop(process)
