@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -147,32 +148,36 @@ def cpu_used_since(pid: int, before: dict[int, float]) -> tuple[float, float]:
     return after[pid] - before[pid], descendants[1] - descendants[0]
 
 
-async def step_counters(client: aiohttp.ClientSession, url: str) -> tuple[float, float]:
-    """(rows, decoding steps) the embedded engine has run so far, from the server's Prometheus exposition; (0, 0)
-    for a server without them (the naive baseline, vLLM)."""
+# The histograms whose sums and counts a load records from the server's /metrics (none on the naive server): the
+# rows of each decoding step, and the time a request spends in each stage: the audio stage (waiting for the audio
+# worker and its call), waiting for a batch, decoding; and the uploads of each audio worker call.
+STAGE_HISTOGRAMS = ("zasr_decode_step_rows", "zasr_audio_prepare_duration_seconds", "zasr_queue_wait_seconds",
+                    "zasr_decode_duration_seconds", "zasr_audio_worker_call_uploads")
+
+
+async def server_sums(client: aiohttp.ClientSession, url: str) -> Counter:
+    """The sums and counts of STAGE_HISTOGRAMS so far, from the server's Prometheus exposition (empty for a server
+    without them: the naive baseline)."""
     async with client.get(f"{url}/metrics") as response:
         if response.status != 200:
-            return 0.0, 0.0
+            return Counter()
         exposition = await response.text()
-    for family in text_string_to_metric_families(exposition):
-        if family.name == "zasr_decode_step_rows":
-            samples = {sample.name: sample.value for sample in family.samples}
-            return samples["zasr_decode_step_rows_sum"], samples["zasr_decode_step_rows_count"]
-    return 0.0, 0.0
+    return Counter({sample.name: sample.value for family in text_string_to_metric_families(exposition)
+                    if family.name in STAGE_HISTOGRAMS for sample in family.samples
+                    if sample.name.endswith(("_sum", "_count"))})
 
 
 @dataclass
 class Measured:
     """What one load took: wall time, latencies, CPU seconds (the server's process, its audio workers, this
-    client) and the rows of the engine's decoding steps."""
+    client) and the server's stage histograms (STAGE_HISTOGRAMS)."""
 
     wall: float = 0.0
     latencies: list[float] = field(default_factory=list)
     process_cpu: float = 0.0
     workers_cpu: float = 0.0
     client_cpu: float = 0.0
-    rows: float = 0.0
-    steps: float = 0.0
+    sums: Counter = field(default_factory=Counter)  # of the server's STAGE_HISTOGRAMS over the load
 
     def __add__(self, other: Measured) -> Measured:
         return Measured(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
@@ -214,16 +219,17 @@ async def drive(url: str, requests: list[tuple[str, bytes, float]], concurrency:
 
     async with http_client(concurrency) as client:
         await timed_transcription(client, url, requests[0][1], requests[0][0])  # warm-up
-        rows_before, steps_before = await step_counters(client, url)
+        sums_before = await server_sums(client, url)
         server_before, client_before = cpu_seconds_by_process(server_pid), time.process_time()
         start = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
         wall = time.perf_counter() - start
         process_cpu, workers_cpu = cpu_used_since(server_pid, server_before)
         client_cpu = time.process_time() - client_before
-        rows_after, steps_after = await step_counters(client, url)
+        sums = await server_sums(client, url)
+    sums.subtract(sums_before)
     return Measured(wall=wall, latencies=latencies, process_cpu=process_cpu, workers_cpu=workers_cpu,
-                    client_cpu=client_cpu, rows=rows_after - rows_before, steps=steps_after - steps_before)
+                    client_cpu=client_cpu, sums=sums)
 
 
 def resident_mb(pid: int) -> dict[str, float]:
@@ -255,7 +261,21 @@ def summary(requests: list[tuple[str, bytes, float]], concurrency: int, measured
             "server_cores_busy": round(server_cpu / wall, 2),
             "of_which_child_processes": round(measured.workers_cpu / wall, 2),
             "client_cores_busy": round(measured.client_cpu / wall, 2),
-            "rows_per_step": round(measured.rows / measured.steps, 2) if measured.steps else None}
+            "rows_per_step": _mean(measured.sums, "zasr_decode_step_rows"),
+            # where the requests were, on average (Little's law: the seconds spent in a stage over the wall time)
+            "requests_in_audio_stage": _per_second(measured.sums, "zasr_audio_prepare_duration_seconds", wall),
+            "rows_waiting_for_a_batch": _per_second(measured.sums, "zasr_queue_wait_seconds", wall),
+            "rows_decoding": _per_second(measured.sums, "zasr_decode_duration_seconds", wall),
+            "uploads_per_audio_worker_call": _mean(measured.sums, "zasr_audio_worker_call_uploads")}
+
+
+def _mean(sums: Counter, histogram: str) -> float | None:
+    count = sums[f"{histogram}_count"]
+    return round(sums[f"{histogram}_sum"] / count, 2) if count else None
+
+
+def _per_second(sums: Counter, histogram: str, wall: float) -> float | None:
+    return round(sums[f"{histogram}_sum"] / wall, 2) if sums[f"{histogram}_count"] else None
 
 
 def load_one_language_at_a_time(url: str, requests: list[tuple[str, bytes, float]], concurrency: int,
@@ -411,6 +431,17 @@ def main() -> None:
                          f"{r['of_which_child_processes']} | {r['client_cores_busy']} | "
                          f"{r['rows_per_step'] or '–'} | "
                          f"{r['server_process_resident_mb']} + {r['child_processes_resident_mb']} |")
+    lines += ["", "Where our server's requests were during each load, on average (Little's law: the seconds they spent "
+              "in a stage, from its /metrics, over the wall time), and the uploads of each audio worker call:", "",
+              "| scenario | round | in the audio stage (waiting for the worker, or in its call) | waiting for a batch "
+              "| decoding | uploads per audio worker call |", "|---|---:|---:|---:|---:|---:|"]
+    for name in SCENARIOS:
+        if not name.startswith("ours"):
+            continue
+        for number, loads in enumerate(rounds, 1):
+            r = loads[name]
+            lines.append(f"| {name} | {number} | {r['requests_in_audio_stage']} | {r['rows_waiting_for_a_batch']} | "
+                         f"{r['rows_decoding']} | {r['uploads_per_audio_worker_call']} |")
     lines += ["", "Each ratio is measured within a round; the median of the rounds, and each round's:", "",
               "| ratio | median | each round |", "|---|---:|---|"]
     lines += [f"| {key} | {medians[key]} | {', '.join(map(str, values))} |"

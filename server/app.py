@@ -294,7 +294,7 @@ def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     try:
         audio = AudioWorkers(settings.audio_workers, SileroVAD(), settings.max_audio_seconds,
                              settings.max_window_seconds, settings.model_dir if encoder_in_workers else None,
-                             encoder_gemm_dtype)
+                             encoder_gemm_dtype, metrics)
     except BaseException:  # (a worker killed while starting, say) vLLM's processes are not left behind
         asyncio.run(engine.close())
         raise

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from server.allocator import keep_freed_memory
+from server.metrics import Metrics
 from server.threads import use_one_thread
 from server.vad import SileroVAD, Span, split_long_audio
 from speechllm.audio import SAMPLE_RATE, AudioDecodeError, load_audio
@@ -211,10 +212,12 @@ class AudioWorkers:
     each: 108–111 against 111–115 audio s/s)."""
 
     def __init__(self, workers: int, vad: SileroVAD, max_audio_seconds: float, max_window_seconds: float,
-                 encoder_model_dir: Path | None = None, encoder_gemm_dtype: torch.dtype = torch.float32) -> None:
+                 encoder_model_dir: Path | None = None, encoder_gemm_dtype: torch.dtype = torch.float32,
+                 metrics: Metrics | None = None) -> None:
         """`encoder_model_dir`: the workers also run the speech encoder of this model (ignored without workers),
         with its GEMMs in `encoder_gemm_dtype` (speechllm.cpu_linear)."""
         self.workers = workers
+        self.metrics = metrics or Metrics()
         self.vad = vad  # for threads (workers == 0)
         self.max_audio_seconds = max_audio_seconds
         self.max_window_seconds = max_window_seconds
@@ -242,6 +245,7 @@ class AudioWorkers:
         `timed`: with its windows' speech timed (speech_windows). Raises AudioDecodeError (EmptyAudioError) and
         AudioTooLong."""
         upload = Upload(audio, timed)
+        start = time.perf_counter()
         if self._pool is None:
             [prepared] = await asyncio.to_thread(prepare_all, [upload], self.vad, self.max_audio_seconds,
                                                  self.max_window_seconds)
@@ -250,6 +254,7 @@ class AudioWorkers:
             self._waiting.append((upload, future))
             self._start_calls()
             prepared = await future
+        self.metrics.audio_prepare_seconds.observe(time.perf_counter() - start)
         if isinstance(prepared, Exception):
             raise prepared
         samples, spans, arrays = prepared
@@ -265,6 +270,7 @@ class AudioWorkers:
             call = asyncio.create_task(self._call(uploads))
             self._calls.add(call)
             call.add_done_callback(self._calls.discard)
+        self.metrics.audio_uploads_waiting.set(len(self._waiting))
 
     def _next_call(self) -> list[tuple[Upload, asyncio.Future]]:
         """The uploads of the next call, in arrival order: up to MAX_UPLOADS_PER_CALL, but a large upload (long
@@ -287,7 +293,7 @@ class AudioWorkers:
         results: list[Prepared] | None = None
         try:
             try:
-                results = await self._in_worker([upload for upload, _ in uploads]) if uploads else []
+                results = await self._timed_call([upload for upload, _ in uploads]) if uploads else []
             finally:  # the worker's slot is free before any retry: the restarted pool serves others meanwhile
                 self._calls_in_flight -= 1
                 self._start_calls()
@@ -299,6 +305,14 @@ class AudioWorkers:
             for index, (_, future) in enumerate(uploads):
                 if not future.done():  # its request was cancelled
                     future.set_result(results[index] if results else RuntimeError("the audio workers stopped"))
+
+    async def _timed_call(self, uploads: list[Upload]) -> list[Prepared] | None:
+        start = time.perf_counter()
+        try:
+            return await self._in_worker(uploads)
+        finally:
+            self.metrics.audio_call_seconds.observe(time.perf_counter() - start)
+            self.metrics.audio_call_uploads.observe(len(uploads))
 
     async def _in_worker(self, uploads: list[Upload]) -> list[Prepared] | None:
         """The uploads prepared by a worker; None when the worker died (the pool is started again)."""

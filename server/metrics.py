@@ -28,7 +28,19 @@ class Metrics:
                                          ["endpoint", "language"], buckets=LATENCY_BUCKETS, registry=r)
         self.queue_seconds = Histogram("zasr_queue_wait_seconds", "Time a row waited for a batch",
                                        buckets=LATENCY_BUCKETS, registry=r)
-        self.encode_seconds = Histogram("zasr_encode_duration_seconds", "Encoder + LID + projector time per batch",
+        self.audio_prepare_seconds = Histogram(
+            "zasr_audio_prepare_duration_seconds", "Time an upload spent in the audio stage: waiting for an audio "
+            "worker, then decoding, voice activity, features and, on a CPU server, the encoder",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.audio_uploads_waiting = Gauge("zasr_audio_uploads_waiting", "Uploads waiting for an audio worker",
+                                           registry=r)
+        self.audio_call_seconds = Histogram("zasr_audio_worker_call_duration_seconds",
+                                            "Duration of each audio worker call (several uploads under load)",
+                                            buckets=LATENCY_BUCKETS, registry=r)
+        self.audio_call_uploads = Histogram("zasr_audio_worker_call_uploads", "Uploads in each audio worker call",
+                                            buckets=BATCH_BUCKETS, registry=r)
+        self.encode_seconds = Histogram("zasr_encode_duration_seconds", "The engine's speech half per batch: LID, "
+                                        "projector, and the encoder for rows that the audio workers did not encode",
                                         buckets=LATENCY_BUCKETS, registry=r)
         self.decode_seconds = Histogram("zasr_decode_duration_seconds",
                                         "LLM decoding time per row, from joining the decoding to its last token",

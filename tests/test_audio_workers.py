@@ -62,9 +62,19 @@ def test_uploads_that_wait_together_are_answered_in_one_call(workers: AudioWorke
         return await asyncio.gather(*(workers.prepare(wav) for _ in range(6)), workers.prepare(b""),
                                     return_exceptions=True)
 
-    calls_before = workers.calls_made
+    def samples() -> dict[str, float]:
+        return {name: workers.metrics.registry.get_sample_value(name) or 0.0 for name in (
+            "zasr_audio_worker_call_uploads_count", "zasr_audio_worker_call_uploads_sum",
+            "zasr_audio_prepare_duration_seconds_count", "zasr_audio_uploads_waiting")}
+
+    calls_before, before = workers.calls_made, samples()
     *results, empty = asyncio.run(scenario())
     assert workers.calls_made - calls_before <= 1 + -(-6 // MAX_UPLOADS_PER_CALL) < 7  # 7 uploads
+    # the audio stage in the metrics: each call with its uploads, each upload's time in the stage, none left waiting
+    added = {name: value - before[name] for name, value in samples().items()}
+    assert added == {"zasr_audio_worker_call_uploads_count": workers.calls_made - calls_before,
+                     "zasr_audio_worker_call_uploads_sum": 7, "zasr_audio_prepare_duration_seconds_count": 7,
+                     "zasr_audio_uploads_waiting": 0}
     assert isinstance(empty, EmptyAudioError)  # an upload in a shared call answers its own error, no one else's
     first = results[0]
     for prepared in results:

@@ -36,7 +36,12 @@ def test_serving_benchmark(tmp_path: Path) -> None:
     assert all(len(values) == 2 for values in results["ratios_each_round"].values())
     for name in ("ours_mixed_c1", "ours_mixed_c16", "ours_single_language_runs_c16", "naive_peft_mixed_c16"):
         _check_load(results[name])
-    assert results["ours_mixed_c16"]["rows_per_step"] >= 1
+    c16 = results["ours_mixed_c16"]
+    assert c16["rows_per_step"] >= 1 and c16["uploads_per_audio_worker_call"] >= 1
+    # Little's law: every request was in the audio stage and decoding for part of the load, and never more than the
+    # clients had in flight at once
+    assert 0 < c16["requests_in_audio_stage"] <= 16 and 0 < c16["rows_decoding"] <= 16
+    assert results["naive_peft_mixed_c16"]["requests_in_audio_stage"] is None  # the naive server has no /metrics
     # the model and torch are resident in the server, and its audio worker holds the encoder
     assert results["ours_mixed_c16"]["server_process_resident_mb"] > 100
     assert results["ours_mixed_c16"]["child_processes_resident_mb"] > 100

@@ -8,6 +8,7 @@ import functools
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -458,8 +459,11 @@ def test_models_languages_detection_and_probes(server: str, client) -> None:
     metrics = httpx.get(f"{server}/metrics").text
     for name in ("zasr_requests_total", "zasr_request_duration_seconds_bucket", "zasr_audio_seconds_total",
                  "zasr_real_time_factor_bucket", "zasr_batch_size_rows_bucket", "zasr_queue_depth_rows",
-                 "zasr_adapter_cache_hits_total", "zasr_adapter_cache_bytes", "zasr_encode_duration_seconds_bucket"):
+                 "zasr_adapter_cache_hits_total", "zasr_adapter_cache_bytes", "zasr_encode_duration_seconds_bucket",
+                 "zasr_audio_uploads_waiting", "zasr_audio_worker_call_duration_seconds_bucket"):
         assert name in metrics
+    prepared = re.search(r"^zasr_audio_prepare_duration_seconds_count (\S+)$", metrics, re.MULTILINE)
+    assert prepared and float(prepared.group(1)) >= 1  # every upload's time in the audio stage
 
 
 def test_the_request_timeout_runs_from_the_upload_on_for_every_endpoint(tmp_path: Path) -> None:
