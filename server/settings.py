@@ -35,11 +35,11 @@ class Settings(BaseSettings):
         None, description="the audio workers also run the speech encoder, beside the engine (default: when the "
                           "engine runs on a CPU; server/audio_workers.py)")
     encoder_gemm_dtype: Literal["float32", "bfloat16", "auto"] = Field(
-        "float32", description="the speech encoder's matrix products on a CPU (its weights and everything else stay "
-                               "float32): bfloat16 cuts the audio workers' CPU per upload by about a tenth on a CPU "
-                               "with bf16 instructions and changes 4 % of transcripts (dev split: +0.06 CER points, "
-                               "95 % interval -0.06 to +0.20); auto is bfloat16 on such CPUs (AVX512-BF16, AMX), "
-                               "else float32 (docs/serving.md, *bf16 GEMMs*)")
+        "auto", description="the speech encoder's matrix products on a CPU (its weights and everything else stay "
+                            "float32): auto is bfloat16 on CPUs with bf16 instructions (AVX512-BF16, AMX), else "
+                            "float32. bfloat16 changes 4 % of transcripts (dev split: +0.06 CER points, 95 % interval "
+                            "-0.06 to +0.20) and served 1.15x as many audio seconds per second at concurrency 16 on "
+                            "the 2-core benchmark machine (docs/serving.md, *bf16 GEMMs*)")
     threads: int = Field(1, ge=0, description="torch intra-op threads of the server's process, the engine's (0: "
                                               "torch's default, all cores); 1 is measured best while the audio "
                                               "workers use the other cores (server/threads.py)")

@@ -188,8 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["dev", "test"])
     p.add_argument("--chunk-size", type=int, default=None, help="0: full attention; N: chunked encoder")
     p.add_argument("--encoder-gemm-dtype", default="float32", choices=GEMM_DTYPE_CHOICES,
-                   help="the speech encoder's matrix products, as the server's ZASR_ENCODER_GEMM_DTYPE (default "
-                        "float32 there too; auto: bfloat16 on CPUs with bf16 instructions)")
+                   help="the speech encoder's matrix products, as the server's ZASR_ENCODER_GEMM_DTYPE (whose "
+                        "default is auto: bfloat16 on CPUs with bf16 instructions); float32 here, the model as trained")
     p.add_argument("--out", type=Path, default=Path("runs/eval/test"))
     p.set_defaults(func=cmd_eval)
 
