@@ -113,8 +113,11 @@ def _decodable_frames(container: av.container.InputContainer, stream: av.AudioSt
 
 
 def _mono(frame: av.AudioFrame) -> np.ndarray:
-    """An interleaved float frame's channels averaged."""
-    return frame.to_ndarray().reshape(-1, len(frame.layout.channels)).mean(axis=1)
+    """An interleaved float frame's channels averaged; a mono frame as it is (numpy's mean of one channel, frame
+    after frame, was a sixth of decoding the serving benchmark's 2.2 s WAV uploads: 2.4 → 2.0 ms)."""
+    channels = len(frame.layout.channels)
+    samples = frame.to_ndarray().reshape(-1)
+    return samples if channels == 1 else samples.reshape(-1, channels).mean(axis=1)
 
 
 def _recorded_length(container: av.container.InputContainer, stream: av.AudioStream, sample_rate: int) -> int | None:
