@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.serving import ROOT, audio_pool, load, serve, stop, traffic
+from benchmarks.serving import ROOT, audio_pool, load, serve, served_encoder_gemm_dtype, stop, traffic
 from speechllm.languages import LANGUAGE_CODES
 
 BACKENDS = ("embedded", "vllm")
@@ -42,7 +42,8 @@ def main() -> None:
     args = parser.parse_args()
     requests = traffic(audio_pool(), list(LANGUAGE_CODES), args.per_language)
     results: dict = {"machine": {"cpus": len(os.sched_getaffinity(0)), "python": platform.python_version(),
-                                 "torch": torch.__version__}, "model": str(args.model)}
+                                 "torch": torch.__version__, "encoder_gemm_dtype": served_encoder_gemm_dtype()},
+                     "model": str(args.model)}
     for backend in BACKENDS:
         results[backend] = measure(backend, args.model, requests, (1, 16))
     results["ratios_vllm_over_embedded"] = {

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from adapters.evaluate import error_rates
+from benchmarks.serving import served_encoder_gemm_dtype
 from server.offline import file_reader, started_runtime, transcribe_each
 from server.service import untagged_rows
 from server.settings import Settings
@@ -176,7 +177,8 @@ def main() -> None:
         report = run(args.model, args.corpus, args.split, args.windows, args.seconds, Path(workdir), args.detect)
     report |= {"model": str(args.model.relative_to(ROOT) if args.model.is_relative_to(ROOT) else args.model),
                "seconds": args.seconds, "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                                                    "torch": torch.__version__}}
+                                                    "torch": torch.__version__,
+                                                    "encoder_gemm_dtype": served_encoder_gemm_dtype()}}
     stem = args.out / f"long_audio_{args.split}{'_detected' if args.detect else ''}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
     stem.with_suffix(".md").write_text(markdown(report, args.windows))

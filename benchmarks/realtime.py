@@ -294,7 +294,8 @@ def main() -> None:
     load = os.getloadavg()
     results: dict = {"machine": {"cpus": os.cpu_count(), "load_average_at_start": [round(x, 2) for x in load],
                                  "python": platform.python_version(), "torch": torch.__version__,
-                                 "server_threads": args.threads or "torch default"},
+                                 "server_threads": args.threads or "torch default",
+                                 "encoder_gemm_dtype": serving.served_encoder_gemm_dtype()},
                      "model": str(args.model), "chunk_ms": CHUNK_MS, "silence_duration_ms": SILENCE_MS}
     items = recordings(max(args.streams, args.recordings))
     process, url = start_server(args.model, args.threads)

@@ -189,7 +189,8 @@ def main() -> None:
                "audio_seconds": round(sum(r.seconds for r in recordings), 1),
                "model": str(args.model.relative_to(ROOT) if args.model.is_relative_to(ROOT) else args.model),
                "commits": {name: _commit(code) for name, code in servers.items()},
-               "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}}
+               "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+                           "encoder_gemm_dtype": serving.served_encoder_gemm_dtype()}}
     stem = args.out / f"realtime_accuracy_{args.split}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
     stem.with_suffix(".md").write_text(markdown(report, args))

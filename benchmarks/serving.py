@@ -50,7 +50,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from adapters.export import export_peft
 from server.engine import EmbeddedEngine
 from server.metrics import Metrics
+from server.settings import Settings
 from speechllm.audio import SAMPLE_RATE, load_audio
+from speechllm.cpu_linear import resolve_gemm_dtype
 from speechllm.languages import LANGUAGE_CODES
 from speechllm.model import SpeechLLM
 
@@ -58,6 +60,12 @@ ROOT = Path(__file__).resolve().parent.parent
 PHRASES = ["one two three four five", "the weather is nice today", "please call me tomorrow morning",
            "where is the nearest station"]  # read by each language's voice: the words need not be theirs
 VOICES = ("m5", "f4")
+
+
+def served_encoder_gemm_dtype() -> str:
+    """The speech encoder's GEMM dtype of a server started now (ZASR_ENCODER_GEMM_DTYPE, `auto` resolved on this
+    CPU): every benchmark's report says which it ran with, since it changes transcripts a little."""
+    return str(resolve_gemm_dtype(Settings().encoder_gemm_dtype)).removeprefix("torch.")
 
 
 def free_port() -> int:
@@ -149,22 +157,27 @@ def cpu_used_since(pid: int, before: dict[int, float]) -> tuple[float, float]:
 
 
 # The histograms whose sums and counts a load records from the server's /metrics (none on the naive server): the
-# rows of each decoding step, and the time a request spends in each stage: the audio stage (waiting for the audio
-# worker and its call), waiting for a batch, decoding; and the uploads of each audio worker call.
+# rows of each decoding step; the time spent in each stage, per upload in the audio stage (waiting for the audio
+# worker and in its call), per row (an audio window: one per request of this benchmark) waiting for a batch and
+# decoding; and the uploads of each audio worker call.
 STAGE_HISTOGRAMS = ("zasr_decode_step_rows", "zasr_audio_prepare_duration_seconds", "zasr_queue_wait_seconds",
                     "zasr_decode_duration_seconds", "zasr_audio_worker_call_uploads")
 
 
-async def server_sums(client: aiohttp.ClientSession, url: str) -> Counter:
-    """The sums and counts of STAGE_HISTOGRAMS so far, from the server's Prometheus exposition (empty for a server
-    without them: the naive baseline)."""
+async def server_sums(client: aiohttp.ClientSession, url: str) -> Counter[str]:
+    """The sums and counts of STAGE_HISTOGRAMS so far (over all their labels), from the server's Prometheus
+    exposition (empty for a server without them: the naive baseline)."""
+    sums: Counter[str] = Counter()
     async with client.get(f"{url}/metrics") as response:
         if response.status != 200:
-            return Counter()
+            return sums
         exposition = await response.text()
-    return Counter({sample.name: sample.value for family in text_string_to_metric_families(exposition)
-                    if family.name in STAGE_HISTOGRAMS for sample in family.samples
-                    if sample.name.endswith(("_sum", "_count"))})
+    for family in text_string_to_metric_families(exposition):
+        if family.name in STAGE_HISTOGRAMS:
+            for sample in family.samples:
+                if sample.name.endswith(("_sum", "_count")):
+                    sums[sample.name] += sample.value
+    return sums
 
 
 @dataclass
@@ -177,7 +190,7 @@ class Measured:
     process_cpu: float = 0.0
     workers_cpu: float = 0.0
     client_cpu: float = 0.0
-    sums: Counter = field(default_factory=Counter)  # of the server's STAGE_HISTOGRAMS over the load
+    sums: Counter[str] = field(default_factory=Counter)  # of the server's STAGE_HISTOGRAMS over the load
 
     def __add__(self, other: Measured) -> Measured:
         return Measured(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
@@ -263,18 +276,19 @@ def summary(requests: list[tuple[str, bytes, float]], concurrency: int, measured
             "client_cores_busy": round(measured.client_cpu / wall, 2),
             "rows_per_step": _mean(measured.sums, "zasr_decode_step_rows"),
             # where the requests were, on average (Little's law: the seconds spent in a stage over the wall time)
-            "requests_in_audio_stage": _per_second(measured.sums, "zasr_audio_prepare_duration_seconds", wall),
-            "rows_waiting_for_a_batch": _per_second(measured.sums, "zasr_queue_wait_seconds", wall),
-            "rows_decoding": _per_second(measured.sums, "zasr_decode_duration_seconds", wall),
+            "requests_in_audio_stage": _average_in_stage(measured.sums, "zasr_audio_prepare_duration_seconds", wall),
+            "rows_waiting_for_a_batch": _average_in_stage(measured.sums, "zasr_queue_wait_seconds", wall),
+            "rows_decoding": _average_in_stage(measured.sums, "zasr_decode_duration_seconds", wall),
             "uploads_per_audio_worker_call": _mean(measured.sums, "zasr_audio_worker_call_uploads")}
 
 
-def _mean(sums: Counter, histogram: str) -> float | None:
+def _mean(sums: Counter[str], histogram: str) -> float | None:
     count = sums[f"{histogram}_count"]
     return round(sums[f"{histogram}_sum"] / count, 2) if count else None
 
 
-def _per_second(sums: Counter, histogram: str, wall: float) -> float | None:
+def _average_in_stage(sums: Counter[str], histogram: str, wall: float) -> float | None:
+    """How many were in a stage at once, on average: the seconds they spent in it over the wall time."""
     return round(sums[f"{histogram}_sum"] / wall, 2) if sums[f"{histogram}_count"] else None
 
 
@@ -389,7 +403,8 @@ def main() -> None:
     pool = audio_pool()
     mixed = traffic(pool, list(LANGUAGE_CODES), args.per_language)
     results: dict = {"machine": {"cpus": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
-                                 "python": platform.python_version(), "torch": torch.__version__},
+                                 "python": platform.python_version(), "torch": torch.__version__,
+                                 "encoder_gemm_dtype": served_encoder_gemm_dtype()},
                      "model": str(args.model), "rounds": args.rounds}
 
     with tempfile.TemporaryDirectory() as adapters, contextlib.ExitStack() as servers:
@@ -440,8 +455,9 @@ def main() -> None:
             continue
         for number, loads in enumerate(rounds, 1):
             r = loads[name]
-            lines.append(f"| {name} | {number} | {r['requests_in_audio_stage']} | {r['rows_waiting_for_a_batch']} | "
-                         f"{r['rows_decoding']} | {r['uploads_per_audio_worker_call']} |")
+            cells = [r[key] for key in ("requests_in_audio_stage", "rows_waiting_for_a_batch", "rows_decoding",
+                                        "uploads_per_audio_worker_call")]
+            lines.append(f"| {name} | {number} | {' | '.join('–' if cell is None else str(cell) for cell in cells)} |")
     lines += ["", "Each ratio is measured within a round; the median of the rounds, and each round's:", "",
               "| ratio | median | each round |", "|---|---:|---|"]
     lines += [f"| {key} | {medians[key]} | {', '.join(map(str, values))} |"

@@ -269,6 +269,9 @@ def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     device = settings.device if settings.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     encoder_gemm_dtype = resolve_gemm_dtype(settings.encoder_gemm_dtype)
     model = SpeechLLM.load(settings.model_dir, device=device, encoder_gemm_dtype=encoder_gemm_dtype)
+    if device == "cpu":  # `auto` decides by the CPU: say what it chose, since transcripts differ slightly with it
+        logger.info("speech encoder GEMMs in %s (ZASR_ENCODER_GEMM_DTYPE=%s)", str(encoder_gemm_dtype).removeprefix(
+            "torch."), settings.encoder_gemm_dtype)
     if settings.encoder_gemm_dtype == "bfloat16":
         if device != "cpu":
             logger.warning("ZASR_ENCODER_GEMM_DTYPE=bfloat16 has no effect on %s (only on oneDNN, on a CPU)", device)

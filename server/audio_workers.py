@@ -229,6 +229,9 @@ class AudioWorkers:
         self._calls_in_flight = 0
         self.calls_made = 0  # worker calls so far
         self._calls: set[asyncio.Task] = set()  # the event loop keeps only weak references to tasks
+        # read at scrape time: an upload whose request gave up while it waited no longer counts
+        self.metrics.audio_uploads_waiting.set_function(
+            lambda: sum(not future.done() for _, future in self._waiting))
 
     def _new_pool(self) -> ProcessPoolExecutor:
         pool = _worker_pool(self.workers, self.encoder_model_dir, self.encoder_gemm_dtype)
@@ -246,15 +249,17 @@ class AudioWorkers:
         AudioTooLong."""
         upload = Upload(audio, timed)
         start = time.perf_counter()
-        if self._pool is None:
-            [prepared] = await asyncio.to_thread(prepare_all, [upload], self.vad, self.max_audio_seconds,
-                                                 self.max_window_seconds)
-        else:
-            future = asyncio.get_running_loop().create_future()
-            self._waiting.append((upload, future))
-            self._start_calls()
-            prepared = await future
-        self.metrics.audio_prepare_seconds.observe(time.perf_counter() - start)
+        try:
+            if self._pool is None:
+                [prepared] = await asyncio.to_thread(prepare_all, [upload], self.vad, self.max_audio_seconds,
+                                                     self.max_window_seconds)
+            else:
+                future = asyncio.get_running_loop().create_future()
+                self._waiting.append((upload, future))
+                self._start_calls()
+                prepared = await future
+        finally:  # a request that gave up (timed out, client gone) counts too: it is the slowest
+            self.metrics.audio_prepare_seconds.observe(time.perf_counter() - start)
         if isinstance(prepared, Exception):
             raise prepared
         samples, spans, arrays = prepared
@@ -265,12 +270,13 @@ class AudioWorkers:
     def _start_calls(self) -> None:
         while self._waiting and self._calls_in_flight < self.workers:
             uploads = self._next_call()
+            if not uploads:  # every upload it took had been given up by its request
+                continue
             self._calls_in_flight += 1
             self.calls_made += 1
             call = asyncio.create_task(self._call(uploads))
             self._calls.add(call)
             call.add_done_callback(self._calls.discard)
-        self.metrics.audio_uploads_waiting.set(len(self._waiting))
 
     def _next_call(self) -> list[tuple[Upload, asyncio.Future]]:
         """The uploads of the next call, in arrival order: up to MAX_UPLOADS_PER_CALL, but a large upload (long
@@ -293,7 +299,7 @@ class AudioWorkers:
         results: list[Prepared] | None = None
         try:
             try:
-                results = await self._timed_call([upload for upload, _ in uploads]) if uploads else []
+                results = await self._in_worker([upload for upload, _ in uploads])
             finally:  # the worker's slot is free before any retry: the restarted pool serves others meanwhile
                 self._calls_in_flight -= 1
                 self._start_calls()
@@ -306,23 +312,19 @@ class AudioWorkers:
                 if not future.done():  # its request was cancelled
                     future.set_result(results[index] if results else RuntimeError("the audio workers stopped"))
 
-    async def _timed_call(self, uploads: list[Upload]) -> list[Prepared] | None:
-        start = time.perf_counter()
-        try:
-            return await self._in_worker(uploads)
-        finally:
-            self.metrics.audio_call_seconds.observe(time.perf_counter() - start)
-            self.metrics.audio_call_uploads.observe(len(uploads))
-
     async def _in_worker(self, uploads: list[Upload]) -> list[Prepared] | None:
         """The uploads prepared by a worker; None when the worker died (the pool is started again)."""
         pool = self._pool
+        start = time.perf_counter()
         try:
-            return await asyncio.get_running_loop().run_in_executor(
+            prepared = await asyncio.get_running_loop().run_in_executor(
                 pool, _worker_prepare_all, uploads, self.max_audio_seconds, self.max_window_seconds)
         except BrokenProcessPool:
             await self._restart(pool)
             return None
+        self.metrics.audio_worker_call_seconds.observe(time.perf_counter() - start)
+        self.metrics.audio_worker_call_uploads.observe(len(uploads))
+        return prepared
 
     async def _retry_alone(self, uploads: list[tuple[Upload, asyncio.Future]]) -> list[Prepared]:
         """Which upload crashed the worker is unknown: each runs again in a process of its own, so that only that

@@ -30,15 +30,16 @@ class Metrics:
                                        buckets=LATENCY_BUCKETS, registry=r)
         self.audio_prepare_seconds = Histogram(
             "zasr_audio_prepare_duration_seconds", "Time an upload spent in the audio stage: waiting for an audio "
-            "worker, then decoding, voice activity, features and, on a CPU server, the encoder",
-            buckets=LATENCY_BUCKETS, registry=r)
+            "worker, then decoding, voice activity, features and the encoder where the audio workers run it "
+            "(ZASR_ENCODER_IN_WORKERS)", buckets=LATENCY_BUCKETS, registry=r)
         self.audio_uploads_waiting = Gauge("zasr_audio_uploads_waiting", "Uploads waiting for an audio worker",
                                            registry=r)
-        self.audio_call_seconds = Histogram("zasr_audio_worker_call_duration_seconds",
-                                            "Duration of each audio worker call (several uploads under load)",
-                                            buckets=LATENCY_BUCKETS, registry=r)
-        self.audio_call_uploads = Histogram("zasr_audio_worker_call_uploads", "Uploads in each audio worker call",
-                                            buckets=BATCH_BUCKETS, registry=r)
+        self.audio_worker_call_seconds = Histogram(
+            "zasr_audio_worker_call_duration_seconds", "Duration of each audio worker call that completed (several "
+            "uploads under load)", buckets=LATENCY_BUCKETS, registry=r)
+        self.audio_worker_call_uploads = Histogram("zasr_audio_worker_call_uploads",
+                                                   "Uploads in each audio worker call that completed",
+                                                   buckets=BATCH_BUCKETS, registry=r)
         self.encode_seconds = Histogram("zasr_encode_duration_seconds", "The engine's speech half per batch: LID, "
                                         "projector, and the encoder for rows that the audio workers did not encode",
                                         buckets=LATENCY_BUCKETS, registry=r)

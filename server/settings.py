@@ -39,7 +39,9 @@ class Settings(BaseSettings):
                             "float32): auto is bfloat16 on CPUs with bf16 instructions (AVX512-BF16, AMX), else "
                             "float32. bfloat16 changes 4 % of transcripts (dev split: +0.06 CER points, 95 % interval "
                             "-0.06 to +0.20) and served 1.15x as many audio seconds per second at concurrency 16 on "
-                            "the 2-core benchmark machine (docs/serving.md, *bf16 GEMMs*)")
+                            "the 2-core benchmark machine; its roundings also depend a little on the windows encoded "
+                            "beside an upload, and replicas on CPUs with and without bf16 differ. float32 where "
+                            "output must be reproducible (docs/serving.md, *bf16 GEMMs*)")
     threads: int = Field(1, ge=0, description="torch intra-op threads of the server's process, the engine's (0: "
                                               "torch's default, all cores); 1 is measured best while the audio "
                                               "workers use the other cores (server/threads.py)")
@@ -109,7 +111,8 @@ class Settings(BaseSettings):
                                                           "configured chunk_size)")
     realtime_incremental_encoding: bool = Field(True, description="partial updates encode only new chunks (cached "
                                                                   "left context); false re-encodes the whole turn "
-                                                                  "each update (same states, for comparison)")
+                                                                  "each update (for comparison: the same states "
+                                                                  "in float32, within bf16's roundings in bf16)")
     realtime_early_final: bool = Field(True, description="server VAD: start a turn's final decode during each "
                                                          "pause, while waiting out silence_duration_ms, so that "
                                                          "its transcript is ready at the commit (costs a decode "

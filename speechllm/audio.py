@@ -113,8 +113,8 @@ def _decodable_frames(container: av.container.InputContainer, stream: av.AudioSt
 
 
 def _mono(frame: av.AudioFrame) -> np.ndarray:
-    """An interleaved float frame's channels averaged; a mono frame as it is (numpy's mean of one channel, frame
-    after frame, was a sixth of decoding the serving benchmark's 2.2 s WAV uploads: 2.4 → 2.0 ms)."""
+    """An interleaved float frame's channels averaged; a mono frame as it is (numpy's mean over one channel, frame
+    after frame, was a sixth of decoding a short WAV upload: docs/serving.md, *Measured throughput*)."""
     channels = len(frame.layout.channels)
     samples = frame.to_ndarray().reshape(-1)
     return samples if channels == 1 else samples.reshape(-1, channels).mean(axis=1)

@@ -38,8 +38,8 @@ def test_serving_benchmark(tmp_path: Path) -> None:
         _check_load(results[name])
     c16 = results["ours_mixed_c16"]
     assert c16["rows_per_step"] >= 1 and c16["uploads_per_audio_worker_call"] >= 1
-    # Little's law: every request was in the audio stage and decoding for part of the load, and never more than the
-    # clients had in flight at once
+    # Little's law: every request was in the audio stage and its row decoding for part of the load, and never more
+    # than the clients had in flight at once (one row a request: the benchmark's clips are one window each)
     assert 0 < c16["requests_in_audio_stage"] <= 16 and 0 < c16["rows_decoding"] <= 16
     assert results["naive_peft_mixed_c16"]["requests_in_audio_stage"] is None  # the naive server has no /metrics
     # the model and torch are resident in the server, and its audio worker holds the encoder

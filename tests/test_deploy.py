@@ -433,6 +433,7 @@ def test_dashboard_covers_the_service() -> None:
         "real-time factor": {"zasr_real_time_factor_bucket"},
         "latency quantiles": {"zasr_request_duration_seconds_bucket"},
         "queue depth": {"zasr_queue_depth_rows"},
+        "audio uploads waiting": {"zasr_audio_uploads_waiting"},
         "pipeline stages": {"zasr_audio_prepare_duration_seconds_bucket", "zasr_queue_wait_seconds_bucket",
                             "zasr_decode_duration_seconds_bucket"},
         "batch size": {"zasr_batch_size_rows_bucket", "zasr_batch_size_rows_sum", "zasr_batch_size_rows_count"},
