@@ -148,7 +148,7 @@ def markdown_table(report: dict, title: str) -> str:
 
 def evaluate_model_dir(model_dir: Path, corpus_dir: Path, split: str, out_prefix: Path,
                        chunk_size: int | None = None, encoder_gemm_dtype: str = "float32") -> dict:
-    from speechllm.cpu_linear import resolve_gemm_dtype
+    from speechllm.cpu_linear import gemm_dtype_name, resolve_gemm_dtype
     from speechllm.data import load_features
 
     gemm_dtype = resolve_gemm_dtype(encoder_gemm_dtype)
@@ -157,7 +157,7 @@ def evaluate_model_dir(model_dir: Path, corpus_dir: Path, split: str, out_prefix
     report["split"] = split
     report["model"] = str(model_dir)
     report["chunk_size"] = chunk_size
-    report["encoder_gemm_dtype"] = str(gemm_dtype).removeprefix("torch.")
+    report["encoder_gemm_dtype"] = gemm_dtype_name(gemm_dtype)
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{out_prefix}.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     Path(f"{out_prefix}.md").write_text(markdown_table(report, f"{model_dir.name}: {split} split"))

@@ -52,7 +52,7 @@ from server.engine import EmbeddedEngine
 from server.metrics import Metrics
 from server.settings import Settings
 from speechllm.audio import SAMPLE_RATE, load_audio
-from speechllm.cpu_linear import resolve_gemm_dtype
+from speechllm.cpu_linear import gemm_dtype_name, resolve_gemm_dtype
 from speechllm.languages import LANGUAGE_CODES
 from speechllm.model import SpeechLLM
 
@@ -65,7 +65,7 @@ VOICES = ("m5", "f4")
 def served_encoder_gemm_dtype() -> str:
     """The speech encoder's GEMM dtype of a server started now (ZASR_ENCODER_GEMM_DTYPE, `auto` resolved on this
     CPU): every benchmark's report says which it ran with, since it changes transcripts a little."""
-    return str(resolve_gemm_dtype(Settings().encoder_gemm_dtype)).removeprefix("torch.")
+    return gemm_dtype_name(resolve_gemm_dtype(Settings().encoder_gemm_dtype))
 
 
 def free_port() -> int:

@@ -65,7 +65,7 @@ from server.settings import Settings
 from server.threads import DEFAULT_ENGINE_THREADS, use_one_thread
 from server.vad import SileroVAD
 from speechllm.audio import AudioDecodeError, AudioTooLong, EmptyAudioError
-from speechllm.cpu_linear import Linear, resolve_gemm_dtype
+from speechllm.cpu_linear import Linear, gemm_dtype_name, resolve_gemm_dtype
 from speechllm.languages import BY_CODE
 from speechllm.model import SpeechLLM
 
@@ -270,8 +270,8 @@ def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     encoder_gemm_dtype = resolve_gemm_dtype(settings.encoder_gemm_dtype)
     model = SpeechLLM.load(settings.model_dir, device=device, encoder_gemm_dtype=encoder_gemm_dtype)
     if device == "cpu":  # `auto` decides by the CPU: say what it chose, since transcripts differ slightly with it
-        logger.info("speech encoder GEMMs in %s (ZASR_ENCODER_GEMM_DTYPE=%s)", str(encoder_gemm_dtype).removeprefix(
-            "torch."), settings.encoder_gemm_dtype)
+        logger.info("speech encoder GEMMs in %s (ZASR_ENCODER_GEMM_DTYPE=%s)", gemm_dtype_name(encoder_gemm_dtype),
+                    settings.encoder_gemm_dtype)
     if settings.encoder_gemm_dtype == "bfloat16":
         if device != "cpu":
             logger.warning("ZASR_ENCODER_GEMM_DTYPE=bfloat16 has no effect on %s (only on oneDNN, on a CPU)", device)

@@ -48,6 +48,11 @@ def resolve_gemm_dtype(name: str) -> torch.dtype:
     return GEMM_DTYPES[name]
 
 
+def gemm_dtype_name(dtype: torch.dtype) -> str:
+    """The GEMM_DTYPES name of a dtype, as settings and reports write it."""
+    return next(name for name, known in GEMM_DTYPES.items() if known == checked_gemm_dtype(dtype))
+
+
 def checked_gemm_dtype(dtype: torch.dtype) -> torch.dtype:
     if dtype not in GEMM_DTYPES.values():
         raise ValueError(f"GEMMs run in float32 or bfloat16, not {dtype}")
