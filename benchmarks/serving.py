@@ -50,7 +50,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from adapters.export import export_peft
 from server.engine import EmbeddedEngine
 from server.metrics import Metrics
-from server.settings import Settings
+from server.settings import Settings, resolve_device
 from speechllm.audio import SAMPLE_RATE, load_audio
 from speechllm.cpu_linear import gemm_dtype_name, resolve_gemm_dtype
 from speechllm.languages import LANGUAGE_CODES
@@ -64,8 +64,12 @@ VOICES = ("m5", "f4")
 
 def served_encoder_gemm_dtype() -> str:
     """The speech encoder's GEMM dtype of a server started now (ZASR_ENCODER_GEMM_DTYPE, `auto` resolved on this
-    CPU): every benchmark's report says which it ran with, since it changes transcripts a little."""
-    return gemm_dtype_name(resolve_gemm_dtype(Settings().encoder_gemm_dtype))
+    CPU): every benchmark's report says which it ran with, since it changes transcripts a little. The setting acts
+    on a CPU only: on a GPU the encoder runs float32."""
+    settings = Settings()
+    if resolve_device(settings.device) != "cpu":
+        return "float32"
+    return gemm_dtype_name(resolve_gemm_dtype(settings.encoder_gemm_dtype))
 
 
 def free_port() -> int:
@@ -74,14 +78,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def audio_pool() -> dict[str, list[tuple[bytes, float]]]:
+def audio_pool(clips: Path | None = None) -> dict[str, list[tuple[bytes, float]]]:
+    """Each language's clips and their seconds: PHRASES read by espeak-ng, or the WAV files `save_clips` wrote to
+    `clips` (for a machine without espeak-ng, such as a GPU node)."""
     pool: dict[str, list[tuple[bytes, float]]] = {}
     for code in LANGUAGE_CODES:
         for i, text in enumerate(PHRASES):
-            wav = subprocess.run(["espeak-ng", "-v", f"{code}+{VOICES[i % 2]}", "--stdout", "--", text],
-                                 capture_output=True, check=True).stdout
+            if clips is None:
+                wav = subprocess.run(["espeak-ng", "-v", f"{code}+{VOICES[i % 2]}", "--stdout", "--", text],
+                                     capture_output=True, check=True).stdout
+            else:
+                wav = (clips / f"{code}-{i}.wav").read_bytes()
             pool.setdefault(code, []).append((wav, load_audio(wav).size / SAMPLE_RATE))
     return pool
+
+
+def save_clips(clips: Path) -> None:
+    """The benchmark's audio as WAV files, for `--clips` on a machine without espeak-ng."""
+    clips.mkdir(parents=True, exist_ok=True)
+    for code, recordings in audio_pool().items():
+        for i, (wav, _) in enumerate(recordings):
+            (clips / f"{code}-{i}.wav").write_bytes(wav)
+    (clips / "long.wav").write_bytes(long_recording())
 
 
 def start(command: list[str], env: dict, url: str, ready_within_s: float = 120, cwd: Path = ROOT) -> subprocess.Popen:
@@ -330,8 +348,10 @@ async def short_behind_long(url: str, short: bytes, long: bytes, tries: int = 5)
             "short_batched_with_long_p50_s": round(statistics.median(batched), 3)}
 
 
-def long_recording() -> bytes:
+def long_recording(clips: Path | None = None) -> bytes:
     """About 20 s of English speech: one window (up to 30 s), decoded for about half a second."""
+    if clips is not None:
+        return (clips / "long.wav").read_bytes()
     text = " ".join(["remember to water the garden before the sun goes down because the roses are thirsty"] * 4)
     return subprocess.run(["espeak-ng", "-v", "en", "--stdout", "--", text], capture_output=True, check=True).stdout
 
@@ -341,20 +361,24 @@ def traffic(pool: dict, languages: list[str], per_language: int) -> list[tuple[s
     return [(code, *pool[code][i % len(PHRASES)]) for i in range(per_language) for code in languages]
 
 
-def adapter_merge_costs(model_dir: Path) -> dict:
-    model = SpeechLLM.load(model_dir)
+def adapter_merge_costs(model_dir: Path, device: str) -> dict:
+    model = SpeechLLM.load(model_dir, device=device)
     engine = EmbeddedEngine(model, Metrics(), cache_bytes=1 << 30)
+
+    def timed_get(key: str) -> float:
+        start = time.perf_counter()
+        engine.cache.get(key)
+        if device.startswith("cuda"):  # a merge on the GPU is done when its kernels are
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
     cold, warm = [], []
     for _ in range(5):
         for code in LANGUAGE_CODES:
             key = engine.adapter_key(code)
             engine.cache._entries.pop(key, None)  # make it cold
-            start = time.perf_counter()
-            engine.cache.get(key)
-            cold.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            engine.cache.get(key)
-            warm.append(time.perf_counter() - start)
+            cold.append(timed_get(key))
+            warm.append(timed_get(key))
     return {"cold_merge_ms_median": round(1000 * statistics.median(cold), 3),
             "warm_hit_ms_median": round(1000 * statistics.median(warm), 4),
             "cold_extra_ms": round(1000 * (statistics.median(cold) - statistics.median(warm)), 3),
@@ -399,13 +423,22 @@ def main() -> None:
     parser.add_argument("--per-language", type=int, default=32, help="requests per language at concurrency 16")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of every load; the ratios' medians are reported")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serving")
+    parser.add_argument("--clips", type=Path, help="the audio from WAV files that --save-clips wrote (no espeak-ng)")
+    parser.add_argument("--save-clips", type=Path, help="write the benchmark's audio as WAV files here, and stop")
     args = parser.parse_args()
-    pool = audio_pool()
+    if args.save_clips:
+        save_clips(args.save_clips)
+        return
+    pool = audio_pool(args.clips)
     mixed = traffic(pool, list(LANGUAGE_CODES), args.per_language)
+    device = resolve_device(Settings().device)
     results: dict = {"machine": {"cpus": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
                                  "python": platform.python_version(), "torch": torch.__version__,
-                                 "encoder_gemm_dtype": served_encoder_gemm_dtype()},
+                                 "device": device, "encoder_gemm_dtype": served_encoder_gemm_dtype(),
+                                 "audio_workers": Settings().audio_workers},
                      "model": str(args.model), "rounds": args.rounds}
+    if device.startswith("cuda"):
+        results["machine"]["gpu"] = torch.cuda.get_device_name()
 
     with tempfile.TemporaryDirectory() as adapters, contextlib.ExitStack() as servers:
         export_language_adapters(args.model, Path(adapters))
@@ -417,12 +450,13 @@ def main() -> None:
                        "--adapters", adapters, "--port", str(port)], {}, naive_url)
         servers.callback(stop, naive)
         rounds = [one_round(ours, (naive, naive_url), mixed) for _ in range(args.rounds)]
-        results["head_of_line"] = asyncio.run(short_behind_long(ours[1], pool["en"][2][0], long_recording()))
+        results["head_of_line"] = asyncio.run(short_behind_long(ours[1], pool["en"][2][0],
+                                                                long_recording(args.clips)))
 
     for name in SCENARIOS:  # each load's figures from its round of median throughput
         by_throughput = sorted(rounds, key=lambda loads: loads[name]["throughput_audio_s_per_s"])
         results[name] = by_throughput[(len(rounds) - 1) // 2][name]
-    results["adapter_merge"] = adapter_merge_costs(args.model)
+    results["adapter_merge"] = adapter_merge_costs(args.model, device)
     each_round = [round_ratios(loads) for loads in rounds]
     results["ratios_each_round"] = {key: [round(ratios[key], 2) for ratios in each_round] for key in each_round[0]}
     medians = {key: round(statistics.median(values), 2) for key, values in results["ratios_each_round"].items()}

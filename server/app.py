@@ -17,7 +17,6 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import torch
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from python_multipart.multipart import parse_options_header
@@ -61,7 +60,7 @@ from server.service import (
     require_speech,
     untagged_rows,
 )
-from server.settings import Settings
+from server.settings import Settings, resolve_device
 from server.threads import DEFAULT_ENGINE_THREADS, use_one_thread
 from server.vad import SileroVAD
 from speechllm.audio import AudioDecodeError, AudioTooLong, EmptyAudioError
@@ -266,7 +265,7 @@ class StreamedTranscription(StreamingResponse):
 
 
 def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
-    device = settings.device if settings.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(settings.device)
     encoder_gemm_dtype = resolve_gemm_dtype(settings.encoder_gemm_dtype)
     model = SpeechLLM.load(settings.model_dir, device=device, encoder_gemm_dtype=encoder_gemm_dtype)
     if device == "cpu":  # `auto` decides by the CPU: say what it chose, since transcripts differ slightly with it

@@ -9,12 +9,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+import torch
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from speechllm.inference import LID_CONFIDENCE_THRESHOLD
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "default"
+
+
+def resolve_device(device: str) -> str:
+    """The torch device a `device` setting names: `auto` is the GPU where torch sees one."""
+    return device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 class Settings(BaseSettings):

@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.serving import PHRASES
+from speechllm.languages import LANGUAGE_CODES
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -30,8 +33,13 @@ def _check_load(load: dict) -> None:
 
 
 def test_serving_benchmark(tmp_path: Path) -> None:
-    _run("benchmarks.serving", tmp_path / "serving", "--per-language", "1", "--rounds", "2")
+    # its audio saved first and read back, as on a machine without espeak-ng (a GPU node)
+    _run("benchmarks.serving", tmp_path / "unused", "--save-clips", str(tmp_path / "clips"))
+    assert len(list((tmp_path / "clips").glob("*.wav"))) == len(LANGUAGE_CODES) * len(PHRASES) + 1  # + the long one
+    _run("benchmarks.serving", tmp_path / "serving", "--per-language", "1", "--rounds", "2",
+         "--clips", str(tmp_path / "clips"))
     results = json.loads((tmp_path / "serving.json").read_text())
+    assert results["machine"]["device"] == "cpu"
     assert len(results["loads_each_round"]) == 2
     assert all(len(values) == 2 for values in results["ratios_each_round"].values())
     for name in ("ours_mixed_c1", "ours_mixed_c16", "ours_single_language_runs_c16", "naive_peft_mixed_c16"):
