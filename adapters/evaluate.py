@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import jiwer
@@ -59,11 +59,13 @@ def evaluate_features(model: SpeechLLM, data: FeatureSet, chunk_size: int | None
 
 @dataclass
 class SplitTranscripts:
-    """A split's transcripts by utterance index, whether LID found each one's language, and which loops stopped."""
+    """A split's transcripts by utterance index, the language LID found for each and whether it was right, and which
+    loops stopped."""
 
     hypotheses: dict[int, str]
     lid_correct: dict[int, bool]
     looped: set[int]
+    lid_language: dict[int, str] = field(default_factory=dict)
 
 
 @torch.no_grad()
@@ -81,6 +83,7 @@ def transcribe_split(model: SpeechLLM, data: FeatureSet, chunk_size: int | None 
         results = transcribe_features(model, features, lengths, given, chunk_size, decoder)
         for index, result in zip(batch, results, strict=True):
             out.hypotheses[index] = result.text
+            out.lid_language[index] = result.lid_language
             out.lid_correct[index] = result.lid_language == data.entries[index]["language"]
             if result.looped:
                 out.looped.add(index)

@@ -146,10 +146,8 @@ def asr_loss(model: SpeechLLM, states: torch.Tensor, lengths: torch.Tensor, text
 
 def dev_subset(dev: FeatureSet, per_language: int, seed: int) -> FeatureSet:
     rng = random.Random(seed)
-    by_language: dict[str, list[int]] = {}
-    for i, entry in enumerate(dev.entries):
-        by_language.setdefault(entry["language"], []).append(i)
-    keep = [i for indices in by_language.values() for i in sorted(rng.sample(indices, min(per_language, len(indices))))]
+    keep = [i for indices in dev.rows_by_language().values()
+            for i in sorted(rng.sample(indices, min(per_language, len(indices))))]
     return dev.subset(keep)
 
 

@@ -90,9 +90,7 @@ def run(model_dir: Path, corpus: Path, rounds: int) -> dict:
             start = time.perf_counter()
             transcripts[name] = transcribe_split(model, data, decoder=decoder)
             seconds[name].append(time.perf_counter() - start)
-    by_language: dict[str, list[int]] = {}
-    for index, entry in enumerate(data.entries):
-        by_language.setdefault(entry["language"], []).append(index)
+    by_language = data.rows_by_language()
     counts = {name: character_errors(data, split.hypotheses) for name, split in transcripts.items()}
     reports = {name: summarize(data.entries, split.hypotheses, split.lid_correct, 2.0, split.looped)
                for name, split in transcripts.items()}

@@ -65,9 +65,11 @@ VOICES = ("m5", "f4")
 def served_encoder_gemm_dtype() -> str:
     """The speech encoder's GEMM dtype of a server started now (ZASR_ENCODER_GEMM_DTYPE, `auto` resolved on this
     CPU): every benchmark's report says which it ran with, since it changes transcripts a little. The setting acts
-    on a CPU only: on a GPU the encoder runs float32."""
+    where the encoder runs on a CPU (the engine's device, or the audio workers: server.app.load_runtime); on a GPU
+    the encoder's linear layers run float32 (its convolutions in TF32, cuDNN's default)."""
     settings = Settings()
-    if resolve_device(settings.device) != "cpu":
+    on_gpu = resolve_device(settings.device) != "cpu"
+    if on_gpu and not settings.encoder_in_workers:
         return "float32"
     return gemm_dtype_name(resolve_gemm_dtype(settings.encoder_gemm_dtype))
 
@@ -365,11 +367,9 @@ def adapter_merge_costs(model_dir: Path, device: str) -> dict:
     model = SpeechLLM.load(model_dir, device=device)
     engine = EmbeddedEngine(model, Metrics(), cache_bytes=1 << 30)
 
-    def timed_get(key: str) -> float:
+    def timed_get(key: str) -> float:  # a merge on a GPU waits for its kernels (EmbeddedEngine._merge)
         start = time.perf_counter()
         engine.cache.get(key)
-        if device.startswith("cuda"):  # a merge on the GPU is done when its kernels are
-            torch.cuda.synchronize()
         return time.perf_counter() - start
 
     cold, warm = [], []
@@ -438,7 +438,7 @@ def main() -> None:
                                  "audio_workers": Settings().audio_workers},
                      "model": str(args.model), "rounds": args.rounds}
     if device.startswith("cuda"):
-        results["machine"]["gpu"] = torch.cuda.get_device_name()
+        results["machine"] |= {"gpu": torch.cuda.get_device_name(device), "cuda": torch.version.cuda}
 
     with tempfile.TemporaryDirectory() as adapters, contextlib.ExitStack() as servers:
         export_language_adapters(args.model, Path(adapters))

@@ -258,7 +258,10 @@ class EmbeddedEngine(SpeechEngine):
 
     def _merge(self, key: str) -> MergedAdapter:
         index = None if key == SHARED_KEY else self.languages.index(key)
-        return merge_language(self.model.llm, index)
+        merged = merge_language(self.model.llm, index)
+        if self.device.type == "cuda":  # the merge's time (zasr_adapter_merge_duration_seconds) is its kernels'
+            torch.cuda.synchronize(self.device)
+        return merged
 
     def cached_adapters(self) -> list[str]:
         return self.cache.cached()

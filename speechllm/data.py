@@ -42,6 +42,27 @@ class FeatureSet:
         """Zero-padded features (B, n_mels, T) and lengths (B,)."""
         return pad_features([self.item(i) for i in indices])
 
+    def rows_by_language(self) -> dict[str, list[int]]:
+        """Each language's utterance indices, in order."""
+        rows: dict[str, list[int]] = {}
+        for index, entry in enumerate(self.entries):
+            rows.setdefault(entry["language"], []).append(index)
+        return rows
+
+    def save(self, corpus_dir: str | Path, split: str) -> None:
+        """Write this set as the split of a corpus of its own: its manifest and its feature cache, which
+        load_features reads without the audio (a subset carried to a machine without the corpus)."""
+        corpus_dir = Path(corpus_dir)
+        corpus_dir.mkdir(parents=True, exist_ok=True)
+        (corpus_dir / f"{split}.jsonl").write_text(
+            "".join(json.dumps(entry, ensure_ascii=False) + "\n" for entry in self.entries), encoding="utf-8")
+        self.save_features(corpus_dir, split)
+
+    def save_features(self, corpus_dir: Path, split: str) -> None:
+        cache = _feature_cache(corpus_dir, split)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"features": self.features, "offsets": self.offsets}, cache)
+
     def subset(self, keep: list[int]) -> FeatureSet:
         parts = [self.features[self.offsets[i]: self.offsets[i + 1]] for i in keep]
         lengths = torch.tensor([len(p) for p in parts])
@@ -53,7 +74,7 @@ def load_features(corpus_dir: str | Path, split: str) -> FeatureSet:
     """Features of a split, computed once and cached under corpus_dir/features/."""
     corpus_dir = Path(corpus_dir)
     entries = read_manifest(corpus_dir / f"{split}.jsonl")
-    cache = corpus_dir / "features" / f"{split}.safetensors"
+    cache = _feature_cache(corpus_dir, split)
     if cache.exists():
         tensors = load_file(cache)
         if len(tensors["offsets"]) == len(entries) + 1:
@@ -62,10 +83,13 @@ def load_features(corpus_dir: str | Path, split: str) -> FeatureSet:
              for e in tqdm(entries, desc=f"features {split}", unit="utt")]
     lengths = torch.tensor([len(p) for p in parts])
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    features = torch.cat(parts)
-    save_file({"features": features, "offsets": offsets}, cache)
-    return FeatureSet(entries, features, offsets)
+    data = FeatureSet(entries, torch.cat(parts), offsets)
+    data.save_features(corpus_dir, split)
+    return data
+
+
+def _feature_cache(corpus_dir: Path, split: str) -> Path:
+    return corpus_dir / "features" / f"{split}.safetensors"
 
 
 def length_batches(lengths: torch.Tensor, max_frames: int, rng: random.Random) -> Iterator[list[int]]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +20,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _run(module: str, out: Path, *args: str) -> None:
+    # on the CPU, as CI runs them, also on a machine with a GPU
     finished = subprocess.run([sys.executable, "-m", module, "--out", str(out), *args], cwd=ROOT,
-                              capture_output=True, text=True, errors="replace", timeout=600)
+                              env=os.environ | {"ZASR_DEVICE": "cpu"}, capture_output=True, text=True,
+                              errors="replace", timeout=600)
     if finished.returncode != 0:
         pytest.fail(f"{module} exited with {finished.returncode}:\n{finished.stderr[-4000:]}")
 

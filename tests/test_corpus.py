@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 
 from adapters.corpus import (
     CorpusConfig,
@@ -19,8 +20,9 @@ from adapters.corpus import (
     normalize_transcript,
     usable_variants,
 )
+from benchmarks.device_parity import first_of_each_language
 from speechllm.audio import SAMPLE_RATE, load_audio
-from speechllm.data import read_manifest
+from speechllm.data import load_features, read_manifest
 from speechllm.languages import BY_CODE, LANGUAGE_CODES, LANGUAGES, Tier
 
 SPLITS = ("train", "dev", "test")
@@ -132,6 +134,17 @@ def test_same_seed_gives_the_same_corpus_for_any_worker_count(corpus: Path, tmp_
     for row in manifests(corpus)["test"] + manifests(corpus)["train"][::5]:
         digest = [hashlib.sha256((root / row["audio"]).read_bytes()).digest() for root in (corpus, tmp_path)]
         assert digest[0] == digest[1]
+
+
+def test_a_subset_saved_as_a_corpus_loads_without_the_audio(corpus: Path, tmp_path: Path) -> None:
+    dev = load_features(corpus, "dev")
+    subset = first_of_each_language(dev, 1)
+    assert set(subset.rows_by_language()) == set(LANGUAGE_CODES)
+    assert all(len(rows) == 1 for rows in subset.rows_by_language().values())
+    subset.save(tmp_path / "subset", "dev")
+    loaded = load_features(tmp_path / "subset", "dev")  # no audio there: only the saved features can answer
+    assert loaded.entries == subset.entries
+    assert torch.equal(loaded.features, subset.features) and torch.equal(loaded.offsets, subset.offsets)
 
 
 def test_word_filters_drop_what_espeak_would_not_read_as_a_word() -> None:
