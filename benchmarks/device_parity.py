@@ -77,12 +77,12 @@ def main() -> None:
     parser.add_argument("--save-subset", type=Path, help="write the utterances as a corpus here, and stop")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "device_parity")
     args = parser.parse_args()
+    if not args.save_subset and not args.device.startswith("cuda"):
+        parser.error(f"--device {args.device}: a CUDA device, to compare with the CPU")
     data = first_of_each_language(load_features(args.corpus, "dev"), args.per_language)
     if args.save_subset:
         data.save(args.save_subset, "dev")
         return
-    if not args.device.startswith("cuda"):
-        parser.error(f"--device {args.device}: a CUDA device, to compare with the CPU")
     result = run(args.model, data, args.device) | {"per_language": args.per_language}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.out}.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")

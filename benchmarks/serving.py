@@ -50,7 +50,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from adapters.export import export_peft
 from server.engine import EmbeddedEngine
 from server.metrics import Metrics
-from server.settings import Settings, resolve_device
+from server.settings import Settings, encoder_in_workers, resolve_device
 from speechllm.audio import SAMPLE_RATE, load_audio
 from speechllm.cpu_linear import gemm_dtype_name, resolve_gemm_dtype
 from speechllm.languages import LANGUAGE_CODES
@@ -65,11 +65,12 @@ VOICES = ("m5", "f4")
 def served_encoder_gemm_dtype() -> str:
     """The speech encoder's GEMM dtype of a server started now (ZASR_ENCODER_GEMM_DTYPE, `auto` resolved on this
     CPU): every benchmark's report says which it ran with, since it changes transcripts a little. The setting acts
-    where the encoder runs on a CPU (the engine's device, or the audio workers: server.app.load_runtime); on a GPU
-    the encoder's linear layers run float32 (its convolutions in TF32, cuDNN's default)."""
+    where the encoder runs on a CPU (the engine's device, or the audio workers); on a GPU the encoder's linear
+    layers run float32 (its convolutions in TF32, cuDNN's default; a realtime stream's partials are encoded there
+    even when the workers encode uploads)."""
     settings = Settings()
-    on_gpu = resolve_device(settings.device) != "cpu"
-    if on_gpu and not settings.encoder_in_workers:
+    device = resolve_device(settings.device)
+    if device != "cpu" and not encoder_in_workers(settings, device):
         return "float32"
     return gemm_dtype_name(resolve_gemm_dtype(settings.encoder_gemm_dtype))
 

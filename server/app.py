@@ -60,7 +60,7 @@ from server.service import (
     require_speech,
     untagged_rows,
 )
-from server.settings import Settings, resolve_device
+from server.settings import Settings, encoder_in_workers, resolve_device
 from server.threads import DEFAULT_ENGINE_THREADS, use_one_thread
 from server.vad import SileroVAD
 from speechllm.audio import AudioDecodeError, AudioTooLong, EmptyAudioError
@@ -290,12 +290,10 @@ def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         engine.preload(settings.preload_languages)
     batcher = Batcher(engine, metrics, settings.max_batch_size, settings.max_wait_ms / 1000, settings.max_queue,
                       settings.threads or DEFAULT_ENGINE_THREADS)
-    encoder_in_workers = settings.encoder_in_workers
-    if encoder_in_workers is None:
-        encoder_in_workers = device == "cpu"
     try:
         audio = AudioWorkers(settings.audio_workers, SileroVAD(), settings.max_audio_seconds,
-                             settings.max_window_seconds, settings.model_dir if encoder_in_workers else None,
+                             settings.max_window_seconds,
+                             settings.model_dir if encoder_in_workers(settings, device) else None,
                              encoder_gemm_dtype, metrics)
     except BaseException:  # (a worker killed while starting, say) vLLM's processes are not left behind
         asyncio.run(engine.close())

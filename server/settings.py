@@ -151,3 +151,10 @@ class Settings(BaseSettings):
         """uvicorn's limit on one WebSocket message (16 MiB by default), raised to fit the largest append's base64
         and JSON: a message over it is closed with 1009 before the app sees it, one under it gets an error event."""
         return max(16 * 2**20, -(-int(self.realtime_max_append_mb * 2**20) // 3) * 4 + 2**20)
+
+
+def encoder_in_workers(settings: Settings, device: str) -> bool:
+    """Whether the audio workers run the speech encoder: ZASR_ENCODER_IN_WORKERS, by default when the engine is on
+    a CPU; never without workers (ZASR_AUDIO_WORKERS=0 leaves the encoder to the engine)."""
+    chosen = settings.encoder_in_workers if settings.encoder_in_workers is not None else device == "cpu"
+    return chosen and settings.audio_workers > 0

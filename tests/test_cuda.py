@@ -56,8 +56,9 @@ def test_rows_that_join_a_running_batch_on_cuda_decode_as_on_the_cpu(tiny_tokeni
     """The server's path: the batcher hands the engine groups of rows that join the rows already decoding
     (continuous batching: their KV cache and per-row adapters appended, finished rows dropped) on the GPU."""
     on_cpu = _adapted_model(tiny_tokenizer, Variant.SOFT)
+    on_gpu = copy.deepcopy(on_cpu).to("cuda")
     cpu_engine = EmbeddedEngine(on_cpu, Metrics(), BIG_CACHE, lid_threshold=ALWAYS_DETECT)
-    gpu_engine = EmbeddedEngine(copy.deepcopy(on_cpu).to("cuda"), Metrics(), BIG_CACHE, lid_threshold=ALWAYS_DETECT)
+    gpu_engine = EmbeddedEngine(on_gpu, Metrics(), BIG_CACHE, lid_threshold=ALWAYS_DETECT)
     items = _items((MIXED * 2)[:20] + [None, None])
     alone = [cpu_engine.run([EngineInput(item.features, item.language)])[0] for item in items]
 
@@ -77,4 +78,5 @@ def test_rows_that_join_a_running_batch_on_cuda_decode_as_on_the_cpu(tiny_tokeni
     outputs = asyncio.run(asyncio.wait_for(served(), TIMEOUT_S))
     assert len({output.text for output in alone}) > 1  # distinct texts: a mix-up between rows would show
     for gpu, cpu in zip(outputs, alone, strict=True):
-        assert (gpu.text, gpu.language, gpu.adapter) == (cpu.text, cpu.language, cpu.adapter)
+        assert (gpu.text, gpu.language, gpu.language_source, gpu.adapter) == \
+            (cpu.text, cpu.language, cpu.language_source, cpu.adapter)
