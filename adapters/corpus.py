@@ -24,6 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from speechllm.audio import SAMPLE_RATE, load_audio, resample, write_wav
+from speechllm.data import write_manifest
 from speechllm.languages import BY_CODE, LANGUAGE_CODES, LANGUAGES, Language, Tier
 
 SPLITS = ("train", "dev", "test")
@@ -325,11 +326,6 @@ def _jobs(config: CorpusConfig, split: str, texts: dict[str, _Text], variants: l
     return jobs
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", encoding="utf-8") as out:
-        out.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-
-
 def build_corpus(config: CorpusConfig) -> None:
     start = time.perf_counter()
     out = Path(config.out_dir)
@@ -349,9 +345,9 @@ def build_corpus(config: CorpusConfig) -> None:
                                 desc=f"synthesize {split}", unit="utt"))
             manifests[split] = [row for row, _ in results]
             slowed += [row["id"] for row, slow in results if slow]
-            _write_jsonl(out / f"{split}.jsonl", manifests[split])
+            write_manifest(out / f"{split}.jsonl", manifests[split])
     lm_rows = [{"language": code, "text": t} for code, text in texts.items() for _, t in text.phrases["lm"]]
-    _write_jsonl(out / "lm_text.jsonl", lm_rows)
+    write_manifest(out / "lm_text.jsonl", lm_rows)
     summary = _summary(config, manifests, texts, split_variants, dropped)
     summary["slowed_for_espeak_crash"] = slowed
     summary["build_seconds"] = round(time.perf_counter() - start, 1)

@@ -60,6 +60,12 @@ ROOT = Path(__file__).resolve().parent.parent
 PHRASES = ["one two three four five", "the weather is nice today", "please call me tomorrow morning",
            "where is the nearest station"]  # read by each language's voice: the words need not be theirs
 VOICES = ("m5", "f4")
+LONG_CLIP = "long.wav"  # save_clips' file of long_recording()
+
+
+def clip_file(code: str, index: int) -> str:
+    """save_clips' file of a language's PHRASES[index]."""
+    return f"{code}-{index}.wav"
 
 
 def served_encoder_gemm_dtype() -> str:
@@ -91,7 +97,7 @@ def audio_pool(clips: Path | None = None) -> dict[str, list[tuple[bytes, float]]
                 wav = subprocess.run(["espeak-ng", "-v", f"{code}+{VOICES[i % 2]}", "--stdout", "--", text],
                                      capture_output=True, check=True).stdout
             else:
-                wav = (clips / f"{code}-{i}.wav").read_bytes()
+                wav = (clips / clip_file(code, i)).read_bytes()
             pool.setdefault(code, []).append((wav, load_audio(wav).size / SAMPLE_RATE))
     return pool
 
@@ -101,8 +107,8 @@ def save_clips(clips: Path) -> None:
     clips.mkdir(parents=True, exist_ok=True)
     for code, recordings in audio_pool().items():
         for i, (wav, _) in enumerate(recordings):
-            (clips / f"{code}-{i}.wav").write_bytes(wav)
-    (clips / "long.wav").write_bytes(long_recording())
+            (clips / clip_file(code, i)).write_bytes(wav)
+    (clips / LONG_CLIP).write_bytes(long_recording())
 
 
 def start(command: list[str], env: dict, url: str, ready_within_s: float = 120, cwd: Path = ROOT) -> subprocess.Popen:
@@ -354,7 +360,7 @@ async def short_behind_long(url: str, short: bytes, long: bytes, tries: int = 5)
 def long_recording(clips: Path | None = None) -> bytes:
     """About 20 s of English speech: one window (up to 30 s), decoded for about half a second."""
     if clips is not None:
-        return (clips / "long.wav").read_bytes()
+        return (clips / LONG_CLIP).read_bytes()
     text = " ".join(["remember to water the garden before the sun goes down because the roses are thirsty"] * 4)
     return subprocess.run(["espeak-ng", "-v", "en", "--stdout", "--", text], capture_output=True, check=True).stdout
 

@@ -21,6 +21,11 @@ def read_manifest(path: str | Path) -> list[dict]:
         return [json.loads(line) for line in lines if line.strip()]
 
 
+def write_manifest(path: str | Path, rows: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as out:
+        out.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
 @dataclass
 class FeatureSet:
     """All utterances of one split: features concatenated along time (fp16), with offsets."""
@@ -54,8 +59,7 @@ class FeatureSet:
         load_features reads without the audio (a subset carried to a machine without the corpus)."""
         corpus_dir = Path(corpus_dir)
         corpus_dir.mkdir(parents=True, exist_ok=True)
-        (corpus_dir / f"{split}.jsonl").write_text(
-            "".join(json.dumps(entry, ensure_ascii=False) + "\n" for entry in self.entries), encoding="utf-8")
+        write_manifest(corpus_dir / f"{split}.jsonl", self.entries)
         self.save_features(corpus_dir, split)
 
     def save_features(self, corpus_dir: Path, split: str) -> None:
@@ -63,11 +67,16 @@ class FeatureSet:
         cache.parent.mkdir(parents=True, exist_ok=True)
         save_file({"features": self.features, "offsets": self.offsets}, cache)
 
-    def subset(self, keep: list[int]) -> FeatureSet:
-        parts = [self.features[self.offsets[i]: self.offsets[i + 1]] for i in keep]
+    @classmethod
+    def from_parts(cls, entries: list[dict], parts: list[torch.Tensor]) -> FeatureSet:
+        """The set of utterances `entries` whose features are `parts` ((frames, n_mels) each)."""
         lengths = torch.tensor([len(p) for p in parts])
         offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
-        return FeatureSet([self.entries[i] for i in keep], torch.cat(parts), offsets)
+        return cls(entries, torch.cat(parts), offsets)
+
+    def subset(self, keep: list[int]) -> FeatureSet:
+        return FeatureSet.from_parts([self.entries[i] for i in keep],
+                                     [self.features[self.offsets[i]: self.offsets[i + 1]] for i in keep])
 
 
 def load_features(corpus_dir: str | Path, split: str) -> FeatureSet:
@@ -81,9 +90,7 @@ def load_features(corpus_dir: str | Path, split: str) -> FeatureSet:
             return FeatureSet(entries, tensors["features"], tensors["offsets"])
     parts = [log_mel_spectrogram(load_audio(corpus_dir / e["audio"])).T.half()
              for e in tqdm(entries, desc=f"features {split}", unit="utt")]
-    lengths = torch.tensor([len(p) for p in parts])
-    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
-    data = FeatureSet(entries, torch.cat(parts), offsets)
+    data = FeatureSet.from_parts(entries, parts)
     data.save_features(corpus_dir, split)
     return data
 
