@@ -1,5 +1,6 @@
 """Request audio → the engine's rows: decoding an upload, the duration limit, windows cut at pauses (silero-vad),
-their log-mel features and, in worker processes on a CPU server, their encoder states. The work runs in worker
+their log-mel features and, in worker processes on a CPU server, the speech half of the model: their encoder states,
+LID posteriors and audio embeddings. The work runs in worker
 processes (`ZASR_AUDIO_WORKERS`, default 1), or with 0 in threads of the gateway's process.
 
 Why processes: this work is Python between short C calls (PyAV, onnxruntime, torch). In the gateway's process it
@@ -18,7 +19,9 @@ together. In an A/B at concurrency 16 (two runs each) the server's CPU per audio
 Why the encoder too (`ZASR_ENCODER_IN_WORKERS`, default on when the engine runs on a CPU): the engine thread is
 the server's bottleneck, and the encoder was a third of its time. The decoder's ops are too small for torch to
 spread over cores, so under load the engine kept one core busy and left the other mostly idle; a worker encodes
-the next requests on that core while the engine decodes. On a GPU the encoder stays with the engine.
+the next requests on that core while the engine decodes. The rest of the speech half (LID, the CTC compression and
+the projector: `SpeechHalf.hear`) followed: the engine thread shares its process's GIL with the event loop, and
+these are many small ops. On a GPU the speech half stays with the engine.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from server.threads import use_one_thread
 from server.vad import SileroVAD, Span, split_long_audio
 from speechllm.audio import SAMPLE_RATE, AudioDecodeError, load_audio
 from speechllm.features import log_mel_spectrogram
-from speechllm.model import load_encoder
+from speechllm.model import HeardWindow, SpeechHalf, load_speech_half
 from speechllm.padding import encode_each
 
 logger = logging.getLogger("zipper_asr.audio")
@@ -60,10 +63,10 @@ LONE_UPLOAD_BYTES = 2 << 20  # a larger upload (over a minute of 16-bit PCM) get
 
 @dataclass
 class Row:
-    """One window for the engine: its log-mel features, or its encoder states when a worker encoded it."""
+    """One window for the engine: its log-mel features, or what a worker's speech half made of it."""
 
     features: torch.Tensor | None  # (n_mels, frames)
-    states: torch.Tensor | None = None  # (frames, d_model)
+    heard: HeardWindow | None = None
 
 
 @dataclass
@@ -90,9 +93,12 @@ class Upload:
     timed: bool = False  # its windows' speech is timed (speech_windows): for the formats with segments
 
 
-# What a worker answers for one upload: the number of samples, the windows' speech, and each window's features or
-# encoder states (as arrays: they cross a process boundary); or the error that upload raised.
-Prepared = tuple[int, list[Span], list[np.ndarray]] | Exception
+# A window as it crosses the process boundary, as arrays: its features, or what the speech half made of it
+# (HeardWindow: LID posteriors, audio embeddings, frames).
+WindowArrays = np.ndarray | tuple[np.ndarray, np.ndarray, int]
+# What a worker answers for one upload: the number of samples, the windows' speech and the windows; or the error
+# that upload raised.
+Prepared = tuple[int, list[Span], list[WindowArrays]] | Exception
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -119,10 +125,11 @@ def speech_windows(samples: np.ndarray, vad: SileroVAD, max_window_seconds: floa
 
 
 def prepare_all(uploads: list[Upload], vad: SileroVAD, max_audio_seconds: float, max_window_seconds: float,
-                encoder: torch.nn.Module | None = None) -> list[Prepared]:
-    """Each upload decoded, cut into windows and turned into features; with an encoder, the windows of all the
-    uploads are then encoded together, in groups of similar length (in a batch, a window costs the encoder about
-    two thirds of what it costs alone). An upload that fails answers its own error, never the others'."""
+                speech: SpeechHalf | None = None) -> list[Prepared]:
+    """Each upload decoded, cut into windows and turned into features; with the speech half, the windows of all
+    the uploads then go through it together (the encoder in groups of similar length: in a batch, a window costs
+    the encoder about two thirds of what it costs alone). An upload that fails answers its own error, never the
+    others'."""
     prepared: list[tuple[int, list[Span], list[torch.Tensor]] | Exception] = []
     for upload in uploads:
         try:
@@ -133,36 +140,53 @@ def prepare_all(uploads: list[Upload], vad: SileroVAD, max_audio_seconds: float,
                              [log_mel_spectrogram(samples[w.heard.start: w.heard.end]) for w in windows]))
         except Exception as error:
             prepared.append(error)
-    if encoder is not None:
-        prepared = _encoded(prepared, encoder)
-    return [(item[0], item[1], [x.numpy() for x in item[2]]) if isinstance(item, tuple) else item
+    if speech is not None:
+        prepared = _heard(prepared, speech)
+    return [(item[0], item[1], [_as_arrays(window) for window in item[2]]) if isinstance(item, tuple) else item
             for item in prepared]
 
 
-def _encoded(prepared: list, encoder: torch.nn.Module) -> list:
-    """The uploads' features replaced by their encoder states: all windows in one go, or, should that fail (out
-    of memory on many long windows, say), upload by upload, so that a failure stays with its upload."""
+def _heard(prepared: list, speech: SpeechHalf) -> list:
+    """The uploads' features replaced by what the speech half makes of them: all windows in one go, or, should that
+    fail (out of memory on many long windows, say), upload by upload, so that a failure stays with its upload."""
+
+    def hear(features: list[torch.Tensor]) -> list[HeardWindow]:
+        return speech.hear(encode_each(speech.encoder, features)) if features else []
+
     try:
-        states = iter(encode_each(encoder, [f for item in prepared if isinstance(item, tuple) for f in item[2]]))
-        return [(item[0], item[1], [next(states) for _ in item[2]]) if isinstance(item, tuple) else item
+        heard = iter(hear([f for item in prepared if isinstance(item, tuple) for f in item[2]]))
+        return [(item[0], item[1], [next(heard) for _ in item[2]]) if isinstance(item, tuple) else item
                 for item in prepared]
     except Exception:
-        logger.exception("encoding %d uploads together failed; encoding them one by one", len(prepared))
+        logger.exception("hearing %d uploads together failed; hearing them one by one", len(prepared))
     alone = []
     for item in prepared:
         try:
-            alone.append((item[0], item[1], encode_each(encoder, item[2])) if isinstance(item, tuple) else item)
+            alone.append((item[0], item[1], hear(item[2])) if isinstance(item, tuple) else item)
         except Exception as error:
             alone.append(error)
     return alone
 
 
+def _as_arrays(window: torch.Tensor | HeardWindow) -> WindowArrays:
+    if isinstance(window, HeardWindow):
+        return window.language_probabilities.numpy(), window.audio.numpy(), window.frames
+    return window.numpy()
+
+
+def _as_row(window: WindowArrays) -> Row:
+    if isinstance(window, tuple):
+        probabilities, audio, frames = window
+        return Row(None, HeardWindow(torch.from_numpy(probabilities), torch.from_numpy(audio), frames))
+    return Row(torch.from_numpy(window))
+
+
 _worker_vad: SileroVAD | None = None  # a worker process's own
-_worker_encoder: torch.nn.Module | None = None
+_worker_speech: SpeechHalf | None = None
 
 
 def _start_worker(server_pid: int, model_dir: Path | None, gemm_dtype: torch.dtype) -> None:
-    global _worker_vad, _worker_encoder
+    global _worker_vad, _worker_speech
     # A process group of its own: a signal to the server's group (Ctrl-C in a terminal, `timeout`, a shell's kill
     # of the job) would otherwise kill a worker at once, under the uploads it holds, while the server drains its
     # requests before stopping the workers itself. (Not SIG_IGN: the pool SIGTERMs the others when one dies.)
@@ -170,7 +194,7 @@ def _start_worker(server_pid: int, model_dir: Path | None, gemm_dtype: torch.dty
     use_one_thread()  # the engine's OpenMP threads keep the cores
     keep_freed_memory()
     _worker_vad = SileroVAD()
-    _worker_encoder = load_encoder(model_dir, gemm_dtype) if model_dir is not None else None
+    _worker_speech = load_speech_half(model_dir, gemm_dtype) if model_dir is not None else None
     threading.Thread(target=_exit_with_server, args=(server_pid,), daemon=True).start()
 
 
@@ -184,7 +208,7 @@ def _exit_with_server(server_pid: int) -> None:
 
 def _worker_prepare_all(uploads: list[Upload], max_audio_seconds: float, max_window_seconds: float
                         ) -> list[Prepared]:
-    return prepare_all(uploads, _worker_vad, max_audio_seconds, max_window_seconds, _worker_encoder)
+    return prepare_all(uploads, _worker_vad, max_audio_seconds, max_window_seconds, _worker_speech)
 
 
 def _worker_pool(workers: int, model_dir: Path | None, gemm_dtype: torch.dtype) -> ProcessPoolExecutor:
@@ -212,16 +236,16 @@ class AudioWorkers:
     each: 108–111 against 111–115 audio s/s)."""
 
     def __init__(self, workers: int, vad: SileroVAD, max_audio_seconds: float, max_window_seconds: float,
-                 encoder_model_dir: Path | None = None, encoder_gemm_dtype: torch.dtype = torch.float32,
+                 speech_model_dir: Path | None = None, encoder_gemm_dtype: torch.dtype = torch.float32,
                  metrics: Metrics | None = None) -> None:
-        """`encoder_model_dir`: the workers also run the speech encoder of this model (ignored without workers),
-        with its GEMMs in `encoder_gemm_dtype` (speechllm.cpu_linear)."""
+        """`speech_model_dir`: the workers also run the speech half of this model (ignored without workers), its
+        encoder's GEMMs in `encoder_gemm_dtype` (speechllm.cpu_linear)."""
         self.workers = workers
         self.metrics = metrics or Metrics()
         self.vad = vad  # for threads (workers == 0)
         self.max_audio_seconds = max_audio_seconds
         self.max_window_seconds = max_window_seconds
-        self.encoder_model_dir = encoder_model_dir if workers else None
+        self.speech_model_dir = speech_model_dir if workers else None
         self.encoder_gemm_dtype = encoder_gemm_dtype
         self._pool: ProcessPoolExecutor | None = self._new_pool() if workers else None
         self._restarting = asyncio.Lock()
@@ -234,7 +258,7 @@ class AudioWorkers:
             lambda: sum(not future.done() for _, future in self._waiting))
 
     def _new_pool(self) -> ProcessPoolExecutor:
-        pool = _worker_pool(self.workers, self.encoder_model_dir, self.encoder_gemm_dtype)
+        pool = _worker_pool(self.workers, self.speech_model_dir, self.encoder_gemm_dtype)
         try:
             for started in [pool.submit(int) for _ in range(self.workers)]:
                 started.result()  # start them now (imports, VAD model), not on the first request
@@ -262,10 +286,8 @@ class AudioWorkers:
             self.metrics.audio_prepare_seconds.observe(time.perf_counter() - start)
         if isinstance(prepared, Exception):
             raise prepared
-        samples, spans, arrays = prepared
-        encoded = self.encoder_model_dir is not None
-        rows = [Row(None, torch.from_numpy(a)) if encoded else Row(torch.from_numpy(a)) for a in arrays]
-        return PreparedAudio(samples / SAMPLE_RATE, spans, rows)
+        samples, spans, windows = prepared
+        return PreparedAudio(samples / SAMPLE_RATE, spans, [_as_row(window) for window in windows])
 
     def _start_calls(self) -> None:
         while self._waiting and self._calls_in_flight < self.workers:
@@ -336,7 +358,7 @@ class AudioWorkers:
                 return AudioDecodeError("cancelled")
             async with alone:
                 try:
-                    [prepared] = await asyncio.to_thread(_run_alone, self.encoder_model_dir, self.encoder_gemm_dtype,
+                    [prepared] = await asyncio.to_thread(_run_alone, self.speech_model_dir, self.encoder_gemm_dtype,
                                                          _worker_prepare_all, [upload], self.max_audio_seconds,
                                                          self.max_window_seconds)
                     return prepared

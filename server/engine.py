@@ -1,6 +1,6 @@
-"""The engines: the speech half of the Speech-LLM in this process (PyTorch, CPU or CUDA) and, for the embedded
-engine, the decoder too, with continuous batching (EmbeddedEngine.start: a batch joins the rows decoding now at
-the next step).
+"""The engines: the speech half of the Speech-LLM in this process (PyTorch, CPU or CUDA), for the rows that do not
+bring what an audio worker's made of them, and, for the embedded engine, the decoder too, with continuous batching
+(EmbeddedEngine.start: a batch joins the rows decoding now at the next step).
 
 It knows nothing of HTTP. A batch may mix languages: the encoder, LID and projector run once for
 all its rows; rows are then ordered by adapter so that every Zipper layer computes A x once for the
@@ -33,7 +33,7 @@ from speechllm.decoder import decoder_for
 from speechllm.decoding import Generation, Hypothesis, TokenCallback, generate
 from speechllm.inference import choose_language, token_limits
 from speechllm.languages import BY_CODE
-from speechllm.model import SpeechLLM
+from speechllm.model import HeardWindow, SpeechLLM
 from speechllm.padding import encode_each
 from speechllm.prompt import eos_id, target_ids
 from speechllm.tokenizer import INVALID, decode, readable, transcript_text
@@ -44,7 +44,7 @@ RunInThread = Callable[..., Awaitable]  # runs fn(*args) in the engine thread (B
 
 @dataclass
 class EngineInput:
-    features: torch.Tensor | None  # (n_mels, frames); None when `states` are given
+    features: torch.Tensor | None  # (n_mels, frames); None when `heard` or `states` are given
     language: str | None  # the request's language tag, already validated; None: detect
     temperature: float = 0.0
     on_text: TextCallback | None = None  # receives text deltas as they are decoded (engine thread)
@@ -52,6 +52,8 @@ class EngineInput:
     # For realtime streams (server/realtime.py): a partial update brings the encoder states its incremental
     # chunked encoder computed, and a decode may have to continue text that was already sent to the client.
     states: torch.Tensor | None = None  # (frames, d_model): the encoder is skipped for this row
+    # What an audio worker's speech half made of the row (server/audio_workers.py): the whole speech half is skipped.
+    heard: HeardWindow | None = None
     prefix: str = ""  # forced after the prompt; the row's text is this prefix followed by what the model adds
     partial: bool = False  # a realtime turn's partial re-decode (metrics count those apart)
 
@@ -133,15 +135,17 @@ class SpeechEngine:
     async def close(self) -> None:
         """Release the decoder."""
 
-    # ---- language ID ---------------------------------------------------------------------------
-    def _with_language_posteriors(self, rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-row states → padded states (B, T, d), lengths and LID posteriors."""
-        lengths = torch.tensor([len(row) for row in rows], device=self.device)
-        states = rows[0].new_zeros(len(rows), int(lengths.max()), rows[0].shape[-1])
-        for index, row in enumerate(rows):
-            states[index, : len(row)] = row
-        probabilities = self.model.language_logits(states, lengths).float().softmax(-1).cpu()
-        return states, lengths, probabilities
+    # ---- the speech half ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _hear(self, batch: list[EngineInput]) -> list[HeardWindow]:
+        """What the speech half makes of every row (LID posteriors, audio embeddings). Rows an audio worker heard
+        bring it; rows that bring their encoder states (a realtime stream's incremental encoder) skip the encoder."""
+        unheard = [item for item in batch if item.heard is None]
+        encoded = iter(encode_each(self.model.encoder, [item.features for item in unheard if item.states is None],
+                                   self.device))
+        states = [item.states.to(self.device) if item.states is not None else next(encoded) for item in unheard]
+        heard = iter(self.model.hear(states) if states else [])
+        return [item.heard.to(self.device) if item.heard is not None else next(heard) for item in batch]
 
     def _guess(self, probabilities: torch.Tensor, top: int = 3) -> LanguageGuess:
         values, indices = probabilities.topk(min(top, len(self.languages)))
@@ -149,40 +153,32 @@ class SpeechEngine:
         return LanguageGuess(candidates[0][0], candidates[0][1], candidates)
 
     def detect(self, batch: list[EngineInput]) -> list[LanguageGuess]:
-        _, _, probabilities = self._encode_rows(batch)
-        return [self._guess(p) for p in probabilities]
+        return [self._guess(window.language_probabilities) for window in self._hear(batch)]
 
     def detect_whole(self, windows: list[EngineInput]) -> LanguageGuess:
         """One language for a recording cut into windows: the windows' log posteriors summed, weighted by their
         lengths, and normalised again (a geometric mean). On the dev split's minute-long recordings in 3 s windows,
         48 of 55 right, against 44 from the first window and 45 from averaging the posteriors themselves
         (benchmarks/results/long_audio_dev.md)."""
-        _, lengths, probabilities = self._encode_rows(windows)
-        weights = (lengths.float() / float(lengths.sum())).cpu()
-        return self._guess((probabilities.clamp_min(1e-9).log() * weights[:, None]).sum(0).softmax(-1))
-
-    @torch.no_grad()
-    def _encode_rows(self, batch: list[EngineInput]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Encoder states (B, T, d) of every row, their lengths and LID posteriors. Rows that bring their encoder
-        states (encoded by an audio worker, or by a realtime stream's incremental encoder) skip the encoder."""
-        encoded = iter(encode_each(self.model.encoder, [item.features for item in batch if item.states is None],
-                                   self.device))
-        return self._with_language_posteriors(
-            [item.states.to(self.device) if item.states is not None else next(encoded) for item in batch])
+        heard = self._hear(windows)
+        weights = torch.tensor([window.frames for window in heard], dtype=torch.float32)
+        probabilities = torch.stack([window.language_probabilities for window in heard])
+        return self._guess((probabilities.clamp_min(1e-9).log() * (weights / weights.sum())[:, None]).sum(0)
+                           .softmax(-1))
 
     # ---- the speech half of transcription ----------------------------------------------------------
     @torch.no_grad()
     def prepare(self, batch: list[EngineInput]) -> PreparedBatch:
         start = time.perf_counter()
-        states, state_lengths, probabilities = self._encode_rows(batch)
+        heard = self._hear(batch)
+        probabilities = torch.stack([window.language_probabilities for window in heard])
         choices = [choose_language(item.language, p, self.languages, self.lid_threshold)
                    for item, p in zip(batch, probabilities, strict=True)]
         keys = [self.adapter_key(language) for language, _ in choices]
         order = sorted(range(len(batch)), key=lambda row: (keys.index(keys[row]), row))  # group by adapter
         languages = [choices[row][0] for row in order]
-        audio, audio_lengths = self.model.audio_embeddings(states[order], state_lengths[order])
-        prompts = self.model.prompt_embeddings(audio, audio_lengths, languages)
-        limits = token_limits(audio_lengths)
+        prompts = [self.model.prompt(heard[row].audio, choices[row][0]) for row in order]
+        limits = token_limits([len(heard[row].audio) for row in order])
         prefixes = [batch[row].prefix for row in order]
         prefix_ids = [target_ids(self.model.tokenizer, prefix)[:-1] if prefix else [] for prefix in prefixes]
         for position, ids in enumerate(prefix_ids):

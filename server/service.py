@@ -29,7 +29,7 @@ class AudioTooShort(NoSpeech):
 
 def untagged_rows(prepared: PreparedAudio) -> list[EngineInput]:
     """A request's windows as rows without a language: what language detection reads."""
-    return [EngineInput(row.features, None, states=row.states) for row in prepared.rows]
+    return [EngineInput(row.features, None, heard=row.heard) for row in prepared.rows]
 
 
 def require_speech(prepared: PreparedAudio) -> None:
@@ -112,7 +112,7 @@ class TranscriptionService:
                 if queues is not None:
                     queue = queues[index]
                     callback = lambda delta, q=queue: loop.call_soon_threadsafe(q.put_nowait, delta)  # noqa: E731
-                items.append(EngineInput(row.features, language, temperature, callback, states=row.states))
+                items.append(EngineInput(row.features, language, temperature, callback, heard=row.heard))
             if offline:
                 return prepared, await self.batcher.submit_when_room(items, expected), queues
             return prepared, self.batcher.submit(items, expected), queues

@@ -38,8 +38,8 @@ class Settings(BaseSettings):
     audio_workers: int = Field(1, ge=0, description="processes that decode uploads, run the VAD and compute "
                                                     "features (0: threads of the gateway's process)")
     encoder_in_workers: bool | None = Field(
-        None, description="the audio workers also run the speech encoder, beside the engine (default: when the "
-                          "engine runs on a CPU; server/audio_workers.py)")
+        None, description="the audio workers also run the speech half (encoder, LID, CTC compression, projector), "
+                          "beside the engine (default: when the engine runs on a CPU; server/audio_workers.py)")
     encoder_gemm_dtype: Literal["float32", "bfloat16", "auto"] = Field(
         "auto", description="the speech encoder's matrix products on a CPU (its weights and everything else stay "
                             "float32): auto is bfloat16 on CPUs with bf16 instructions (AVX512-BF16, AMX), else "
@@ -154,7 +154,7 @@ class Settings(BaseSettings):
 
 
 def encoder_in_workers(settings: Settings, device: str) -> bool:
-    """Whether the audio workers run the speech encoder: ZASR_ENCODER_IN_WORKERS, by default when the engine is on
-    a CPU; never without workers (ZASR_AUDIO_WORKERS=0 leaves the encoder to the engine)."""
+    """Whether the audio workers run the speech half: ZASR_ENCODER_IN_WORKERS, by default when the engine is on a
+    CPU; never without workers (ZASR_AUDIO_WORKERS=0 leaves it to the engine)."""
     chosen = settings.encoder_in_workers if settings.encoder_in_workers is not None else device == "cpu"
     return chosen and settings.audio_workers > 0

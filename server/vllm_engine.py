@@ -1,9 +1,9 @@
-"""The vLLM engine: the speech half stays in this process, the decoder runs in vLLM.
+"""The vLLM engine: the speech half stays with us, the decoder runs in vLLM.
 
-For each batch our process runs the encoder, LID and projector (SpeechEngine.prepare) and hands
-vLLM's AsyncLLM one `{"prompt_embeds": …}` prompt per row, with the row's language as a
-`LoRARequest` pointing at that language's exported adapter (PEFT format, adapters/export.py). vLLM
-batches continuously across our batches; its incremental outputs become the text deltas.
+For each batch our process (or, for the rows they heard, its audio workers: server/audio_workers.py) runs the
+encoder, LID and projector (SpeechEngine.prepare) and hands vLLM's AsyncLLM one `{"prompt_embeds": …}` prompt
+per row, with the row's language as a `LoRARequest` pointing at that language's exported adapter (PEFT format,
+adapters/export.py). vLLM batches continuously across our batches; its incremental outputs become the text deltas.
 
 vLLM keeps `max_loras` adapters in its device slots and more in CPU memory. The batcher submits
 rows in arrival order grouped by language within each batch, which keeps consecutive rows on the

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -39,7 +40,7 @@ def choose_language(given: str | None, probabilities: torch.Tensor, languages: t
     return None, "fallback"
 
 
-def token_limits(audio_lengths: torch.Tensor) -> list[int]:
+def token_limits(audio_lengths: Iterable[int] | torch.Tensor) -> list[int]:
     return [int(n) * MAX_TOKENS_PER_AUDIO_EMBEDDING + 4 for n in audio_lengths]
 
 

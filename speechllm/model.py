@@ -135,25 +135,34 @@ class LIDHead(nn.Module):
         return self.net(pooled)
 
 
-class SpeechLLM(nn.Module):
-    def __init__(self, config: SpeechLLMConfig, llm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                 encoder: nn.Module | None = None) -> None:
+@dataclass
+class HeardWindow:
+    """What the speech half makes of one window of audio: all that the language choice and the decoder's prompt
+    need of it."""
+
+    language_probabilities: torch.Tensor  # (languages,) LID posteriors, float32, on the CPU
+    audio: torch.Tensor  # (positions, llm_dim): the prompt's audio embeddings (speechllm/prompt.py)
+    frames: int  # the length of its encoder states (LID over a recording weighs its windows by it)
+
+    def to(self, device: torch.device | str) -> HeardWindow:
+        """With its audio embeddings on `device` (the posteriors stay on the CPU)."""
+        return HeardWindow(self.language_probabilities, self.audio.to(device), self.frames)
+
+
+class SpeechHalf(nn.Module):
+    """The speech half of the Speech-LLM: encoder, projector, CTC and LID heads. On its own (`load_speech_half`)
+    in processes that turn audio into prompts and nothing else: the server's audio workers."""
+
+    def __init__(self, config: SpeechLLMConfig, llm_dim: int, encoder: nn.Module | None = None) -> None:
         super().__init__()
         self.config = config
         self.encoder = encoder if encoder is not None else SpeechEncoder(config.encoder)
-        llm_dim = llm.get_input_embeddings().embedding_dim
         stack = 1 if config.ctc_symbols else config.stack_frames
         self.projector = Projector(self.encoder.output_dim, llm_dim, stack,
                                    config.ctc_symbols if config.soft_spelling else 0)
         self.ctc_head = Linear(self.encoder.output_dim, config.ctc_symbols) if config.ctc_symbols else None
         self.lid_head = LIDHead(self.encoder.output_dim, len(config.languages))
-        ensure_special_tokens(tokenizer, llm)
-        self.llm = llm
-        self.tokenizer = tokenizer
-        if config.adapter is not None:
-            inject(self.llm, config.adapter)
 
-    # ---- the forward pieces ----------------------------------------------------------------
     def encode(self, features: torch.Tensor, feature_lengths: torch.Tensor,
                chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encoder(features, feature_lengths, chunk_size=chunk_size)
@@ -167,17 +176,41 @@ class SpeechLLM(nn.Module):
     def language_logits(self, states: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return self.lid_head(states, lengths)
 
+    @torch.no_grad()
+    def hear(self, states: list[torch.Tensor]) -> list[HeardWindow]:
+        """Windows' encoder states (frames, d) → their LID posteriors and audio embeddings, in one batch."""
+        lengths = torch.tensor([len(row) for row in states], device=states[0].device)
+        padded = nn.utils.rnn.pad_sequence(states, batch_first=True)
+        probabilities = self.language_logits(padded, lengths).float().softmax(-1).cpu()
+        audio, audio_lengths = self.audio_embeddings(padded, lengths)
+        return [HeardWindow(probabilities[row], audio[row, : int(audio_lengths[row])], len(states[row]))
+                for row in range(len(states))]
+
+
+class SpeechLLM(SpeechHalf):
+    """The speech half and the decoder LLM (with its Zipper adapters, when the model has them)."""
+
+    def __init__(self, config: SpeechLLMConfig, llm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                 encoder: nn.Module | None = None) -> None:
+        super().__init__(config, llm.get_input_embeddings().embedding_dim, encoder)
+        ensure_special_tokens(tokenizer, llm)
+        self.llm = llm
+        self.tokenizer = tokenizer
+        if config.adapter is not None:
+            inject(self.llm, config.adapter)
+
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return self.llm.get_input_embeddings()(ids)
 
+    def prompt(self, audio: torch.Tensor, language: str | None) -> torch.Tensor:
+        """One row's prompt (length, dim): its audio embeddings (positions, dim), then the task and language tokens."""
+        suffix = torch.tensor(prompt_suffix_ids(self.tokenizer, language), device=audio.device)
+        return torch.cat([audio, self.embed_tokens(suffix)])
+
     def prompt_embeddings(self, audio: torch.Tensor, audio_lengths: torch.Tensor,
                           languages: list[str | None]) -> list[torch.Tensor]:
-        """One (length, dim) prompt per row: its audio embeddings, then the task and language tokens."""
-        prompts = []
-        for row, language in enumerate(languages):
-            suffix = torch.tensor(prompt_suffix_ids(self.tokenizer, language), device=audio.device)
-            prompts.append(torch.cat([audio[row, : audio_lengths[row]], self.embed_tokens(suffix)]))
-        return prompts
+        """One prompt per row of padded audio embeddings (`prompt`)."""
+        return [self.prompt(audio[row, : audio_lengths[row]], language) for row, language in enumerate(languages)]
 
     def language_indices(self, languages: list[str | None]) -> torch.Tensor:
         """Adapter table rows for these languages (unknown → row 0 is never used: see adapters)."""
@@ -245,20 +278,21 @@ class SpeechLLM(nn.Module):
         return model.to(device).eval()
 
 
-def load_encoder(directory: str | Path, gemm_dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Only the speech encoder of a model directory (for processes that encode audio and nothing else), as
+def load_speech_half(directory: str | Path, encoder_gemm_dtype: torch.dtype = torch.float32) -> SpeechHalf:
+    """Only the speech half of a model directory (for processes that turn audio into prompts and nothing else), as
     `SpeechLLM.load` gives it."""
     directory = Path(directory)
     config = SpeechLLMConfig.from_json(json.loads((directory / "config.json").read_text()))
+    encoder = None
     if config.encoder_kind == "hf-whisper":
         encoder = HFWhisperEncoder.from_directory(directory / str(config.encoder_path))
-    else:
-        encoder = SpeechEncoder(config.encoder)
-        speech = load_file(directory / "speech.safetensors")
-        encoder.load_state_dict({k.removeprefix("encoder."): v.float() for k, v in speech.items()
-                                 if k.startswith("encoder.")})
-    set_gemm_dtype(encoder, gemm_dtype)
-    return encoder.eval()
+    speech = load_file(directory / "speech.safetensors")
+    llm_dim = speech["projector.net.2.weight"].shape[0]  # the projector's output: the LLM's embedding width
+    half = SpeechHalf(config, llm_dim, encoder)
+    half.load_state_dict(_float(speech), strict=False)  # a Hugging Face encoder's weights came from its directory
+    _check_loaded(half, speech, directory)
+    set_gemm_dtype(half.encoder, encoder_gemm_dtype)
+    return half.eval()
 
 
 def base_llm_state_dict(llm: nn.Module) -> dict[str, torch.Tensor]:
@@ -280,7 +314,7 @@ def _float(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in state.items()}
 
 
-def _check_loaded(model: SpeechLLM, speech: dict[str, torch.Tensor], directory: Path) -> None:
+def _check_loaded(model: SpeechHalf, speech: dict[str, torch.Tensor], directory: Path) -> None:
     expected = {f"projector.{k}" for k in model.projector.state_dict()}
     expected |= {f"lid_head.{k}" for k in model.lid_head.state_dict()}
     if model.ctc_head is not None:

@@ -256,6 +256,14 @@ def test_lossless_mono_decodes_to_exact_values(fmt: Format) -> None:
     assert error.max() < 2e-3, error.max()
 
 
+def test_a_long_16k_mono_wav_decodes_to_its_samples_exactly() -> None:
+    """Many of the demuxer's packets (WAV_PACKET_BYTES each), no resampling: the int16 samples / 32768, all of
+    them, in order."""
+    samples = tone(440.0, SAMPLE_RATE, duration_s=30.0)[None]
+    pcm = np.round(np.clip(samples, -1, 1) * 32767)[0]
+    np.testing.assert_array_equal(load_audio(wav_bytes(samples, SAMPLE_RATE)), (pcm / 32768.0).astype(np.float32))
+
+
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.id)
 def test_decoding_from_path_equals_decoding_bytes(fmt: Format, tmp_path: Path) -> None:
     data = encoded(fmt)

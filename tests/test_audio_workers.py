@@ -19,7 +19,8 @@ from server.audio_workers import MAX_UPLOADS_PER_CALL, AudioWorkers
 from server.vad import SileroVAD
 from speechllm.audio import AudioDecodeError, AudioTooLong, EmptyAudioError, load_audio
 from speechllm.cpu_linear import native_bf16
-from speechllm.model import SpeechLLM
+from speechllm.model import HeardWindow, SpeechLLM
+from speechllm.padding import encode_each
 
 
 def _wav() -> bytes:
@@ -51,7 +52,7 @@ def test_a_worker_gives_the_rows_a_thread_gives(workers: AudioWorkers) -> None:
     assert prepared.duration == in_thread.duration > 2.0
     assert len(prepared.spans) >= 2 and prepared.spans == in_thread.spans  # 2 s windows: cut at a pause
     assert all(torch.equal(a.features, b.features) for a, b in zip(prepared.rows, in_thread.rows, strict=True))
-    assert all(row.states is None for row in prepared.rows + in_thread.rows)
+    assert all(row.heard is None for row in prepared.rows + in_thread.rows)
 
 
 def test_uploads_that_wait_together_are_answered_in_one_call(workers: AudioWorkers) -> None:
@@ -86,43 +87,39 @@ def test_uploads_that_wait_together_are_answered_in_one_call(workers: AudioWorke
 
 @pytest.mark.parametrize("gemm_dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
     not native_bf16(), reason="this CPU has no bf16 instructions"))])
-def test_workers_with_the_encoder_give_the_states_the_engine_would_compute(gemm_dtype: torch.dtype) -> None:
-    """In the encoder's GEMM dtype (ZASR_ENCODER_GEMM_DTYPE) the gateway's model was loaded with."""
+def test_workers_with_the_speech_half_hear_what_the_engine_would(gemm_dtype: torch.dtype) -> None:
+    """Each window's LID posteriors and audio embeddings, as the gateway's model would compute them from its
+    features, in the encoder's GEMM dtype (ZASR_ENCODER_GEMM_DTYPE) that model was loaded with."""
     model_dir = Path(__file__).resolve().parent.parent / "models" / "default"
-    encoding = AudioWorkers(1, SileroVAD(), max_audio_seconds=60, max_window_seconds=2.0, encoder_model_dir=model_dir,
-                            encoder_gemm_dtype=gemm_dtype)
+    hearing = AudioWorkers(1, SileroVAD(), max_audio_seconds=60, max_window_seconds=2.0, speech_model_dir=model_dir,
+                           encoder_gemm_dtype=gemm_dtype)
     threads = AudioWorkers(0, SileroVAD(), max_audio_seconds=60, max_window_seconds=2.0)
 
     async def both() -> tuple:
         samples = load_audio(_wav())  # decoded samples, as realtime streams hand them over
-        return await asyncio.gather(encoding.prepare(samples), encoding.prepare(_wav()), threads.prepare(samples))
+        return await asyncio.gather(hearing.prepare(samples), hearing.prepare(_wav()), threads.prepare(samples))
 
     try:
         prepared, from_upload, in_thread = asyncio.run(both())
     finally:
-        encoding.close()
+        hearing.close()
     assert len(prepared.spans) >= 2 and prepared.spans == in_thread.spans == from_upload.spans
     model = SpeechLLM.load(model_dir, encoder_gemm_dtype=gemm_dtype)
     in_float32 = SpeechLLM.load(model_dir)  # to tell that the dtype reached the worker
 
-    def encoded(features: torch.Tensor, by: SpeechLLM) -> torch.Tensor:
-        with torch.no_grad():
-            return by.encode(features[None], torch.tensor([features.shape[-1]]), chunk_size=0)[0][0]
+    def heard(by: SpeechLLM) -> list[HeardWindow]:  # the upload's windows encoded together, as in its worker call
+        return by.hear(encode_each(by.encoder, [row.features for row in in_thread.rows]))
 
-    for row, upload_row, thread_row in zip(prepared.rows, from_upload.rows, in_thread.rows, strict=True):
-        assert torch.allclose(row.states, upload_row.states, atol=1e-5)  # encoded together, in one call
+    for row, upload_row, expected, in_32 in zip(prepared.rows, from_upload.rows, heard(model), heard(in_float32),
+                                                strict=True):
         assert row.features is None
-        states = encoded(thread_row.features, model)
-        assert row.states.shape == states.shape
-        if gemm_dtype is torch.float32:
-            assert torch.allclose(row.states, states, atol=1e-5)
-        else:  # a window's bf16 roundings depend a little on the windows encoded beside it
-            assert _relative_difference(row.states, states) < 0.01
-            assert not torch.allclose(row.states, encoded(thread_row.features, in_float32), atol=1e-5)
-
-
-def _relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
+        assert torch.allclose(row.heard.audio, upload_row.heard.audio, atol=1e-5)
+        assert row.heard.frames == expected.frames and row.heard.audio.shape == expected.audio.shape
+        assert torch.allclose(row.heard.language_probabilities, expected.language_probabilities, atol=1e-4)
+        assert torch.allclose(row.heard.audio, expected.audio, atol=1e-4)
+        if gemm_dtype is torch.bfloat16:
+            assert in_32.audio.shape != row.heard.audio.shape or not torch.allclose(row.heard.audio, in_32.audio,
+                                                                                      atol=1e-4)
 
 
 def test_errors_cross_the_process_boundary(workers: AudioWorkers) -> None:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from speechllm import cpu_linear
 from speechllm.cpu_linear import Linear, OneDNNLinear, resolve_gemm_dtype, set_gemm_dtype
 from speechllm.decoder import LlamaDecoder
-from speechllm.model import SpeechLLM, load_encoder
+from speechllm.model import SpeechLLM, load_speech_half
 from tests.conftest import tiny_speech_llm
 
 MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "default"
@@ -198,7 +198,7 @@ def test_auto_is_bf16_only_where_the_cpu_has_bf16_instructions(monkeypatch: pyte
 
 
 def test_a_loaded_model_s_encoder_alone_gets_bf16_gemms() -> None:
-    """`SpeechLLM.load(encoder_gemm_dtype=...)` and `load_encoder` set the speech encoder's layers only: the
+    """`SpeechLLM.load(encoder_gemm_dtype=...)` and `load_speech_half` set the speech encoder's layers only: the
     projector, the LID and CTC heads stay float32 (the decoder's layers are its own: LlamaDecoder.set_gemm_dtype)."""
     model = SpeechLLM.load(MODEL_DIR, encoder_gemm_dtype=torch.bfloat16)
     in_encoder = {id(m) for m in model.encoder.modules()}
@@ -206,8 +206,12 @@ def test_a_loaded_model_s_encoder_alone_gets_bf16_gemms() -> None:
     assert any(id(m) in in_encoder for m in layers) and any(id(m) not in in_encoder for m in layers)
     for layer in layers:
         assert layer.gemm_dtype is (torch.bfloat16 if id(layer) in in_encoder else torch.float32)
-    encoder = load_encoder(MODEL_DIR, torch.bfloat16)
-    assert {m.gemm_dtype for m in encoder.modules() if isinstance(m, Linear)} == {torch.bfloat16}
+    half = load_speech_half(MODEL_DIR, torch.bfloat16)  # an audio worker's: all of the model's layers of ours
+    half_encoder = {id(m) for m in half.encoder.modules()}
+    half_layers = [m for m in half.modules() if isinstance(m, Linear)]
+    assert len(half_layers) == len(layers)
+    for layer in half_layers:
+        assert layer.gemm_dtype is (torch.bfloat16 if id(layer) in half_encoder else torch.float32)
     assert {m.gemm_dtype for m in SpeechLLM.load(MODEL_DIR).modules() if isinstance(m, Linear)} == {torch.float32}
 
 

@@ -20,7 +20,7 @@ from server.engine import EmbeddedEngine, EngineInput, EngineOutput, TextStream
 from server.metrics import Metrics
 from speechllm.inference import LID_CONFIDENCE_THRESHOLD, transcribe_features
 from speechllm.model import SpeechLLM
-from speechllm.padding import length_groups
+from speechllm.padding import encode_each, length_groups
 from speechllm.tokenizer import INVALID
 from tests.conftest import tiny_speech_llm
 
@@ -126,6 +126,14 @@ def test_mixed_batch_matches_reference_and_rows_alone(adapted: SpeechLLM, thresh
     assert [(a.language, a.language_source, a.adapter) for a in alone] == \
         [(o.language, o.language_source, o.adapter) for o in outputs]
 
+    # Rows that bring what the speech half made of them (an audio worker's: SpeechHalf.hear) skip it, and decode
+    # as the rows that bring their features.
+    with torch.no_grad():
+        heard = [model.hear(encode_each(model.encoder, [f]))[0] for f in features]
+    brought = engine.run([EngineInput(None, language, heard=h) for h, language in zip(heard, LANGUAGES, strict=True)])
+    assert [(b.text, b.language, b.language_source, b.adapter) for b in brought] == \
+        [(o.text, o.language, o.language_source, o.adapter) for o in outputs]
+
     # Streaming: the deltas of each row add up to its final text, and none of them is empty.
     for row, output in enumerate(outputs):
         assert "".join(deltas[row]) == output.text
@@ -137,8 +145,12 @@ def test_a_recording_s_language_is_detected_from_all_its_windows(soft_model: Spe
     summed and normalised again."""
     engine = EmbeddedEngine(soft_model, Metrics(), BIG_CACHE)
     windows = [EngineInput(f, None) for f in _features()]
-    _, lengths, posteriors = engine._encode_rows(windows)
-    expected = (posteriors.log() * (lengths.float() / lengths.sum())[:, None]).sum(0).softmax(-1)
+    with torch.no_grad():
+        states = encode_each(soft_model.encoder, [window.features for window in windows])
+        posteriors = torch.cat([soft_model.language_logits(s[None], torch.tensor([len(s)])).softmax(-1)
+                                for s in states])
+    lengths = torch.tensor([len(s) for s in states], dtype=torch.float32)
+    expected = (posteriors.log() * (lengths / lengths.sum())[:, None]).sum(0).softmax(-1)
     whole = engine.detect_whole(windows)
     assert whole.language == soft_model.config.languages[int(expected.argmax())]
     assert whole.probability == pytest.approx(float(expected.max()), abs=1e-5)

@@ -17,7 +17,7 @@ from transformers import (
 
 from adapters.zipper import Variant, ZipperConfig
 from speechllm.inference import transcribe_features
-from speechllm.model import SpeechLLM, SpeechLLMConfig
+from speechllm.model import SpeechLLM, SpeechLLMConfig, load_speech_half
 from speechllm.prompt import SPECIAL_TOKENS
 from tests.conftest import SAMPLE_TEXTS, tiny_speech_llm
 
@@ -137,6 +137,14 @@ def test_ctc_compressed_model_round_trip(tiny_tokenizer, tmp_path: Path) -> None
     before, texts = _outputs(model)
     after, texts_after = _outputs(SpeechLLM.load(tmp_path / "m"))
     assert torch.equal(before, after) and texts == texts_after
+
+    # The speech half alone (an audio worker's) hears what the whole model's does.
+    half = load_speech_half(tmp_path / "m")
+    assert not hasattr(half, "llm")
+    states = [torch.randn(frames, 64, generator=torch.Generator().manual_seed(frames)) for frames in (9, 17)]
+    for alone, whole in zip(half.hear(states), model.hear(states), strict=True):
+        assert torch.equal(alone.audio, whole.audio) and alone.frames == whole.frames
+        assert torch.equal(alone.language_probabilities, whole.language_probabilities)
 
 
 def test_projector_starting_from_spelling_emits_the_symbols_embedding() -> None:
