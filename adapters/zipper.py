@@ -232,12 +232,21 @@ def merge_language(model: nn.Module, language: int | None) -> MergedAdapter:
     None: an unknown language, served by the shared subspace alone."""
     layers = [layer for _, layer in zipper_layers(model)]
     row = -1 if language is None else language
-    b = [layer.merged_b_table()[row].detach().clone() for layer in layers]
+    # Each B(l) (out, r) is laid out as its transpose (r, out) in memory, as the B step reads it (RowAdapters):
+    # gathering a batch's per-row matrices is then a plain copy (half the time of a strided one).
+    b = [layer.merged_b_table()[row].detach().T.contiguous().T for layer in layers]
     independent = layers[0].config.variant == Variant.INDEPENDENT
     a = [layer.lora_A[row].detach().clone() for layer in layers] if independent and language is not None else None
     if independent and language is None:
         a = [layer.lora_A[0].detach().clone() for layer in layers]  # B is zero: any A gives no update
     return MergedAdapter(a, b)
+
+
+def room_rows(rows: int) -> int:
+    """How many rows a running batch's per-row tensors (its rows' adapters here, its KV cache: speechllm.decoder)
+    have room for when it holds `rows`: the next power of two, at least 8, so that a batch that rows keep joining
+    is copied whole only when it doubles."""
+    return max(8, 1 << (rows - 1).bit_length())
 
 
 @dataclass
@@ -248,6 +257,9 @@ class RowAdapters:
 
     a: torch.Tensor | None  # (in, r) or (rows, in, r); None: the layer's shared A
     b: torch.Tensor  # (r, out) or (rows, r, out)
+    # Per-row B matrices with room for more rows, whose first rows are `b` (None: no room): the matrices of rows that
+    # join are written after them, and the running rows' are not copied (`appended`).
+    room: torch.Tensor | None = None
 
     def a_times(self, x: torch.Tensor, shared_a: torch.Tensor) -> torch.Tensor:
         """A x (B, [T,] r) for x (B, [T,] in); `shared_a` (r, in) is the layer's A, used when `a` is None."""
@@ -272,6 +284,27 @@ class RowAdapters:
         if rows is None or self.b.dim() == 2:  # one adapter for every row
             return self
         return RowAdapters(None if self.a is None else self.a[rows], self.b[rows])
+
+    def kept(self, rows: torch.Tensor) -> RowAdapters:
+        """`select` for the rows that stay in a running batch: per-row B matrices keep room for rows joining later."""
+        if self.b.dim() == 2 or self.a is not None:
+            return self.select(rows)
+        room = self.b.new_empty(room_rows(len(rows)), *self.b.shape[1:])
+        torch.index_select(self.b, 0, rows, out=room[: len(rows)])
+        return RowAdapters(None, room[: len(rows)], room)
+
+    def appended(self, joining: RowAdapters, rows: int, joining_rows: int) -> RowAdapters:
+        """These adapters of `rows` rows, then those of `joining_rows` rows joining them, one matrix per row."""
+        old, new = _per_row(self, rows), _per_row(joining, joining_rows)
+        if old.a is not None or new.a is not None:  # per-language A (the independent baseline): no room kept
+            return RowAdapters(torch.cat([old.a, new.a]), torch.cat([old.b, new.b]))
+        total = rows + joining_rows
+        room = old.room if old.room is not None and total <= len(old.room) else None
+        if room is None:
+            room = old.b.new_empty(room_rows(total), *old.b.shape[1:])
+            room[:rows] = old.b
+        room[rows:total] = new.b
+        return RowAdapters(None, room[:total], room)
 
 
 def _row_adapters(index: int, segments: list[tuple[int, int, MergedAdapter]]) -> RowAdapters:
@@ -326,9 +359,7 @@ def joining_rows(model: nn.Module, running: int, segments: list[tuple[int, int, 
         return
     count = segments[-1][1]
     for layer, old, new in zip(layers, saved, joining, strict=True):
-        old, new = _per_row(old, running), _per_row(new, count)
-        a = None if old.a is None else torch.cat([old.a, new.a])
-        layer.rows = RowAdapters(a, torch.cat([old.b, new.b]))
+        layer.rows = old.appended(new, running, count)
 
 
 def clear_rows(model: nn.Module) -> None:
@@ -340,11 +371,16 @@ def clear_rows(model: nn.Module) -> None:
 def keep_rows(model: nn.Module, keep: torch.Tensor) -> None:
     """Rows of the batch set with `use_segments` or `use_languages` left it: only those at positions `keep`
     (in the batch as it was) stay."""
+    _pick_rows(model, keep, running=True)
+
+
+def _pick_rows(model: nn.Module, rows: torch.Tensor, running: bool) -> None:
+    """Only the rows `rows` of the batch; `running`: for the rest of the batch (RowAdapters.kept)."""
     for _, layer in zipper_layers(model):
         if layer.rows is not None:
-            layer.rows = layer.rows.select(keep)
+            layer.rows = layer.rows.kept(rows) if running else layer.rows.select(rows)
         if layer.languages is not None:
-            layer.languages = layer.languages[keep.to(layer.languages.device)]
+            layer.languages = layer.languages[rows.to(layer.languages.device)]
 
 
 @contextmanager
@@ -353,7 +389,7 @@ def use_rows(model: nn.Module, rows: torch.Tensor) -> Iterator[None]:
     `use_languages`; the whole batch's adapters come back afterwards."""
     layers = [layer for _, layer in zipper_layers(model)]
     saved = [(layer.rows, layer.languages) for layer in layers]
-    keep_rows(model, rows)
+    _pick_rows(model, rows, running=False)
     try:
         yield
     finally:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Cache, PreTrainedModel
 
-from adapters.zipper import ZipperLinear, use_rows
+from adapters.zipper import ZipperLinear, room_rows, use_rows
 from speechllm.cpu_linear import OneDNNLinear, checked_gemm_dtype
 from speechllm.padding import length_groups
 
@@ -144,6 +144,11 @@ class PackedLinear:
                 for layer, y, ax in zip(self.layers, outputs[:n], outputs[n:], strict=True)]
 
 
+# Slots a batch's cache keeps beyond its rows' remaining steps, so that rows joining later (with as many steps to go
+# as the first rows had) can be written into it in place (KVCache.join) for this many steps after it was made.
+SLOT_HEADROOM = 64
+
+
 @dataclass
 class KVCache:
     keys: list[torch.Tensor]  # per layer (B, kv_heads, capacity, head_dim)
@@ -151,13 +156,21 @@ class KVCache:
     valid: torch.Tensor  # (B, capacity): False for left padding and for slots not yet written
     positions: torch.Tensor  # (B,): the position of each row's last input
     length: int = 0  # slots written
+    # Keys and values with room for more rows, whose first B rows are `keys` and `values` (None: no room): rows that
+    # join are written after them, and the running rows' cache is not copied (join).
+    room: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+
+    @property
+    def capacity(self) -> int:
+        return self.valid.shape[1]
 
     def keep(self, rows: torch.Tensor) -> None:
         """Only `rows` stay; slots that none of them uses any more (before the oldest one's first) are dropped, so
         that a batch that rows keep joining (KVCache.join) does not grow without end."""
         first = int(self.valid[rows, : self.length].any(0).int().argmax()) if self.length else 0
-        self.keys = [k[rows, :, first:] for k in self.keys]
-        self.values = [v[rows, :, first:] for v in self.values]
+        self.room = tuple([_kept_slots(x, rows, first, self.length) for x in tensors]
+                          for tensors in (self.keys, self.values))
+        self.keys, self.values = ([x[: len(rows)] for x in tensors] for tensors in self.room)
         self.valid, self.positions = self.valid[rows, first:], self.positions[rows]
         self.length -= first
 
@@ -165,14 +178,16 @@ class KVCache:
     def join(a: KVCache, b: KVCache) -> KVCache:
         """The rows of `a` and then those of `b` as one batch: both right-aligned on the longer one's written
         slots (the shorter one's rows get padding slots before theirs), with room for the longer of the two's
-        remaining steps."""
+        remaining steps. `a` is used up: the joined cache may share its memory."""
+        if a.fits(b):
+            return a._joined_in_place(b)
         length = max(a.length, b.length)
-        capacity = length + max(a.valid.shape[1] - a.length, b.valid.shape[1] - b.length)
+        capacity = length + max(a.capacity - a.length, b.capacity - b.length) + SLOT_HEADROOM
         rows = len(a.positions) + len(b.positions)
 
-        def joined(x: torch.Tensor, y: torch.Tensor, slot_dim: int) -> torch.Tensor:
+        def joined(x: torch.Tensor, y: torch.Tensor, slot_dim: int, room: int) -> torch.Tensor:
             shape = list(x.shape)
-            shape[0], shape[slot_dim] = rows, capacity
+            shape[0], shape[slot_dim] = room, capacity
             out = empty_slots(x, shape, slot_dim, 0)
             for start, source, written in ((0, x, a.length), (len(a.positions), y, b.length)):
                 rows_of_source = out[start: start + len(source)]
@@ -180,9 +195,40 @@ class KVCache:
                 rows_of_source.narrow(slot_dim, length - written, written).copy_(source.narrow(slot_dim, 0, written))
             return out
 
-        return KVCache([joined(x, y, 2) for x, y in zip(a.keys, b.keys, strict=True)],
-                       [joined(x, y, 2) for x, y in zip(a.values, b.values, strict=True)],
-                       joined(a.valid, b.valid, 1), torch.cat([a.positions, b.positions]), length)
+        room = ([joined(x, y, 2, room_rows(rows)) for x, y in zip(a.keys, b.keys, strict=True)],
+                [joined(x, y, 2, room_rows(rows)) for x, y in zip(a.values, b.values, strict=True)])
+        return KVCache([x[:rows] for x in room[0]], [x[:rows] for x in room[1]], joined(a.valid, b.valid, 1, rows),
+                       torch.cat([a.positions, b.positions]), length, room)
+
+    def fits(self, joining: KVCache) -> bool:
+        """Whether `joining`'s rows can be written into this cache's room: enough rows, and slots for their
+        written ones before this cache's length and for their remaining steps after it."""
+        rows = len(self.positions) + len(joining.positions)
+        return (self.room is not None and rows <= len(self.room[0][0]) and joining.length <= self.length
+                and joining.capacity - joining.length <= self.capacity - self.length)
+
+    def _joined_in_place(self, joining: KVCache) -> KVCache:
+        start, end = len(self.positions), len(self.positions) + len(joining.positions)
+        padding = self.length - joining.length  # slots before the joining rows' first
+        for room, source in zip(self.room[0] + self.room[1], joining.keys + joining.values, strict=True):
+            rows = room[start:end]
+            rows[:, :, :padding].zero_()
+            rows[:, :, padding: self.length].copy_(source[:, :, : joining.length])
+        valid = self.valid.new_zeros(end - start, self.capacity)
+        valid[:, padding: self.length] = joining.valid[:, : joining.length]
+        return KVCache([x[:end] for x in self.room[0]], [x[:end] for x in self.room[1]],
+                       torch.cat([self.valid, valid]), torch.cat([self.positions, joining.positions]), self.length,
+                       self.room)
+
+
+def _kept_slots(x: torch.Tensor, rows: torch.Tensor, first: int, length: int) -> torch.Tensor:
+    """A cache tensor's rows `rows` and slots from `first` on, with room for more rows (room_rows); of its slots
+    only the written ones, [first, length), are copied (empty_slots: the others are written before they are read).
+    No gradient flows through (nothing trains through a decoding's cache)."""
+    out = x.new_empty(room_rows(len(rows)), x.shape[1], x.shape[2] - first, *x.shape[3:])
+    with torch.no_grad():
+        out[: len(rows), :, : length - first] = x[rows, :, first:length]
+    return out
 
 
 @dataclass

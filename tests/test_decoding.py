@@ -8,6 +8,7 @@ from adapters.zipper import (
     joining_rows,
     keep_rows,
     merge_language,
+    room_rows,
     use_segments,
 )
 from speechllm.decoder import PREFILL_CALL_TOKENS, HFDecoder, KVCache, LlamaDecoder, decoder_for
@@ -253,6 +254,38 @@ def test_a_step_and_a_prefill_in_one_pass_give_what_they_give_apart(tiny_tokeniz
         next_tokens = together.argmax(-1)  # and the batch decodes on from either cache alike
         torch.testing.assert_close(decoder.step(next_tokens, mixed_cache), decoder.step(next_tokens, cache),
                                    atol=1e-5, rtol=1e-5)
+
+
+def test_rows_join_the_room_a_cache_left_in_place_as_a_copying_join_would(tiny_tokenizer) -> None:
+    """KVCache.join writes the joining rows into the room a copying join (or `keep`) left, without copying the
+    running rows; the batch holds the same keys and values either way."""
+    decoder = LlamaDecoder(tiny_speech_llm(tiny_tokenizer).llm)
+    torch.manual_seed(6)
+
+    def cache(lengths: tuple[int, ...]) -> KVCache:
+        prompts = [torch.randn(n, decoder.llm.config.hidden_size) for n in lengths]
+        return decoder.prefill(*left_pad(prompts), max_new_tokens=6)[1]
+
+    def assert_same(cache: KVCache, expected: KVCache) -> None:
+        length = expected.length
+        assert cache.length == length and torch.equal(cache.positions, expected.positions)
+        assert torch.equal(cache.valid[:, :length], expected.valid[:, :length])
+        for ours, theirs in zip(cache.keys + cache.values, expected.keys + expected.values, strict=True):
+            assert torch.equal(ours[:, :, :length], theirs[:, :, :length])
+
+    running = KVCache.join(cache((9, 12)), cache((7,)))  # a copying join: room for more rows and slots
+    assert running.room is not None and len(running.room[0][0]) == room_rows(3)
+    joining = cache((5, 8))
+    assert running.fits(joining) and not running.fits(cache((40,)))  # (a prompt longer than the batch: copied)
+    expected = KVCache.join(KVCache(running.keys, running.values, running.valid, running.positions,
+                                    running.length), joining)  # the same rows without room: copied
+    joined = KVCache.join(running, joining)
+    assert joined.room is running.room and joined.keys[0].data_ptr() == running.keys[0].data_ptr()
+    assert_same(joined, expected)
+    for kept in (joined, expected):
+        kept.keep(torch.tensor([0, 2, 4]))
+    assert_same(joined, expected)
+    assert joined.fits(cache((6,)))
 
 
 def test_decoder_for_picks_hugging_face_for_other_architectures(tiny_tokenizer) -> None:

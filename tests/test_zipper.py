@@ -5,11 +5,13 @@ import torch
 from torch import nn
 
 from adapters.zipper import (
+    RowAdapters,
     Variant,
     ZipperConfig,
     ZipperLinear,
     inject,
     merge_language,
+    room_rows,
     sharing_penalty,
     use_languages,
     use_segments,
@@ -169,3 +171,22 @@ def test_hard_router_starts_as_static_so_that_it_can_learn() -> None:
     layer(torch.randn(2, 3, layer.base.in_features)).square().sum().backward()
     assert layer.lora_B_language.grad[:, :, r_s:].abs().sum() > 0
     assert layer.lora_B_language.grad[:, :, :r_s].abs().sum() == 0
+
+
+def test_rows_that_join_a_batch_are_written_into_the_room_its_adapters_left() -> None:
+    """RowAdapters.appended: the joining rows' B matrices after the running rows', copied into room the batch keeps
+    (the running rows' are not copied again while it lasts); `kept` keeps room too."""
+    generator = torch.Generator().manual_seed(0)
+    running = RowAdapters(None, torch.randn(4, 6, generator=generator))  # one adapter for the 3 running rows
+    joining = RowAdapters(None, torch.randn(2, 4, 6, generator=generator))
+    joined = running.appended(joining, 3, 2)
+    expected = torch.cat([running.b.expand(3, -1, -1), joining.b])
+    assert torch.equal(joined.b, expected) and len(joined.room) == room_rows(5)
+    single = RowAdapters(None, torch.randn(4, 6, generator=generator))
+    again = joined.appended(single, 5, 1)
+    assert again.room is joined.room  # written in place
+    expected = torch.cat([expected, single.b[None]])
+    assert torch.equal(again.b, expected)
+    kept = again.kept(torch.tensor([0, 2, 5]))
+    assert torch.equal(kept.b, expected[[0, 2, 5]]) and kept.room is not None
+    assert kept.appended(joining, 3, 2).room is kept.room
