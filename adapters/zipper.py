@@ -234,7 +234,7 @@ def merge_language(model: nn.Module, language: int | None) -> MergedAdapter:
     row = -1 if language is None else language
     # Each B(l) (out, r) is laid out as its transpose (r, out) in memory, as the B step reads it (RowAdapters):
     # gathering a batch's per-row matrices is then a plain copy (half the time of a strided one).
-    b = [layer.merged_b_table()[row].detach().T.contiguous().T for layer in layers]
+    b = [layer.merged_b_table()[row].detach().T.clone(memory_format=torch.contiguous_format).T for layer in layers]
     independent = layers[0].config.variant == Variant.INDEPENDENT
     a = [layer.lora_A[row].detach().clone() for layer in layers] if independent and language is not None else None
     if independent and language is None:
@@ -293,17 +293,17 @@ class RowAdapters:
         torch.index_select(self.b, 0, rows, out=room[: len(rows)])
         return RowAdapters(None, room[: len(rows)], room)
 
-    def appended(self, joining: RowAdapters, rows: int, joining_rows: int) -> RowAdapters:
-        """These adapters of `rows` rows, then those of `joining_rows` rows joining them, one matrix per row."""
-        old, new = _per_row(self, rows), _per_row(joining, joining_rows)
+    def appended(self, joining: RowAdapters, running: int, joining_count: int) -> RowAdapters:
+        """These adapters of `running` rows, then those of `joining_count` rows joining them, one matrix per row."""
+        old, new = _per_row(self, running), _per_row(joining, joining_count)
         if old.a is not None or new.a is not None:  # per-language A (the independent baseline): no room kept
             return RowAdapters(torch.cat([old.a, new.a]), torch.cat([old.b, new.b]))
-        total = rows + joining_rows
+        total = running + joining_count
         room = old.room if old.room is not None and total <= len(old.room) else None
         if room is None:
             room = old.b.new_empty(room_rows(total), *old.b.shape[1:])
-            room[:rows] = old.b
-        room[rows:total] = new.b
+            room[:running] = old.b
+        room[running:total] = new.b
         return RowAdapters(None, room[:total], room)
 
 
@@ -370,17 +370,12 @@ def clear_rows(model: nn.Module) -> None:
 
 def keep_rows(model: nn.Module, keep: torch.Tensor) -> None:
     """Rows of the batch set with `use_segments` or `use_languages` left it: only those at positions `keep`
-    (in the batch as it was) stay."""
-    _pick_rows(model, keep, running=True)
-
-
-def _pick_rows(model: nn.Module, rows: torch.Tensor, running: bool) -> None:
-    """Only the rows `rows` of the batch; `running`: for the rest of the batch (RowAdapters.kept)."""
+    (in the batch as it was) stay, with room for rows to join (RowAdapters.kept)."""
     for _, layer in zipper_layers(model):
         if layer.rows is not None:
-            layer.rows = layer.rows.kept(rows) if running else layer.rows.select(rows)
+            layer.rows = layer.rows.kept(keep)
         if layer.languages is not None:
-            layer.languages = layer.languages[rows.to(layer.languages.device)]
+            layer.languages = layer.languages[keep.to(layer.languages.device)]
 
 
 @contextmanager
@@ -389,7 +384,11 @@ def use_rows(model: nn.Module, rows: torch.Tensor) -> Iterator[None]:
     `use_languages`; the whole batch's adapters come back afterwards."""
     layers = [layer for _, layer in zipper_layers(model)]
     saved = [(layer.rows, layer.languages) for layer in layers]
-    _pick_rows(model, rows, running=False)
+    for layer in layers:  # (`select`, not `kept`: these rows are the batch only for a while)
+        if layer.rows is not None:
+            layer.rows = layer.rows.select(rows)
+        if layer.languages is not None:
+            layer.languages = layer.languages[rows.to(layer.languages.device)]
     try:
         yield
     finally:

@@ -1,7 +1,7 @@
 """Request audio → the engine's rows: decoding an upload, the duration limit, windows cut at pauses (silero-vad),
-their log-mel features and, in worker processes on a CPU server, the speech half of the model: their encoder states,
-LID posteriors and audio embeddings. The work runs in worker
-processes (`ZASR_AUDIO_WORKERS`, default 1), or with 0 in threads of the gateway's process.
+their log-mel features and, in worker processes on a CPU server, the speech half of the model (encoder, LID, CTC
+compression, projector): their LID posteriors and audio embeddings. The work runs in worker processes
+(`ZASR_AUDIO_WORKERS`, default 1), or with 0 in threads of the gateway's process.
 
 Why processes: this work is Python between short C calls (PyAV, onnxruntime, torch). In the gateway's process it
 waits for the GIL, which the engine thread holds between its ops, so under load a 2 ms decode took 68 ms and rows
@@ -130,7 +130,7 @@ def prepare_all(uploads: list[Upload], vad: SileroVAD, max_audio_seconds: float,
     the uploads then go through it together (the encoder in groups of similar length: in a batch, a window costs
     the encoder about two thirds of what it costs alone). An upload that fails answers its own error, never the
     others'."""
-    prepared: list[tuple[int, list[Span], list[torch.Tensor]] | Exception] = []
+    prepared: list[tuple[int, list[Span], list[torch.Tensor | HeardWindow]] | Exception] = []
     for upload in uploads:
         try:
             audio = upload.audio

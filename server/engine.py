@@ -1,9 +1,9 @@
-"""The engines: the speech half of the Speech-LLM in this process (PyTorch, CPU or CUDA), for the rows that do not
-bring what an audio worker's made of them, and, for the embedded engine, the decoder too, with continuous batching
+"""The engines: the speech half of the Speech-LLM in this process (PyTorch, CPU or CUDA) for the rows no audio
+worker heard (server/audio_workers.py), and, for the embedded engine, the decoder too, with continuous batching
 (EmbeddedEngine.start: a batch joins the rows decoding now at the next step).
 
-It knows nothing of HTTP. A batch may mix languages: the encoder, LID and projector run once for
-all its rows; rows are then ordered by adapter so that every Zipper layer computes A x once for the
+It knows nothing of HTTP. A batch may mix languages: the encoder, LID and projector run once for all its rows
+that need them; rows are then ordered by adapter so that every Zipper layer computes A x once for the
 batch and each row's B(l) step as one batched GEMM (adapters.zipper.use_segments, joining_rows).
 """
 
@@ -363,7 +363,7 @@ class EmbeddedEngine(SpeechEngine):
                 self._generation.drop(row)
 
     def _prepare(self, group: _Group) -> None:
-        """The speech half of a group (encoder, LID, projector)."""
+        """The speech half of a group (encoder, LID, projector, for rows no audio worker heard) and its prompts."""
         group.prepared = self.prepare(group.batch)
         group.streams = [TextStream(group.batch[row].on_text, self.model.tokenizer) for row in group.prepared.order]
 

@@ -30,7 +30,7 @@ class Metrics:
                                        buckets=LATENCY_BUCKETS, registry=r)
         self.audio_prepare_seconds = Histogram(
             "zasr_audio_prepare_duration_seconds", "Time an upload spent in the audio stage: waiting for an audio "
-            "worker, then decoding, voice activity, features and the encoder where the audio workers run it "
+            "worker, then decoding, voice activity, features and the speech half where the audio workers run it "
             "(ZASR_ENCODER_IN_WORKERS)", buckets=LATENCY_BUCKETS, registry=r)
         self.audio_uploads_waiting = Gauge("zasr_audio_uploads_waiting", "Uploads waiting for an audio worker",
                                            registry=r)
@@ -40,8 +40,9 @@ class Metrics:
         self.audio_worker_call_uploads = Histogram("zasr_audio_worker_call_uploads",
                                                    "Uploads in each audio worker call that completed",
                                                    buckets=BATCH_BUCKETS, registry=r)
-        self.encode_seconds = Histogram("zasr_encode_duration_seconds", "The engine's speech half per batch: LID, "
-                                        "projector, and the encoder for rows that the audio workers did not encode",
+        self.encode_seconds = Histogram("zasr_encode_duration_seconds", "The engine's share of the speech half per "
+                                        "batch: prompts, and encoder, LID and projector for rows the audio workers "
+                                        "did not hear",
                                         buckets=LATENCY_BUCKETS, registry=r)
         self.decode_seconds = Histogram("zasr_decode_duration_seconds",
                                         "LLM decoding time per row, from joining the decoding to its last token",

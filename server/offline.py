@@ -38,8 +38,9 @@ async def transcribe_each(runtime: Runtime, audio: list[Callable[[], Awaitable[b
                           timed: bool = False, done: Callable[[], None] = lambda: None
                           ) -> list[TranscriptionResult | Exception]:
     """Each upload's transcript, or the error (FILE_ERRORS) that kept it from one. Enough uploads at once to fill
-    the engine's batches; more would only hold their bytes and encoder states in memory (thousands of files read
-    at once) while they wait for room in the batcher's queue. `audio`: reads an upload when its turn comes."""
+    the engine's batches; more would only hold their bytes and what the speech half made of them in memory
+    (thousands of files read at once) while they wait for room in the batcher's queue. `audio`: reads an upload
+    when its turn comes."""
     in_flight = asyncio.Semaphore(2 * runtime.batcher.max_batch_size)
 
     async def one(read: Callable[[], Awaitable[bytes]], code: str | None) -> TranscriptionResult | Exception:

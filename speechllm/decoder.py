@@ -156,9 +156,10 @@ class KVCache:
     valid: torch.Tensor  # (B, capacity): False for left padding and for slots not yet written
     positions: torch.Tensor  # (B,): the position of each row's last input
     length: int = 0  # slots written
-    # Keys and values with room for more rows, whose first B rows are `keys` and `values` (None: no room): rows that
-    # join are written after them, and the running rows' cache is not copied (join).
-    room: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+    # Per layer, keys and values with room for more rows, whose first B rows are `keys` and `values` (None: no
+    # room): rows that join are written after them, and the running rows' cache is not copied (join).
+    room_keys: list[torch.Tensor] | None = None
+    room_values: list[torch.Tensor] | None = None
 
     @property
     def capacity(self) -> int:
@@ -166,11 +167,12 @@ class KVCache:
 
     def keep(self, rows: torch.Tensor) -> None:
         """Only `rows` stay; slots that none of them uses any more (before the oldest one's first) are dropped, so
-        that a batch that rows keep joining (KVCache.join) does not grow without end."""
+        that a batch that rows keep joining (KVCache.join) does not grow without end. What stays keeps room for
+        rows to join."""
         first = int(self.valid[rows, : self.length].any(0).int().argmax()) if self.length else 0
-        self.room = tuple([_kept_slots(x, rows, first, self.length) for x in tensors]
-                          for tensors in (self.keys, self.values))
-        self.keys, self.values = ([x[: len(rows)] for x in tensors] for tensors in self.room)
+        self.room_keys = [_kept_slots(x, rows, first, self.length) for x in self.keys]
+        self.room_values = [_kept_slots(x, rows, first, self.length) for x in self.values]
+        self.keys, self.values = [x[: len(rows)] for x in self.room_keys], [x[: len(rows)] for x in self.room_values]
         self.valid, self.positions = self.valid[rows, first:], self.positions[rows]
         self.length -= first
 
@@ -178,11 +180,14 @@ class KVCache:
     def join(a: KVCache, b: KVCache) -> KVCache:
         """The rows of `a` and then those of `b` as one batch: both right-aligned on the longer one's written
         slots (the shorter one's rows get padding slots before theirs), with room for the longer of the two's
-        remaining steps. `a` is used up: the joined cache may share its memory."""
+        remaining steps. `b`'s rows are written into `a`'s room when they fit (`fits`); otherwise both are copied
+        into a cache with room for more rows and SLOT_HEADROOM more slots than `b`'s remaining steps (not `a`'s:
+        its own may hold the headroom of an earlier join already). `a` is used up: the joined cache may share its
+        memory."""
         if a.fits(b):
             return a._joined_in_place(b)
         length = max(a.length, b.length)
-        capacity = length + max(a.capacity - a.length, b.capacity - b.length) + SLOT_HEADROOM
+        capacity = length + max(a.capacity - a.length, b.capacity - b.length + SLOT_HEADROOM)
         rows = len(a.positions) + len(b.positions)
 
         def joined(x: torch.Tensor, y: torch.Tensor, slot_dim: int, room: int) -> torch.Tensor:
@@ -195,39 +200,38 @@ class KVCache:
                 rows_of_source.narrow(slot_dim, length - written, written).copy_(source.narrow(slot_dim, 0, written))
             return out
 
-        room = ([joined(x, y, 2, room_rows(rows)) for x, y in zip(a.keys, b.keys, strict=True)],
-                [joined(x, y, 2, room_rows(rows)) for x, y in zip(a.values, b.values, strict=True)])
-        return KVCache([x[:rows] for x in room[0]], [x[:rows] for x in room[1]], joined(a.valid, b.valid, 1, rows),
-                       torch.cat([a.positions, b.positions]), length, room)
+        room_keys = [joined(x, y, 2, room_rows(rows)) for x, y in zip(a.keys, b.keys, strict=True)]
+        room_values = [joined(x, y, 2, room_rows(rows)) for x, y in zip(a.values, b.values, strict=True)]
+        return KVCache([x[:rows] for x in room_keys], [x[:rows] for x in room_values],
+                       joined(a.valid, b.valid, 1, rows), torch.cat([a.positions, b.positions]), length, room_keys,
+                       room_values)
 
     def fits(self, joining: KVCache) -> bool:
         """Whether `joining`'s rows can be written into this cache's room: enough rows, and slots for their
         written ones before this cache's length and for their remaining steps after it."""
         rows = len(self.positions) + len(joining.positions)
-        return (self.room is not None and rows <= len(self.room[0][0]) and joining.length <= self.length
+        return (self.room_keys is not None and rows <= len(self.room_keys[0]) and joining.length <= self.length
                 and joining.capacity - joining.length <= self.capacity - self.length)
 
     def _joined_in_place(self, joining: KVCache) -> KVCache:
         start, end = len(self.positions), len(self.positions) + len(joining.positions)
         padding = self.length - joining.length  # slots before the joining rows' first
-        for room, source in zip(self.room[0] + self.room[1], joining.keys + joining.values, strict=True):
+        for room, source in zip(self.room_keys + self.room_values, joining.keys + joining.values, strict=True):
             rows = room[start:end]
             rows[:, :, :padding].zero_()
             rows[:, :, padding: self.length].copy_(source[:, :, : joining.length])
         valid = self.valid.new_zeros(end - start, self.capacity)
         valid[:, padding: self.length] = joining.valid[:, : joining.length]
-        return KVCache([x[:end] for x in self.room[0]], [x[:end] for x in self.room[1]],
+        return KVCache([x[:end] for x in self.room_keys], [x[:end] for x in self.room_values],
                        torch.cat([self.valid, valid]), torch.cat([self.positions, joining.positions]), self.length,
-                       self.room)
+                       self.room_keys, self.room_values)
 
 
 def _kept_slots(x: torch.Tensor, rows: torch.Tensor, first: int, length: int) -> torch.Tensor:
     """A cache tensor's rows `rows` and slots from `first` on, with room for more rows (room_rows); of its slots
-    only the written ones, [first, length), are copied (empty_slots: the others are written before they are read).
-    No gradient flows through (nothing trains through a decoding's cache)."""
+    only the written ones, [first, length), are copied (empty_slots: the others are written before they are read)."""
     out = x.new_empty(room_rows(len(rows)), x.shape[1], x.shape[2] - first, *x.shape[3:])
-    with torch.no_grad():
-        out[: len(rows), :, : length - first] = x[rows, :, first:length]
+    out[: len(rows), :, : length - first] = x[rows, :, first:length]
     return out
 
 
@@ -402,6 +406,7 @@ class LlamaDecoder:
         return cache, parts
 
     def join(self, a: KVCache, b: KVCache) -> KVCache:
+        """KVCache.join: `a` is used up."""
         return KVCache.join(a, b)
 
     def step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:

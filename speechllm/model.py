@@ -287,7 +287,10 @@ def load_speech_half(directory: str | Path, encoder_gemm_dtype: torch.dtype = to
     if config.encoder_kind == "hf-whisper":
         encoder = HFWhisperEncoder.from_directory(directory / str(config.encoder_path))
     speech = load_file(directory / "speech.safetensors")
-    llm_dim = speech["projector.net.2.weight"].shape[0]  # the projector's output: the LLM's embedding width
+    projector_out = "projector.net.2.weight"  # the projector's output layer: its rows are the LLM's embedding width
+    if projector_out not in speech:
+        raise ValueError(f"{directory}/speech.safetensors lacks {projector_out}")
+    llm_dim = speech[projector_out].shape[0]
     half = SpeechHalf(config, llm_dim, encoder)
     half.load_state_dict(_float(speech), strict=False)  # a Hugging Face encoder's weights came from its directory
     _check_loaded(half, speech, directory)

@@ -11,7 +11,7 @@ from adapters.zipper import (
     room_rows,
     use_segments,
 )
-from speechllm.decoder import PREFILL_CALL_TOKENS, HFDecoder, KVCache, LlamaDecoder, decoder_for
+from speechllm.decoder import PREFILL_CALL_TOKENS, SLOT_HEADROOM, HFDecoder, KVCache, LlamaDecoder, decoder_for
 from speechllm.decoding import Generation, RowTokens, generate, left_pad
 from speechllm.inference import transcribe_features
 from speechllm.padding import length_groups
@@ -80,7 +80,12 @@ def test_rows_that_join_a_running_batch_decode_as_they_would_alone(tiny_tokenize
     # (prompts, their languages, their token limits, steps the batch runs before the next group joins)
     groups = [([torch.randn(7, dim), torch.randn(3, dim)], [0, 5], [15, 4], 3),
               ([torch.randn(12, dim)], [5], [9], 5),  # joins after row 1 has left: the cache is compacted
-              ([torch.randn(4, dim), torch.randn(30, dim)], [2, 0], [12, 6], 0)]
+              ([torch.randn(4, dim), torch.randn(30, dim)], [2, 0], [12, 6], 2),
+              ([torch.randn(5, dim)], [0], [5], 0)]  # written into the room the batch's cache kept
+    in_place = []
+    joined_in_place = KVCache._joined_in_place
+    monkeypatch.setattr(KVCache, "_joined_in_place", lambda cache, joining: in_place.append(len(joining.positions))
+                        or joined_in_place(cache, joining))
     decoder = LlamaDecoder(model.llm)
     generation = Generation(decoder, eos_id=-1, on_rows_kept=lambda keep: keep_rows(model.llm, keep))
     rows = []
@@ -101,10 +106,11 @@ def test_rows_that_join_a_running_batch_decode_as_they_would_alone(tiny_tokenize
             with use_segments(model.llm, [(0, 1, adapters[language])]):
                 alone.append(generate(decoder, [prompt], eos_id=-1, max_new_tokens=limit)[0])
     assert [generation.hypothesis(row).tokens for row in rows] == [h.tokens for h in alone]
-    assert [len(generation.hypothesis(row).tokens) for row in rows] == [15, 4, 9, 12, 6]
+    assert [len(generation.hypothesis(row).tokens) for row in rows] == [15, 4, 9, 12, 6, 5]
     for row, hypothesis in zip(rows, alone, strict=True):
         assert abs(generation.hypothesis(row).sum_logprob - hypothesis.sum_logprob) < 1e-3
-    assert max(batch_sizes) == 4 and min(batch_sizes) < 4  # four rows decoded together, and rows left
+    assert max(batch_sizes) == 5 and min(batch_sizes) < 5  # five rows decoded together, and rows left
+    assert in_place == [1]  # the last group's row joined the running rows' room; the others copied the batch
 
 
 def test_rows_that_join_as_every_running_row_finishes_are_prefilled_alone(tiny_tokenizer) -> None:
@@ -274,18 +280,37 @@ def test_rows_join_the_room_a_cache_left_in_place_as_a_copying_join_would(tiny_t
             assert torch.equal(ours[:, :, :length], theirs[:, :, :length])
 
     running = KVCache.join(cache((9, 12)), cache((7,)))  # a copying join: room for more rows and slots
-    assert running.room is not None and len(running.room[0][0]) == room_rows(3)
+    assert len(running.room_keys[0]) == room_rows(3) and running.capacity == 12 + 6 + SLOT_HEADROOM
     joining = cache((5, 8))
-    assert running.fits(joining) and not running.fits(cache((40,)))  # (a prompt longer than the batch: copied)
+    assert running.fits(joining)
+    assert not running.fits(cache((40,)))  # a prompt longer than the batch's slots
+    assert not running.fits(cache((5,) * (room_rows(3) - 2)))  # more rows than its room
+    few_slots = KVCache(running.keys, running.values, running.valid[:, : running.length + 3], running.positions,
+                        running.length, running.room_keys, running.room_values)
+    assert not few_slots.fits(joining)  # fewer remaining slots than the joining rows' 6 steps
     expected = KVCache.join(KVCache(running.keys, running.values, running.valid, running.positions,
                                     running.length), joining)  # the same rows without room: copied
     joined = KVCache.join(running, joining)
-    assert joined.room is running.room and joined.keys[0].data_ptr() == running.keys[0].data_ptr()
+    assert joined.room_keys is running.room_keys and joined.keys[0].data_ptr() == running.keys[0].data_ptr()
     assert_same(joined, expected)
     for kept in (joined, expected):
         kept.keep(torch.tensor([0, 2, 4]))
     assert_same(joined, expected)
     assert joined.fits(cache((6,)))
+
+
+def test_joins_that_do_not_fit_leave_the_cache_s_slots_bounded(tiny_tokenizer) -> None:
+    """A batch that rows keep joining with prompts longer than it (copying joins, each adding headroom) holds
+    slots for the longest remaining steps and SLOT_HEADROOM, not one more headroom a join."""
+    decoder = LlamaDecoder(tiny_speech_llm(tiny_tokenizer).llm)
+    torch.manual_seed(7)
+    dim = decoder.llm.config.hidden_size
+    running = decoder.prefill(*left_pad([torch.randn(4, dim)]), max_new_tokens=6)[1]
+    for _ in range(5):
+        joining = decoder.prefill(*left_pad([torch.randn(running.length + 1, dim)]), max_new_tokens=6)[1]
+        assert not running.fits(joining)
+        running = KVCache.join(running, joining)
+        assert running.capacity - running.length <= 6 + SLOT_HEADROOM
 
 
 def test_decoder_for_picks_hugging_face_for_other_architectures(tiny_tokenizer) -> None:

@@ -110,6 +110,7 @@ def test_production_parts_from_local_hf_directories(tmp_path: Path) -> None:
     after, texts_after = _outputs(loaded)
     assert torch.equal(before, after) and texts == texts_after
     assert type(loaded.llm).__name__ == "LlamaForCausalLM"
+    _assert_the_speech_half_alone_hears_as_the_model(tmp_path / "speechllm", model)
 
 
 def test_ctc_compression_keeps_one_frame_per_labelled_run() -> None:
@@ -137,12 +138,21 @@ def test_ctc_compressed_model_round_trip(tiny_tokenizer, tmp_path: Path) -> None
     before, texts = _outputs(model)
     after, texts_after = _outputs(SpeechLLM.load(tmp_path / "m"))
     assert torch.equal(before, after) and texts == texts_after
+    _assert_the_speech_half_alone_hears_as_the_model(tmp_path / "m", model)
 
-    # The speech half alone (an audio worker's) hears what the whole model's does.
-    half = load_speech_half(tmp_path / "m")
+
+def _assert_the_speech_half_alone_hears_as_the_model(directory: Path, model: SpeechLLM) -> None:
+    """`load_speech_half` (an audio worker's): the same encoder states, LID posteriors and audio embeddings as the
+    whole model's, without its LLM."""
+    half = load_speech_half(directory)
     assert not hasattr(half, "llm")
-    states = [torch.randn(frames, 64, generator=torch.Generator().manual_seed(frames)) for frames in (9, 17)]
-    for alone, whole in zip(half.hear(states), model.hear(states), strict=True):
+    generator = torch.Generator().manual_seed(0)
+    features, lengths = torch.randn(2, 80, 40, generator=generator), torch.tensor([40, 23])
+    with torch.no_grad():
+        (states, state_lengths), (expected, _) = half.encode(features, lengths), model.encode(features, lengths)
+    assert torch.equal(states, expected)
+    rows = [states[row, : state_lengths[row]] for row in range(2)]
+    for alone, whole in zip(half.hear(rows), model.hear(rows), strict=True):
         assert torch.equal(alone.audio, whole.audio) and alone.frames == whole.frames
         assert torch.equal(alone.language_probabilities, whole.language_probabilities)
 

@@ -190,3 +190,16 @@ def test_rows_that_join_a_batch_are_written_into_the_room_its_adapters_left() ->
     kept = again.kept(torch.tensor([0, 2, 5]))
     assert torch.equal(kept.b, expected[[0, 2, 5]]) and kept.room is not None
     assert kept.appended(joining, 3, 2).room is kept.room
+
+
+def test_rows_with_their_own_a_join_and_leave_without_room() -> None:
+    """The independent baseline's per-language A: joining rows' (A, B) are concatenated, as before rows kept room."""
+    generator = torch.Generator().manual_seed(1)
+    running = RowAdapters(torch.randn(2, 5, 4, generator=generator), torch.randn(2, 4, 6, generator=generator))
+    joining = RowAdapters(torch.randn(5, 4, generator=generator), torch.randn(4, 6, generator=generator))
+    joined = running.appended(joining, 2, 3)
+    assert joined.room is None
+    assert torch.equal(joined.a, torch.cat([running.a, joining.a.expand(3, -1, -1)]))
+    assert torch.equal(joined.b, torch.cat([running.b, joining.b.expand(3, -1, -1)]))
+    kept = joined.kept(torch.tensor([1, 3]))
+    assert kept.room is None and torch.equal(kept.a, joined.a[[1, 3]]) and torch.equal(kept.b, joined.b[[1, 3]])
