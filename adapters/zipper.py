@@ -21,7 +21,7 @@ computes A x once; only the B step depends on the row's language: one batched GE
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -371,11 +371,17 @@ def clear_rows(model: nn.Module) -> None:
 def keep_rows(model: nn.Module, keep: torch.Tensor) -> None:
     """Rows of the batch set with `use_segments` or `use_languages` left it: only those at positions `keep`
     (in the batch as it was) stay, with room for rows to join (RowAdapters.kept)."""
+    _only_rows(model, keep, RowAdapters.kept)
+
+
+def _only_rows(model: nn.Module, rows: torch.Tensor, pick: Callable[[RowAdapters, torch.Tensor], RowAdapters]
+               ) -> None:
+    """Every Zipper layer's adapters (picked with `pick`) and languages for the batch's rows `rows` only."""
     for _, layer in zipper_layers(model):
         if layer.rows is not None:
-            layer.rows = layer.rows.kept(keep)
+            layer.rows = pick(layer.rows, rows)
         if layer.languages is not None:
-            layer.languages = layer.languages[keep.to(layer.languages.device)]
+            layer.languages = layer.languages[rows.to(layer.languages.device)]
 
 
 @contextmanager
@@ -384,11 +390,7 @@ def use_rows(model: nn.Module, rows: torch.Tensor) -> Iterator[None]:
     `use_languages`; the whole batch's adapters come back afterwards."""
     layers = [layer for _, layer in zipper_layers(model)]
     saved = [(layer.rows, layer.languages) for layer in layers]
-    for layer in layers:  # (`select`, not `kept`: these rows are the batch only for a while)
-        if layer.rows is not None:
-            layer.rows = layer.rows.select(rows)
-        if layer.languages is not None:
-            layer.languages = layer.languages[rows.to(layer.languages.device)]
+    _only_rows(model, rows, RowAdapters.select)  # (not `kept`: these rows are the batch only for a while)
     try:
         yield
     finally:

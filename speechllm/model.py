@@ -256,25 +256,19 @@ class SpeechLLM(SpeechHalf):
         configuration (stage-2 training warm-starts it from the saved one). `encoder_gemm_dtype`: the speech
         encoder's GEMMs on a CPU (speechllm.cpu_linear; the weights stay float32)."""
         directory = Path(directory)
-        config = SpeechLLMConfig.from_json(json.loads((directory / "config.json").read_text()))
+        config, encoder = _config_and_encoder(directory)
         saved_adapter = config.adapter is not None and adapter is None
         if adapter is not None:
             config.adapter = adapter
         llm = AutoModelForCausalLM.from_pretrained(directory / "llm", dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(directory / "llm")
-        encoder = None
-        if config.encoder_kind == "hf-whisper":
-            encoder = HFWhisperEncoder.from_directory(directory / str(config.encoder_path))
         model = cls(config, llm, tokenizer, encoder)
-        speech = load_file(directory / "speech.safetensors")
-        model.load_state_dict(_float(speech), strict=False)  # the LLM's own weights came from llm/
+        _load_speech(model, load_file(directory / "speech.safetensors"), directory, encoder_gemm_dtype)
         if saved_adapter:
             tensors = load_file(directory / "adapter.safetensors")
             if set(tensors) != set(adapter_state_dict(model.llm)):
                 raise ValueError(f"{directory}/adapter.safetensors does not match the adapter in config.json")
             model.llm.load_state_dict(_float(tensors), strict=False)
-        _check_loaded(model, speech, directory)
-        set_gemm_dtype(model.encoder, encoder_gemm_dtype)
         return model.to(device).eval()
 
 
@@ -282,20 +276,32 @@ def load_speech_half(directory: str | Path, encoder_gemm_dtype: torch.dtype = to
     """Only the speech half of a model directory (for processes that turn audio into prompts and nothing else), as
     `SpeechLLM.load` gives it."""
     directory = Path(directory)
-    config = SpeechLLMConfig.from_json(json.loads((directory / "config.json").read_text()))
-    encoder = None
-    if config.encoder_kind == "hf-whisper":
-        encoder = HFWhisperEncoder.from_directory(directory / str(config.encoder_path))
+    config, encoder = _config_and_encoder(directory)
     speech = load_file(directory / "speech.safetensors")
     projector_out = "projector.net.2.weight"  # the projector's output layer: its rows are the LLM's embedding width
     if projector_out not in speech:
         raise ValueError(f"{directory}/speech.safetensors lacks {projector_out}")
-    llm_dim = speech[projector_out].shape[0]
-    half = SpeechHalf(config, llm_dim, encoder)
-    half.load_state_dict(_float(speech), strict=False)  # a Hugging Face encoder's weights came from its directory
-    _check_loaded(half, speech, directory)
-    set_gemm_dtype(half.encoder, encoder_gemm_dtype)
+    half = SpeechHalf(config, speech[projector_out].shape[0], encoder)
+    _load_speech(half, speech, directory, encoder_gemm_dtype)
     return half.eval()
+
+
+def _config_and_encoder(directory: Path) -> tuple[SpeechLLMConfig, nn.Module | None]:
+    """A model directory's configuration, and its Hugging Face encoder when it has one (ours is built from the
+    configuration, its weights in speech.safetensors)."""
+    config = SpeechLLMConfig.from_json(json.loads((directory / "config.json").read_text()))
+    if config.encoder_kind == "hf-whisper":
+        return config, HFWhisperEncoder.from_directory(directory / str(config.encoder_path))
+    return config, None
+
+
+def _load_speech(model: SpeechHalf, speech: dict[str, torch.Tensor], directory: Path,
+                 encoder_gemm_dtype: torch.dtype) -> None:
+    """speech.safetensors' tensors into the speech half, checked, with the encoder's GEMMs in `encoder_gemm_dtype`
+    (speechllm.cpu_linear; the weights stay float32)."""
+    model.load_state_dict(_float(speech), strict=False)  # the LLM's and a Hugging Face encoder's come from elsewhere
+    _check_loaded(model, speech, directory)
+    set_gemm_dtype(model.encoder, encoder_gemm_dtype)
 
 
 def base_llm_state_dict(llm: nn.Module) -> dict[str, torch.Tensor]:
