@@ -17,6 +17,7 @@ import av
 import numpy as np
 import pytest
 
+from speechllm import audio
 from speechllm.audio import (
     SAMPLE_RATE,
     AudioDecodeError,
@@ -256,12 +257,55 @@ def test_lossless_mono_decodes_to_exact_values(fmt: Format) -> None:
     assert error.max() < 2e-3, error.max()
 
 
-def test_a_long_16k_mono_wav_decodes_to_its_samples_exactly() -> None:
-    """Many of the demuxer's packets (WAV_PACKET_BYTES each), no resampling: the int16 samples / 32768, all of
-    them, in order."""
+LIST = b"LIST" + (16).to_bytes(4, "little") + b"INFOISFT" + (4).to_bytes(4, "little") + b"zasr"  # a chunk of metadata
+
+
+def ffmpeg_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """load_audio with FFmpeg for WAV too: the path every other format takes."""
+    monkeypatch.setattr(audio, "_pcm16_wav", lambda *_: None)
+
+
+@pytest.mark.parametrize("reader", ["wave", "ffmpeg"])
+def test_a_long_16k_mono_wav_decodes_to_its_samples_exactly(reader: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read by the standard library, or by FFmpeg in many of its demuxer's packets (WAV_PACKET_BYTES each); no
+    resampling: the int16 samples / 32768, all of them, in order."""
+    if reader == "ffmpeg":
+        ffmpeg_only(monkeypatch)
     samples = tone(440.0, SAMPLE_RATE, duration_s=30.0)[None]
     pcm = np.round(np.clip(samples, -1, 1) * 32767)[0]
     np.testing.assert_array_equal(load_audio(wav_bytes(samples, SAMPLE_RATE)), (pcm / 32768.0).astype(np.float32))
+
+
+@pytest.mark.parametrize(("channels", "sample_rate"), [(1, 16_000), (1, 22_050), (1, 44_100), (2, 16_000), (3, 16_000)])
+def test_a_16_bit_wav_read_without_ffmpeg_gives_ffmpegs_samples(channels: int, sample_rate: int,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """An upload of 16-bit PCM WAV skips FFmpeg's probing (speechllm.audio._pcm16_wav), and must not change a
+    sample: exactly FFmpeg's, from a whole file, a stream's header, a file cut off, or one with a chunk after its
+    data. (Several channels at another rate go to FFmpeg, which resamples each before they are averaged.)"""
+    rng = np.random.default_rng(channels)
+    data = wav_bytes(np.stack([two_tone(sample_rate) * rng.uniform(0.3, 1.0) for _ in range(channels)]), sample_rate)
+    streamed = data[:40] + (0x7FFFF000).to_bytes(4, "little") + data[44:]  # espeak-ng's header: a size it never knew
+    variants = {"whole": data, "streamed": streamed, "cut off": data[:-1001], "chunk after the data": data + LIST}
+    assert all(audio._pcm16_wav(variant, SAMPLE_RATE, None) is not None for variant in variants.values())
+    read = {name: load_audio(variant) for name, variant in variants.items()}
+    ffmpeg_only(monkeypatch)
+    for name, samples in read.items():
+        expected = load_audio(variants[name])
+        np.testing.assert_array_equal(samples, expected, err_msg=name)
+
+
+@pytest.mark.parametrize(("width", "channels", "sample_rate"), [(1, 1, 16_000), (3, 1, 16_000), (4, 1, 16_000),
+                                                              (2, 2, 22_050)])
+def test_other_wavs_are_left_to_ffmpeg(width: int, channels: int, sample_rate: int) -> None:
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as out:
+        out.setnchannels(channels)
+        out.setsampwidth(width)
+        out.setframerate(sample_rate)
+        out.writeframes(bytes(width * channels * sample_rate // 10))
+    data = buffer.getvalue()
+    assert audio._pcm16_wav(data, SAMPLE_RATE, None) is None
+    assert load_audio(data).size == SAMPLE_RATE // 10
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.id)
@@ -311,10 +355,13 @@ def test_stereo_downmix_mixes_both_channels() -> None:
     assert correlation(left_only.astype(np.float64), x) > 0.99999
 
 
+@pytest.mark.parametrize("reader", ["wave", "ffmpeg"])
 @pytest.mark.parametrize("channels", [6, 8, 9, 16])
-def test_many_channels_decode_to_their_mean(channels: int) -> None:
+def test_many_channels_decode_to_their_mean(channels: int, reader: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A 7.1 (8 channels) or larger upload: PyAV's planar frames of 8 channels or more crashed the process, so a
     valid file took its audio worker down and was answered as corrupt. Each channel a constant: the mean is exact."""
+    if reader == "ffmpeg":
+        ffmpeg_only(monkeypatch)
     levels = np.linspace(-0.4, 0.6, channels)
     pcm = np.round(np.tile(levels[:, None], (1, 8000)) * 32767) / 32767  # what the 16-bit file holds
     samples = load_audio(wav_bytes(pcm, SAMPLE_RATE))
@@ -496,11 +543,12 @@ def test_resample_is_identity_at_equal_rates() -> None:
     np.testing.assert_array_equal(as_float64, samples)
 
 
-def test_resample_matches_load_audio_of_the_same_wav() -> None:
-    """adapters/corpus.py reads espeak-ng's WAV by hand and calls resample(pcm / 32768, rate), relying on this
-    giving exactly the samples load_audio() would."""
+def test_resample_matches_load_audio_of_the_same_wav(monkeypatch: pytest.MonkeyPatch) -> None:
+    """load_audio reads a mono 16-bit WAV upload with the standard library and calls resample(pcm / 32768, rate),
+    relying on this giving exactly the samples FFmpeg's own decoding would."""
     data = wav_bytes(two_tone(22_050)[None, :], 22_050)
     pcm = np.frombuffer(data[44:], dtype="<i2")
+    ffmpeg_only(monkeypatch)
     np.testing.assert_array_equal(resample(pcm.astype(np.float32) / 32768.0, 22_050), load_audio(data))
 
 
