@@ -62,7 +62,10 @@ def log_mel_spectrogram(audio: torch.Tensor | np.ndarray, n_mels: int = N_MELS) 
         audio = torch.nn.functional.pad(audio, (0, N_FFT // 2 + 1 - audio.shape[-1]))
     window = torch.hann_window(N_FFT, device=audio.device)
     stft = torch.stft(audio, N_FFT, HOP_LENGTH, window=window, return_complex=True)
-    power = stft[..., :-1].abs() ** 2  # the last (centred, half-padded) frame is dropped, as Whisper does
+    stft = stft[..., :-1]  # the last (centred, half-padded) frame is dropped, as Whisper does
+    # |z|² as z·z̄: complex abs (a square root, then squared) was a third of the features' time (0.52 → 0.40 ms for
+    # 2.2 s); the powers differ in the last bit at most (features by up to 6e-8)
+    power = (stft * stft.conj()).real
     mel = mel_filters(n_mels).to(audio.device) @ power
     log_mel = torch.clamp(mel, min=1e-10).log10().clamp(min=LOG10_FLOOR)
     return ((log_mel + 4.0) / 4.0)[..., :frames]
