@@ -70,8 +70,9 @@ class SplitTranscripts:
 
 @torch.no_grad()
 def transcribe_split(model: SpeechLLM, data: FeatureSet, chunk_size: int | None = None, batch_size: int = 32,
-                     progress: bool = False, decoder: Decoder | None = None) -> SplitTranscripts:
-    """`decoder`: the model's decoder (speechllm.decoder.decoder_for), when the caller keeps one."""
+                     progress: bool = False, decoder: Decoder | None = None, merged: bool = False) -> SplitTranscripts:
+    """`decoder`: the model's decoder (speechllm.decoder.decoder_for), when the caller keeps one. `merged`: with
+    merged adapters, as the server decodes (speechllm.inference.transcribe_features)."""
     model.eval()
     order = sorted(range(len(data)), key=lambda i: int(data.lengths()[i]))
     out = SplitTranscripts({}, {}, set())
@@ -80,7 +81,7 @@ def transcribe_split(model: SpeechLLM, data: FeatureSet, chunk_size: int | None 
     for batch in tqdm(batches, desc="evaluate", unit="batch", disable=not progress):
         features, lengths = data.batch(batch)
         given = [data.entries[i]["language"] for i in batch]
-        results = transcribe_features(model, features, lengths, given, chunk_size, decoder)
+        results = transcribe_features(model, features, lengths, given, chunk_size, decoder, merged)
         for index, result in zip(batch, results, strict=True):
             out.hypotheses[index] = result.text
             out.lid_language[index] = result.lid_language

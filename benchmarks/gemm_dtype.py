@@ -1,9 +1,13 @@
 """bf16 GEMMs against float32 (speechllm/cpu_linear.py), on the dev split: what they cost in accuracy and what they
-save in time, in one run. The same model transcribes every dev utterance three ways: all in float32; the speech
-encoder's GEMMs in bf16; every GEMM (encoder, LID head, projector, decoder) in bf16. Language given, as the
-evaluation runs. Each bf16 configuration's difference in average CER from float32 comes with a 95 % interval from
-a paired bootstrap over utterances (resampled within each language, as the average is a mean of the languages'
-CERs). The dev split is for this decision; the test split is never read here.
+save in time, in one run. The same model transcribes every dev utterance four ways: all in float32; the speech
+encoder's GEMMs in bf16; those and the decoder's GEMMs over more than 16 rows (its prompts; here, with batches of
+32, the first steps of a batch too); every GEMM (encoder, LID head, projector, decoder) in bf16. Language given, as
+the evaluation runs, and each row with its language's merged adapter, as the server decodes (`merged`: the decoder's
+packed GEMMs, which carry the GEMM dtype; until stop 33 this benchmark decoded through the Zipper layers one by one,
+in float32 whatever the configuration, so its "bf16 everywhere" had the decoder in float32). Each bf16
+configuration's difference in average CER from float32 comes with a 95 % interval from a paired bootstrap over
+utterances (resampled within each language, as the average is a mean of the languages' CERs). The dev split is for
+this decision; the test split is never read here.
 
     .venv/bin/python -m benchmarks.gemm_dtype [--model models/default] [--corpus data/corpus] [--rounds 3]
 
@@ -62,14 +66,16 @@ def paired_interval(base: list[tuple[int, int]], other: list[tuple[int, int]], b
     return differences[int(0.025 * BOOTSTRAP_SAMPLES)], differences[int(0.975 * BOOTSTRAP_SAMPLES) - 1]
 
 
-CONFIGURATIONS = ("float32", "bf16 encoder", "bf16 everywhere")
+CONFIGURATIONS = ("float32", "bf16 encoder", "bf16 encoder and prompts", "bf16 everywhere")
 
 
 def configure(model: SpeechLLM, decoder: LlamaDecoder, name: str) -> None:
     set_gemm_dtype(model, torch.float32)
     decoder.set_gemm_dtype(torch.float32)
-    if name == "bf16 encoder":
+    if name in ("bf16 encoder", "bf16 encoder and prompts"):
         set_gemm_dtype(model.encoder, torch.bfloat16)
+    if name == "bf16 encoder and prompts":
+        decoder.set_gemm_dtype(torch.float32, wide=torch.bfloat16)
     elif name == "bf16 everywhere":
         set_gemm_dtype(model, torch.bfloat16)
         decoder.set_gemm_dtype(torch.bfloat16)
@@ -82,13 +88,13 @@ def run(model_dir: Path, corpus: Path, rounds: int) -> dict:
     data = load_features(corpus, "dev")
     transcripts: dict[str, SplitTranscripts] = {}
     seconds: dict[str, list[float]] = {name: [] for name in CONFIGURATIONS}
-    transcribe_split(model, data, decoder=decoder)  # warm-up: first calls, allocations, page faults
+    transcribe_split(model, data, decoder=decoder, merged=True)  # warm-up: first calls, allocations, page faults
     for round_index in range(rounds):  # alternating, each round in another order: drift falls on all of them
         order = CONFIGURATIONS[round_index % len(CONFIGURATIONS):] + CONFIGURATIONS[: round_index % len(CONFIGURATIONS)]
         for name in order:
             configure(model, decoder, name)
             start = time.perf_counter()
-            transcripts[name] = transcribe_split(model, data, decoder=decoder)
+            transcripts[name] = transcribe_split(model, data, decoder=decoder, merged=True)
             seconds[name].append(time.perf_counter() - start)
     by_language = data.rows_by_language()
     counts = {name: character_errors(data, split.hypotheses) for name, split in transcripts.items()}
@@ -129,8 +135,9 @@ def markdown(result: dict) -> str:
     lines = [
         "# bf16 GEMMs against float32: the dev split",
         "",
-        f"`python -m benchmarks.gemm_dtype`: {result['utterances']} dev utterances transcribed three ways by the "
-        f"same model (language given), torch {result['torch']}, one thread; the CPU's own bf16 instructions: "
+        f"`python -m benchmarks.gemm_dtype`: {result['utterances']} dev utterances transcribed {len(names)} ways by "
+        f"the same model (language given, merged adapters as served), torch {result['torch']}, one thread; the CPU's "
+        "own bf16 instructions: "
         f"{'yes' if result['native_bf16'] else 'no'}. Differences from float32 in CER points, with the 95 % "
         "interval of a paired bootstrap over utterances.",
         "",

@@ -285,8 +285,13 @@ def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
                               settings.vllm_gpu_memory_utilization, settings.vllm_dtype)
         engine = VLLMEngine(model, settings.model_dir, metrics, options, settings.lid_threshold)
     else:
+        # (on a GPU the decoder's layers run F.linear: the setting does nothing there)
+        prompt_gemm_dtype = resolve_gemm_dtype(settings.decoder_prompt_gemm_dtype if device == "cpu" else "float32")
         engine = EmbeddedEngine(model, metrics, int(settings.adapter_cache_mb * 2**20), settings.lid_threshold,
-                                settings.pinned_languages, settings.max_batch_size)
+                                settings.pinned_languages, settings.max_batch_size, prompt_gemm_dtype)
+        if gemm_dtype_name(prompt_gemm_dtype) != "float32":
+            logger.info("decoder GEMMs over more than 16 rows in %s (ZASR_DECODER_PROMPT_GEMM_DTYPE=%s)",
+                        gemm_dtype_name(prompt_gemm_dtype), settings.decoder_prompt_gemm_dtype)
         engine.preload(settings.preload_languages)
     batcher = Batcher(engine, metrics, settings.max_batch_size, settings.max_wait_ms / 1000, settings.max_queue,
                       settings.threads or DEFAULT_ENGINE_THREADS)

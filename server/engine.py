@@ -29,7 +29,7 @@ from adapters.zipper import (
 )
 from server.adapter_cache import SHARED_KEY, AdapterCache
 from server.metrics import Metrics
-from speechllm.decoder import decoder_for
+from speechllm.decoder import LlamaDecoder, decoder_for
 from speechllm.decoding import Generation, Hypothesis, TokenCallback, generate
 from speechllm.inference import choose_language, token_limits
 from speechllm.languages import BY_CODE
@@ -238,12 +238,16 @@ class EmbeddedEngine(SpeechEngine):
     unmerged, each language's merged B(l) from an LRU adapter cache."""
 
     def __init__(self, model: SpeechLLM, metrics: Metrics, cache_bytes: int, lid_threshold: float = 0.5,
-                 pinned_languages: list[str] | None = None, max_rows: int = 16) -> None:
-        """`max_rows`: most rows decoding at once (`start`)."""
+                 pinned_languages: list[str] | None = None, max_rows: int = 16,
+                 prompt_gemm_dtype: torch.dtype = torch.float32) -> None:
+        """`max_rows`: most rows decoding at once (`start`). `prompt_gemm_dtype`: the decoder's GEMMs over more than
+        16 rows, its prompts (LlamaDecoder.set_gemm_dtype; the steps stay float32)."""
         super().__init__(model, metrics, lid_threshold)
         pinned = [self.adapter_key(code) for code in pinned_languages or []]
         self.cache = AdapterCache(self._merge, cache_bytes, metrics, pinned)
         self.decoder = decoder_for(model.llm)  # built once: it packs the projections' weights
+        if isinstance(self.decoder, LlamaDecoder):
+            self.decoder.set_gemm_dtype(torch.float32, wide=prompt_gemm_dtype)
         self.max_rows = max_rows
         # Continuous batching (start): the groups waiting to join, the rows decoding, and which group each is of.
         self._waiting: deque[_Group] = deque()

@@ -348,14 +348,15 @@ class LlamaDecoder:
         self.rotary = RotaryTable(llm.model.rotary_emb, self.head_dim, llm.get_input_embeddings().weight,
                                   config.max_position_embeddings)
 
-    def set_gemm_dtype(self, dtype: torch.dtype) -> None:
+    def set_gemm_dtype(self, dtype: torch.dtype, wide: torch.dtype | None = None) -> None:
         """The packed layers' and the lm_head's GEMMs in `dtype` (speechllm.cpu_linear; a packed layer that runs as
-        its own modules stays as they are), from the next generation on: a generation's steps run as its prefill
-        did (`_forward`, `checked`)."""
+        its own modules stays as they are), those over more than EXACT_ROWS rows (prompts) in `wide` (None: `dtype`
+        too), from the next generation on: a generation's steps run as its prefill did (`_forward`, `checked`)."""
         checked_gemm_dtype(dtype)
-        for packed in self.qkv + self.o + self.gate_up + self.down:
-            packed.linear.gemm_dtype = dtype
-        self.lm_head.gemm_dtype = dtype
+        if wide is not None:
+            checked_gemm_dtype(wide)
+        for linear in [packed.linear for packed in self.qkv + self.o + self.gate_up + self.down] + [self.lm_head]:
+            linear.gemm_dtype, linear.wide_gemm_dtype = dtype, wide
 
     @classmethod
     def supports(cls, llm: PreTrainedModel) -> bool:

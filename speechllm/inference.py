@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
 
-from adapters.zipper import keep_rows, use_languages
+from adapters.zipper import MergedAdapter, keep_rows, merge_language, use_languages, use_segments
 from speechllm.decoder import Decoder, decoder_for
 from speechllm.decoding import generate
 from speechllm.model import SpeechLLM
@@ -47,8 +48,11 @@ def token_limits(audio_lengths: Iterable[int] | torch.Tensor) -> list[int]:
 @torch.no_grad()
 def transcribe_features(model: SpeechLLM, features: torch.Tensor, lengths: torch.Tensor,
                         languages: list[str | None], chunk_size: int | None = None,
-                        decoder: Decoder | None = None) -> list[Transcription]:
-    """`decoder`: the model's decoder (speechllm.decoder.decoder_for), when the caller keeps one for many calls."""
+                        decoder: Decoder | None = None, merged: bool = False) -> list[Transcription]:
+    """`decoder`: the model's decoder (speechllm.decoder.decoder_for), when the caller keeps one for many calls.
+    `merged`: decode as the server's engine does, each row with its language's merged adapter (merge_language), so
+    that a LlamaDecoder runs its packed GEMMs (speechllm.decoder.PackedLinear), in their GEMM dtype; otherwise the
+    Zipper layers compute each row's update from its language index, layer by layer, in float32."""
     device = next(model.parameters()).device
     states, state_lengths = model.encode(features.to(device), lengths.to(device), chunk_size)
     probabilities = model.language_logits(states, state_lengths).float().softmax(-1).cpu()
@@ -58,7 +62,7 @@ def transcribe_features(model: SpeechLLM, features: torch.Tensor, lengths: torch
     audio, audio_lengths = model.audio_embeddings(states, state_lengths)
     prompts = model.prompt_embeddings(audio, audio_lengths, chosen)
     limits = token_limits(audio_lengths)
-    with use_languages(model.llm, model.language_indices(chosen).to(device)):
+    with _adapters(model, chosen, merged):
         hypotheses = generate(decoder or decoder_for(model.llm), prompts, eos_id(model.tokenizer), limits,
                               on_rows_kept=lambda keep: keep_rows(model.llm, keep))
     results = []
@@ -70,3 +74,18 @@ def transcribe_features(model: SpeechLLM, features: torch.Tensor, lengths: torch
                                      chosen[row], None if given else detected[row], probability,
                                      hypothesis.avg_logprob, detected[row], hypothesis.looped))
     return results
+
+
+def _adapters(model: SpeechLLM, languages: list[str | None], merged: bool) -> AbstractContextManager[None]:
+    if not merged:
+        return use_languages(model.llm, model.language_indices(languages).to(next(model.parameters()).device))
+    adapters: dict[str | None, MergedAdapter] = {}
+    segments, start = [], 0
+    for row in range(1, len(languages) + 1):  # runs of rows of one language
+        if row == len(languages) or languages[row] != languages[start]:
+            code = languages[start]
+            if code not in adapters:
+                adapters[code] = merge_language(model.llm, None if code is None else model.config.languages.index(code))
+            segments.append((start, row, adapters[code]))
+            start = row
+    return use_segments(model.llm, segments)

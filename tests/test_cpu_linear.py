@@ -184,6 +184,45 @@ def test_the_decoder_s_layers_take_a_gemm_dtype(tiny_tokenizer) -> None:
         decoder.set_gemm_dtype(torch.float16)
 
 
+@BF16
+def test_calls_of_more_than_a_step_s_rows_take_the_wide_gemm_dtype() -> None:
+    """`wide_gemm_dtype`: calls of more than EXACT_ROWS rows (a decoder's prompts) in bf16, a step's rows in float32,
+    checked or not; the bf16 weight is laid out again when the weight changes."""
+    torch.manual_seed(0)
+    weight, bias = torch.randn(48, 64), torch.randn(48)
+    linear = OneDNNLinear(weight, bias)
+    linear.wide_gemm_dtype = torch.bfloat16
+    step, prompts = torch.randn(cpu_linear.EXACT_ROWS, 64), torch.randn(cpu_linear.EXACT_ROWS + 1, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(linear(step), F.linear(step, weight, bias), atol=1e-5, rtol=1e-5)
+        for checked in (True, False):
+            wide = linear(prompts, checked)
+            of_rounded = F.linear(prompts.bfloat16().float(), weight.bfloat16().float(), bias)
+            torch.testing.assert_close(wide, of_rounded, atol=1e-6, rtol=2 ** -7)
+            assert not torch.allclose(wide, F.linear(prompts, weight, bias), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(linear(step, checked=False), F.linear(step, weight, bias), atol=1e-5, rtol=1e-5)
+        weight.mul_(-1)
+        of_rounded = F.linear(prompts.bfloat16().float(), weight.bfloat16().float(), bias)
+        torch.testing.assert_close(linear(prompts), of_rounded, atol=1e-6, rtol=2 ** -7)
+
+
+@BF16
+def test_the_decoder_s_prompts_alone_can_take_bf16(tiny_tokenizer) -> None:
+    """LlamaDecoder.set_gemm_dtype(float32, wide=bf16): a prefill of more than 16 rows in bf16, a step in float32."""
+    _, decoder, embeds, mask = _tiny_decoder_and_prompts(tiny_tokenizer)
+    embeds = torch.cat([embeds] * 4, dim=1)  # prompts of more rows than a step's
+    mask = torch.cat([mask, mask.new_ones(mask.shape[0], 3 * mask.shape[1])], dim=1)
+    with torch.no_grad():
+        exact, _ = decoder.prefill(embeds, mask, max_new_tokens=2)
+        decoder.set_gemm_dtype(torch.float32, wide=torch.bfloat16)
+        rounded, cache = decoder.prefill(embeds, mask, max_new_tokens=2)
+        assert not torch.allclose(rounded, exact, atol=1e-5) and float((rounded - exact).norm() / exact.norm()) < 0.05
+        twin = copy.deepcopy(cache)
+        stepped = decoder.step(rounded.argmax(-1), cache)
+        decoder.set_gemm_dtype(torch.float32)
+        torch.testing.assert_close(decoder.step(rounded.argmax(-1), twin), stepped, atol=0, rtol=0)
+
+
 def test_auto_is_bf16_only_where_the_cpu_has_bf16_instructions(monkeypatch: pytest.MonkeyPatch) -> None:
     for native, expected in ((True, torch.bfloat16), (False, torch.float32)):
         monkeypatch.setattr(cpu_linear, "native_bf16", lambda native=native: native)

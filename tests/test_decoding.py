@@ -354,6 +354,31 @@ def test_transcribe_mixed_languages_with_zipper_adapter(tiny_tokenizer) -> None:
     assert batch[2].detected_language in model.config.languages
 
 
+@pytest.mark.parametrize("variant", [Variant.SOFT, Variant.INDEPENDENT])
+def test_merged_adapters_transcribe_as_the_language_indices_do(tiny_tokenizer, variant: Variant) -> None:
+    """transcribe_features(merged=True) decodes as the server does, each row with its language's merged adapter
+    (runs of rows of one language, the unknown language's shared subspace too): the same text, and for a Llama-style
+    decoder through its packed GEMMs (which carry the GEMM dtype)."""
+    model = tiny_speech_llm(tiny_tokenizer, adapter=ZipperConfig(variant=variant, rank=4))
+    _random_adapters(model)
+    features, lengths = torch.randn(4, 80, 120), torch.tensor([120, 100, 80, 96])
+    languages = ["en", "en", None, "ja"]
+    decoder = decoder_for(model.llm)
+    packed: list[bool] = []
+    step = type(decoder).step
+
+    def noting_step(self, *args, **kwargs):
+        packed.append(all(p.one_gemm for p in self.qkv))
+        return step(self, *args, **kwargs)
+
+    by_index = transcribe_features(model, features, lengths, languages, decoder=decoder)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(decoder), "step", noting_step)
+        merged = transcribe_features(model, features, lengths, languages, decoder=decoder, merged=True)
+    assert [r.text for r in merged] == [r.text for r in by_index]
+    assert packed and all(packed) == (variant != Variant.INDEPENDENT)
+
+
 def _fed(tokens: list[int]) -> tuple[RowTokens, bool]:
     row = RowTokens()
     for token in tokens:
