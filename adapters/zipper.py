@@ -21,7 +21,7 @@ computes A x once; only the B step depends on the row's language: one batched GE
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -240,6 +240,18 @@ def merge_language(model: nn.Module, language: int | None) -> MergedAdapter:
     if independent and language is None:
         a = [layer.lora_A[0].detach().clone() for layer in layers]  # B is zero: any A gives no update
     return MergedAdapter(a, b)
+
+
+def language_runs(keys: Sequence[Hashable], adapter_of: Callable[[Hashable], MergedAdapter]
+                  ) -> list[tuple[int, int, MergedAdapter]]:
+    """A batch's rows in runs of one key (a language's), each with that key's adapter (`adapter_of`, asked once a
+    run): the segments of use_segments and joining_rows."""
+    segments, start = [], 0
+    for row in range(1, len(keys) + 1):
+        if row == len(keys) or keys[row] != keys[start]:
+            segments.append((start, row, adapter_of(keys[start])))
+            start = row
+    return segments
 
 
 def room_rows(rows: int) -> int:

@@ -64,7 +64,8 @@ from server.settings import Settings, encoder_in_workers, resolve_device
 from server.threads import DEFAULT_ENGINE_THREADS, use_one_thread
 from server.vad import SileroVAD
 from speechllm.audio import AudioDecodeError, AudioTooLong, EmptyAudioError
-from speechllm.cpu_linear import Linear, gemm_dtype_name, resolve_gemm_dtype
+from speechllm.cpu_linear import EXACT_ROWS, Linear, gemm_dtype_name, resolve_gemm_dtype
+from speechllm.decoder import LlamaDecoder
 from speechllm.languages import BY_CODE
 from speechllm.model import SpeechLLM
 
@@ -284,14 +285,19 @@ def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
                               settings.vllm_max_cpu_loras, settings.vllm_max_lora_rank,
                               settings.vllm_gpu_memory_utilization, settings.vllm_dtype)
         engine = VLLMEngine(model, settings.model_dir, metrics, options, settings.lid_threshold)
+        if settings.decoder_prompt_gemm_dtype != "float32":
+            logger.warning("ZASR_DECODER_PROMPT_GEMM_DTYPE is the embedded decoder's: vLLM computes in ZASR_VLLM_DTYPE")
     else:
-        # (on a GPU the decoder's layers run F.linear: the setting does nothing there)
-        prompt_gemm_dtype = resolve_gemm_dtype(settings.decoder_prompt_gemm_dtype if device == "cpu" else "float32")
+        prompt_gemm_dtype = resolve_gemm_dtype(settings.decoder_prompt_gemm_dtype)
         engine = EmbeddedEngine(model, metrics, int(settings.adapter_cache_mb * 2**20), settings.lid_threshold,
                                 settings.pinned_languages, settings.max_batch_size, prompt_gemm_dtype)
         if gemm_dtype_name(prompt_gemm_dtype) != "float32":
-            logger.info("decoder GEMMs over more than 16 rows in %s (ZASR_DECODER_PROMPT_GEMM_DTYPE=%s)",
-                        gemm_dtype_name(prompt_gemm_dtype), settings.decoder_prompt_gemm_dtype)
+            if device != "cpu" or not isinstance(engine.decoder, LlamaDecoder):  # (F.linear there: oneDNN's only)
+                logger.warning("ZASR_DECODER_PROMPT_GEMM_DTYPE=%s has no effect on this %s decoder on %s",
+                               settings.decoder_prompt_gemm_dtype, type(engine.decoder).__name__, device)
+            else:
+                logger.info("decoder GEMMs over more than %d rows in %s (ZASR_DECODER_PROMPT_GEMM_DTYPE=%s)",
+                            EXACT_ROWS, gemm_dtype_name(prompt_gemm_dtype), settings.decoder_prompt_gemm_dtype)
         engine.preload(settings.preload_languages)
     batcher = Batcher(engine, metrics, settings.max_batch_size, settings.max_wait_ms / 1000, settings.max_queue,
                       settings.threads or DEFAULT_ENGINE_THREADS)

@@ -24,6 +24,7 @@ from adapters.zipper import (
     clear_rows,
     joining_rows,
     keep_rows,
+    language_runs,
     merge_language,
     use_segments,
 )
@@ -241,7 +242,8 @@ class EmbeddedEngine(SpeechEngine):
                  pinned_languages: list[str] | None = None, max_rows: int = 16,
                  prompt_gemm_dtype: torch.dtype = torch.float32) -> None:
         """`max_rows`: most rows decoding at once (`start`). `prompt_gemm_dtype`: the decoder's GEMMs over more than
-        16 rows, its prompts (LlamaDecoder.set_gemm_dtype; the steps stay float32)."""
+        EXACT_ROWS rows (LlamaDecoder.set_gemm_dtype's `wide`): prefills, and the passes that carry joining prompts,
+        with the running rows' step in them; plain steps of up to EXACT_ROWS rows stay float32."""
         super().__init__(model, metrics, lid_threshold)
         pinned = [self.adapter_key(code) for code in pinned_languages or []]
         self.cache = AdapterCache(self._merge, cache_bytes, metrics, pinned)
@@ -458,14 +460,7 @@ class EmbeddedEngine(SpeechEngine):
         keep_rows(self.model.llm, keep)
 
     def _segments(self, keys: list[str]) -> list[tuple[int, int, MergedAdapter]]:
-        if self.model.config.adapter is None:
-            return []
-        segments, start = [], 0
-        for row in range(1, len(keys) + 1):
-            if row == len(keys) or keys[row] != keys[start]:
-                segments.append((start, row, self.cache.get(keys[start])))
-                start = row
-        return segments
+        return [] if self.model.config.adapter is None else language_runs(keys, self.cache.get)
 
 
 def _settle(future: asyncio.Future, output: EngineOutput | None, error: Exception | None) -> None:

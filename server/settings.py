@@ -49,12 +49,14 @@ class Settings(BaseSettings):
                             "beside an upload, and replicas on CPUs with and without bf16 differ. float32 where "
                             "output must be reproducible (docs/serving.md, *bf16 GEMMs*)")
     decoder_prompt_gemm_dtype: Literal["float32", "bfloat16", "auto"] = Field(
-        "float32", description="the embedded decoder's matrix products over more than 16 rows (the prompts of joining "
-                               "requests, which pass beside the running rows' step) on a CPU; its steps stay float32. "
-                               "bfloat16 (or auto: on CPUs with bf16 instructions) served 1.03x as many audio seconds "
-                               "per second at concurrency 16 on the 2-core benchmark machine, and changes transcripts: "
-                               "dev split with the bf16 encoder, +0.18 CER points against float32 (95 % interval -0.06 "
-                               "to +0.41), 223 of 1200 transcripts differ (docs/serving.md, *bf16 GEMMs*)")
+        "float32", description="the embedded decoder's matrix products over more than 16 rows on a CPU: prefills, and "
+                               "the passes that carry joining requests' prompts, with the running rows' step in them "
+                               "(so a transcript depends a little on the traffic beside it); plain steps of up to 16 "
+                               "rows stay float32. bfloat16 (or auto: on CPUs with bf16 instructions) served 1.03x as "
+                               "many audio seconds per second at concurrency 16 on the 2-core benchmark machine; dev "
+                               "split with the bf16 encoder: +0.18 CER points against float32 (95 % interval -0.06 to "
+                               "+0.41), 223 of 1200 transcripts differ, 50 with the bf16 encoder alone "
+                               "(docs/serving.md, *bf16 GEMMs*)")
     threads: int = Field(1, ge=0, description="torch intra-op threads of the server's process, the engine's (0: "
                                               "torch's default, all cores); 1 is measured best while the audio "
                                               "workers use the other cores (server/threads.py)")

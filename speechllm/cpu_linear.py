@@ -7,7 +7,8 @@ kernels, which are compiled for the CPU they run on (docs/serving.md, *oneDNN li
 projections 102 against 51 µs. Both compute in float32; only the order of the additions differs.
 
 oneDNN reads the weight in a blocked layout of its own (`mkldnn::_reorder_linear_weight`); reordering it at every
-call would cost more than the GEMM, so it is done once and kept beside the weight (twice the weights' memory), and
+call would cost more than the GEMM, so it is done once and kept beside the weight (twice the weights' memory; a
+layer with a `wide_gemm_dtype` keeps a third copy, in bf16), and
 done again whenever one of the weight's sources has changed: in place, as load_state_dict, nn.init and torch's
 default optimizers do (their version counters), or given new memory. Writes that bump no version counter (through
 `.data`, or a fused optimizer) need `reset()`. Elsewhere it is `F.linear`: a GPU, another dtype, autocast (which
@@ -94,8 +95,9 @@ class OneDNNLinear:
                  sources: list[torch.Tensor] | None = None, gemm_dtype: torch.dtype = torch.float32) -> None:
         self.weight, self.bias = weight, bias
         self.gemm_dtype = checked_gemm_dtype(gemm_dtype)  # set again only through checked_gemm_dtype
-        # Calls of more than EXACT_ROWS rows (prompts, not a decoding step's rows) run their GEMM in this dtype; None:
-        # in gemm_dtype. bf16 pays from about 16 rows on (1.26x at 16 rows, 1.7x at 140 on this CPU), not below.
+        # Calls of more than EXACT_ROWS rows (a decoder's prompts; a plain decoding step has fewer) run their GEMM in
+        # this dtype, read at every call; None: in gemm_dtype. bf16 pays from about 16 rows on (1.26x at 16 rows,
+        # 1.7x at 140 on this CPU), not below. Set it to a GEMM_DTYPES value (LlamaDecoder.set_gemm_dtype checks).
         self.wide_gemm_dtype: torch.dtype | None = None
         self.sources = sources if sources is not None else [weight]
         self.reset()
@@ -136,8 +138,9 @@ class OneDNNLinear:
     def _wide_laid_out(self, laid_out: torch.Tensor) -> torch.Tensor:
         """The weight laid out in wide_gemm_dtype, made again whenever `laid_out` (gemm_dtype's) was."""
         if self._wide is None or self._wide[0] is not laid_out or self._wide[1].dtype != self.wide_gemm_dtype:
-            wide = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach().to(self.wide_gemm_dtype))
-            self._wide = laid_out, wide
+            self._wide = None  # (not held while the new one is made)
+            self._wide = laid_out, torch.ops.mkldnn._reorder_linear_weight(
+                self.weight.detach().to(self.wide_gemm_dtype))
         return self._wide[1]
 
     def _laid_out_for(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -154,6 +157,7 @@ class OneDNNLinear:
         if laid_out is None or laid_out.dtype is not self.gemm_dtype or not self._up_to_date():
             if not self._weights_fit():
                 return None
+            self._wide = None  # laid out from the old weights
             laid_out = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach().to(self.gemm_dtype))
             self._laid_out = laid_out
             self._laid_out_from = [(source.detach(), source.data_ptr(), source._version) for source in self.sources]

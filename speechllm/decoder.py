@@ -350,8 +350,10 @@ class LlamaDecoder:
 
     def set_gemm_dtype(self, dtype: torch.dtype, wide: torch.dtype | None = None) -> None:
         """The packed layers' and the lm_head's GEMMs in `dtype` (speechllm.cpu_linear; a packed layer that runs as
-        its own modules stays as they are), those over more than EXACT_ROWS rows (prompts) in `wide` (None: `dtype`
-        too), from the next generation on: a generation's steps run as its prefill did (`_forward`, `checked`)."""
+        its own modules stays as they are), from the next generation on: a generation's steps run as its prefill did
+        (`_forward`, `checked`). Those over more than EXACT_ROWS rows in `wide` (None: `dtype` too), from the next
+        such call on: prefills, and passes that carry joining prompts (step_and_prefill), the running rows' step
+        with them; a plain step of up to EXACT_ROWS rows runs in `dtype`."""
         checked_gemm_dtype(dtype)
         if wide is not None:
             checked_gemm_dtype(wide)

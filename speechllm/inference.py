@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 
-from adapters.zipper import MergedAdapter, keep_rows, merge_language, use_languages, use_segments
+from adapters.zipper import (
+    MergedAdapter,
+    keep_rows,
+    language_runs,
+    merge_language,
+    use_languages,
+    use_segments,
+)
 from speechllm.decoder import Decoder, decoder_for
 from speechllm.decoding import generate
 from speechllm.model import SpeechLLM
@@ -77,15 +85,15 @@ def transcribe_features(model: SpeechLLM, features: torch.Tensor, lengths: torch
 
 
 def _adapters(model: SpeechLLM, languages: list[str | None], merged: bool) -> AbstractContextManager[None]:
+    """The Zipper layers set for a batch of rows in `languages`: by language index, or with merged adapters."""
     if not merged:
         return use_languages(model.llm, model.language_indices(languages).to(next(model.parameters()).device))
-    adapters: dict[str | None, MergedAdapter] = {}
-    segments, start = [], 0
-    for row in range(1, len(languages) + 1):  # runs of rows of one language
-        if row == len(languages) or languages[row] != languages[start]:
-            code = languages[start]
-            if code not in adapters:
-                adapters[code] = merge_language(model.llm, None if code is None else model.config.languages.index(code))
-            segments.append((start, row, adapters[code]))
-            start = row
-    return use_segments(model.llm, segments)
+    if model.config.adapter is None:
+        return nullcontext()
+    codes = model.config.languages
+
+    @cache
+    def adapter_of(code: str | None) -> MergedAdapter:
+        return merge_language(model.llm, None if code is None else codes.index(code))
+
+    return use_segments(model.llm, language_runs(languages, adapter_of))

@@ -294,6 +294,55 @@ def test_a_16_bit_wav_read_without_ffmpeg_gives_ffmpegs_samples(channels: int, s
         np.testing.assert_array_equal(samples, expected, err_msg=name)
 
 
+def _with_field(data: bytes, offset: int, value: int, size: int = 4) -> bytes:
+    return data[:offset] + value.to_bytes(size, "little") + data[offset + size:]
+
+
+def _fmt_of_18_bytes(data: bytes) -> bytes:
+    """The same file with WAVEFORMATEX's 18-byte fmt chunk (a cbSize of 0 after the 16 bytes), as some tools write."""
+    return _with_field(data[:16] + (18).to_bytes(4, "little") + data[20:36] + bytes(2) + data[36:], 4, len(data) - 6)
+
+
+def _hostile_wavs() -> dict[str, bytes]:
+    mono = wav_bytes(two_tone(SAMPLE_RATE)[None, :], SAMPLE_RATE)
+    stereo = wav_bytes(np.stack([two_tone(SAMPLE_RATE)] * 2), SAMPLE_RATE)
+    return {
+        "RIFF size odd and short": _with_field(mono, 4, 1001),
+        "RIFF size even and short": _with_field(mono, 4, 1000),
+        "stereo, RIFF size short": _with_field(stereo, 4, 1001),
+        "fmt chunk of 18 bytes": _fmt_of_18_bytes(mono),
+        "a chunk past the RIFF size": _with_field(mono[:36] + LIST + mono[36:], 4, 40),
+        "rate 2**31 - 1": _with_field(mono, 24, 2**31 - 1),
+        "rate 2**32 - 1": _with_field(mono, 24, 2**32 - 1),
+        "100 channels": _with_field(_with_field(mono, 22, 100, 2), 32, 200, 2),
+        "5 frames at 44.1 kHz": wav_bytes(np.zeros((1, 5)), 44_100),
+        "1 Hz": wav_bytes(np.zeros((1, 4)), 1),
+    }
+
+
+@pytest.mark.parametrize("name", list(_hostile_wavs()))
+def test_odd_and_hostile_wav_headers_decode_as_ffmpeg_decodes_them(name: str, monkeypatch: pytest.MonkeyPatch
+                                                                   ) -> None:
+    """Whatever the header says, a WAV upload gives FFmpeg's samples or FFmpeg's error (never another exception,
+    which the server would answer with a 500): `wave` believes the RIFF size, FFmpeg does not; `wave` takes rates
+    and channel counts that FFmpeg refuses; a few frames resample to none (EmptyAudioError, as FFmpeg's)."""
+    data = _hostile_wavs()[name]
+
+    def outcome() -> np.ndarray | type[Exception]:
+        try:
+            return load_audio(data, max_seconds=60)
+        except (AudioDecodeError, AudioTooLong) as error:
+            return type(error)
+
+    ours = outcome()
+    ffmpeg_only(monkeypatch)
+    expected = outcome()
+    if isinstance(expected, np.ndarray):
+        np.testing.assert_array_equal(ours, expected)
+    else:
+        assert ours is expected
+
+
 @pytest.mark.parametrize(("width", "channels", "sample_rate"), [(1, 1, 16_000), (3, 1, 16_000), (4, 1, 16_000),
                                                               (2, 2, 22_050)])
 def test_other_wavs_are_left_to_ffmpeg(width: int, channels: int, sample_rate: int) -> None:
@@ -500,9 +549,13 @@ def test_zero_byte_file_on_disk_raises_audio_decode_error(tmp_path: Path) -> Non
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_audio_over_the_limit_stops_decoding_before_its_samples_are_made() -> None:
+@pytest.mark.parametrize("reader", ["wave", "ffmpeg"])
+def test_audio_over_the_limit_stops_decoding_before_its_samples_are_made(reader: str,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """A 20 KB WAV whose header says 1 Hz is 10,000 s of audio: 160 million samples at 16 kHz, 1.2 GB at its peak
-    when it was decoded first and measured afterwards."""
+    when it was decoded first and measured afterwards. (The standard library reads the speech, FFmpeg the 1 Hz.)"""
+    if reader == "ffmpeg":
+        ffmpeg_only(monkeypatch)
     tracemalloc.start()
     try:
         with pytest.raises(AudioTooLong, match="limit of 60 s"):

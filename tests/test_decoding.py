@@ -376,7 +376,15 @@ def test_merged_adapters_transcribe_as_the_language_indices_do(tiny_tokenizer, v
         patch.setattr(type(decoder), "step", noting_step)
         merged = transcribe_features(model, features, lengths, languages, decoder=decoder, merged=True)
     assert [r.text for r in merged] == [r.text for r in by_index]
+    assert merged[2].language is None  # (LID not trusted: the shared subspace's adapter)
     assert packed and all(packed) == (variant != Variant.INDEPENDENT)
+
+
+def test_merged_decoding_of_a_model_without_adapters(tiny_tokenizer) -> None:
+    model = tiny_speech_llm(tiny_tokenizer)
+    features, lengths = torch.randn(2, 80, 120), torch.tensor([120, 80])
+    merged = transcribe_features(model, features, lengths, ["en", None], merged=True)
+    assert [r.text for r in merged] == [r.text for r in transcribe_features(model, features, lengths, ["en", None])]
 
 
 def _fed(tokens: list[int]) -> tuple[RowTokens, bool]:

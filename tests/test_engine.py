@@ -316,8 +316,8 @@ def test_text_stream_leaves_out_bytes_that_form_no_character(tiny_tokenizer) -> 
 
 
 def test_the_engine_s_prompt_gemms_take_their_own_dtype(soft_model: SpeechLLM) -> None:
-    """ZASR_DECODER_PROMPT_GEMM_DTYPE reaches the decoder: its GEMMs of more than a step's rows in that dtype, its
-    steps' in float32 (speechllm.cpu_linear.OneDNNLinear.wide_gemm_dtype)."""
+    """EmbeddedEngine's `prompt_gemm_dtype` (ZASR_DECODER_PROMPT_GEMM_DTYPE) reaches the decoder: its GEMMs of more
+    than a step's rows in that dtype, the others in float32 (speechllm.cpu_linear.OneDNNLinear.wide_gemm_dtype)."""
     engine = EmbeddedEngine(soft_model, Metrics(), 1 << 30, prompt_gemm_dtype=torch.bfloat16)
     linears = [packed.linear for packed in engine.decoder.qkv + engine.decoder.down] + [engine.decoder.lm_head]
     assert all(linear.gemm_dtype is torch.float32 and linear.wide_gemm_dtype is torch.bfloat16 for linear in linears)
