@@ -109,7 +109,7 @@ class OneDNNLinear:
         # being reused by a new tensor at the same address.
         self._laid_out_from: list[tuple[torch.Tensor, int, int]] = []
         self._last_choice: torch.Tensor | None = None  # what the last checked call ran with (None: F.linear)
-        self._wide: tuple[torch.Tensor, torch.Tensor] | None = None  # (the laid-out weight it was made beside, it)
+        self._wide: torch.Tensor | None = None  # the weight laid out in wide_gemm_dtype (dropped with `_laid_out`)
 
     def __call__(self, x: torch.Tensor, checked: bool = True) -> torch.Tensor:
         """`checked` False: run as the last checked call did, without checking the input or the weights again, for
@@ -123,7 +123,7 @@ class OneDNNLinear:
             return F.linear(x, self.weight, self.bias)
         rows = x.numel() // x.shape[-1]
         if rows > EXACT_ROWS and self.wide_gemm_dtype not in (None, laid_out.dtype):
-            laid_out = self._wide_laid_out(laid_out)
+            laid_out = self._wide_laid_out()
         padded = padded_rows(rows)
         if padded != rows:
             zero_padded = F.pad(x.reshape(rows, x.shape[-1]), (0, 0, 0, padded - rows))
@@ -135,13 +135,12 @@ class OneDNNLinear:
             return torch.ops.mkldnn._linear_pointwise(x, laid_out, self.bias, "none", [], "")
         return torch.ops.mkldnn._linear_pointwise(x.to(laid_out.dtype), laid_out, self.bias, "none", [], "").float()
 
-    def _wide_laid_out(self, laid_out: torch.Tensor) -> torch.Tensor:
-        """The weight laid out in wide_gemm_dtype, made again whenever `laid_out` (gemm_dtype's) was."""
-        if self._wide is None or self._wide[0] is not laid_out or self._wide[1].dtype != self.wide_gemm_dtype:
+    def _wide_laid_out(self) -> torch.Tensor:
+        """The weight laid out in wide_gemm_dtype; `_laid_out_for` and `reset` drop it with gemm_dtype's."""
+        if self._wide is None or self._wide.dtype != self.wide_gemm_dtype:
             self._wide = None  # (not held while the new one is made)
-            self._wide = laid_out, torch.ops.mkldnn._reorder_linear_weight(
-                self.weight.detach().to(self.wide_gemm_dtype))
-        return self._wide[1]
+            self._wide = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach().to(self.wide_gemm_dtype))
+        return self._wide
 
     def _laid_out_for(self, x: torch.Tensor) -> torch.Tensor | None:
         """The weight laid out for oneDNN in `gemm_dtype` (again, if a source changed), or None where this call
