@@ -290,10 +290,9 @@ class EmbeddedEngine(SpeechEngine):
         return group.outputs
 
     async def _drive(self, run_in_thread: RunInThread) -> None:
-        """Runs the decoding in ticks of the engine thread, and between ticks lets waiting groups join. A tick
-        ends as soon as another group waits to join and fits (and at TICK_S), so that it does not wait long;
-        other work for the engine thread (language detection) runs between ticks. Rows are answered from inside
-        the ticks, as each is decoded (`_answer`)."""
+        """Runs the decoding in ticks of the engine thread of at most TICK_S, between which other work for the
+        engine thread (language detection) runs. Groups that wait join at a tick's start, or inside it between its
+        steps once they fit (`_tick`). Rows are answered from inside the ticks, as each is decoded (`_answer`)."""
         joining: list[_Group] = []
         try:
             while self._waiting or self._generation.alive:  # (alive: rows decoding, and abandoned rows leaving)
@@ -324,20 +323,14 @@ class EmbeddedEngine(SpeechEngine):
 
     @torch.no_grad()
     def _tick(self, joining: list[_Group]) -> None:
-        """In the engine thread: the joining groups join, then decoding steps until another waiting group would
-        fit or TICK_S has passed. Each row is answered as soon as it is decoded; with an error: a group whose
-        speech half failed, and every row decoding when joining or a step failed, since the batch's state is then
-        in doubt."""
+        """In the engine thread: the joining groups join, then decoding steps until TICK_S has passed; between
+        steps, groups that wait and fit join too, here, without the event loop's turn between ticks (which left the
+        engine thread idle while the loop took its turn). Each row is answered as soon as it is decoded; with an
+        error: a group whose speech half failed, and every row decoding when joining or a step failed, since the
+        batch's state is then in doubt."""
+        taken = list(joining)
         try:
-            for group in joining:
-                try:
-                    self._prepare(group)
-                except Exception as error:
-                    self._answer_all(group, error)
-                    continue
-                self._join(group)
-            if joining:  # an output cancelled before its row joined was missed by the scans until now
-                self._abandoned = True
+            self._join_groups(joining)
             deadline = time.perf_counter() + TICK_S
             while self._generation.alive:
                 if self._abandoned:
@@ -350,15 +343,37 @@ class EmbeddedEngine(SpeechEngine):
                 for row in ended:
                     group, position = self._row_group.pop(row)
                     self._answer_row(group, position, row)
-                waiting_fits = self._waiting and self._room_for(self._waiting[0], [])
-                if waiting_fits or time.perf_counter() > deadline:
+                if time.perf_counter() > deadline:
                     break
+                more = self._take_waiting()
+                taken += more
+                self._join_groups(more)
         except Exception as error:
-            for group in {group for group, _ in self._row_group.values()} | set(joining):
+            for group in {group for group, _ in self._row_group.values()} | set(taken):
                 self._answer_all(group, error)  # rows already answered keep their outputs
             self._reset()
         if not self._generation.alive:
             self._reset()
+
+    def _take_waiting(self) -> list[_Group]:
+        """In the engine thread, between steps: the waiting groups that fit now, admitted (EmbeddedEngine.start
+        returns for them). The event loop only appends to `_waiting` meanwhile (a deque: thread-safe)."""
+        taken: list[_Group] = []
+        while self._waiting and self._room_for(self._waiting[0], taken):
+            taken.append(self._waiting.popleft())
+            _call_in_loop(taken[-1].admitted, _settle, taken[-1].admitted, None, None)
+        return taken
+
+    def _join_groups(self, joining: list[_Group]) -> None:
+        for group in joining:
+            try:
+                self._prepare(group)
+            except Exception as error:
+                self._answer_all(group, error)
+                continue
+            self._join(group)
+        if joining:  # an output cancelled before its row joined was missed by the scans until now
+            self._abandoned = True
 
     def _drop_abandoned(self) -> None:
         """Rows whose outputs were cancelled (abandon) stop decoding."""
@@ -404,10 +419,7 @@ class EmbeddedEngine(SpeechEngine):
 
     def _answer(self, future: asyncio.Future, output: EngineOutput | None, error: Exception | None) -> None:
         """From the engine thread: the future is resolved in its event loop (unless that loop is gone: shutdown)."""
-        try:
-            future.get_loop().call_soon_threadsafe(_settle, future, output, error)
-        except RuntimeError:
-            logger.warning("a row was decoded after its event loop closed")
+        _call_in_loop(future, _settle, future, output, error)
 
     def _reset(self) -> None:
         """No rows decode any more: a fresh batch for whoever comes next."""
@@ -461,6 +473,14 @@ class EmbeddedEngine(SpeechEngine):
 
     def _segments(self, keys: list[str]) -> list[tuple[int, int, MergedAdapter]]:
         return [] if self.model.config.adapter is None else language_runs(keys, self.cache.get)
+
+
+def _call_in_loop(future: asyncio.Future, callback: Callable[..., None], *args: object) -> None:
+    """From the engine thread: `callback(*args)` in the future's event loop (unless that loop is gone: shutdown)."""
+    try:
+        future.get_loop().call_soon_threadsafe(callback, *args)
+    except RuntimeError:
+        logger.warning("the engine thread answered after its event loop closed")
 
 
 def _settle(future: asyncio.Future, output: EngineOutput | None, error: Exception | None) -> None:

@@ -371,6 +371,50 @@ def test_a_cancelled_row_stops_decoding(model: SpeechLLM) -> None:
     assert _sample(metrics, "zasr_abandoned_rows_total", {"stage": "decoding"}) == 1
 
 
+class HeldAtFirstStep(RecordingEngine):
+    """Holds the engine thread after its first decoding step, before it looks for groups waiting to join, until
+    the test says that one waits (`let_go`)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.stepped = threading.Event()
+        self.let_go = threading.Event()
+
+    def _take_waiting(self) -> list:
+        if not self.stepped.is_set():
+            self.stepped.set()
+            self.let_go.wait(TIMEOUT_S)
+        return super()._take_waiting()
+
+
+def test_a_group_joins_between_steps_inside_the_tick(model: SpeechLLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch that arrives while rows decode joins them between two steps, in the engine thread, without the
+    tick ending first (one tick for both batches), and each row decodes as it does alone. Until stop 34 the tick
+    ended so that the event loop could let the batch join, and the engine thread idled meanwhile (5 % of its time
+    at concurrency 16)."""
+    long_items, short_items = _items(["de"], seed=1, frames=200), _items(["ja"], seed=2, frames=24)
+    (long_text,), _ = _decoded_alone(model, long_items)
+    (short_text,), _ = _decoded_alone(model, short_items)
+    monkeypatch.setattr("server.engine.TICK_S", TIMEOUT_S)
+    engine = HeldAtFirstStep(model, Metrics(), cache_bytes=1 << 30, lid_threshold=1.01)
+
+    async def scenario() -> None:
+        batcher = Batcher(engine, Metrics(), max_batch_size=8, max_wait_s=0.01, max_queue=16)
+        await batcher.start()
+        long = batcher.submit(long_items)
+        await asyncio.to_thread(engine.stepped.wait, TIMEOUT_S)
+        short = batcher.submit(short_items)
+        while not engine._waiting:  # the batcher hands the second batch to the engine
+            await asyncio.sleep(0.001)
+        engine.let_go.set()
+        assert [output.text for output in await asyncio.gather(*long, *short)] == [long_text, short_text]
+        await batcher.stop()
+        assert [len(batch) for batch in engine.batches] == [1, 1]
+        assert len(engine.intervals) == 1
+
+    _run(scenario)
+
+
 class FailingAfterFirstAnswer(RecordingEngine):
     """Its first decoding step after a row has been answered raises."""
 
