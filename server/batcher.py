@@ -200,7 +200,8 @@ class Batcher:
             self._answered.popleft()
 
     async def run_exclusive(self, fn: Callable[..., T], *args) -> T:
-        """Run other model work (language detection) in the engine thread, between batches."""
+        """Run other model work (language detection, a realtime window's encoder) in the engine thread, between the
+        engine's decoding ticks (the one running ends at its next step: EmbeddedEngine._tick)."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def _loop(self) -> None:
@@ -213,12 +214,13 @@ class Batcher:
             for pending in batch:
                 self.metrics.queue_seconds.observe(now - pending.item.enqueued_at)
             try:
-                outputs = await self.engine.start([p.item for p in batch], self.run_exclusive)
+                outputs = await self.engine.start([p.item for p in batch], self.run_exclusive,
+                                                  self._executor.has_waiting_work)
             except Exception as error:
                 for pending in batch:
                     self._answer(pending, error=error)
                 continue
-            # The batch has joined the decoding (both engines): it decodes on while the next batch begins, and
+            # The batch is joining the decoding (both engines): it decodes on while the next batch begins, and
             # each row is answered as soon as the engine has decoded it.
             chained = 0
             try:

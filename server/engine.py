@@ -42,6 +42,7 @@ from speechllm.tokenizer import INVALID, decode, readable, transcript_text
 logger = logging.getLogger("zipper_asr.engine")
 TextCallback = Callable[[str], None]
 RunInThread = Callable[..., Awaitable]  # runs fn(*args) in the engine thread (Batcher.run_exclusive)
+OtherWorkWaiting = Callable[[], bool]  # whether other calls wait for the engine thread (EngineExecutor)
 
 @dataclass
 class EngineInput:
@@ -121,10 +122,12 @@ class SpeechEngine:
     def pinned_adapters(self) -> list[str]:
         return []
 
-    async def start(self, batch: list[EngineInput], run_in_thread: RunInThread) -> list[asyncio.Future[EngineOutput]]:
+    async def start(self, batch: list[EngineInput], run_in_thread: RunInThread,
+                    other_work_waiting: OtherWorkWaiting = lambda: False) -> list[asyncio.Future[EngineOutput]]:
         """Begin a batch. Returns once the next batch may begin, with one future per row of the batch: each is
         resolved as soon as its row is decoded, not when the whole batch is (a row would otherwise wait for the
-        batch's longest one)."""
+        batch's longest one). Work of the engine's own runs through `run_in_thread`, and gives the thread up soon
+        where `other_work_waiting` says so."""
         raise NotImplementedError
 
     def abandon(self, output: asyncio.Future[EngineOutput]) -> None:
@@ -227,7 +230,7 @@ class _Group:
     """A batch handed to EmbeddedEngine.start, while it waits, joins and decodes."""
 
     batch: list[EngineInput]
-    admitted: asyncio.Future  # set when it joins (the batcher may then begin the next batch)
+    admitted: asyncio.Future  # set when it is taken to join (the batcher may then begin the next batch)
     outputs: list[asyncio.Future]  # per batch row, resolved as soon as that row is decoded
     prepared: PreparedBatch | None = None
     streams: list[TextStream] = field(default_factory=list)  # per decoding position
@@ -257,6 +260,8 @@ class EmbeddedEngine(SpeechEngine):
         self._row_group: dict[int, tuple[_Group, int]] = {}  # row id → (its group, its position in the group)
         self._driver: asyncio.Task | None = None
         self._abandoned = False  # set by the event loop (abandon), cleared by the engine thread (_drop_abandoned)
+        self._taken: list[_Group] = []  # the groups the tick running has taken to join (answered if it fails)
+        self._other_work_waiting: OtherWorkWaiting = lambda: False  # start's
 
     def _merge(self, key: str) -> MergedAdapter:
         index = None if key == SHARED_KEY else self.languages.index(key)
@@ -278,9 +283,12 @@ class EmbeddedEngine(SpeechEngine):
         output.cancel()
         self._abandoned = True
 
-    async def start(self, batch: list[EngineInput], run_in_thread: RunInThread) -> list[asyncio.Future[EngineOutput]]:
+    async def start(self, batch: list[EngineInput], run_in_thread: RunInThread,
+                    other_work_waiting: OtherWorkWaiting = lambda: False) -> list[asyncio.Future[EngineOutput]]:
         """The batch joins the rows decoding now at the next step (continuous batching) once they leave room for
-        it (`max_rows`); returns when it has joined."""
+        it (`max_rows`); returns when it is taken to join (its speech half and prefill may still fail: its outputs
+        then say so)."""
+        self._other_work_waiting = other_work_waiting
         loop = asyncio.get_running_loop()
         group = _Group(batch, loop.create_future(), [loop.create_future() for _ in batch])
         self._waiting.append(group)
@@ -290,19 +298,21 @@ class EmbeddedEngine(SpeechEngine):
         return group.outputs
 
     async def _drive(self, run_in_thread: RunInThread) -> None:
-        """Runs the decoding in ticks of the engine thread of at most TICK_S, between which other work for the
-        engine thread (language detection) runs. Groups that wait join at a tick's start, or inside it between its
-        steps once they fit (`_tick`). Rows are answered from inside the ticks, as each is decoded (`_answer`)."""
+        """Runs the decoding in ticks of the engine thread: TICK_S of decoding steps at most, less when other work
+        waits for the thread (language detection, a realtime window's encoder), which runs between ticks. Groups
+        that wait join at a tick's start, or inside it between its steps once they fit (`_tick`). Rows are answered
+        from inside the ticks, as each is decoded (`_answer`)."""
         joining: list[_Group] = []
         try:
             while self._waiting or self._generation.alive:  # (alive: rows decoding, and abandoned rows leaving)
                 joining = []
                 while self._waiting and self._room_for(self._waiting[0], joining):
                     joining.append(self._waiting.popleft())
-                    joining[-1].admitted.set_result(None)
+                    _settle(joining[-1].admitted, None, None)
                 await run_in_thread(self._tick, joining)
         except BaseException as error:  # the engine thread is gone (shutdown), say: no row is left hanging
-            groups = {*joining, *list(self._waiting), *(group for group, _ in list(self._row_group.values()))}
+            groups = {*joining, *list(self._waiting), *list(self._taken),
+                      *(group for group, _ in list(self._row_group.values()))}
             self._waiting.clear()
             for group in groups:
                 if not group.admitted.done():
@@ -323,12 +333,12 @@ class EmbeddedEngine(SpeechEngine):
 
     @torch.no_grad()
     def _tick(self, joining: list[_Group]) -> None:
-        """In the engine thread: the joining groups join, then decoding steps until TICK_S has passed; between
-        steps, groups that wait and fit join too, here, without the event loop's turn between ticks (which left the
-        engine thread idle while the loop took its turn). Each row is answered as soon as it is decoded; with an
-        error: a group whose speech half failed, and every row decoding when joining or a step failed, since the
-        batch's state is then in doubt."""
-        taken = list(joining)
+        """In the engine thread: the joining groups join, then decoding steps until TICK_S has passed or other work
+        waits for the thread; between steps, groups that wait and fit join too, here, without the event loop's turn
+        between ticks (which left the engine thread idle while the loop took its turn). Each row is answered as soon
+        as it is decoded; with an error: a group whose speech half failed, and every row decoding when joining or a
+        step failed, since the batch's state is then in doubt."""
+        self._taken = taken = list(joining)
         try:
             self._join_groups(joining)
             deadline = time.perf_counter() + TICK_S
@@ -343,7 +353,7 @@ class EmbeddedEngine(SpeechEngine):
                 for row in ended:
                     group, position = self._row_group.pop(row)
                     self._answer_row(group, position, row)
-                if time.perf_counter() > deadline:
+                if time.perf_counter() > deadline or self._other_work_waiting():
                     break
                 more = self._take_waiting()
                 taken += more
@@ -357,7 +367,8 @@ class EmbeddedEngine(SpeechEngine):
 
     def _take_waiting(self) -> list[_Group]:
         """In the engine thread, between steps: the waiting groups that fit now, admitted (EmbeddedEngine.start
-        returns for them). The event loop only appends to `_waiting` meanwhile (a deque: thread-safe)."""
+        returns for them). Meanwhile the event loop appends to `_waiting` (a deque: thread-safe), and clears it
+        only if the engine's driver stops (`_drive`)."""
         taken: list[_Group] = []
         while self._waiting and self._room_for(self._waiting[0], taken):
             taken.append(self._waiting.popleft())

@@ -25,9 +25,18 @@ def use_one_thread() -> None:
     torch.set_num_threads(1)
 
 
-def engine_executor(threads: int = 0) -> ThreadPoolExecutor:
+class EngineExecutor(ThreadPoolExecutor):
+    """The one thread that runs the model."""
+
+    def has_waiting_work(self) -> bool:
+        """Whether calls wait for the thread, beside the one it runs (the embedded engine's decoding tick ends
+        early for them: EmbeddedEngine._tick)."""
+        return not self._work_queue.empty()
+
+
+def engine_executor(threads: int = 0) -> EngineExecutor:
     """The one thread that runs the model; the process then runs torch with `threads` threads (0: the count it
     has)."""
     if threads:
         torch.set_num_threads(threads)
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+    return EngineExecutor(max_workers=1, thread_name_prefix="engine")

@@ -31,7 +31,15 @@ import torch
 
 from adapters.export import export_fingerprint, export_peft, export_stamp
 from server.adapter_cache import SHARED_KEY
-from server.engine import EngineInput, EngineOutput, PreparedBatch, RunInThread, SpeechEngine, TextStream
+from server.engine import (
+    EngineInput,
+    EngineOutput,
+    OtherWorkWaiting,
+    PreparedBatch,
+    RunInThread,
+    SpeechEngine,
+    TextStream,
+)
 from server.metrics import Metrics
 from speechllm.decoding import RowTokens
 from speechllm.model import SpeechLLM
@@ -115,7 +123,8 @@ class VLLMEngine(SpeechEngine):
     def cached_adapters(self) -> list[str]:
         return list(self._slots)
 
-    async def start(self, batch: list[EngineInput], run_in_thread: RunInThread) -> list[asyncio.Future[EngineOutput]]:
+    async def start(self, batch: list[EngineInput], run_in_thread: RunInThread,
+                    other_work_waiting: OtherWorkWaiting = lambda: False) -> list[asyncio.Future[EngineOutput]]:
         prepared = await run_in_thread(self.prepare, batch)
         started = time.perf_counter()
         outputs: list[asyncio.Future[EngineOutput] | None] = [None] * len(batch)

@@ -402,15 +402,44 @@ def test_a_group_joins_between_steps_inside_the_tick(model: SpeechLLM, monkeypat
         batcher = Batcher(engine, Metrics(), max_batch_size=8, max_wait_s=0.01, max_queue=16)
         await batcher.start()
         long = batcher.submit(long_items)
-        await asyncio.to_thread(engine.stepped.wait, TIMEOUT_S)
+        assert await asyncio.to_thread(engine.stepped.wait, TIMEOUT_S / 3)  # (the old engine never gets there)
         short = batcher.submit(short_items)
         while not engine._waiting:  # the batcher hands the second batch to the engine
             await asyncio.sleep(0.001)
         engine.let_go.set()
+        order: list[int] = []
+        _record_completion(long + short, order)
         assert [output.text for output in await asyncio.gather(*long, *short)] == [long_text, short_text]
         await batcher.stop()
+        assert order == [1, 0]  # the short row decoded beside the long one, and ended first
         assert [len(batch) for batch in engine.batches] == [1, 1]
         assert len(engine.intervals) == 1
+
+    _run(scenario)
+
+
+def test_other_work_for_the_engine_thread_ends_the_tick_early(model: SpeechLLM,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Work handed to the engine thread while rows decode (language detection, a realtime window's encoder: both
+    through run_exclusive) runs at the tick's next step, not once the tick's TICK_S is over: here the long row is
+    still decoding when that work is done."""
+    monkeypatch.setattr("server.engine.TICK_S", TIMEOUT_S)
+    engine = HeldAtFirstStep(model, Metrics(), cache_bytes=1 << 30, lid_threshold=1.01)
+
+    async def scenario() -> None:
+        batcher = Batcher(engine, Metrics(), max_batch_size=8, max_wait_s=0.01, max_queue=16)
+        await batcher.start()
+        long = batcher.submit(_items(["de"], seed=1, frames=200))
+        assert await asyncio.to_thread(engine.stepped.wait, TIMEOUT_S / 3)
+        other_work = asyncio.ensure_future(batcher.run_exclusive(threading.current_thread))
+        while not batcher._executor.has_waiting_work():
+            await asyncio.sleep(0.001)
+        engine.let_go.set()
+        assert (await other_work).name.startswith("engine")
+        assert not long[0].done()
+        await asyncio.gather(*long)
+        await batcher.stop()
+        assert len(engine.intervals) == 2  # the tick ended for the other work, and the next one decoded on
 
     _run(scenario)
 
