@@ -68,13 +68,13 @@ def clip_file(code: str, index: int) -> str:
     return f"{code}-{index}.wav"
 
 
-def served_encoder_gemm_dtype() -> str:
+def served_encoder_gemm_dtype(settings: Settings | None = None) -> str:
     """The speech encoder's GEMM dtype of a server started now (ZASR_ENCODER_GEMM_DTYPE, `auto` resolved on this
     CPU): every benchmark's report says which it ran with, since it changes transcripts a little. The setting acts
     where the encoder runs on a CPU (the engine's device, or the audio workers); on a GPU the encoder's linear
     layers run float32 (its convolutions in TF32, cuDNN's default; a realtime stream's partials are encoded there
-    even when the workers encode uploads)."""
-    settings = Settings()
+    even when the workers encode uploads). `settings`: the environment's (Settings()) unless given."""
+    settings = settings or Settings()
     device = resolve_device(settings.device)
     if device != "cpu" and not encoder_in_workers(settings, device):
         return "float32"
@@ -438,11 +438,12 @@ def main() -> None:
         return
     pool = audio_pool(args.clips)
     mixed = traffic(pool, list(LANGUAGE_CODES), args.per_language)
-    device = resolve_device(Settings().device)
+    settings = Settings()  # what a server started now from this environment runs with
+    device = resolve_device(settings.device)
     results: dict = {"machine": {"cpus": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
                                  "python": platform.python_version(), "torch": torch.__version__,
-                                 "device": device, "encoder_gemm_dtype": served_encoder_gemm_dtype(),
-                                 "audio_workers": Settings().audio_workers},
+                                 "device": device, "encoder_gemm_dtype": served_encoder_gemm_dtype(settings),
+                                 "audio_workers": settings.audio_workers},
                      "model": str(args.model), "rounds": args.rounds}
     if device.startswith("cuda"):
         results["machine"] |= {"gpu": torch.cuda.get_device_name(device), "cuda": torch.version.cuda}
