@@ -261,7 +261,6 @@ class EmbeddedEngine(SpeechEngine):
         self._driver: asyncio.Task | None = None
         self._abandoned = False  # set by the event loop (abandon), cleared by the engine thread (_drop_abandoned)
         self._taken: list[_Group] = []  # the groups the tick running has taken to join (answered if it fails)
-        self._other_work_waiting: OtherWorkWaiting = lambda: False  # start's
 
     def _merge(self, key: str) -> MergedAdapter:
         index = None if key == SHARED_KEY else self.languages.index(key)
@@ -288,16 +287,15 @@ class EmbeddedEngine(SpeechEngine):
         """The batch joins the rows decoding now at the next step (continuous batching) once they leave room for
         it (`max_rows`); returns when it is taken to join (its speech half and prefill may still fail: its outputs
         then say so)."""
-        self._other_work_waiting = other_work_waiting
         loop = asyncio.get_running_loop()
         group = _Group(batch, loop.create_future(), [loop.create_future() for _ in batch])
         self._waiting.append(group)
         if self._driver is None or self._driver.done():
-            self._driver = asyncio.create_task(self._drive(run_in_thread))
+            self._driver = asyncio.create_task(self._drive(run_in_thread, other_work_waiting))
         await group.admitted
         return group.outputs
 
-    async def _drive(self, run_in_thread: RunInThread) -> None:
+    async def _drive(self, run_in_thread: RunInThread, other_work_waiting: OtherWorkWaiting) -> None:
         """Runs the decoding in ticks of the engine thread: TICK_S of decoding steps at most, less when other work
         waits for the thread (language detection, a realtime window's encoder), which runs between ticks. Groups
         that wait join at a tick's start, or inside it between its steps once they fit (`_tick`). Rows are answered
@@ -305,11 +303,8 @@ class EmbeddedEngine(SpeechEngine):
         joining: list[_Group] = []
         try:
             while self._waiting or self._generation.alive:  # (alive: rows decoding, and abandoned rows leaving)
-                joining = []
-                while self._waiting and self._room_for(self._waiting[0], joining):
-                    joining.append(self._waiting.popleft())
-                    _settle(joining[-1].admitted, None, None)
-                await run_in_thread(self._tick, joining)
+                joining = self._take_waiting()
+                await run_in_thread(self._tick, joining, other_work_waiting)
         except BaseException as error:  # the engine thread is gone (shutdown), say: no row is left hanging
             groups = {*joining, *list(self._waiting), *list(self._taken),
                       *(group for group, _ in list(self._row_group.values()))}
@@ -332,13 +327,13 @@ class EmbeddedEngine(SpeechEngine):
         return hasattr(self.decoder, "join") and rows + len(group.batch) <= self.max_rows
 
     @torch.no_grad()
-    def _tick(self, joining: list[_Group]) -> None:
+    def _tick(self, joining: list[_Group], other_work_waiting: OtherWorkWaiting) -> None:
         """In the engine thread: the joining groups join, then decoding steps until TICK_S has passed or other work
         waits for the thread; between steps, groups that wait and fit join too, here, without the event loop's turn
         between ticks (which left the engine thread idle while the loop took its turn). Each row is answered as soon
         as it is decoded; with an error: a group whose speech half failed, and every row decoding when joining or a
         step failed, since the batch's state is then in doubt."""
-        self._taken = taken = list(joining)
+        self._taken = list(joining)
         try:
             self._join_groups(joining)
             deadline = time.perf_counter() + TICK_S
@@ -353,22 +348,22 @@ class EmbeddedEngine(SpeechEngine):
                 for row in ended:
                     group, position = self._row_group.pop(row)
                     self._answer_row(group, position, row)
-                if time.perf_counter() > deadline or self._other_work_waiting():
+                if time.perf_counter() > deadline or other_work_waiting():
                     break
                 more = self._take_waiting()
-                taken += more
+                self._taken += more
                 self._join_groups(more)
         except Exception as error:
-            for group in {group for group, _ in self._row_group.values()} | set(taken):
+            for group in {group for group, _ in self._row_group.values()} | set(self._taken):
                 self._answer_all(group, error)  # rows already answered keep their outputs
             self._reset()
         if not self._generation.alive:
             self._reset()
 
     def _take_waiting(self) -> list[_Group]:
-        """In the engine thread, between steps: the waiting groups that fit now, admitted (EmbeddedEngine.start
-        returns for them). Meanwhile the event loop appends to `_waiting` (a deque: thread-safe), and clears it
-        only if the engine's driver stops (`_drive`)."""
+        """The waiting groups that fit now, admitted (EmbeddedEngine.start returns for them, at the event loop's
+        next turn): between ticks in the event loop (`_drive`), and between steps in the engine thread (`_tick`),
+        while the event loop only appends to `_waiting` (a deque: thread-safe) or, if the driver stops, clears it."""
         taken: list[_Group] = []
         while self._waiting and self._room_for(self._waiting[0], taken):
             taken.append(self._waiting.popleft())

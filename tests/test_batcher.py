@@ -46,10 +46,10 @@ class RecordingEngine(EmbeddedEngine):
         self.threads.append(threading.current_thread().name)
         return super().prepare(batch)
 
-    def _tick(self, joining: list) -> None:
+    def _tick(self, joining: list, *args) -> None:
         start = time.monotonic()
         try:
-            super()._tick(joining)
+            super()._tick(joining, *args)
         finally:
             self.intervals.append((start, time.monotonic()))
 
@@ -381,7 +381,8 @@ class HeldAtFirstStep(RecordingEngine):
         self.let_go = threading.Event()
 
     def _take_waiting(self) -> list:
-        if not self.stepped.is_set():
+        in_engine_thread = threading.current_thread().name.startswith("engine")  # (the event loop takes too)
+        if in_engine_thread and not self.stepped.is_set():
             self.stepped.set()
             self.let_go.wait(TIMEOUT_S)
         return super()._take_waiting()
