@@ -9,7 +9,10 @@ from adapters.zipper import (
     Variant,
     ZipperConfig,
     ZipperLinear,
+    clear_rows,
     inject,
+    joining_rows,
+    keep_rows,
     merge_language,
     room_rows,
     sharing_penalty,
@@ -173,33 +176,69 @@ def test_hard_router_starts_as_static_so_that_it_can_learn() -> None:
     assert layer.lora_B_language.grad[:, :, :r_s].abs().sum() == 0
 
 
-def test_rows_that_join_a_batch_are_written_into_the_room_its_adapters_left() -> None:
-    """RowAdapters.appended: the joining rows' B matrices after the running rows', copied into room the batch keeps
-    (the running rows' are not copied again while it lasts); `kept` keeps room too."""
-    generator = torch.Generator().manual_seed(0)
-    running = RowAdapters(None, torch.randn(4, 6, generator=generator))  # one adapter for the 3 running rows
-    joining = RowAdapters(None, torch.randn(2, 4, 6, generator=generator))
-    joined = running.appended(joining, 3, 2)
-    expected = torch.cat([running.b.expand(3, -1, -1), joining.b])
-    assert torch.equal(joined.b, expected) and len(joined.room) == room_rows(5)
-    single = RowAdapters(None, torch.randn(4, 6, generator=generator))
-    again = joined.appended(single, 5, 1)
-    assert again.room is joined.room  # written in place
-    expected = torch.cat([expected, single.b[None]])
-    assert torch.equal(again.b, expected)
-    kept = again.kept(torch.tensor([0, 2, 5]))
-    assert torch.equal(kept.b, expected[[0, 2, 5]]) and kept.room is not None
-    assert kept.appended(joining, 3, 2).room is kept.room
-
-
-def test_rows_with_their_own_a_join_and_leave_without_room() -> None:
-    """The independent baseline's per-language A: joining rows' (A, B) are concatenated, as before rows kept room."""
+def test_rows_with_their_own_a_join_and_leave_without_a_room() -> None:
+    """The independent baseline's per-language A: joining rows' (A, B) are concatenated (no RowsRoom)."""
     generator = torch.Generator().manual_seed(1)
     running = RowAdapters(torch.randn(2, 5, 4, generator=generator), torch.randn(2, 4, 6, generator=generator))
     joining = RowAdapters(torch.randn(5, 4, generator=generator), torch.randn(4, 6, generator=generator))
     joined = running.appended(joining, 2, 3)
-    assert joined.room is None
+    assert joined.shared is None
     assert torch.equal(joined.a, torch.cat([running.a, joining.a.expand(3, -1, -1)]))
     assert torch.equal(joined.b, torch.cat([running.b, joining.b.expand(3, -1, -1)]))
-    kept = joined.kept(torch.tensor([1, 3]))
-    assert kept.room is None and torch.equal(kept.a, joined.a[[1, 3]]) and torch.equal(kept.b, joined.b[[1, 3]])
+    kept = joined.select(torch.tensor([1, 3]))
+    assert torch.equal(kept.a, joined.a[[1, 3]]) and torch.equal(kept.b, joined.b[[1, 3]])
+
+
+class _TwoLinears(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q_proj, self.down_proj = nn.Linear(6, 6), nn.Linear(6, 4)
+
+
+def test_a_serving_batch_keeps_every_layer_s_rows_in_one_room() -> None:
+    """joining_rows and keep_rows, rows of several languages: every layer's per-row B(l) are views of one RowsRoom
+    (written in place while it has room, grown when it has not), and each row's are its language's merged B(l)."""
+    torch.manual_seed(0)
+    model = _TwoLinears()
+    inject(model, ZipperConfig(variant=Variant.SOFT, rank=4, n_languages=3, target_modules=("q_proj", "down_proj")))
+    for name, param in model.named_parameters():
+        if "lora_B" in name or "router" in name:
+            nn.init.normal_(param)
+    adapters = [merge_language(model, language) for language in range(3)]
+    layers = [layer for _, layer in zipper_layers(model)]
+
+    def expected(languages: list[int]) -> list[torch.Tensor]:
+        return [torch.stack([adapters[language].b[index].T for language in languages]) for index in range(2)]
+
+    def assert_rows(languages: list[int]) -> None:
+        room = layers[0].rows.shared
+        assert room is not None and all(layer.rows.shared is room for layer in layers)
+        assert all(torch.equal(layer.rows.b, b) for layer, b in zip(layers, expected(languages), strict=True))
+
+    with joining_rows(model, 0, [(0, 2, adapters[0]), (2, 3, adapters[2])]):
+        pass
+    assert_rows([0, 0, 2])
+    room = layers[0].rows.shared
+    with joining_rows(model, 3, [(0, 1, adapters[1])]):
+        assert all(torch.equal(layer.rows.b, b) for layer, b in zip(layers, expected([1]), strict=True))  # alone
+    assert_rows([0, 0, 2, 1])
+    assert layers[0].rows.shared is room  # written into the room the batch had
+    keep_rows(model, torch.tensor([3, 0]))
+    assert_rows([1, 0])
+    with joining_rows(model, 2, [(0, 3, adapters[2]), (3, 7, adapters[0])]):
+        pass
+    assert_rows([1, 0, 2, 2, 2, 0, 0, 0, 0])
+    assert len(layers[0].rows.shared.flat) == room_rows(9)  # grown
+
+    failing = [layer.rows for layer in layers]
+    with pytest.raises(RuntimeError), joining_rows(model, 9, [(0, 1, adapters[1])]):
+        raise RuntimeError
+    assert all(layer.rows is rows for layer, rows in zip(layers, failing, strict=True))  # the running rows' stay
+
+    clear_rows(model)  # a batch of one language: one matrix for all its rows, until another language joins
+    with joining_rows(model, 0, [(0, 2, adapters[2])]):
+        pass
+    assert layers[0].rows.shared is None and layers[0].rows.b.dim() == 2
+    with joining_rows(model, 2, [(0, 1, adapters[0])]):
+        pass
+    assert_rows([2, 2, 0])
