@@ -193,9 +193,9 @@ def sharing_penalty(model: nn.Module, language_weights: torch.Tensor | None = No
 
 
 def zipper_layers(model: nn.Module) -> Iterator[tuple[str, ZipperLinear]]:
-    """The Zipper layers of `model`, with their names, in layer order (MergedAdapter's). Those of a model `inject`
-    adapted are listed there, once: serving asks for them at every join and keep, and walking the shipped decoder's
-    modules takes 87 µs."""
+    """The Zipper layers of `model`, with their names, in layer order (MergedAdapter's, and `layer.index`'s). Those
+    of a model `inject` adapted are listed there, once (serving asks for them at every join and keep, and walking the
+    shipped decoder's modules takes 87 µs): a Zipper layer swapped for another after `inject` is not seen."""
     listed = model.__dict__.get("_zipper_layers")
     if listed is not None:
         return iter(listed)
@@ -449,15 +449,15 @@ def clear_rows(model: nn.Module) -> None:
 
 def keep_rows(model: nn.Module, keep: torch.Tensor) -> None:
     """Rows of the batch set with `use_segments`, `joining_rows` or `use_languages` left it: only those at positions
-    `keep` (in the batch as it was) stay. A batch in a RowsRoom keeps them in a new one, with room for rows to join:
-    one `index_select` for all the layers."""
+    `keep` (in the batch as it was) stay. A serving batch in a RowsRoom keeps them in a new one, with room for rows to
+    join: one `index_select` for all the layers."""
     layers = [layer for _, layer in zipper_layers(model)]
     shared = layers[0].rows.shared if layers and layers[0].rows is not None else None
     if shared is None:
         _only_rows(model, keep, RowAdapters.select)
         return
     room = RowsRoom(shared.flat.new_empty(room_rows(len(keep)), shared.flat.shape[1]), shared.shapes)
-    torch.index_select(shared.flat, 0, keep, out=room.flat[: len(keep)])
+    torch.index_select(shared.flat, 0, keep.to(shared.flat.device), out=room.flat[: len(keep)])
     for layer, view in zip(layers, room.views(0, len(keep)), strict=True):
         layer.rows = RowAdapters(None, view, shared=room)
 
@@ -478,7 +478,7 @@ def use_rows(model: nn.Module, rows: torch.Tensor) -> Iterator[None]:
     `use_languages`; the whole batch's adapters come back afterwards."""
     layers = [layer for _, layer in zipper_layers(model)]
     saved = [(layer.rows, layer.languages) for layer in layers]
-    _only_rows(model, rows, RowAdapters.select)  # (not `kept`: these rows are the batch only for a while)
+    _only_rows(model, rows, RowAdapters.select)
     try:
         yield
     finally:

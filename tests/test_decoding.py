@@ -10,6 +10,7 @@ from adapters.zipper import (
     merge_language,
     room_rows,
     use_segments,
+    zipper_layers,
 )
 from speechllm.decoder import PREFILL_CALL_TOKENS, SLOT_HEADROOM, HFDecoder, KVCache, LlamaDecoder, decoder_for
 from speechllm.decoding import Generation, RowTokens, generate, left_pad
@@ -88,11 +89,13 @@ def test_rows_that_join_a_running_batch_decode_as_they_would_alone(tiny_tokenize
                         or joined_in_place(cache, joining))
     decoder = LlamaDecoder(model.llm)
     generation = Generation(decoder, eos_id=-1, on_rows_kept=lambda keep: keep_rows(model.llm, keep))
-    rows = []
+    rows, in_room = [], []
+    first_layer = next(zipper_layers(model.llm))[1]
     for prompts, languages, limits, steps in groups:
         segments = [(i, i + 1, adapters[language]) for i, language in enumerate(languages)]
         with joining_rows(model.llm, len(generation.alive), segments):
             rows += generation.join(prompts, limits, [0.0] * len(prompts))
+        in_room.append(first_layer.rows.shared is not None)
         for _ in range(steps):
             generation.step()
     batch_sizes = []
@@ -111,6 +114,7 @@ def test_rows_that_join_a_running_batch_decode_as_they_would_alone(tiny_tokenize
         assert abs(generation.hypothesis(row).sum_logprob - hypothesis.sum_logprob) < 1e-3
     assert max(batch_sizes) == 5 and min(batch_sizes) < 5  # five rows decoded together, and rows left
     assert in_place == [1]  # the last group's row joined the running rows' room; the others copied the batch
+    assert in_room == [variant != Variant.INDEPENDENT] * len(groups)  # the rows' B(l) in one RowsRoom, but own A's
 
 
 def test_rows_that_join_as_every_running_row_finishes_are_prefilled_alone(tiny_tokenizer) -> None:

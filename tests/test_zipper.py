@@ -1,5 +1,7 @@
 """The Zipper-LoRA formulation (adapters/zipper.py) against its definition in DESIGN.md §1."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -234,6 +236,9 @@ def test_a_serving_batch_keeps_every_layer_s_rows_in_one_room() -> None:
     with pytest.raises(RuntimeError), joining_rows(model, 9, [(0, 1, adapters[1])]):
         raise RuntimeError
     assert all(layer.rows is rows for layer, rows in zip(layers, failing, strict=True))  # the running rows' stay
+    with joining_rows(model, 9, [(0, 1, adapters[2])]):  # over the row that failed to join
+        pass
+    assert_rows([1, 0, 2, 2, 2, 0, 0, 0, 0, 2])
 
     clear_rows(model)  # a batch of one language: one matrix for all its rows, until another language joins
     with joining_rows(model, 0, [(0, 2, adapters[2])]):
@@ -242,3 +247,12 @@ def test_a_serving_batch_keeps_every_layer_s_rows_in_one_room() -> None:
     with joining_rows(model, 2, [(0, 1, adapters[0])]):
         pass
     assert_rows([2, 2, 0])
+
+
+def test_a_copied_model_lists_its_own_zipper_layers() -> None:
+    """`inject` lists a model's Zipper layers once; a copy of the model lists the copy's, in layer order."""
+    model = _TwoLinears()
+    inject(model, ZipperConfig(variant=Variant.SOFT, rank=4, n_languages=3, target_modules=("q_proj", "down_proj")))
+    copied = copy.deepcopy(model)
+    assert [layer for _, layer in zipper_layers(copied)] == [copied.q_proj, copied.down_proj]
+    assert [(name, layer.index) for name, layer in zipper_layers(model)] == [("q_proj", 0), ("down_proj", 1)]
