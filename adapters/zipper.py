@@ -245,9 +245,10 @@ def merge_language(model: nn.Module, language: int | None) -> MergedAdapter:
     # gathering a batch's per-row matrices is then a plain copy (half the time of a strided one). All of them in one
     # buffer, so that a row joining a batch is one copy for every layer (RowsRoom).
     transposed = [layer.merged_b_table()[row].detach().T for layer in layers]
-    flat_b = torch.cat([t.reshape(-1) for t in transposed])
-    b = [view.view(t.shape).T for view, t in zip(flat_b.split([t.numel() for t in transposed]), transposed,
-                                                 strict=True)]
+    flat_b = transposed[0].new_empty(sum(t.numel() for t in transposed))
+    b = []
+    for view, t in zip(flat_b.split([t.numel() for t in transposed]), transposed, strict=True):
+        b.append(view.view(t.shape).copy_(t).T)
     independent = layers[0].config.variant == Variant.INDEPENDENT
     a = [layer.lora_A[row].detach().clone() for layer in layers] if independent and language is not None else None
     if independent and language is None:
