@@ -415,18 +415,9 @@ def joining_rows(model: nn.Module, running: int, segments: list[tuple[int, int, 
         total = running + segments[-1][1]
         for start, end, adapter in segments:
             room.flat[running + start: running + end] = adapter.flat_b
-        for layer, view in zip(layers, room.views(running, total), strict=True):
-            layer.rows = RowAdapters(None, view)
-        try:
-            yield
-        except BaseException:
-            for layer, rows in zip(layers, saved, strict=True):
-                layer.rows = rows
-            raise
-        for layer, view in zip(layers, room.views(0, total), strict=True):
-            layer.rows = RowAdapters(None, view, shared=room)
-        return
-    joining = [_row_adapters(layer.index, segments) for layer in layers]
+        joining = [RowAdapters(None, view) for view in room.views(running, total)]
+    else:
+        joining = [_row_adapters(layer.index, segments) for layer in layers]
     for layer, rows in zip(layers, joining, strict=True):
         layer.rows = rows
     try:
@@ -435,11 +426,13 @@ def joining_rows(model: nn.Module, running: int, segments: list[tuple[int, int, 
         for layer, rows in zip(layers, saved, strict=True):
             layer.rows = rows
         raise
-    if not running or not segments:  # a model without adapters has nothing to append
-        return
-    count = segments[-1][1]
-    for layer, old, new in zip(layers, saved, joining, strict=True):
-        layer.rows = old.appended(new, running, count)
+    if room is not None:
+        for layer, view in zip(layers, room.views(0, total), strict=True):
+            layer.rows = RowAdapters(None, view, shared=room)
+    elif running and segments:  # (a model without adapters has nothing to append)
+        count = segments[-1][1]
+        for layer, old, new in zip(layers, saved, joining, strict=True):
+            layer.rows = old.appended(new, running, count)
 
 
 def clear_rows(model: nn.Module) -> None:
