@@ -340,13 +340,26 @@ class RowsRoom:
         columns = self.flat[start:end].split([shape.numel() for shape in self.shapes], dim=1)
         return [block.unflatten(1, shape) for block, shape in zip(columns, self.shapes, strict=True)]
 
+    def adapters(self, rows: int) -> list[RowAdapters]:
+        """Each layer's adapters of the batch's first `rows` rows, views of this room."""
+        return [RowAdapters(None, view, shared=self) for view in self.views(0, rows)]
+
     def grown(self, rows: int, total: int) -> RowsRoom:
         """This room if it holds `total` rows; else a larger one with its first `rows` rows copied."""
         if total <= len(self.flat):
             return self
-        room = RowsRoom(self.flat.new_empty(room_rows(total), self.flat.shape[1]), self.shapes)
+        room = self._new(total)
         room.flat[:rows] = self.flat[:rows]
         return room
+
+    def kept(self, keep: torch.Tensor) -> RowsRoom:
+        """A new room whose rows are this one's rows `keep`, in that order, with room for more."""
+        room = self._new(len(keep))
+        torch.index_select(self.flat, 0, keep.to(self.flat.device), out=room.flat[: len(keep)])
+        return room
+
+    def _new(self, rows: int) -> RowsRoom:
+        return RowsRoom(self.flat.new_empty(room_rows(rows), self.flat.shape[1]), self.shapes)
 
 
 def _room_for_joining(saved: list[RowAdapters | None], running: int, segments: list[tuple[int, int, MergedAdapter]]
@@ -427,8 +440,8 @@ def joining_rows(model: nn.Module, running: int, segments: list[tuple[int, int, 
             layer.rows = rows
         raise
     if room is not None:
-        for layer, view in zip(layers, room.views(0, total), strict=True):
-            layer.rows = RowAdapters(None, view, shared=room)
+        for layer, rows in zip(layers, room.adapters(total), strict=True):
+            layer.rows = rows
     elif running and segments:  # (a model without adapters has nothing to append)
         count = segments[-1][1]
         for layer, old, new in zip(layers, saved, joining, strict=True):
@@ -450,10 +463,8 @@ def keep_rows(model: nn.Module, keep: torch.Tensor) -> None:
     if shared is None:
         _only_rows(model, keep, RowAdapters.select)
         return
-    room = RowsRoom(shared.flat.new_empty(room_rows(len(keep)), shared.flat.shape[1]), shared.shapes)
-    torch.index_select(shared.flat, 0, keep.to(shared.flat.device), out=room.flat[: len(keep)])
-    for layer, view in zip(layers, room.views(0, len(keep)), strict=True):
-        layer.rows = RowAdapters(None, view, shared=room)
+    for layer, rows in zip(layers, shared.kept(keep).adapters(len(keep)), strict=True):
+        layer.rows = rows
 
 
 def _only_rows(model: nn.Module, rows: torch.Tensor, pick: Callable[[RowAdapters, torch.Tensor], RowAdapters]
