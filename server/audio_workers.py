@@ -231,9 +231,7 @@ class AudioWorkers:
     """Uploads wait while the workers are busy, and each worker call takes all that wait (up to
     MAX_UPLOADS_PER_CALL): under load, one call decodes several uploads and encodes their windows together, and
     one round trip between the processes serves them all. With no load, a call holds one upload and waits for
-    nothing. Each worker holds one call at a time: queueing a second call behind it (so that the worker need not
-    wait for the event loop between calls) measured no faster, with smaller calls (A/B at concurrency 16, four runs
-    each: 108–111 against 111–115 audio s/s)."""
+    nothing. A busy worker gets a second call queued behind its own only when that call is full (_may_start_call)."""
 
     def __init__(self, workers: int, vad: SileroVAD, max_audio_seconds: float, max_window_seconds: float,
                  speech_model_dir: Path | None = None, encoder_gemm_dtype: torch.dtype = torch.float32,
@@ -290,7 +288,7 @@ class AudioWorkers:
         return PreparedAudio(samples / SAMPLE_RATE, spans, [_as_row(window) for window in windows])
 
     def _start_calls(self) -> None:
-        while self._waiting and self._calls_in_flight < self.workers:
+        while self._waiting and self._may_start_call():
             uploads = self._next_call()
             if not uploads:  # every upload it took had been given up by its request
                 continue
@@ -299,6 +297,18 @@ class AudioWorkers:
             call = asyncio.create_task(self._call(uploads))
             self._calls.add(call)
             call.add_done_callback(self._calls.discard)
+
+    def _may_start_call(self) -> bool:
+        """A free worker takes what waits. A busy one gets a second call queued behind its own when the uploads of
+        a full call wait: it starts that call as soon as it is done, instead of waiting for its answer to travel
+        through the event loop and the next call back (6–8 ms of a 35 ms call at concurrency 16, each thread on
+        the way waiting for the GIL or a core). A second call of fewer would split the load into smaller calls,
+        which cost more per upload. At concurrency 16 on a 2-core CPU with AVX-512 (stop 37, A/B, six rounds and six
+        with the servers' roles swapped): +7 % and +8 % audio seconds per second, every round; on stop 34's slower
+        CPU, where the engine set the pace, +0.8 % (docs/serving.md, *One worker call per upload*)."""
+        if self._calls_in_flight < self.workers:
+            return True
+        return self._calls_in_flight < 2 * self.workers and len(self._waiting) >= MAX_UPLOADS_PER_CALL
 
     def _next_call(self) -> list[tuple[Upload, asyncio.Future]]:
         """The uploads of the next call, in arrival order: up to MAX_UPLOADS_PER_CALL, but a large upload (long

@@ -35,8 +35,9 @@ class Metrics:
         self.audio_uploads_waiting = Gauge("zasr_audio_uploads_waiting", "Uploads waiting for an audio worker",
                                            registry=r)
         self.audio_worker_call_seconds = Histogram(
-            "zasr_audio_worker_call_duration_seconds", "Duration of each audio worker call that completed (several "
-            "uploads under load)", buckets=LATENCY_BUCKETS, registry=r)
+            "zasr_audio_worker_call_duration_seconds", "Duration of each audio worker call that completed, from "
+            "its submission (several uploads under load; a call queued behind another waits for it)",
+            buckets=LATENCY_BUCKETS, registry=r)
         self.audio_worker_call_uploads = Histogram("zasr_audio_worker_call_uploads",
                                                    "Uploads in each audio worker call that completed",
                                                    buckets=BATCH_BUCKETS, registry=r)

@@ -85,6 +85,24 @@ def test_uploads_that_wait_together_are_answered_in_one_call(workers: AudioWorke
         assert all(torch.equal(a.features, b.features) for a, b in zip(prepared.rows, first.rows, strict=True))
 
 
+def test_a_busy_worker_gets_a_full_call_queued_behind_its_own(workers: AudioWorkers) -> None:
+    wav = _wav()
+
+    async def scenario() -> tuple[int, int, list]:
+        before = workers.calls_made
+        uploads = [asyncio.create_task(workers.prepare(wav)) for _ in range(MAX_UPLOADS_PER_CALL)]
+        await asyncio.sleep(0)  # each upload is handed over: the first takes the free worker, the others wait
+        with_a_partial_call_waiting = workers.calls_made - before
+        uploads.append(asyncio.create_task(workers.prepare(wav)))
+        await asyncio.sleep(0)
+        with_a_full_call_waiting = workers.calls_made - before
+        return with_a_partial_call_waiting, with_a_full_call_waiting, await asyncio.gather(*uploads)
+
+    partial, full, results = asyncio.run(scenario())
+    assert (partial, full) == (1, 2)
+    assert all(prepared.spans == results[0].spans and len(prepared.rows) >= 2 for prepared in results)
+
+
 @pytest.mark.parametrize("gemm_dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
     not native_bf16(), reason="this CPU has no bf16 instructions"))])
 def test_workers_with_the_speech_half_hear_what_the_engine_would(gemm_dtype: torch.dtype) -> None:
