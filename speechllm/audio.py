@@ -10,6 +10,7 @@ from pathlib import Path
 
 import av
 import numpy as np
+from av.filter import Graph
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +23,56 @@ PROBE_BYTES = 8192
 # serving benchmark's 2.2 s clips at 22.05 kHz 2.0 → 1.7 ms); 64 KiB ones slow the resampler down. Other
 # demuxers ignore the option.
 WAV_PACKET_BYTES = 16384
+
+
+class Resampler:
+    """FFmpeg's resampling as `av.AudioResampler` runs it (the same filter graph: abuffer → aformat → abuffersink,
+    with FFmpeg's aresample between), to interleaved float samples, on the calling thread. PyAV leaves the graph's
+    thread count to FFmpeg, which starts one thread per core for each resampler (for slice threading, which these
+    filters do not use) and joins them when it is freed: a resampler per upload, so under load each upload's threads
+    waited for a core. At concurrency 16 the audio worker took 1.7 ms to decode an upload, 0.6 ms alone; with one
+    thread, the same samples in 0.6 ms there too (docs/serving.md, *Stop 37*)."""
+
+    def __init__(self, rate: int, layout: str | None = None) -> None:
+        """To `rate` Hz in `layout` (None: the input's)."""
+        self.rate = rate
+        self.layout = layout
+        self._graph: Graph | None = None
+        self._passthrough = False
+
+    def resample(self, frame: av.AudioFrame | None) -> list[av.AudioFrame]:
+        """The frames that `frame` completes; None flushes the filter's delay line. Every frame has the first
+        frame's rate, format and layout."""
+        if self._graph is None and not self._passthrough:
+            if frame is None:
+                return []
+            self._passthrough = (frame.format.name == "flt" and frame.sample_rate == self.rate
+                                 and self.layout in (None, frame.layout.name))
+            if not self._passthrough:
+                self._graph = self._new_graph(frame)
+        if self._passthrough:
+            return [frame] if frame is not None else []
+        self._graph.push(frame)
+        frames = []
+        while True:
+            try:
+                frames.append(self._graph.pull())
+            except (av.error.BlockingIOError, av.error.EOFError):  # it needs more input, or it is flushed
+                return frames
+
+    def _new_graph(self, frame: av.AudioFrame) -> Graph:
+        graph = Graph()
+        graph.threads = 1  # before its first filter
+        time_base = {"time_base": str(frame.time_base)} if frame.time_base is not None else {}
+        source = graph.add("abuffer", sample_rate=str(frame.sample_rate), sample_fmt=frame.format.name,
+                           channel_layout=frame.layout.name, **time_base)
+        conversion = graph.add("aformat", sample_rates=str(self.rate), sample_fmts="flt",
+                               channel_layouts=self.layout or frame.layout.name)
+        sink = graph.add("abuffersink")
+        source.link_to(conversion)
+        conversion.link_to(sink)
+        graph.configure()
+        return graph
 
 
 class AudioDecodeError(ValueError):
@@ -112,7 +163,7 @@ def _decode_stream(container: av.container.InputContainer, sample_rate: int, max
     # Resample in the source layout and average the channels ourselves: FFmpeg's float down-mix
     # sums stereo at 0.707 per channel, which would make stereo uploads 3 dB louder than mono. Interleaved, not
     # planar: PyAV's to_ndarray of a planar frame of 8 channels or more crashes the process (it reads 8 planes).
-    resampler = av.AudioResampler(format="flt", rate=sample_rate)
+    resampler = Resampler(sample_rate)
     chunks: list[np.ndarray] = []
     seconds = 0.0
     for frame in _decodable_frames(container, stream):
@@ -187,7 +238,7 @@ def resample(samples: np.ndarray, orig_rate: int, new_rate: int = SAMPLE_RATE) -
         return np.zeros(0, dtype=np.float32)
     frame = av.AudioFrame.from_ndarray(samples.astype(np.float32).reshape(1, -1), format="flt", layout="mono")
     frame.sample_rate = orig_rate
-    resampler = av.AudioResampler(format="flt", layout="mono", rate=new_rate)
+    resampler = Resampler(new_rate, "mono")
     out = [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
     out += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
     return np.concatenate(out).astype(np.float32, copy=False) if out else np.zeros(0, np.float32)

@@ -18,7 +18,7 @@ import av
 import numpy as np
 import torch
 
-from speechllm.audio import SAMPLE_RATE
+from speechllm.audio import SAMPLE_RATE, Resampler
 from speechllm.encoder import SUBSAMPLING, SpeechEncoder, StreamingState
 from speechllm.features import HOP_LENGTH, N_FFT, N_MELS, log_mel_spectrogram
 
@@ -38,8 +38,8 @@ class PcmDecoder:
         self._resampler = self._new_resampler()
         self._samples_in = self._samples_out = 0
 
-    def _new_resampler(self) -> av.AudioResampler | None:
-        return None if self.rate == SAMPLE_RATE else av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+    def _new_resampler(self) -> Resampler | None:
+        return None if self.rate == SAMPLE_RATE else Resampler(SAMPLE_RATE, "mono")
 
     @property
     def held(self) -> int:

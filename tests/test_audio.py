@@ -613,6 +613,42 @@ def test_resample_of_empty_input_returns_empty() -> None:
     assert out.dtype == np.float32 and out.shape == (0,)
 
 
+def _frames(channels: np.ndarray, sample_rate: int, pieces: int) -> list[av.AudioFrame]:
+    """Planar float frames of (channels, samples), cut into `pieces`, as a decoder hands them out."""
+    frames = []
+    for piece in np.array_split(channels.astype(np.float32), pieces, axis=1):
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(piece), format="fltp",
+                                           layout="mono" if len(channels) == 1 else "stereo")
+        frame.sample_rate = sample_rate
+        frames.append(frame)
+    return frames
+
+
+def _interleaved(frames: list[av.AudioFrame]) -> np.ndarray:
+    return np.concatenate([np.zeros(0, np.float32)] + [frame.to_ndarray().reshape(-1) for frame in frames])
+
+
+@pytest.mark.parametrize(("channels", "rate", "layout"), [(1, 22_050, "mono"), (1, 8_000, None), (2, 44_100, None),
+                                                          (2, 48_000, "mono"), (1, SAMPLE_RATE, None)])
+def test_the_resampler_gives_pyavs_samples(channels: int, rate: int, layout: str | None) -> None:
+    """audio.Resampler runs PyAV's AudioResampler's filter graph on one thread: the same samples, frame after frame
+    and from the flush."""
+    frames = _frames(source_channels(rate, channels), rate, pieces=3)
+    ours, pyavs = audio.Resampler(SAMPLE_RATE, layout), av.AudioResampler(format="flt", layout=layout, rate=SAMPLE_RATE)
+    for frame in frames:
+        np.testing.assert_array_equal(_interleaved(ours.resample(frame)), _interleaved(pyavs.resample(frame)))
+    np.testing.assert_array_equal(_interleaved(ours.resample(None)), _interleaved(pyavs.resample(None)))
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts the process's threads in /proc")
+def test_the_resampler_starts_no_threads() -> None:
+    """FFmpeg would start a thread per core for each resampler's filter graph, and join them when it is freed."""
+    threads = len(list(Path("/proc/self/task").iterdir()))
+    resampler = audio.Resampler(SAMPLE_RATE)
+    assert resampler.resample(_frames(source_channels(22_050, 2), 22_050, pieces=1)[0])
+    assert len(list(Path("/proc/self/task").iterdir())) == threads
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # write_wav
 # ---------------------------------------------------------------------------------------------------------------
