@@ -640,6 +640,14 @@ def test_the_resampler_gives_pyavs_samples(channels: int, rate: int, layout: str
     np.testing.assert_array_equal(_interleaved(ours.resample(None)), _interleaved(pyavs.resample(None)))
 
 
+def test_the_resampler_passes_float_audio_at_its_rate_through() -> None:
+    frame = av.AudioFrame.from_ndarray(tone(440.0, SAMPLE_RATE).astype(np.float32)[None, :], format="flt",
+                                       layout="mono")
+    frame.sample_rate = SAMPLE_RATE
+    resampler = audio.Resampler(SAMPLE_RATE)
+    assert resampler.resample(frame) == [frame] and resampler.resample(None) == []
+
+
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts the process's threads in /proc")
 def test_the_resampler_starts_no_threads() -> None:
     """FFmpeg would start a thread per core for each resampler's filter graph, and join them when it is freed."""
