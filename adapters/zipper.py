@@ -362,6 +362,11 @@ class RowsRoom:
         return RowsRoom(self.flat.new_empty(room_rows(rows), self.flat.shape[1]), self.shapes)
 
 
+def _shared_room(rows: list[RowAdapters | None]) -> RowsRoom | None:
+    """The RowsRoom whose views a batch's layers' adapters `rows` are (every layer's or none's), if any."""
+    return rows[0].shared if rows and rows[0] is not None else None
+
+
 def _room_for_joining(saved: list[RowAdapters | None], running: int, segments: list[tuple[int, int, MergedAdapter]]
                       ) -> RowsRoom | None:
     """The RowsRoom that a batch of `running` rows (each layer's adapters `saved`) and the rows of `segments` joining
@@ -372,8 +377,9 @@ def _room_for_joining(saved: list[RowAdapters | None], running: int, segments: l
     total = running + segments[-1][1]
     if not running:
         return RowsRoom.like(segments[0][2], room_rows(total)) if len(segments) > 1 else None
-    if saved and saved[0] is not None and saved[0].shared is not None:
-        return saved[0].shared.grown(running, total)
+    shared = _shared_room(saved)
+    if shared is not None:
+        return shared.grown(running, total)
     if all(rows is not None and rows.a is None and rows.b.dim() == 2 for rows in saved):  # one adapter for all
         room = RowsRoom.like(segments[0][2], room_rows(total))
         for view, rows in zip(room.views(0, running), saved, strict=True):
@@ -459,7 +465,7 @@ def keep_rows(model: nn.Module, keep: torch.Tensor) -> None:
     `keep` (in the batch as it was) stay. A serving batch in a RowsRoom keeps them in a new one, with room for rows to
     join: one `index_select` for all the layers."""
     layers = [layer for _, layer in zipper_layers(model)]
-    shared = layers[0].rows.shared if layers and layers[0].rows is not None else None
+    shared = _shared_room([layer.rows for layer in layers])
     if shared is None:
         _only_rows(model, keep, RowAdapters.select)
         return
