@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Cache, PreTrainedModel
 
-from adapters.zipper import ZipperLinear, room_rows, use_rows
+from adapters.zipper import ZipperLinear, move_rows, room_rows, row_moves, use_rows
 from speechllm.cpu_linear import OneDNNLinear, checked_gemm_dtype
 from speechllm.padding import length_groups
 
@@ -166,12 +166,22 @@ class KVCache:
         return self.valid.shape[1]
 
     def keep(self, rows: torch.Tensor) -> None:
-        """Only `rows` stay; slots that none of them uses any more (before the oldest one's first) are dropped, so
-        that a batch that rows keep joining (KVCache.join) does not grow without end. What stays keeps room for
-        rows to join."""
+        """Only `rows` stay, in that order; slots that none of them uses any more (before the oldest one's first)
+        are dropped, so that a batch that rows keep joining (KVCache.join) does not grow without end. What stays
+        keeps room for rows to join. A cache with room keeps them in it: only the rows that change position are
+        copied (Generation keeps the others where they are), and the dropped slots leave its view, not its memory,
+        which a join that does not fit gives back. Copying every row that stays into a new cache took 0.38 ms a keep
+        in the engine (9 rows a step), and the adapters' rows (RowsRoom.keep) 0.36 ms more; in place 0.19 and 0.23."""
         first = int(self.valid[rows, : self.length].any(0).int().argmax()) if self.length else 0
-        self.room_keys = [_kept_slots(x, rows, first, self.length) for x in self.keys]
-        self.room_values = [_kept_slots(x, rows, first, self.length) for x in self.values]
+        if self.room_keys is None:  # a prefill's cache
+            self.room_keys = [_kept_slots(x, rows, first, self.length) for x in self.keys]
+            self.room_values = [_kept_slots(x, rows, first, self.length) for x in self.values]
+        else:
+            moves = row_moves(rows)
+            for x in self.room_keys + self.room_values:
+                move_rows(x.narrow(2, first, self.length - first), moves)
+            self.room_keys = [x.narrow(2, first, x.shape[2] - first) for x in self.room_keys]
+            self.room_values = [x.narrow(2, first, x.shape[2] - first) for x in self.room_values]
         self.keys, self.values = [x[: len(rows)] for x in self.room_keys], [x[: len(rows)] for x in self.room_values]
         self.valid, self.positions = self.valid[rows, first:], self.positions[rows]
         self.length -= first

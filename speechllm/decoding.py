@@ -108,6 +108,16 @@ class RowTokens:
         return new
 
 
+def kept_in_place(running: list[int]) -> list[int]:
+    """The positions (in increasing order: `running`) of the rows that stay in a batch, in the order they stay in:
+    each where it is, but those beyond the rows that stay, which fill the places of rows that left. Only those
+    have their state copied (KVCache.keep, RowsRoom.keep); rows decode alike whatever their position."""
+    count = len(running)
+    fillers = iter(position for position in running if position >= count)
+    staying = set(running)
+    return [position if position in staying else next(fillers) for position in range(count)]
+
+
 # Called after every step with (row, token) for each text token that became settled (RowTokens.settled).
 TokenCallback = Callable[[list[tuple[int, int]]], None]
 # Called when finished rows leave the running batch, with the positions (in the running batch) that stay.
@@ -223,13 +233,14 @@ class Generation:
             return emitted, finished
         if not running or 4 * (len(decoding) - len(running)) >= len(decoding):
             joining = list(range(len(decoding), len(self.alive)))  # positions of the pending rows
-            keep = torch.tensor(running, dtype=torch.long, device=next_tokens.device)
-            self._leave([self.alive[position] for position in running + joining])
+            staying = kept_in_place(running)
+            keep = torch.tensor(staying, dtype=torch.long, device=next_tokens.device)
+            self._leave([self.alive[position] for position in staying + joining])
             next_tokens = next_tokens[keep]
             if running:
                 self._state.keep(keep)
             if self.on_rows_kept is not None:
-                self.on_rows_kept(torch.tensor(running + joining, dtype=torch.long, device=next_tokens.device))
+                self.on_rows_kept(torch.tensor(staying + joining, dtype=torch.long, device=next_tokens.device))
         if not running:
             self._prefill_pending(None)
         elif self.pending:

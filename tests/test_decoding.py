@@ -13,7 +13,7 @@ from adapters.zipper import (
     zipper_layers,
 )
 from speechllm.decoder import PREFILL_CALL_TOKENS, SLOT_HEADROOM, HFDecoder, KVCache, LlamaDecoder, decoder_for
-from speechllm.decoding import Generation, RowTokens, generate, left_pad
+from speechllm.decoding import Generation, RowTokens, generate, kept_in_place, left_pad
 from speechllm.inference import transcribe_features
 from speechllm.padding import length_groups
 from tests.conftest import tiny_speech_llm
@@ -297,10 +297,15 @@ def test_rows_join_the_room_a_cache_left_in_place_as_a_copying_join_would(tiny_t
     joined = KVCache.join(running, joining)
     assert joined.room_keys is running.room_keys and joined.keys[0].data_ptr() == running.keys[0].data_ptr()
     assert_same(joined, expected)
+    storage = joined.room_keys[0].untyped_storage().data_ptr()
     for kept in (joined, expected):
         kept.keep(torch.tensor([0, 2, 4]))
     assert_same(joined, expected)
     assert joined.fits(cache((6,)))
+    for kept in (joined, expected):
+        kept.keep(torch.tensor([2, 0]))  # an order no row can be moved in row by row
+    assert_same(joined, expected)
+    assert joined.room_keys[0].untyped_storage().data_ptr() == storage  # kept in its room, not copied out of it
 
 
 def test_joins_that_do_not_fit_leave_the_cache_s_slots_bounded(tiny_tokenizer) -> None:
@@ -493,3 +498,18 @@ def test_left_padding_slots_of_the_kv_cache_never_hold_garbage(tiny_tokenizer, m
     for _ in range(3):
         logits = decoder.step(logits.argmax(-1), cache)
         assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_rows_that_stay_keep_their_places_and_fill_those_of_rows_that_left(seed: int) -> None:
+    """kept_in_place: every running row stays, once; one among the first len(running) places stays in its place,
+    and one beyond them moves to an earlier place, so that a keep copies only these rows, each after its target
+    (adapters.zipper.move_rows)."""
+    generator = torch.Generator().manual_seed(seed)
+    batch = int(torch.randint(1, 17, (), generator=generator))
+    running = sorted(torch.randperm(batch, generator=generator)[: int(torch.randint(1, batch + 1, (),
+                                                                                      generator=generator))].tolist())
+    order = kept_in_place(running)
+    assert sorted(order) == running
+    for place, position in enumerate(order):
+        assert position == place if place in running else position > place

@@ -225,8 +225,11 @@ def test_a_serving_batch_keeps_every_layer_s_rows_in_one_room() -> None:
         assert all(torch.equal(layer.rows.b, b) for layer, b in zip(layers, expected([1]), strict=True))  # alone
     assert_rows([0, 0, 2, 1])
     assert layers[0].rows.shared is room  # written into the room the batch had
-    keep_rows(model, torch.tensor([3, 0]))
+    keep_rows(model, torch.tensor([0, 3, 2]))  # as Generation keeps rows: in place, the last one filling a gap
+    assert_rows([0, 1, 2])
+    keep_rows(model, torch.tensor([1, 0]))  # any other order
     assert_rows([1, 0])
+    assert layers[0].rows.shared is room  # kept in the room the batch had
     with joining_rows(model, 2, [(0, 3, adapters[2]), (3, 7, adapters[0])]):
         pass
     assert_rows([1, 0, 2, 2, 2, 0, 0, 0, 0])
