@@ -1,7 +1,14 @@
 import pytest
 import torch
 
-from speechllm.encoder import EncoderConfig, SpeechEncoder, StreamingState, chunk_attention_mask
+from speechllm.encoder import (
+    EncoderConfig,
+    SpeechEncoder,
+    StreamingState,
+    chunk_attention_mask,
+    rotary,
+    rotary_angles,
+)
 
 
 def _encoder(chunk_size: int, left_chunks: int) -> SpeechEncoder:
@@ -56,3 +63,17 @@ def test_chunk_mask_shape() -> None:
     mask = chunk_attention_mask(6, chunk_size=2, left_chunks=1, device=torch.device("cpu"))
     assert mask[5].tolist() == [False, False, True, True, True, True]
     assert mask[0].tolist() == [True, True, False, False, False, False]
+
+
+def test_rotary_rotates_queries_and_keys_as_rotate_half_does_bit_for_bit() -> None:
+    """`rotary` (x·cos + roll(x)·sin with signed sin) against the textbook rotate-half form, for q and k together."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 11, 64)  # (q and k, batch, heads, frames, head_dim)
+    positions = torch.arange(5, 16)
+    half = 32
+    freqs = 10000.0 ** (-torch.arange(half, dtype=torch.float32) / half)
+    angles = positions.float()[:, None] * freqs[None, :]
+    cos, sin = angles.cos(), angles.sin()
+    x1, x2 = x[..., :half], x[..., half:]
+    expected = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    assert torch.equal(rotary(x, rotary_angles(positions, 64, torch.float32)), expected)
