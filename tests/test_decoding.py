@@ -13,7 +13,7 @@ from adapters.zipper import (
     zipper_layers,
 )
 from speechllm.decoder import PREFILL_CALL_TOKENS, SLOT_HEADROOM, HFDecoder, KVCache, LlamaDecoder, decoder_for
-from speechllm.decoding import Generation, RowTokens, generate, kept_in_place, left_pad
+from speechllm.decoding import Generation, RowTokens, _argmax, generate, kept_in_place, left_pad
 from speechllm.inference import transcribe_features
 from speechllm.padding import length_groups
 from tests.conftest import tiny_speech_llm
@@ -513,3 +513,12 @@ def test_rows_that_stay_keep_their_places_and_fill_those_of_rows_that_left(seed:
     assert sorted(order) == running
     for place, position in enumerate(order):
         assert position == place if place in running else position > place
+
+
+def test_the_next_token_is_each_row_s_first_largest_as_torch_s_argmax_gives() -> None:
+    logprobs = torch.randn(9, 4096).log_softmax(-1)
+    logprobs[1, [7, 300]] = 5.0  # a tie: the first
+    logprobs[2] = float("-inf")  # no token possible: the first
+    logprobs[3, 11] = float("nan")  # a NaN wins, as in torch
+    assert torch.equal(_argmax(logprobs), logprobs.argmax(-1))
+    assert _argmax(logprobs)[[1, 2, 3]].tolist() == [7, 0, 11]
