@@ -95,6 +95,10 @@ class OneDNNLinear:
                  sources: list[torch.Tensor] | None = None, gemm_dtype: torch.dtype = torch.float32) -> None:
         self.weight, self.bias = weight, bias
         self.gemm_dtype = checked_gemm_dtype(gemm_dtype)  # set again only through checked_gemm_dtype
+        # A bf16 GEMM's output as it comes (bf16), not made float32 again: for a layer whose output goes only to
+        # another bf16 GEMM, through elementwise ops that compute in float32 and round to bf16 as that GEMM's input
+        # would be rounded (Linear.output_in_gemm_dtype). Its input may then be bf16 too.
+        self.output_in_gemm_dtype = False
         # Calls of more than EXACT_ROWS rows (a decoder's prompts; a plain decoding step has fewer) run their GEMM in
         # this dtype, read at every call; None: in gemm_dtype. bf16 pays from about 16 rows on (1.26x at 16 rows,
         # 1.7x at 140 on this CPU), not below. Set it to a GEMM_DTYPES value (LlamaDecoder.set_gemm_dtype checks).
@@ -133,7 +137,8 @@ class OneDNNLinear:
     def _gemm(self, x: torch.Tensor, laid_out: torch.Tensor) -> torch.Tensor:
         if laid_out.dtype is torch.float32:
             return torch.ops.mkldnn._linear_pointwise(x, laid_out, self.bias, "none", [], "")
-        return torch.ops.mkldnn._linear_pointwise(x.to(laid_out.dtype), laid_out, self.bias, "none", [], "").float()
+        y = torch.ops.mkldnn._linear_pointwise(x.to(laid_out.dtype), laid_out, self.bias, "none", [], "")
+        return y if self.output_in_gemm_dtype else y.float()
 
     def _wide_laid_out(self) -> torch.Tensor:
         """The weight laid out in wide_gemm_dtype; `_laid_out_for` and `reset` drop it with gemm_dtype's."""
@@ -147,8 +152,8 @@ class OneDNNLinear:
         runs F.linear. What concerns only the weights is checked when they are laid out, not at every call: a
         decoding step makes 17 calls, and checking each of a packed layer's dozen sources every time was 2 % of the
         engine thread's time at concurrency 16 (py-spy)."""
-        if not (ONEDNN and torch.backends.mkldnn.enabled and x.device.type == "cpu" and x.dtype == torch.float32
-                and not torch.is_autocast_enabled("cpu")):
+        if not (ONEDNN and torch.backends.mkldnn.enabled and x.device.type == "cpu"
+                and x.dtype in (torch.float32, self.gemm_dtype) and not torch.is_autocast_enabled("cpu")):
             return None
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, self.weight, self.bias)):
             return None
@@ -183,9 +188,13 @@ class Linear(nn.Linear):
 
     _onednn: OneDNNLinear | None = None
     gemm_dtype = torch.float32  # set_gemm_dtype
+    # A bf16 GEMM's output left in bf16 (OneDNNLinear.output_in_gemm_dtype): set for a layer whose output goes only
+    # to another Linear of the same gemm_dtype through ops that round as that layer would (the encoder's GELU).
+    output_in_gemm_dtype = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._onednn is None or self._onednn.weight is not self.weight or self._onednn.bias is not self.bias:
             self._onednn = OneDNNLinear(self.weight, self.bias)
         self._onednn.gemm_dtype = self.gemm_dtype
+        self._onednn.output_in_gemm_dtype = self.output_in_gemm_dtype
         return self._onednn(x)

@@ -169,6 +169,27 @@ def test_bf16_gemms_round_the_inputs_and_weights_and_switch_back_to_exact_float3
 
 
 @BF16
+def test_a_bf16_layer_hands_its_output_on_in_bf16_with_the_same_numbers() -> None:
+    """`output_in_gemm_dtype` (the encoder's feed-forward): the first layer's bf16 output stays bf16, the next bf16
+    layer takes it as it is, and the pair with a GELU between gives what it gives when the output is made float32
+    and rounded again; in float32 the flag changes nothing."""
+    torch.manual_seed(0)
+    first, second = Linear(64, 256), Linear(256, 48)
+    x = torch.randn(40, 64)
+    with torch.no_grad():
+        set_gemm_dtype(first, torch.bfloat16)
+        set_gemm_dtype(second, torch.bfloat16)
+        through_float32 = second(F.gelu(first(x)))
+        first.output_in_gemm_dtype = True
+        hidden = first(x)
+        assert hidden.dtype is torch.bfloat16
+        out = second(F.gelu(hidden))
+        assert out.dtype is torch.float32 and torch.equal(out, through_float32)
+        set_gemm_dtype(first, torch.float32)
+        assert first(x).dtype is torch.float32
+
+
+@BF16
 def test_the_decoder_s_layers_take_a_gemm_dtype(tiny_tokenizer) -> None:
     _, decoder, embeds, mask = _tiny_decoder_and_prompts(tiny_tokenizer)
     with torch.no_grad():
