@@ -211,10 +211,11 @@ class Generation:
         logits = self._logits.float()
         logprobs = logits.log_softmax(-1)
         next_tokens = _argmax(logprobs)
-        if any(self.rows[row].temperature > 0 for row in decoding):
-            temperatures = torch.tensor([self.rows[row].temperature for row in decoding])
-            sampled = (temperatures > 0).to(logits.device)
-            probs = (logits[sampled] / temperatures.to(logits.device)[sampled, None]).softmax(-1).cpu()
+        temperatures = [self.rows[row].temperature for row in decoding]
+        if any(temperature > 0 for temperature in temperatures):
+            row_temperatures = torch.tensor(temperatures, device=logits.device)
+            sampled = row_temperatures > 0
+            probs = (logits[sampled] / row_temperatures[sampled, None]).softmax(-1).cpu()
             next_tokens[sampled] = torch.multinomial(probs, 1, generator=self.generator)[:, 0].to(logits.device)
         chosen = logprobs.gather(1, next_tokens[:, None])[:, 0].tolist()
         emitted, finished, running = [], [], []
