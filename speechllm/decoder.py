@@ -16,7 +16,7 @@ speechllm.decoding.generate) leave the cache through `keep`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
@@ -470,7 +470,16 @@ class LlamaDecoder:
         several = parts if len(parts) > 1 else None
         x = torch.cat([part.x.flatten(0, 1) for part in parts]) if several else parts[0].x
         for index, layer in enumerate(self.layers):
-            x = x + self._attention(index, layer, x, parts, rotations, masks, checked)
+            # Only each row's last input reaches the logits: the last layer needs every input's keys and values (the
+            # cache keeps them), and the rest of it, from the queries on, for the last inputs alone.
+            if index == len(self.layers) - 1 and any(part.x.shape[1] > 1 for part in parts):
+                last = _last_inputs(parts)
+                attended = self._attention(index, layer, x, parts, rotations, masks, checked, last)
+                x = torch.cat([part.of(x)[:, -1] for part in parts]) if several else x[:, -1:]
+                parts, several = last, last if several else None
+            else:
+                attended = self._attention(index, layer, x, parts, rotations, masks, checked)
+            x = x + attended
             hidden = _rms_norm(layer.post_attention_layernorm, x)
             gate, up = self.gate_up[index](hidden, several, checked)
             x = x + self.down[index](F.silu(gate) * up, several, checked)[0]
@@ -478,24 +487,33 @@ class LlamaDecoder:
         return self.lm_head(_rms_norm(self.llm.model.norm, last), checked)
 
     def _attention(self, index: int, layer: nn.Module, x: torch.Tensor, parts: list[Part],
-                   rotations: list[tuple[torch.Tensor, torch.Tensor]], masks: list[torch.Tensor], checked: bool
-                   ) -> torch.Tensor:
+                   rotations: list[tuple[torch.Tensor, torch.Tensor]], masks: list[torch.Tensor], checked: bool,
+                   last: list[Part] | None = None) -> torch.Tensor:
+        """The attention block's output for every input of `parts` (x: their inputs), or, given `last`
+        (`_last_inputs(parts)`), for each part's last input alone; every input's keys and values go to the cache."""
         several = parts if len(parts) > 1 else None  # (None keeps the one part's (b, T, D) shape throughout)
         q, k, v = self.qkv[index](_rms_norm(layer.input_layernorm, x), several, checked)
+        last_only = last is not None
         if several is None:
-            out = self._attend(index, parts[0], q, k, v, *rotations[0], masks[0])
+            out = self._attend(index, parts[0], q, k, v, *rotations[0], masks[0], last_only)
         else:
-            out = torch.cat([self._attend(index, part, part.of(q), part.of(k), part.of(v), cos, sin, mask).flatten(0, 1)
+            out = torch.cat([self._attend(index, part, part.of(q), part.of(k), part.of(v), cos, sin, mask,
+                                          last_only).flatten(0, 1)
                              for part, (cos, sin), mask in zip(parts, rotations, masks, strict=True)])
-        return self.o[index](out, several, checked)[0]
+        return self.o[index](out, last if last_only and several else several, checked)[0]
 
     def _attend(self, index: int, part: Part, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
-                sin: torch.Tensor, attend: torch.Tensor) -> torch.Tensor:
-        """One part's attention: its projections (b, T, ·) → its output (b, T, heads × head_dim), its keys and
-        values written to its cache."""
+                sin: torch.Tensor, attend: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """One part's attention: its projections (b, T, ·) → its output (b, T, heads × head_dim), or (b, 1, ·) for
+        its last input's query alone (`last_only`); its keys and values written to its cache."""
         batch, length = part.x.shape[:2]
         start, end, rows = part.start, part.start + length, part.cache_rows
-        q = self.rotary.rotate(q.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
+        q = q.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
+        if last_only:
+            q = self.rotary.rotate(q[:, :, -1:], cos[:, :, -1:], sin[:, :, -1:])
+            attend = attend[:, :, -1:]
+        else:
+            q = self.rotary.rotate(q, cos, sin)
         k = self.rotary.rotate(k.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2), cos, sin)
         v = v.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         keys, values = part.cache.keys[index], part.cache.values[index]
@@ -506,7 +524,16 @@ class LlamaDecoder:
             keys[rows, :, start:end], values[rows, :, start:end] = k, v
             keys, values = k, v
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=attend, enable_gqa=True)
-        return out.transpose(1, 2).reshape(batch, length, -1)
+        return out.transpose(1, 2).reshape(batch, q.shape[2], -1)
+
+
+def _last_inputs(parts: list[Part]) -> list[Part]:
+    """Each part with its last input alone, the parts one after the other as a pass over them lays them out."""
+    last, offset = [], 0
+    for part in parts:
+        last.append(replace(part, x=part.x[:, -1:], offset=offset))
+        offset += len(part.x)
+    return last
 
 
 def _in_row_order(groups: list[Part], logits: list[torch.Tensor]) -> torch.Tensor:

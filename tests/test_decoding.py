@@ -42,6 +42,19 @@ def test_our_decoder_gives_hugging_face_s_logits(tiny_tokenizer) -> None:
                                atol=1e-5, rtol=1e-5)
 
 
+def test_a_prefill_s_last_layer_runs_its_feed_forward_on_each_row_s_last_input_alone(tiny_tokenizer) -> None:
+    model = tiny_speech_llm(tiny_tokenizer)
+    embeds, mask = left_pad(_prompts(model.llm.config.hidden_size))  # 3 rows of 12 positions
+    decoder = LlamaDecoder(model.llm)
+    rows_seen: dict[int, list[int]] = {0: [], len(decoder.layers) - 1: []}
+    for index, seen in rows_seen.items():
+        packed = decoder.gate_up[index]
+        decoder.gate_up[index] = lambda x, *rest, packed=packed, seen=seen: seen.append(x[..., 0].numel()) or packed(
+            x, *rest)
+    decoder.prefill(embeds, mask, max_new_tokens=2)
+    assert rows_seen == {0: [3 * 12], len(decoder.layers) - 1: [3]}  # (the logits: the test above)
+
+
 @pytest.mark.parametrize("variant", [Variant.SOFT, Variant.INDEPENDENT])  # A shared (packed) or per language
 def test_our_decoder_decodes_as_hugging_face_with_mixed_language_adapters(tiny_tokenizer, variant) -> None:
     model = tiny_speech_llm(tiny_tokenizer, adapter=ZipperConfig(variant=variant, rank=4))
