@@ -5,9 +5,10 @@ implementations do. Hugging Face's forward is written for every use: each call b
 threads keyword arguments through every layer. Our decoder is 4 layers of width 256, and at that size the
 bookkeeping costs as much as the arithmetic. The loop here also packs the projections that read the same input
 (q, k, v; gate, up) into one GEMM each, together with their Zipper adapters' shared A (`PackedLinear`: the
-modules' weights become views into the packed tensor, so the model's memory is not doubled), and prefills rows of
-similar prompt length together. It serves Llama-style decoders (Llama, Qwen2): RMSNorm, rotary positions,
-grouped-query attention, SwiGLU.
+modules' weights become views into the packed tensor, so the model's memory is not doubled), prefills rows of
+similar prompt length together, and runs a prefill's last layer, past the keys and values the cache needs from every
+input, on each row's last input alone (the only one whose output reaches a logit). It serves Llama-style decoders
+(Llama, Qwen2): RMSNorm, rotary positions, grouped-query attention, SwiGLU.
 `HFDecoder` runs any other causal LM through Hugging Face's forward; `decoder_for` picks one.
 
 Both keep the batch's rows in the KV cache's first dimension; rows that leave the batch (see
