@@ -152,6 +152,12 @@ class ZipperLinear(nn.Module):
         b_rows = self.merged_b_table()[self.languages]  # (B, out, r); index -1: unknown language
         return torch.einsum("b...r,bor->b...o", ax, b_rows)
 
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in ("rows", "languages"):  # a batch's state, set at every join and keep: never a parameter, module or
+            object.__setattr__(self, name, value)  # buffer, so nn.Module's checks (1 µs a layer) are skipped
+        else:
+            super().__setattr__(name, value)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.rows is not None:  # serving (speechllm.decoder packs W0 and A of such layers into one GEMM)
             return self.rows.add_update(self.base(x), self.rows.a_times(x, self.lora_A), self.config.scaling)
@@ -348,6 +354,13 @@ class RowsRoom:
 
     flat: torch.Tensor  # (room rows, every layer's r × out)
     shapes: list[torch.Size]  # per layer: its B(l) as laid out, (r, out)
+    # Each layer's (room rows, r, out) view of `flat`, made once: slicing them is cheaper than cutting and shaping
+    # `flat` again at every join and keep.
+    layer_views: list[torch.Tensor] = field(init=False)
+
+    def __post_init__(self) -> None:
+        columns = self.flat.split([shape.numel() for shape in self.shapes], dim=1)
+        self.layer_views = [block.unflatten(1, shape) for block, shape in zip(columns, self.shapes, strict=True)]
 
     @classmethod
     def like(cls, adapter: MergedAdapter, rows: int) -> RowsRoom:
@@ -356,8 +369,7 @@ class RowsRoom:
 
     def views(self, start: int, end: int) -> list[torch.Tensor]:
         """Rows [start, end) as each layer's (rows, r, out) matrices, in layer order."""
-        columns = self.flat[start:end].split([shape.numel() for shape in self.shapes], dim=1)
-        return [block.unflatten(1, shape) for block, shape in zip(columns, self.shapes, strict=True)]
+        return [view[start:end] for view in self.layer_views]
 
     def adapters(self, rows: int) -> list[RowAdapters]:
         """Each layer's adapters of the batch's first `rows` rows, views of this room."""
