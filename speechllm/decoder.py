@@ -474,10 +474,10 @@ class LlamaDecoder:
             # Only each row's last input reaches the logits: the last layer needs every input's keys and values (the
             # cache keeps them), and the rest of it, from the queries on, for the last inputs alone.
             if index == len(self.layers) - 1 and any(part.x.shape[1] > 1 for part in parts):
-                last = _last_inputs(parts)
-                attended = self._attention(index, layer, x, parts, rotations, masks, checked, last)
+                last_parts = _last_inputs(parts)
+                attended = self._attention(index, layer, x, parts, rotations, masks, checked, last_parts)
                 x = torch.cat([part.of(x)[:, -1] for part in parts]) if several else x[:, -1:]
-                parts, several = last, last if several else None
+                parts, several = last_parts, last_parts if several else None
             else:
                 attended = self._attention(index, layer, x, parts, rotations, masks, checked)
             x = x + attended
@@ -489,19 +489,19 @@ class LlamaDecoder:
 
     def _attention(self, index: int, layer: nn.Module, x: torch.Tensor, parts: list[Part],
                    rotations: list[tuple[torch.Tensor, torch.Tensor]], masks: list[torch.Tensor], checked: bool,
-                   last: list[Part] | None = None) -> torch.Tensor:
-        """The attention block's output for every input of `parts` (x: their inputs), or, given `last`
+                   last_parts: list[Part] | None = None) -> torch.Tensor:
+        """The attention block's output for every input of `parts` (x: their inputs), or, given `last_parts`
         (`_last_inputs(parts)`), for each part's last input alone; every input's keys and values go to the cache."""
         several = parts if len(parts) > 1 else None  # (None keeps the one part's (b, T, D) shape throughout)
         q, k, v = self.qkv[index](_rms_norm(layer.input_layernorm, x), several, checked)
-        last_only = last is not None
+        last_only = last_parts is not None
         if several is None:
             out = self._attend(index, parts[0], q, k, v, *rotations[0], masks[0], last_only)
         else:
             out = torch.cat([self._attend(index, part, part.of(q), part.of(k), part.of(v), cos, sin, mask,
                                           last_only).flatten(0, 1)
                              for part, (cos, sin), mask in zip(parts, rotations, masks, strict=True)])
-        return self.o[index](out, last if last_only and several else several, checked)[0]
+        return self.o[index](out, last_parts if last_only and several else several, checked)[0]
 
     def _attend(self, index: int, part: Part, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor, attend: torch.Tensor, last_only: bool = False) -> torch.Tensor:
