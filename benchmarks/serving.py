@@ -50,7 +50,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from adapters.export import export_peft
 from server.engine import EmbeddedEngine
 from server.metrics import Metrics
-from server.settings import Settings, encoder_in_workers, resolve_device
+from server.settings import Settings, batch_wait_seconds, encoder_in_workers, resolve_device
 from speechllm.audio import SAMPLE_RATE, load_audio
 from speechllm.cpu_linear import gemm_dtype_name, resolve_gemm_dtype
 from speechllm.languages import LANGUAGE_CODES
@@ -443,7 +443,8 @@ def main() -> None:
     results: dict = {"machine": {"cpus": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
                                  "python": platform.python_version(), "torch": torch.__version__,
                                  "device": device, "encoder_gemm_dtype": served_encoder_gemm_dtype(settings),
-                                 "audio_workers": settings.audio_workers},
+                                 "audio_workers": settings.audio_workers,
+                                 "batch_wait_ms": 1000 * batch_wait_seconds(settings, device)},
                      "model": str(args.model), "rounds": args.rounds}
     if device.startswith("cuda"):
         results["machine"] |= {"gpu": torch.cuda.get_device_name(device), "cuda": torch.version.cuda}

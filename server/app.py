@@ -60,7 +60,7 @@ from server.service import (
     require_speech,
     untagged_rows,
 )
-from server.settings import Settings, encoder_in_workers, resolve_device
+from server.settings import Settings, batch_wait_seconds, encoder_in_workers, resolve_device
 from server.threads import DEFAULT_ENGINE_THREADS, use_one_thread
 from server.vad import SileroVAD
 from speechllm.audio import AudioDecodeError, AudioTooLong, EmptyAudioError
@@ -299,8 +299,8 @@ def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
                 logger.info("decoder GEMMs over more than %d rows in %s (ZASR_DECODER_PROMPT_GEMM_DTYPE=%s)",
                             EXACT_ROWS, gemm_dtype_name(prompt_gemm_dtype), settings.decoder_prompt_gemm_dtype)
         engine.preload(settings.preload_languages)
-    batcher = Batcher(engine, metrics, settings.max_batch_size, settings.max_wait_ms / 1000, settings.max_queue,
-                      settings.threads or DEFAULT_ENGINE_THREADS)
+    batcher = Batcher(engine, metrics, settings.max_batch_size, batch_wait_seconds(settings, device),
+                      settings.max_queue, settings.threads or DEFAULT_ENGINE_THREADS)
     try:
         audio = AudioWorkers(settings.audio_workers, SileroVAD(), settings.max_audio_seconds,
                              settings.max_window_seconds,

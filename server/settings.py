@@ -74,7 +74,10 @@ class Settings(BaseSettings):
                                                    "matches the embedded engine exactly)")
     # --- batching ---
     max_batch_size: int = Field(16, description="most rows (audio windows) the engine decodes at once")
-    max_wait_ms: float = Field(10.0, description="how long the batcher waits to fill a batch")
+    max_wait_ms: float | None = Field(
+        None, ge=0, description="how long the batcher waits to fill a batch while other requests are on their way "
+                                "(default: 0 for the embedded engine when the audio workers run the speech half, "
+                                "10 otherwise: batch_wait_seconds)")
     max_queue: int = Field(2048, ge=1, description="rows (windows) waiting beyond this answer 503 with Retry-After "
                                                    "(a request of more rows than this, 400 audio_too_long); with "
                                                    "the default windows, room for those of one upload of "
@@ -160,6 +163,23 @@ class Settings(BaseSettings):
         """uvicorn's limit on one WebSocket message (16 MiB by default), raised to fit the largest append's base64
         and JSON: a message over it is closed with 1009 before the app sees it, one under it gets an error event."""
         return max(16 * 2**20, -(-int(self.realtime_max_append_mb * 2**20) // 3) * 4 + 2**20)
+
+
+DEFAULT_MAX_WAIT_MS = 10.0  # where a batch's speech half runs in the engine (batch_wait_seconds)
+
+
+def batch_wait_seconds(settings: Settings, device: str) -> float:
+    """How long the batcher waits for more rows while other requests are on their way: ZASR_MAX_WAIT_MS, by default
+    none when the embedded engine gets its rows heard by the audio workers. That engine lets rows join its decoding
+    between steps, and the batches that reach it during a step join together at the next one: it batches by itself,
+    and a wait in front of it only keeps rows out of the decoding (concurrency 16 on the 2-core benchmark machine:
+    1.042x the audio seconds per second of a 10 ms wait, 8 rounds of 8, and the same with the servers' roles swapped;
+    docs/serving.md, *Stop 40*). Elsewhere a batch's speech half runs in the engine for all its rows at once (on a GPU,
+    without workers) or vLLM takes it whole, and the wait, 10 ms, stays as it was measured there."""
+    if settings.max_wait_ms is not None:
+        return settings.max_wait_ms / 1000
+    batches_by_itself = settings.backend == "embedded" and encoder_in_workers(settings, device)
+    return 0.0 if batches_by_itself else DEFAULT_MAX_WAIT_MS / 1000
 
 
 def encoder_in_workers(settings: Settings, device: str) -> bool:

@@ -20,6 +20,7 @@ from server.batcher import Batcher, QueueFull, TooManyRows
 from server.engine import EmbeddedEngine, EngineInput, PreparedBatch
 from server.metrics import Metrics
 from server.service import abandoned_unless_answered
+from server.settings import Settings, batch_wait_seconds
 from speechllm.model import SpeechLLM
 from tests.conftest import tiny_speech_llm
 
@@ -137,6 +138,19 @@ def test_results_reach_their_futures(model: SpeechLLM) -> None:
     assert _sample(metrics, "zasr_batch_size_rows_sum") == len(items)
     assert _sample(metrics, "zasr_queue_wait_seconds_count") == len(items)
     assert _sample(metrics, "zasr_queue_depth_rows") == 0
+
+
+@pytest.mark.parametrize(("settings", "device", "wait_s"), [
+    ({}, "cpu", 0.0),  # the embedded engine, its rows heard by the audio workers: it batches between its steps
+    ({"max_wait_ms": 4}, "cpu", 0.004),  # as set
+    ({}, "cuda", 0.01),  # the speech half in the engine, a batch at once
+    ({"audio_workers": 0}, "cpu", 0.01),
+    ({"encoder_in_workers": False}, "cpu", 0.01),
+    ({"backend": "vllm"}, "cpu", 0.01),
+])
+def test_the_batcher_waits_by_default_only_where_a_batch_s_speech_half_runs_at_once(settings: dict, device: str,
+                                                                                     wait_s: float) -> None:
+    assert batch_wait_seconds(Settings(**settings), device) == pytest.approx(wait_s)
 
 
 @pytest.mark.parametrize("expected", [False, True])
