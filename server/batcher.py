@@ -2,7 +2,8 @@
 
 Rows (one per audio window) wait in one FIFO queue; the scheduler takes up to `max_batch_size`
 of the oldest rows, waiting at most `max_wait` for more to arrive while other requests are preparing
-their audio (`expecting_rows`: with none on the way, waiting could only add latency), and hands them to the
+their audio (`expecting_rows`: with none on the way, waiting could only add latency; in front of an engine that
+batches by itself, none at all: server.settings.batch_wait_seconds), and hands them to the
 engine as one batch: the speech half always in the engine's own thread, the decoder there too (embedded) or in
 vLLM. Both decode continuously: the batch joins the rows already decoding, and the next batch may begin as soon
 as it has joined (the embedded engine lets it join once it leaves room for it: `max_rows`). Batches may mix

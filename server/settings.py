@@ -173,9 +173,9 @@ def batch_wait_seconds(settings: Settings, device: str) -> float:
     none when the embedded engine gets its rows heard by the audio workers. That engine lets rows join its decoding
     between steps, and the batches that reach it during a step join together at the next one: it batches by itself,
     and a wait in front of it only keeps rows out of the decoding (concurrency 16 on the 2-core benchmark machine:
-    1.042x the audio seconds per second of a 10 ms wait, 8 rounds of 8, and the same with the servers' roles swapped;
-    docs/serving.md, *Stop 40*). Elsewhere a batch's speech half runs in the engine for all its rows at once (on a GPU,
-    without workers) or vLLM takes it whole, and the wait, 10 ms, stays as it was measured there."""
+    1.042x the audio seconds per second of a 10 ms wait in two A/Bs of eight rounds, the servers' roles swapped in
+    the second; docs/serving.md, *Stop 40*). Elsewhere a batch's speech half runs in the engine for all its rows at
+    once (on a GPU, without workers) or vLLM takes it whole, and the wait, 10 ms, stays as it was measured there."""
     if settings.max_wait_ms is not None:
         return settings.max_wait_ms / 1000
     batches_by_itself = settings.backend == "embedded" and encoder_in_workers(settings, device)
